@@ -1,0 +1,268 @@
+package bus
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// Event is the part every event carries.
+type Event struct {
+	Session string    `json:"session"`
+	At      time.Time `json:"at"`
+}
+
+// Stamp sets the session and the time (UTC) of an event.
+func (e *Event) Stamp(session string, at time.Time) {
+	e.Session = session
+	e.At = at.UTC()
+}
+
+// ConnEvent is P.conn.<kind>. Only the fields of its kind are set.
+type ConnEvent struct {
+	Event
+	Kind      string     `json:"kind"`
+	Attempt   int        `json:"attempt,omitempty"`
+	DelayMS   int64      `json:"delay_ms,omitempty"`
+	Code      string     `json:"code,omitempty"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	JID       string     `json:"jid,omitempty"`
+	Reason    string     `json:"reason,omitempty"`
+}
+
+// Heartbeat is P.heartbeat.<service>, published every HeartbeatInterval.
+type Heartbeat struct {
+	Event
+	Service  string `json:"service"`
+	Instance string `json:"instance"`
+	State    string `json:"state"`
+	UptimeS  int64  `json:"uptime_s"`
+	// Details is the service's own struct: GatewayDetails, BackupDetails or
+	// HealthDetails.
+	Details json.RawMessage `json:"details,omitempty"`
+}
+
+// Gateway states, in heartbeats and /status.
+const (
+	StateStarting       = "starting"
+	StateWaitingRestore = "waiting_restore" // asking backup to restore before opening the store
+	StateStandby        = "standby"         // another instance holds the session
+	StateConnecting     = "connecting"
+	StateConnected      = "connected"
+	StatePairing        = "pairing" // connected, waiting for a QR scan or pairing code
+	StateReconnecting   = "reconnecting"
+	StateLoggedOut      = "logged_out"
+	StateStreamReplaced = "stream_replaced"
+	StateBanned         = "temporary_ban"
+	StateOutdated       = "client_outdated"
+	StateStopped        = "stopped"
+)
+
+// Service-level heartbeat states of backup and health.
+const (
+	StateOK       = "ok"
+	StateDegraded = "degraded" // database unreachable: local fallback only
+	StateDisabled = "disabled"
+	StateStopping = "stopping"
+)
+
+// GatewayDetails are the gateway's heartbeat details. JID and pairing codes
+// travel on the (token-protected) bus only; health masks or withholds them.
+type GatewayDetails struct {
+	WAState        string     `json:"wa_state"`
+	JID            string     `json:"jid,omitempty"`
+	ConnectedSince *time.Time `json:"connected_since,omitempty"`
+	Reconnects     int64      `json:"reconnects"`
+	Attempt        int        `json:"attempt,omitempty"`
+	LastDisconnect string     `json:"last_disconnect,omitempty"`
+	// While pairing: the current QR code or pairing code, so a health service
+	// that starts late can show it without waiting for the next rotation.
+	QRCode      string     `json:"qr_code,omitempty"`
+	QRExpiresAt *time.Time `json:"qr_expires_at,omitempty"`
+	PairCode    string     `json:"pair_code,omitempty"`
+}
+
+// BackupDetails are the backup service's heartbeat details.
+type BackupDetails struct {
+	Database          string     `json:"database"` // "postgres" or "sqlite"
+	DatabaseOK        bool       `json:"database_ok"`
+	LeaseHeld         bool       `json:"lease_held"`
+	LastSnapshotID    int64      `json:"last_snapshot_id,omitempty"`
+	LastSnapshotAt    *time.Time `json:"last_snapshot_at,omitempty"`
+	LastSnapshotBytes int64      `json:"last_snapshot_bytes,omitempty"`
+	LastError         string     `json:"last_error,omitempty"`
+	LastErrorAt       *time.Time `json:"last_error_at,omitempty"`
+}
+
+// HealthDetails are the health service's heartbeat details.
+type HealthDetails struct {
+	Addr string `json:"addr"`
+}
+
+// HeartbeatInterval is how often every service beats; a heartbeat older than
+// StaleAfter intervals is stale.
+const (
+	HeartbeatInterval = 5 * time.Second
+	StaleAfter        = 3
+)
+
+// BackupRequest is P.backup.request.
+type BackupRequest struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+// SnapshotRef describes the snapshot that answered a request.
+type SnapshotRef struct {
+	ID        int64  `json:"id"`
+	Bytes     int64  `json:"bytes"`
+	SHA256    string `json:"sha256"`
+	Unchanged bool   `json:"unchanged"`
+}
+
+// BackupReply answers a P.backup.request.
+type BackupReply struct {
+	OK       bool         `json:"ok"`
+	JobID    int64        `json:"job_id,omitempty"`
+	Snapshot *SnapshotRef `json:"snapshot,omitempty"`
+	Error    string       `json:"error,omitempty"`
+}
+
+// BackupDone is P.backup.done.
+type BackupDone struct {
+	Event
+	SnapshotID  int64  `json:"snapshot_id"`
+	Reason      string `json:"reason"`
+	Bytes       int64  `json:"bytes"`
+	StoredBytes int64  `json:"stored_bytes"`
+	SHA256      string `json:"sha256"`
+	DurationMS  int64  `json:"duration_ms"`
+	Unchanged   bool   `json:"unchanged"`
+	JobID       int64  `json:"job_id,omitempty"`
+}
+
+// BackupFailed is P.backup.failed.
+type BackupFailed struct {
+	Event
+	Reason  string `json:"reason"`
+	Error   string `json:"error"`
+	Attempt int    `json:"attempt"`
+}
+
+// Restore sources.
+const (
+	SourceDatabase = "database"
+	SourceLocal    = "local"
+	SourceNone     = "none"
+	SourceExisting = "existing"
+)
+
+// RestoreReply answers P.session.restore.
+type RestoreReply struct {
+	OK         bool   `json:"ok"`
+	Restored   bool   `json:"restored"`
+	Source     string `json:"source,omitempty"`
+	SnapshotID int64  `json:"snapshot_id,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+// MsgIn is P.msg.in.
+type MsgIn struct {
+	Event
+	ID        string    `json:"id"`
+	Chat      string    `json:"chat"`
+	Sender    string    `json:"sender"`
+	FromMe    bool      `json:"from_me"`
+	PushName  string    `json:"push_name"`
+	Timestamp time.Time `json:"timestamp"`
+	Type      string    `json:"type"`
+	Text      string    `json:"text"`
+}
+
+// MsgSend is a P.msg.send request.
+type MsgSend struct {
+	To   string `json:"to"`
+	Text string `json:"text"`
+}
+
+// MsgSendReply answers P.msg.send.
+type MsgSendReply struct {
+	OK        bool       `json:"ok"`
+	ID        string     `json:"id,omitempty"`
+	Timestamp *time.Time `json:"timestamp,omitempty"`
+	Error     string     `json:"error,omitempty"`
+}
+
+// MaxTextLen bounds an outgoing message; WhatsApp itself cuts near 65536.
+const MaxTextLen = 65536
+
+// decodeStrict decodes one JSON object into v, refusing unknown fields,
+// trailing data and anything that is not an object.
+func decodeStrict(data []byte, v any) error {
+	trimmed := bytes.TrimSpace(data)
+	if len(trimmed) == 0 || trimmed[0] != '{' {
+		return errors.New("payload must be a JSON object")
+	}
+	dec := json.NewDecoder(bytes.NewReader(trimmed))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("bad JSON: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("bad JSON: data after the object")
+	}
+	return nil
+}
+
+// BackupReasons a request may name; other reasons are internal.
+const (
+	ReasonManual       = "manual"
+	ReasonScheduled    = "scheduled"
+	ReasonShutdown     = "shutdown"
+	ReasonPaired       = "paired"
+	ReasonRestorePoint = "restore-point"
+)
+
+// DecodeBackupRequest reads a P.backup.request body. An empty body means a
+// manual snapshot; a reason is a short word of [a-z0-9_-].
+func DecodeBackupRequest(data []byte) (BackupRequest, error) {
+	var r BackupRequest
+	if len(bytes.TrimSpace(data)) == 0 {
+		return BackupRequest{Reason: ReasonManual}, nil
+	}
+	if err := decodeStrict(data, &r); err != nil {
+		return BackupRequest{}, err
+	}
+	if r.Reason == "" {
+		r.Reason = ReasonManual
+	}
+	if len(r.Reason) > 32 {
+		return BackupRequest{}, errors.New("reason: at most 32 characters")
+	}
+	for _, c := range r.Reason {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
+			return BackupRequest{}, fmt.Errorf("reason: only a-z, 0-9, '-' and '_' allowed, got %q", r.Reason)
+		}
+	}
+	return r, nil
+}
+
+// DecodeMsgSend reads a P.msg.send body: "to" and a non-empty "text" are
+// required. The recipient's form is checked by the gateway, which knows JIDs.
+func DecodeMsgSend(data []byte) (MsgSend, error) {
+	var m MsgSend
+	if err := decodeStrict(data, &m); err != nil {
+		return MsgSend{}, err
+	}
+	switch {
+	case m.To == "":
+		return MsgSend{}, errors.New(`"to" is required`)
+	case m.Text == "":
+		return MsgSend{}, errors.New(`"text" is required`)
+	case len(m.Text) > MaxTextLen:
+		return MsgSend{}, fmt.Errorf(`"text" is longer than %d bytes`, MaxTextLen)
+	}
+	return m, nil
+}

@@ -1,0 +1,416 @@
+// Package config turns the environment of CONTRACT section 2 into one typed,
+// validated Config; a bad value is an *Error naming the variable, what it
+// accepts and what it got (never the value of a secret).
+package config
+
+import (
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+
+	"golang.org/x/time/rate"
+)
+
+// Config is the whole environment, parsed. Zero values are never used as
+// defaults here: Load fills every field from Vars.
+type Config struct {
+	SessionID   string
+	BotName     string
+	OwnerNumber string // digits only
+	Prefix      string
+	Port        int
+	DataDir     string
+
+	DatabaseURL      string // secret: never log it, use RedactURL
+	DatabaseMaxConns int
+
+	NATSURL    string // secret when it carries credentials
+	NATSListen string // empty: the command's default applies
+	NATSToken  string // secret
+
+	Production bool
+	Heroku     bool
+
+	HerokuAppURL      string
+	KeepAwakeInterval time.Duration
+	EnableHealthCheck bool
+
+	EnableSessionBackup   bool
+	BackupInterval        time.Duration
+	BackupRetention       int
+	SessionEncryptionKey  []byte // 32 bytes or nil; secret
+	AllowPlaintextBackups bool
+
+	EnableMemoryOptimization bool
+	HealthToken              string // secret
+	PairPhone                string // digits only
+
+	ReconnectMin    time.Duration
+	ReconnectMax    time.Duration
+	SendRate        Rate
+	ShutdownTimeout time.Duration
+
+	LogLevel  slog.Level
+	LogFormat string // "text" or "json"
+}
+
+// Rate is a SEND_RATE value: N events per Per.
+type Rate struct {
+	N   int
+	Per time.Duration
+}
+
+// Limit converts r for golang.org/x/time/rate.
+func (r Rate) Limit() rate.Limit { return rate.Limit(float64(r.N) / r.Per.Seconds()) }
+
+func (r Rate) String() string {
+	unit := map[time.Duration]string{time.Second: "s", time.Minute: "m", time.Hour: "h"}[r.Per]
+	return fmt.Sprintf("%d/%s", r.N, unit)
+}
+
+// Error is a configuration error: exit code 2, the variable named.
+type Error struct {
+	Var     string
+	Accepts string
+	Got     string // already redacted for secrets
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("config: %s: want %s, got %s", e.Var, e.Accepts, e.Got)
+}
+
+// IsError reports whether err is (or wraps) a configuration error.
+func IsError(err error) bool {
+	var e *Error
+	return errors.As(err, &e)
+}
+
+// Getenv is os.Getenv's shape, injected so tests need no process environment.
+type Getenv func(string) string
+
+// Load parses every variable. The first bad value is returned as *Error.
+func Load(getenv Getenv) (*Config, error) {
+	p := parser{getenv: getenv}
+	c := &Config{}
+
+	c.SessionID = p.str("SESSION_ID")
+	if strings.TrimSpace(c.SessionID) == "" {
+		p.fail("SESSION_ID", "a non-empty name", c.SessionID)
+	}
+	c.BotName = p.str("BOT_NAME")
+	c.OwnerNumber = p.phone("OWNER_NUMBER")
+	c.Prefix = p.str("PREFIX")
+	if c.Prefix == "" || strings.ContainsFunc(c.Prefix, unicode.IsSpace) {
+		p.fail("PREFIX", "one or more non-space characters", c.Prefix)
+	}
+	c.Port = p.intRange("PORT", 1, 65535)
+	c.DataDir = p.str("DATA_DIR")
+	if c.DataDir == "" {
+		p.fail("DATA_DIR", "a directory path", "")
+	}
+
+	c.DatabaseURL = p.str("DATABASE_URL")
+	c.DatabaseMaxConns = p.intRange("DATABASE_MAX_CONNS", 1, 1000)
+	c.NATSURL = p.str("NATS_URL")
+	c.NATSListen = p.str("NATS_LISTEN")
+	c.NATSToken = p.str("NATS_TOKEN")
+
+	env := p.str("BLACKSKY_ENV")
+	if env == "" {
+		env = p.str("NODE_ENV")
+	}
+	c.Production = strings.EqualFold(env, "production")
+	c.Heroku = p.boolean("HEROKU") || getenv("DYNO") != ""
+
+	c.HerokuAppURL = p.str("HEROKU_APP_URL")
+	if c.HerokuAppURL != "" {
+		u, err := url.Parse(c.HerokuAppURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.fail("HEROKU_APP_URL", "an http(s) URL such as https://my-bot.herokuapp.com", c.HerokuAppURL)
+		}
+	}
+	c.KeepAwakeInterval = p.duration("KEEPAWAKE_INTERVAL", time.Minute)
+	c.EnableHealthCheck = p.boolean("ENABLE_HEALTH_CHECK")
+	c.EnableSessionBackup = p.boolean("ENABLE_SESSION_BACKUP")
+	c.BackupInterval = p.minutesOrDuration("BACKUP_INTERVAL")
+	c.BackupRetention = p.intRange("BACKUP_RETENTION", 1, 100000)
+	c.SessionEncryptionKey = p.key("SESSION_ENCRYPTION_KEY")
+	c.AllowPlaintextBackups = p.boolean("ALLOW_PLAINTEXT_BACKUPS")
+	c.EnableMemoryOptimization = p.boolean("ENABLE_MEMORY_OPTIMIZATION")
+	c.HealthToken = p.str("HEALTH_TOKEN")
+	c.PairPhone = p.phone("PAIR_PHONE")
+
+	c.ReconnectMin = p.duration("RECONNECT_MIN", time.Millisecond)
+	c.ReconnectMax = p.duration("RECONNECT_MAX", time.Millisecond)
+	if p.err == nil && c.ReconnectMax < c.ReconnectMin {
+		p.fail("RECONNECT_MAX", "a duration not below RECONNECT_MIN ("+c.ReconnectMin.String()+")", c.ReconnectMax.String())
+	}
+	c.SendRate = p.rate("SEND_RATE")
+	c.ShutdownTimeout = p.duration("SHUTDOWN_TIMEOUT", time.Second)
+
+	c.LogLevel = p.level("LOG_LEVEL")
+	c.LogFormat = p.str("LOG_FORMAT")
+	switch c.LogFormat {
+	case "":
+		c.LogFormat = "text"
+		if c.Production {
+			c.LogFormat = "json"
+		}
+	case "text", "json":
+	default:
+		p.fail("LOG_FORMAT", "text or json", c.LogFormat)
+	}
+
+	if p.err == nil && c.NATSListen != "" {
+		if err := ValidateListen(c.NATSListen, c.NATSToken); err != nil {
+			return nil, err
+		}
+	}
+	if p.err != nil {
+		return nil, p.err
+	}
+	return c, nil
+}
+
+// ValidateListen checks a NATS_LISTEN address and that a token guards it when
+// it is reachable from other hosts.
+func ValidateListen(listen, token string) error {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return &Error{Var: "NATS_LISTEN", Accepts: "host:port such as 127.0.0.1:4222 or 0.0.0.0:4222", Got: strconv.Quote(listen)}
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return &Error{Var: "NATS_LISTEN", Accepts: "a port from 0 to 65535", Got: strconv.Quote(listen)}
+	}
+	if token == "" && !IsLoopback(host) {
+		return &Error{Var: "NATS_TOKEN", Accepts: "a token when NATS_LISTEN (" + listen + ") is not a loopback address", Got: "nothing"}
+	}
+	return nil
+}
+
+// IsLoopback reports whether host only accepts local connections.
+func IsLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// RequireDatabase is the Heroku rule: there the disk is wiped daily, so the
+// embedded SQLite cannot keep a session and an empty DATABASE_URL is an error.
+func (c *Config) RequireDatabase() error {
+	if c.Heroku && c.DatabaseURL == "" && c.EnableSessionBackup {
+		return &Error{Var: "DATABASE_URL", Accepts: "a PostgreSQL URL on Heroku (add the heroku-postgresql add-on: heroku addons:create heroku-postgresql)", Got: "nothing"}
+	}
+	return nil
+}
+
+type parser struct {
+	getenv Getenv
+	err    error
+}
+
+func (p *parser) fail(name, accepts, got string) {
+	if p.err != nil {
+		return
+	}
+	shown := strconv.Quote(got)
+	if v, ok := Lookup(name); ok && v.Secret {
+		shown = fmt.Sprintf("a value of %d characters (not shown)", len(got))
+	}
+	p.err = &Error{Var: name, Accepts: accepts, Got: shown}
+}
+
+// str returns the variable, or its default when unset or blank.
+func (p *parser) str(name string) string {
+	if v := strings.TrimSpace(p.getenv(name)); v != "" {
+		return v
+	}
+	d, _ := Lookup(name)
+	return d.Default
+}
+
+func (p *parser) intRange(name string, lo, hi int) int {
+	s := p.str(name)
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		p.fail(name, fmt.Sprintf("a whole number from %d to %d", lo, hi), s)
+		return 0
+	}
+	return n
+}
+
+// ParseBool accepts true/false/1/0/yes/no/on/off in any case.
+func ParseBool(s string) (bool, bool) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "true", "1", "yes", "y", "on":
+		return true, true
+	case "false", "0", "no", "n", "off":
+		return false, true
+	}
+	return false, false
+}
+
+func (p *parser) boolean(name string) bool {
+	s := p.str(name)
+	b, ok := ParseBool(s)
+	if !ok {
+		p.fail(name, "true/false, 1/0 or yes/no", s)
+	}
+	return b
+}
+
+func (p *parser) duration(name string, min time.Duration) time.Duration {
+	s := p.str(name)
+	d, err := time.ParseDuration(s)
+	if err != nil || d < min {
+		p.fail(name, "a duration such as 90s or 30m (at least "+min.String()+")", s)
+		return 0
+	}
+	return d
+}
+
+func (p *parser) minutesOrDuration(name string) time.Duration {
+	s := p.str(name)
+	if n, err := strconv.ParseFloat(s, 64); err == nil {
+		if n <= 0 || n > 60*24*365 {
+			p.fail(name, "a positive number of minutes or a duration such as 30m", s)
+			return 0
+		}
+		return time.Duration(n * float64(time.Minute))
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < time.Second {
+		p.fail(name, "a number of minutes (30) or a duration such as 30m or 90s", s)
+		return 0
+	}
+	return d
+}
+
+func (p *parser) phone(name string) string {
+	raw := p.str(name)
+	s := strings.TrimPrefix(strings.Join(strings.Fields(raw), ""), "+")
+	s = strings.ReplaceAll(s, "-", "")
+	if s == "" {
+		return ""
+	}
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			p.fail(name, "a phone number in international form, digits only (a leading + and spaces are stripped)", raw)
+			return ""
+		}
+	}
+	if len(s) < 7 || len(s) > 15 {
+		p.fail(name, "7 to 15 digits (country code first)", raw)
+		return ""
+	}
+	return s
+}
+
+// ParseKey decodes a 32-byte key given as 64 hex or 44 base64 characters.
+func ParseKey(s string) ([]byte, error) {
+	if len(s) == 64 {
+		if b, err := hex.DecodeString(s); err == nil {
+			return b, nil
+		}
+	}
+	for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.URLEncoding} {
+		if b, err := enc.DecodeString(s); err == nil && len(b) == 32 {
+			return b, nil
+		}
+	}
+	return nil, errors.New("not a 32-byte key")
+}
+
+func (p *parser) key(name string) []byte {
+	s := p.str(name)
+	if s == "" {
+		return nil
+	}
+	k, err := ParseKey(s)
+	if err != nil {
+		p.fail(name, "64 hex or 44 base64 characters (32 bytes; generate with: openssl rand -hex 32)", s)
+		return nil
+	}
+	return k
+}
+
+func (p *parser) rate(name string) Rate {
+	s := p.str(name)
+	n, unit, ok := strings.Cut(s, "/")
+	per := map[string]time.Duration{"s": time.Second, "m": time.Minute, "h": time.Hour}[strings.ToLower(unit)]
+	count, err := strconv.Atoi(n)
+	if !ok || per == 0 || err != nil || count < 1 {
+		p.fail(name, "N/s, N/m or N/h with N at least 1 (e.g. 20/m)", s)
+		return Rate{}
+	}
+	return Rate{N: count, Per: per}
+}
+
+func (p *parser) level(name string) slog.Level {
+	s := p.str(name)
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		p.fail(name, "debug, info, warn or error", s)
+	}
+	return l
+}
+
+// RedactURL hides the password (and a token in the user part) of a URL so it
+// can be logged; an unparsable value is hidden whole.
+func RedactURL(raw string) string {
+	if raw == "" {
+		return ""
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL, not shown)"
+	}
+	if u.User != nil {
+		if _, has := u.User.Password(); has {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+		} else {
+			u.User = url.User("xxxxx")
+		}
+	}
+	q := u.Query()
+	for k := range q {
+		lk := strings.ToLower(k)
+		if strings.Contains(lk, "pass") || strings.Contains(lk, "token") || strings.Contains(lk, "key") || strings.Contains(lk, "secret") {
+			q.Set(k, "xxxxx")
+		}
+	}
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// Secrets returns the secret values of c, so tests and redaction can check
+// that none of them leaks.
+func (c *Config) Secrets() []string {
+	var out []string
+	for _, s := range []string{c.NATSToken, c.HealthToken} {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	if c.DatabaseURL != "" {
+		if u, err := url.Parse(c.DatabaseURL); err == nil && u.User != nil {
+			if pw, ok := u.User.Password(); ok && pw != "" {
+				out = append(out, pw)
+			}
+		}
+	}
+	if len(c.SessionEncryptionKey) > 0 {
+		out = append(out, hex.EncodeToString(c.SessionEncryptionKey), base64.StdEncoding.EncodeToString(c.SessionEncryptionKey))
+	}
+	return out
+}

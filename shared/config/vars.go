@@ -1,0 +1,60 @@
+package config
+
+// Var describes one environment variable of CONTRACT section 2. The table is
+// the single source of truth: parsing reads defaults from it, and the deploy
+// files (.env.example, app.json, docker-compose.yml, README) are checked
+// against it so they cannot drift.
+type Var struct {
+	Name        string
+	Default     string
+	Description string
+	// Secret values are never printed: not in errors, logs or /status.
+	Secret bool
+	// Generate names how a deploy should create the value (app.json "secret").
+	Generate string
+}
+
+// Vars lists every variable BLACKSKY-MD reads, in the order the contract gives.
+var Vars = []Var{
+	{Name: "SESSION_ID", Default: "BLACKSKY-MD", Description: "Names the WhatsApp session: in NATS subjects, snapshot rows and the lease."},
+	{Name: "BOT_NAME", Default: "BLACKSKY-MD", Description: "The name WhatsApp shows under linked devices."},
+	{Name: "OWNER_NUMBER", Default: "", Description: "Owner's phone number, digits only (a leading + and spaces are stripped): owner commands and alerts."},
+	{Name: "PREFIX", Default: ".", Description: "Owner command prefix."},
+	{Name: "PORT", Default: "8080", Description: "HTTP port of the health service (Heroku sets it)."},
+	{Name: "DATA_DIR", Default: "./data", Description: "Local state: session.db, blacksky.db (when DATABASE_URL is empty) and backups/."},
+	{Name: "DATABASE_URL", Default: "", Description: "PostgreSQL for jobs, snapshots and the lease. Empty: embedded SQLite in DATA_DIR. Required on Heroku.", Secret: true},
+	{Name: "DATABASE_MAX_CONNS", Default: "5", Description: "Database pool size (Heroku's smallest plans allow 20 connections in all)."},
+	{Name: "NATS_URL", Default: "", Description: "External NATS server; empty means the embedded one.", Secret: true},
+	{Name: "NATS_LISTEN", Default: "", Description: "Where the embedded NATS server listens for other processes (empty in run, 127.0.0.1:4222 in gateway)."},
+	{Name: "NATS_TOKEN", Default: "", Description: "Token the embedded NATS server requires and clients send; required when NATS_LISTEN is not loopback.", Secret: true, Generate: "secret"},
+	{Name: "NODE_ENV", Default: "development", Description: "production means JSON logs and stricter security defaults (BLACKSKY_ENV takes precedence)."},
+	{Name: "BLACKSKY_ENV", Default: "", Description: "Same as NODE_ENV; wins when both are set."},
+	{Name: "HEROKU", Default: "false", Description: "Heroku mode (also on when DYNO is set)."},
+	{Name: "HEROKU_APP_URL", Default: "", Description: "Public URL of the app; /healthz on it is fetched every KEEPAWAKE_INTERVAL so an eco dyno does not sleep."},
+	{Name: "KEEPAWAKE_INTERVAL", Default: "25m", Description: "Period of the keep-awake ping."},
+	{Name: "ENABLE_HEALTH_CHECK", Default: "true", Description: "Heartbeat-based readiness and the keep-awake ping (/healthz is always served)."},
+	{Name: "ENABLE_SESSION_BACKUP", Default: "true", Description: "Scheduled, shutdown and on-demand snapshots, and restore on start."},
+	{Name: "BACKUP_INTERVAL", Default: "30", Description: "Period of scheduled snapshots: minutes, or a Go duration such as 90s or 1h."},
+	{Name: "BACKUP_RETENTION", Default: "48", Description: "Snapshots kept per session in the database (the local fallback keeps the newest 3)."},
+	{Name: "SESSION_ENCRYPTION_KEY", Default: "", Description: "Key for snapshots at rest: 64 hex or 44 base64 characters (32 bytes).", Secret: true, Generate: "secret"},
+	{Name: "ALLOW_PLAINTEXT_BACKUPS", Default: "false", Description: "In production, allow snapshots without SESSION_ENCRYPTION_KEY."},
+	{Name: "ENABLE_MEMORY_OPTIMIZATION", Default: "true", Description: "Set the Go memory limit from the container's limit when GOMEMLIMIT is unset, and keep caches bounded."},
+	{Name: "HEALTH_TOKEN", Default: "", Description: "Required for /pair, /riverui/ and the detailed /status (Bearer header or sign-in form).", Secret: true, Generate: "secret"},
+	{Name: "PAIR_PHONE", Default: "", Description: "Link by pairing code on this phone number instead of by QR."},
+	{Name: "RECONNECT_MIN", Default: "1s", Description: "Lower bound of the WhatsApp reconnect backoff."},
+	{Name: "RECONNECT_MAX", Default: "5m", Description: "Upper bound of the WhatsApp reconnect backoff."},
+	{Name: "SEND_RATE", Default: "20/m", Description: "Outbound message rate limit: N/s, N/m or N/h."},
+	{Name: "SHUTDOWN_TIMEOUT", Default: "25s", Description: "Everything stops within this after SIGTERM (Heroku kills at 30s)."},
+	{Name: "LOG_LEVEL", Default: "info", Description: "debug, info, warn or error."},
+	{Name: "LOG_FORMAT", Default: "", Description: "text or json (default: text, json in production)."},
+}
+
+// Lookup returns the Var named name.
+func Lookup(name string) (Var, bool) {
+	for _, v := range Vars {
+		if v.Name == name {
+			return v, true
+		}
+	}
+	return Var{}, false
+}
