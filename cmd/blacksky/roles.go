@@ -1,0 +1,328 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/KimMachineGun/automemlimit/memlimit"
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/config"
+	"github.com/nats-io/nats.go"
+)
+
+// runner is a service: Run blocks until ctx ends and its own graceful stop
+// (socket closed, shutdown snapshot taken, ...) is done.
+type runner interface {
+	Run(ctx context.Context) error
+}
+
+// memoryLimit applies ENABLE_MEMORY_OPTIMIZATION: the Go memory limit follows
+// the container's (cgroup) limit unless GOMEMLIMIT says otherwise.
+func (m *Main) memoryLimit(a *app) {
+	if !a.cfg.EnableMemoryOptimization || m.Getenv("GOMEMLIMIT") != "" {
+		return
+	}
+	limit, err := memlimit.Set(
+		memlimit.WithRatio(0.9),
+		memlimit.WithProvider(memlimit.FromCgroup),
+		memlimit.WithLogger(slog.New(slog.DiscardHandler)),
+	)
+	if err != nil || limit == 0 {
+		a.log.Debug("no container memory limit found; Go memory limit left as is")
+		return
+	}
+	a.log.Info("go memory limit set from the container", "limit_bytes", limit)
+}
+
+// busFor gives a role its NATS connection: an external NATS_URL, or the
+// embedded server (listening on listen, or in-process only when empty).
+func (a *app) busFor(listen string) (*nats.Conn, *bus.Server, error) {
+	if a.cfg.NATSURL != "" {
+		nc, err := bus.Connect(a.cfg.NATSURL, a.cfg.NATSToken, "blacksky-"+a.role, a.log)
+		return nc, nil, err
+	}
+	if listen != "" {
+		if err := config.ValidateListen(listen, a.cfg.NATSToken); err != nil {
+			return nil, nil, err
+		}
+	}
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: listen, Token: a.cfg.NATSToken})
+	if err != nil {
+		return nil, nil, err
+	}
+	nc, err := srv.Connect("blacksky-"+a.role, a.log)
+	if err != nil {
+		srv.Shutdown()
+		return nil, nil, err
+	}
+	if u := srv.ClientURL(); u != "" {
+		a.log.Info("embedded nats listening", "url", u, "token", a.cfg.NATSToken != "")
+	} else {
+		a.log.Info("embedded nats in-process")
+	}
+	return nc, srv, nil
+}
+
+// clientBus is the connection of a role that does not embed the server.
+func (a *app) clientBus() (*nats.Conn, error) {
+	url := a.cfg.NATSURL
+	if url == "" {
+		url = "nats://127.0.0.1:4222"
+		if a.cfg.NATSListen != "" {
+			url = "nats://" + a.cfg.NATSListen
+		}
+	}
+	return bus.Connect(url, a.cfg.NATSToken, "blacksky-"+a.role, a.log)
+}
+
+// stage is one service in the shutdown order.
+type stage struct {
+	name   string
+	r      runner
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// supervisor starts services and stops them in reverse start order within
+// SHUTDOWN_TIMEOUT, so the gateway closes its socket before backup takes the
+// shutdown snapshot, and health answers until the end.
+type supervisor struct {
+	log    *slog.Logger
+	stages []*stage
+	failed chan string
+	once   sync.Once
+}
+
+func newSupervisor(log *slog.Logger) *supervisor {
+	return &supervisor{log: log, failed: make(chan string, 8)}
+}
+
+func (s *supervisor) start(name string, r runner) {
+	ctx, cancel := context.WithCancel(context.Background())
+	st := &stage{name: name, r: r, cancel: cancel, done: make(chan error, 1)}
+	s.stages = append(s.stages, st)
+	go func() {
+		err := r.Run(ctx)
+		st.done <- err
+		if ctx.Err() == nil {
+			s.failed <- name
+		}
+	}()
+}
+
+// wait blocks until ctx ends (a signal) or a service stops by itself, then
+// stops everything; it returns the first service error.
+func (s *supervisor) wait(ctx context.Context, timeout time.Duration) error {
+	var cause error
+	select {
+	case <-ctx.Done():
+		s.log.Info("shutting down", "timeout", timeout)
+	case name := <-s.failed:
+		s.log.Error("service stopped; shutting down", "service", name)
+		cause = fmt.Errorf("%s: %w", name, errUnexpected)
+	}
+	deadline := time.After(timeout)
+	for i := len(s.stages) - 1; i >= 0; i-- {
+		st := s.stages[i]
+		st.cancel()
+		select {
+		case err := <-st.done:
+			st.done <- err // keep it for the error report below
+			if err != nil && !errors.Is(err, context.Canceled) {
+				s.log.Error("service stopped with an error", "service", st.name, "err", err)
+				if cause == nil || errors.Is(cause, errUnexpected) {
+					cause = fmt.Errorf("%s: %w", st.name, err)
+				}
+			}
+		case <-deadline:
+			return fmt.Errorf("shutdown: %s did not stop within SHUTDOWN_TIMEOUT (%s)", st.name, timeout)
+		}
+	}
+	return cause
+}
+
+var errUnexpected = errors.New("stopped unexpectedly")
+
+// listenHTTP binds $PORT first thing: Heroku kills a web dyno that has not
+// bound it within 60 s, and the health answers must come early.
+func (a *app) listenHTTP() (net.Listener, error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(a.cfg.Port)))
+	if err != nil {
+		return nil, fmt.Errorf("listen on PORT %d: %w", a.cfg.Port, err)
+	}
+	return ln, nil
+}
+
+// cmdRun is everything in one process: embedded NATS (in-process unless
+// NATS_LISTEN), health, backup, gateway.
+func (m *Main) cmdRun(ctx context.Context, args []string) error {
+	if err := parseFlags(m.flags("run"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("run")
+	if err != nil {
+		return err
+	}
+	if err := a.cfg.RequireDatabase(); err != nil {
+		return err
+	}
+	m.memoryLimit(a)
+	ln, err := a.listenHTTP()
+	if err != nil {
+		return err
+	}
+	nc, srv, err := a.busFor(a.cfg.NATSListen)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer closeBus(nc, srv)
+
+	sup := newSupervisor(a.log)
+	h, err := a.newHealth(nc, ln)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	sup.start("health", h)
+	if a.cfg.EnableSessionBackup {
+		b, err := a.newBackup(nc)
+		if err != nil {
+			sup.wait(canceled(), a.cfg.ShutdownTimeout)
+			return err
+		}
+		sup.start("backup", b)
+	}
+	g, err := a.newGateway(nc)
+	if err != nil {
+		sup.wait(canceled(), a.cfg.ShutdownTimeout)
+		return err
+	}
+	sup.start("gateway", g)
+	natsURL := ""
+	if srv != nil {
+		natsURL = srv.ClientURL()
+	}
+	m.ready(ReadyInfo{HTTPAddr: ln.Addr().String(), NATSURL: natsURL})
+	return sup.wait(ctx, a.cfg.ShutdownTimeout)
+}
+
+// cmdGateway owns the WhatsApp socket and the embedded NATS server.
+func (m *Main) cmdGateway(ctx context.Context, args []string) error {
+	if err := parseFlags(m.flags("gateway"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("gateway")
+	if err != nil {
+		return err
+	}
+	m.memoryLimit(a)
+	listen := a.cfg.NATSListen
+	if listen == "" {
+		listen = "127.0.0.1:4222"
+	}
+	nc, srv, err := a.busFor(listen)
+	if err != nil {
+		return err
+	}
+	defer closeBus(nc, srv)
+	g, err := a.newGateway(nc)
+	if err != nil {
+		return err
+	}
+	sup := newSupervisor(a.log)
+	sup.start("gateway", g)
+	natsURL := ""
+	if srv != nil {
+		natsURL = srv.ClientURL()
+	}
+	m.ready(ReadyInfo{NATSURL: natsURL})
+	return sup.wait(ctx, a.cfg.ShutdownTimeout)
+}
+
+// cmdBackup runs the snapshot and restore workers against NATS_URL.
+func (m *Main) cmdBackup(ctx context.Context, args []string) error {
+	if err := parseFlags(m.flags("backup"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("backup")
+	if err != nil {
+		return err
+	}
+	if err := a.cfg.RequireDatabase(); err != nil {
+		return err
+	}
+	m.memoryLimit(a)
+	nc, err := a.clientBus()
+	if err != nil {
+		return err
+	}
+	defer closeBus(nc, nil)
+	b, err := a.newBackup(nc)
+	if err != nil {
+		return err
+	}
+	sup := newSupervisor(a.log)
+	sup.start("backup", b)
+	m.ready(ReadyInfo{})
+	return sup.wait(ctx, a.cfg.ShutdownTimeout)
+}
+
+// cmdHealth serves HTTP on $PORT against NATS_URL.
+func (m *Main) cmdHealth(ctx context.Context, args []string) error {
+	if err := parseFlags(m.flags("health"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("health")
+	if err != nil {
+		return err
+	}
+	m.memoryLimit(a)
+	ln, err := a.listenHTTP()
+	if err != nil {
+		return err
+	}
+	nc, err := a.clientBus()
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer closeBus(nc, nil)
+	h, err := a.newHealth(nc, ln)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	sup := newSupervisor(a.log)
+	sup.start("health", h)
+	m.ready(ReadyInfo{HTTPAddr: ln.Addr().String()})
+	return sup.wait(ctx, a.cfg.ShutdownTimeout)
+}
+
+func (m *Main) ready(info ReadyInfo) {
+	if m.Ready != nil {
+		m.Ready(info)
+	}
+}
+
+func closeBus(nc *nats.Conn, srv *bus.Server) {
+	if nc != nil {
+		_ = nc.Drain()
+		nc.Close()
+	}
+	if srv != nil {
+		srv.Shutdown()
+	}
+}
+
+func canceled() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
