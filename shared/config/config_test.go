@@ -1,0 +1,211 @@
+package config_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/config"
+)
+
+func env(kv ...string) config.Getenv {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return func(k string) string { return m[k] }
+}
+
+func TestDefaultsMatchContract(t *testing.T) {
+	c, err := config.Load(env())
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks := []struct {
+		name     string
+		got, want any
+	}{
+		{"SESSION_ID", c.SessionID, "BLACKSKY-MD"},
+		{"BOT_NAME", c.BotName, "BLACKSKY-MD"},
+		{"PREFIX", c.Prefix, "."},
+		{"PORT", c.Port, 8080},
+		{"DATA_DIR", c.DataDir, "./data"},
+		{"DATABASE_MAX_CONNS", c.DatabaseMaxConns, 5},
+		{"production", c.Production, false},
+		{"HEROKU", c.Heroku, false},
+		{"ENABLE_HEALTH_CHECK", c.EnableHealthCheck, true},
+		{"ENABLE_SESSION_BACKUP", c.EnableSessionBackup, true},
+		{"BACKUP_INTERVAL", c.BackupInterval, 30 * time.Minute},
+		{"BACKUP_RETENTION", c.BackupRetention, 48},
+		{"KEEPAWAKE_INTERVAL", c.KeepAwakeInterval, 25 * time.Minute},
+		{"ENABLE_MEMORY_OPTIMIZATION", c.EnableMemoryOptimization, true},
+		{"RECONNECT_MIN", c.ReconnectMin, time.Second},
+		{"RECONNECT_MAX", c.ReconnectMax, 5 * time.Minute},
+		{"SEND_RATE", c.SendRate, config.Rate{N: 20, Per: time.Minute}},
+		{"SHUTDOWN_TIMEOUT", c.ShutdownTimeout, 25 * time.Second},
+		{"LOG_FORMAT", c.LogFormat, "text"},
+	}
+	for _, ck := range checks {
+		if ck.got != ck.want {
+			t.Errorf("%s: got %v, want %v", ck.name, ck.got, ck.want)
+		}
+	}
+	if c.SessionEncryptionKey != nil {
+		t.Errorf("no key by default")
+	}
+}
+
+// The seed's Heroku config must keep working unchanged.
+func TestSeedEnvironmentWorks(t *testing.T) {
+	c, err := config.Load(env(
+		"SESSION_ID", "BLACKSKY-MD", "BOT_NAME", "BLACKSKY-MD", "OWNER_NUMBER", "+1 555 123 4567",
+		"NODE_ENV", "production", "HEROKU", "true", "HEROKU_APP_URL", "https://my-bot.herokuapp.com",
+		"ENABLE_HEALTH_CHECK", "true", "ENABLE_SESSION_BACKUP", "true", "BACKUP_INTERVAL", "30",
+		"ENABLE_MEMORY_OPTIMIZATION", "true",
+	))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.OwnerNumber != "15551234567" || !c.Production || !c.Heroku || c.LogFormat != "json" || c.BackupInterval != 30*time.Minute {
+		t.Fatalf("unexpected config: %+v", c)
+	}
+}
+
+func TestValues(t *testing.T) {
+	tests := []struct {
+		name string
+		env  config.Getenv
+		ok   func(*config.Config) bool
+	}{
+		{"interval as duration", env("BACKUP_INTERVAL", "90s"), func(c *config.Config) bool { return c.BackupInterval == 90*time.Second }},
+		{"interval as fraction of minutes", env("BACKUP_INTERVAL", "0.5"), func(c *config.Config) bool { return c.BackupInterval == 30*time.Second }},
+		{"rate per second", env("SEND_RATE", "3/s"), func(c *config.Config) bool { return c.SendRate.Limit() == 3 }},
+		{"rate per hour", env("SEND_RATE", "360/h"), func(c *config.Config) bool { return c.SendRate.Limit() == 0.1 }},
+		{"bool yes", env("ENABLE_SESSION_BACKUP", "no", "HEROKU", "YES"), func(c *config.Config) bool { return !c.EnableSessionBackup && c.Heroku }},
+		{"DYNO means heroku", env("DYNO", "web.1"), func(c *config.Config) bool { return c.Heroku }},
+		{"BLACKSKY_ENV wins", env("NODE_ENV", "production", "BLACKSKY_ENV", "development"), func(c *config.Config) bool { return !c.Production }},
+		{"hex key", env("SESSION_ENCRYPTION_KEY", strings.Repeat("ab", 32)), func(c *config.Config) bool { return len(c.SessionEncryptionKey) == 32 }},
+		{"base64 key", env("SESSION_ENCRYPTION_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="), func(c *config.Config) bool { return c.SessionEncryptionKey[31] == 31 }},
+		{"loopback listen without token", env("NATS_LISTEN", "127.0.0.1:4222"), func(c *config.Config) bool { return c.NATSListen == "127.0.0.1:4222" }},
+		{"open listen with token", env("NATS_LISTEN", "0.0.0.0:4222", "NATS_TOKEN", "s3cret-token"), func(c *config.Config) bool { return c.NATSToken == "s3cret-token" }},
+		{"owner with dashes", env("OWNER_NUMBER", "+44 7700-900123"), func(c *config.Config) bool { return c.OwnerNumber == "447700900123" }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := config.Load(tt.env)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.ok(c) {
+				t.Fatalf("unexpected config: %+v", c)
+			}
+		})
+	}
+}
+
+func TestErrorsNameTheVariable(t *testing.T) {
+	secretKey := "not-a-valid-key-but-secret-anyway"
+	tests := []struct {
+		env     config.Getenv
+		varName string
+		says    string // part of the message: what it accepts or what it got
+	}{
+		{env("BACKUP_INTERVAL", "abc"), "BACKUP_INTERVAL", `got "abc"`},
+		{env("BACKUP_INTERVAL", "-5"), "BACKUP_INTERVAL", "positive"},
+		{env("SEND_RATE", "fast"), "SEND_RATE", `got "fast"`},
+		{env("SEND_RATE", "0/m"), "SEND_RATE", "N/s, N/m or N/h"},
+		{env("PORT", "70000"), "PORT", "1 to 65535"},
+		{env("PORT", "http"), "PORT", `got "http"`},
+		{env("OWNER_NUMBER", "call me"), "OWNER_NUMBER", "digits only"},
+		{env("OWNER_NUMBER", "+12"), "OWNER_NUMBER", "7 to 15 digits"},
+		{env("PAIR_PHONE", "abc"), "PAIR_PHONE", "digits only"},
+		{env("ENABLE_HEALTH_CHECK", "maybe"), "ENABLE_HEALTH_CHECK", "true/false"},
+		{env("RECONNECT_MIN", "10s", "RECONNECT_MAX", "1s"), "RECONNECT_MAX", "not below RECONNECT_MIN"},
+		{env("SHUTDOWN_TIMEOUT", "soon"), "SHUTDOWN_TIMEOUT", "duration"},
+		{env("DATABASE_MAX_CONNS", "0"), "DATABASE_MAX_CONNS", "from 1"},
+		{env("BACKUP_RETENTION", "many"), "BACKUP_RETENTION", "whole number"},
+		{env("LOG_LEVEL", "loud"), "LOG_LEVEL", "debug, info, warn or error"},
+		{env("LOG_FORMAT", "xml"), "LOG_FORMAT", "text or json"},
+		{env("HEROKU_APP_URL", "my-bot"), "HEROKU_APP_URL", "http(s) URL"},
+		{env("NATS_LISTEN", "0.0.0.0:4222"), "NATS_TOKEN", "not a loopback address"},
+		{env("NATS_LISTEN", "nowhere"), "NATS_LISTEN", "host:port"},
+		{env("SESSION_ENCRYPTION_KEY", secretKey), "SESSION_ENCRYPTION_KEY", "not shown"},
+		{env("PREFIX", "a b"), "PREFIX", "non-space"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.varName+"/"+tt.says, func(t *testing.T) {
+			_, err := config.Load(tt.env)
+			if err == nil {
+				t.Fatal("want an error")
+			}
+			if !config.IsError(err) {
+				t.Fatalf("want *config.Error, got %T", err)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tt.varName+":") || !strings.Contains(msg, tt.says) {
+				t.Fatalf("message %q should name %s and say %q", msg, tt.varName, tt.says)
+			}
+			if strings.Contains(msg, secretKey) {
+				t.Fatalf("message leaks the secret: %q", msg)
+			}
+		})
+	}
+}
+
+func TestHerokuRequiresDatabase(t *testing.T) {
+	c, err := config.Load(env("HEROKU", "true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = c.RequireDatabase()
+	if err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || !strings.Contains(err.Error(), "heroku-postgresql") {
+		t.Fatalf("want an error naming DATABASE_URL and the add-on, got %v", err)
+	}
+	c, _ = config.Load(env("HEROKU", "true", "DATABASE_URL", "postgres://u:p@h/db"))
+	if err := c.RequireDatabase(); err != nil {
+		t.Fatal(err)
+	}
+	c, _ = config.Load(env())
+	if err := c.RequireDatabase(); err != nil {
+		t.Fatalf("off Heroku the embedded database is fine: %v", err)
+	}
+}
+
+func TestRedactURL(t *testing.T) {
+	tests := []struct{ in, hidden string }{
+		{"postgres://user:hunter2@db.example.com:5432/app?sslmode=require", "hunter2"},
+		{"nats://tok3nvalue@gateway:4222", "tok3nvalue"},
+		{"postgres://db/app?password=hunter2", "hunter2"},
+	}
+	for _, tt := range tests {
+		got := config.RedactURL(tt.in)
+		if strings.Contains(got, tt.hidden) {
+			t.Errorf("RedactURL(%q) = %q still shows the secret", tt.in, got)
+		}
+	}
+}
+
+func TestSecretsListsEverySecret(t *testing.T) {
+	key := strings.Repeat("0f", 32)
+	c, err := config.Load(env("DATABASE_URL", "postgres://u:dbpass@h/db", "NATS_TOKEN", "natstoken",
+		"HEALTH_TOKEN", "healthtoken", "SESSION_ENCRYPTION_KEY", key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(c.Secrets(), " ")
+	for _, want := range []string{"dbpass", "natstoken", "healthtoken", key} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Secrets() misses %q", want)
+		}
+	}
+}
+
+func TestEveryVarHasADescription(t *testing.T) {
+	seen := map[string]bool{}
+	for _, v := range config.Vars {
+		if v.Description == "" || seen[v.Name] {
+			t.Errorf("%s: empty description or listed twice", v.Name)
+		}
+		seen[v.Name] = true
+	}
+}
