@@ -1,0 +1,45 @@
+# The same targets serve people and CI (.ci/run calls `make ci`).
+GO       ?= go
+PKGS     ?= ./...
+STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT   ?= $(shell git rev-parse --short HEAD 2>/dev/null)
+LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
+.PHONY: build test test/short lint fmt bench fuzz rss ci
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/blacksky ./cmd/blacksky
+
+# The README's test command: every test, with the race detector, against the
+# real PostgreSQL at TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test).
+test:
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+test/short:
+	$(GO) test -count=1 $(PKGS)
+
+lint:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	  if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet $(PKGS)
+	$(STATICCHECK) $(PKGS)
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+# Benchmarks named by the issues; short runs, figures in the issue notes.
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./shared/bus
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./services/backup/...
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./services/health/...
+
+# A short pass of every fuzz target.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzBackupRequestDecode$$' -fuzztime 20s ./shared/bus
+
+# Idle RSS of `blacksky run` after 60 s of failed WhatsApp connects.
+rss: build
+	scripts/idle-rss.sh
+
+ci: lint test
