@@ -111,7 +111,7 @@ func Load(getenv Getenv) (*Config, error) {
 	if c.Prefix == "" || strings.ContainsFunc(c.Prefix, unicode.IsSpace) {
 		p.fail("PREFIX", "one or more non-space characters", c.Prefix)
 	}
-	c.Port = p.intRange("PORT", 1, 65535)
+	c.Port = p.intRange("PORT", 0, 65535) // 0 picks a free port (tests)
 	c.DataDir = p.str("DATA_DIR")
 	if c.DataDir == "" {
 		p.fail("DATA_DIR", "a directory path", "")

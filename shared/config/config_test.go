@@ -114,7 +114,7 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{env("BACKUP_INTERVAL", "-5"), "BACKUP_INTERVAL", "positive"},
 		{env("SEND_RATE", "fast"), "SEND_RATE", `got "fast"`},
 		{env("SEND_RATE", "0/m"), "SEND_RATE", "N/s, N/m or N/h"},
-		{env("PORT", "70000"), "PORT", "1 to 65535"},
+		{env("PORT", "70000"), "PORT", "0 to 65535"},
 		{env("PORT", "http"), "PORT", `got "http"`},
 		{env("OWNER_NUMBER", "call me"), "OWNER_NUMBER", "digits only"},
 		{env("OWNER_NUMBER", "+12"), "OWNER_NUMBER", "7 to 15 digits"},
