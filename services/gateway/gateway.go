@@ -1,0 +1,401 @@
+// Package gateway owns the WhatsApp socket: a connection supervisor of our own
+// over a small Conn interface (whatsmeow behind it, see package wa), every
+// state change published on the bus, P.msg.send served and owner commands
+// answered.
+//
+// # Reconnects
+//
+// The supervisor is the only thing that connects (whatsmeow's own
+// auto-reconnect is off). A transient failure (dial error, server disconnect,
+// connect failure, a login that never completes, keepalives failing for
+// longer than KeepaliveMaxFail, QR codes running out) schedules one retry
+// after Backoff.Delay(attempt): exponential with full jitter between
+// RECONNECT_MIN and RECONNECT_MAX. Each retry is published as
+// conn.reconnecting with attempt and delay_ms. The attempt counter resets
+// once a connection has stayed up for StableAfter (60 s). Transient failures
+// never stop the retries. One goroutine runs the state machine and at most
+// one retry timer exists, so connect attempts never run concurrently however
+// many failure events arrive at once.
+//
+// # Terminal events
+//
+//   - Logged out (the phone unlinked us, or WhatsApp did): publish
+//     conn.logged_out with the reason, clear the local device (fresh keys, no
+//     JID) and go back to pairing after a short backoff.
+//   - Stream replaced (another client holds the session): publish
+//     conn.stream_replaced, disconnect, do not fight: retry only after
+//     StreamReplacedWait (10 min by default).
+//   - Temporary ban: publish conn.temporary_ban with code and expires_at,
+//     disconnect and retry only after the ban expires (BanFallbackWait when
+//     WhatsApp gives no expiry).
+//   - Client outdated: publish conn.client_outdated, disconnect and stop
+//     retrying; the state stays client_outdated (health reports it as
+//     unhealthy) until the process is restarted with a newer build.
+//   - Keepalive timeout / restored: publish; when keepalives have failed for
+//     longer than KeepaliveMaxFail (3 min, whatsmeow's own threshold) the
+//     socket is dropped and reconnected like any transient failure.
+//
+// # Start
+//
+// With backup enabled the session store is opened only after the backup
+// service has answered P.session.restore with ok (state waiting_restore
+// until then, retried with backoff), so a restored snapshot is in place
+// before whatsmeow reads it.
+package gateway
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/types"
+	"golang.org/x/time/rate"
+)
+
+// Conn is what the gateway needs of a WhatsApp client. Events arrive through
+// the handler given to OnEvent as go.mau.fi/whatsmeow/types/events values;
+// the handler never blocks.
+type Conn interface {
+	// OnEvent sets the event handler; called once, before Connect.
+	OnEvent(handler func(evt any))
+	// Connect opens the websocket; login or pairing follows as events.
+	// Connecting while already connected is not an error.
+	Connect(ctx context.Context) error
+	// Disconnect closes the websocket; it emits no event.
+	Disconnect()
+	// IsConnected reports whether the websocket is open.
+	IsConnected() bool
+	// JID is the linked device's JID, empty before pairing.
+	JID() types.JID
+	// PairPhone asks for a pairing code for phone (digits); call it once a
+	// QR event has shown the pre-login socket is up.
+	PairPhone(ctx context.Context, phone string) (string, error)
+	// SendText sends a plain text message.
+	SendText(ctx context.Context, to types.JID, text string) (Sent, error)
+	// ResetDevice forgets the local device after a logout, so the next
+	// Connect pairs anew.
+	ResetDevice(ctx context.Context) error
+	// Close releases the session store; the Conn is unusable afterwards.
+	Close() error
+}
+
+// Sent is the server's answer to a sent message.
+type Sent struct {
+	ID        string
+	Timestamp time.Time
+}
+
+// Opener opens the session store and returns a Conn over it. The gateway
+// calls it once, after the restore (if any) is done.
+type Opener func(ctx context.Context) (Conn, error)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultReconnectMin       = time.Second
+	DefaultReconnectMax       = 5 * time.Minute
+	DefaultStableAfter        = 60 * time.Second
+	DefaultStreamReplacedWait = 10 * time.Minute
+	DefaultBanFallbackWait    = time.Hour
+	DefaultLoginTimeout       = 90 * time.Second
+	DefaultKeepaliveMaxFail   = 3 * time.Minute
+	DefaultRestoreTimeout     = 30 * time.Second
+	DefaultOfflineAlertAfter  = 5 * time.Minute
+	DefaultBackupTimeout      = 2 * time.Minute
+	DefaultSendTimeout        = 30 * time.Second
+	DefaultSendBurst          = 20
+	DefaultSendRate           = rate.Limit(20.0 / 60)
+)
+
+// Config is the gateway's part of the environment. Zero durations take the
+// defaults above.
+type Config struct {
+	Session       string // SESSION_ID
+	Instance      string // heartbeat instance name
+	OwnerNumber   string // digits; empty disables owner commands and alerts
+	Prefix        string // owner command prefix
+	PairPhone     string // digits; pair by code instead of QR
+	BackupEnabled bool   // ENABLE_SESSION_BACKUP: restore before opening the store
+
+	ReconnectMin, ReconnectMax time.Duration
+	SendRate                   rate.Limit
+	SendBurst                  int
+
+	StableAfter        time.Duration // connected this long resets the attempt counter
+	StreamReplacedWait time.Duration
+	BanFallbackWait    time.Duration // ban without a stated expiry
+	LoginTimeout       time.Duration // socket open but neither login nor QR
+	KeepaliveMaxFail   time.Duration
+	RestoreTimeout     time.Duration // per P.session.restore request
+	OfflineAlertAfter  time.Duration
+	BackupTimeout      time.Duration // owner "backup" command
+	SendTimeout        time.Duration
+	HeartbeatInterval  time.Duration // zero: bus.HeartbeatInterval
+}
+
+func (c Config) withDefaults() Config {
+	c.ReconnectMin = cmp.Or(c.ReconnectMin, DefaultReconnectMin)
+	c.ReconnectMax = max(cmp.Or(c.ReconnectMax, DefaultReconnectMax), c.ReconnectMin)
+	c.SendRate = cmp.Or(c.SendRate, DefaultSendRate)
+	c.SendBurst = cmp.Or(c.SendBurst, DefaultSendBurst)
+	c.StableAfter = cmp.Or(c.StableAfter, DefaultStableAfter)
+	c.StreamReplacedWait = cmp.Or(c.StreamReplacedWait, DefaultStreamReplacedWait)
+	c.BanFallbackWait = cmp.Or(c.BanFallbackWait, DefaultBanFallbackWait)
+	c.LoginTimeout = cmp.Or(c.LoginTimeout, DefaultLoginTimeout)
+	c.KeepaliveMaxFail = cmp.Or(c.KeepaliveMaxFail, DefaultKeepaliveMaxFail)
+	c.RestoreTimeout = cmp.Or(c.RestoreTimeout, DefaultRestoreTimeout)
+	c.OfflineAlertAfter = cmp.Or(c.OfflineAlertAfter, DefaultOfflineAlertAfter)
+	c.BackupTimeout = cmp.Or(c.BackupTimeout, DefaultBackupTimeout)
+	c.SendTimeout = cmp.Or(c.SendTimeout, DefaultSendTimeout)
+	c.Prefix = cmp.Or(c.Prefix, ".")
+	return c
+}
+
+// Deps are the gateway's collaborators.
+type Deps struct {
+	NC     *nats.Conn
+	Open   Opener
+	Log    *slog.Logger
+	Clock  clockwork.Clock // nil: real clock
+	Jitter func() float64  // nil: math/rand; see Backoff
+	// ShowQR, when set, renders each QR code for a human (the terminal).
+	ShowQR func(code string)
+}
+
+// Gateway is the service. Run it once.
+type Gateway struct {
+	cfg     Config
+	nc      *nats.Conn
+	subj    bus.Subjects
+	open    Opener
+	log     *slog.Logger
+	clock   clockwork.Clock
+	backoff Backoff
+	showQR  func(string)
+	limiter *rate.Limiter
+
+	running atomic.Bool
+	events  *queue
+	results chan func(context.Context) // async outcomes handed back to the loop
+	work    chan func(context.Context) // owner replies and alerts, off the loop
+
+	mu   sync.Mutex // guards st and conn
+	st   status
+	conn Conn
+
+	sendMu    sync.Mutex // guards accepting and sendBase; sends is the in-flight msg.send work
+	accepting bool
+	sendBase  context.Context
+	sends     sync.WaitGroup
+
+	bg sync.WaitGroup // pairing-code requests in flight
+
+	// Loop-owned: touched only by the supervisor goroutine.
+	lc                    Conn
+	gen                   uint64 // connect attempts, to spot stale async answers
+	retry, qrTimer, watch clockwork.Timer
+	qrCodes               []string
+	qrFirst               bool
+	pairAsked             bool
+	justPaired            bool
+}
+
+// status is what heartbeats, owner commands and msg.send read.
+type status struct {
+	state          string
+	started        time.Time
+	jid            string
+	connectedSince time.Time
+	offlineSince   time.Time
+	reconnects     int64
+	attempt        int
+	lastDisconnect string
+	qrCode         string
+	qrExpires      time.Time
+	pairCode       string
+	lastSnapshot   *bus.BackupDone
+}
+
+// New builds a gateway; nothing runs until Run.
+func New(cfg Config, d Deps) *Gateway {
+	cfg = cfg.withDefaults()
+	clock := d.Clock
+	if clock == nil {
+		clock = clockwork.NewRealClock()
+	}
+	log := d.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Gateway{
+		cfg:     cfg,
+		nc:      d.NC,
+		subj:    bus.NewSubjects(cfg.Session),
+		open:    d.Open,
+		log:     log,
+		clock:   clock,
+		backoff: Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
+		showQR:  d.ShowQR,
+		limiter: rate.NewLimiter(cfg.SendRate, cfg.SendBurst),
+		events:  newQueue(),
+		results: make(chan func(context.Context)),
+		work:    make(chan func(context.Context), 16),
+		st:      status{state: bus.StateStarting},
+	}
+}
+
+// ErrRunning is returned by a second concurrent Run.
+var ErrRunning = errors.New("gateway: already running")
+
+// Run serves until ctx ends, then closes the socket and the store, publishes
+// conn.stopped and returns. It returns an error only when the session store
+// cannot be opened.
+func (g *Gateway) Run(ctx context.Context) error {
+	if !g.running.CompareAndSwap(false, true) {
+		return ErrRunning
+	}
+	defer g.running.Store(false)
+	g.mu.Lock()
+	g.st.started = g.clock.Now()
+	g.mu.Unlock()
+
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+
+	sendSub, err := g.nc.Subscribe(g.subj.MsgSend(), g.onSend)
+	if err != nil {
+		return fmt.Errorf("gateway: subscribe msg.send: %w", err)
+	}
+	doneSub, err := g.nc.Subscribe(g.subj.BackupDone(), g.onBackupDone)
+	if err != nil {
+		_ = sendSub.Unsubscribe()
+		return fmt.Errorf("gateway: subscribe backup.done: %w", err)
+	}
+	g.sendMu.Lock()
+	g.accepting, g.sendBase = true, runCtx
+	g.sendMu.Unlock()
+
+	hb := &bus.Heartbeater{
+		NC: g.nc, Subjects: g.subj, Session: g.cfg.Session, Service: bus.ServiceGateway,
+		Instance: g.cfg.Instance, Clock: g.clock, Interval: g.cfg.HeartbeatInterval, Beat: g.beat,
+	}
+	wg.Go(func() { _ = hb.Run(runCtx) })
+	wg.Go(func() { g.worker(runCtx) })
+
+	runErr := g.supervise(runCtx)
+
+	// Stop taking sends and let the ones in flight finish (their contexts
+	// end with runCtx) before the socket and the store go away.
+	_ = sendSub.Unsubscribe()
+	_ = doneSub.Unsubscribe()
+	g.sendMu.Lock()
+	g.accepting = false
+	g.sendMu.Unlock()
+	cancel()
+	g.sends.Wait()
+	wg.Wait()
+	g.closeConn()
+
+	g.setState(bus.StateStopped, "")
+	g.publish(bus.ConnEvent{Kind: bus.ConnStopped})
+	// The bus connection may be closed right after Run returns: make sure
+	// conn.stopped and the last state left this process.
+	_ = g.nc.FlushTimeout(2 * time.Second)
+	g.log.Info("gateway stopped")
+	return runErr
+}
+
+func (g *Gateway) closeConn() {
+	g.mu.Lock()
+	conn := g.conn
+	g.conn = nil
+	g.mu.Unlock()
+	if conn == nil {
+		return
+	}
+	conn.Disconnect()
+	if err := conn.Close(); err != nil {
+		g.log.Warn("closing the session store", "err", err)
+	}
+}
+
+// beat is the heartbeat's view of the state.
+func (g *Gateway) beat() (string, any) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	d := bus.GatewayDetails{
+		WAState:        g.st.state,
+		JID:            g.st.jid,
+		Reconnects:     g.st.reconnects,
+		Attempt:        g.st.attempt,
+		LastDisconnect: g.st.lastDisconnect,
+		QRCode:         g.st.qrCode,
+		PairCode:       g.st.pairCode,
+	}
+	if !g.st.connectedSince.IsZero() {
+		t := g.st.connectedSince.UTC()
+		d.ConnectedSince = &t
+	}
+	if !g.st.qrExpires.IsZero() {
+		t := g.st.qrExpires.UTC()
+		d.QRExpiresAt = &t
+	}
+	return g.st.state, d
+}
+
+// State returns the current WhatsApp state (a bus.State* constant).
+func (g *Gateway) State() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.st.state
+}
+
+// publish stamps and publishes a connection event.
+func (g *Gateway) publish(e bus.ConnEvent) {
+	e.Stamp(g.cfg.Session, g.clock.Now())
+	if err := bus.Publish(g.nc, g.subj.Conn(e.Kind), e); err != nil {
+		g.log.Warn("publish connection event", "kind", e.Kind, "err", err)
+	}
+}
+
+// worker runs owner replies and alerts one at a time, so a slow send never
+// holds up the state machine.
+func (g *Gateway) worker(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case f := <-g.work:
+			f(ctx)
+		}
+	}
+}
+
+// later queues f for the worker; when the worker is swamped the job is
+// dropped rather than blocking the loop.
+func (g *Gateway) later(what string, f func(context.Context)) {
+	select {
+	case g.work <- f:
+	default:
+		g.log.Warn("owner work queue full; dropped", "what", what)
+	}
+}
+
+func (g *Gateway) onBackupDone(m *nats.Msg) {
+	var d bus.BackupDone
+	if err := jsonUnmarshal(m.Data, &d); err != nil {
+		g.log.Debug("ignoring malformed backup.done", "err", err)
+		return
+	}
+	g.mu.Lock()
+	g.st.lastSnapshot = &d
+	g.mu.Unlock()
+}

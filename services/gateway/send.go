@@ -1,0 +1,123 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/types"
+)
+
+// ParseRecipient reads the "to" of P.msg.send: a phone number in
+// international form (digits; a leading + and spaces or dashes are
+// tolerated) or a JID of a user, LID, group or newsletter.
+func ParseRecipient(to string) (types.JID, error) {
+	s := strings.TrimSpace(to)
+	if !strings.Contains(s, "@") {
+		digits := strings.NewReplacer(" ", "", "-", "").Replace(strings.TrimPrefix(s, "+"))
+		if len(digits) < 7 || len(digits) > 15 || strings.HasPrefix(digits, "0") || !allDigits(digits) {
+			return types.JID{}, errUnknownRecipient
+		}
+		return types.NewJID(digits, types.DefaultUserServer), nil
+	}
+	jid, err := types.ParseJID(s)
+	if err != nil || jid.User == "" || strings.ContainsAny(jid.User, "@ ") {
+		return types.JID{}, errUnknownRecipient
+	}
+	switch jid.Server {
+	case types.DefaultUserServer, types.HiddenUserServer:
+		if !allDigits(jid.User) {
+			return types.JID{}, errUnknownRecipient
+		}
+	case types.GroupServer:
+		if !allDigits(strings.ReplaceAll(jid.User, "-", "")) {
+			return types.JID{}, errUnknownRecipient
+		}
+	case types.NewsletterServer:
+		if !allDigits(jid.User) {
+			return types.JID{}, errUnknownRecipient
+		}
+	default:
+		return types.JID{}, errUnknownRecipient
+	}
+	return jid.ToNonAD(), nil
+}
+
+var errUnknownRecipient = errors.New(`unknown recipient form: want a phone number with country code (digits) or a JID such as 15551234567@s.whatsapp.net or 123456789-987654@g.us`)
+
+func allDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// onSend serves P.msg.send. Cheap checks answer at once; the send itself
+// runs on its own goroutine so one slow send does not queue the others.
+// SEND_RATE is enforced without waiting: a request over the limit is
+// refused with the time until the next slot, and the caller decides.
+func (g *Gateway) onSend(m *nats.Msg) {
+	fail := func(msg string) { g.respond(m, bus.MsgSendReply{OK: false, Error: msg}) }
+	req, err := bus.DecodeMsgSend(m.Data)
+	if err != nil {
+		fail(err.Error())
+		return
+	}
+	to, err := ParseRecipient(req.To)
+	if err != nil {
+		fail(err.Error())
+		return
+	}
+	conn := g.liveConn()
+	if conn == nil {
+		fail("not connected to WhatsApp (state: " + g.State() + ")")
+		return
+	}
+	now := g.clock.Now()
+	if r := g.limiter.ReserveN(now, 1); !r.OK() || r.DelayFrom(now) > 0 {
+		wait := r.DelayFrom(now)
+		r.CancelAt(now)
+		fail(fmt.Sprintf("rate limited by SEND_RATE: next send possible in %s", wait.Round(time.Millisecond)))
+		return
+	}
+	g.sendMu.Lock()
+	if !g.accepting {
+		g.sendMu.Unlock()
+		fail("gateway is stopping")
+		return
+	}
+	g.sends.Add(1)
+	base := g.sendBase
+	g.sendMu.Unlock()
+	go func() {
+		defer g.sends.Done()
+		ctx, cancel := context.WithTimeout(base, g.cfg.SendTimeout)
+		defer cancel()
+		sent, err := conn.SendText(ctx, to, req.Text)
+		if err != nil {
+			g.log.Warn("msg.send failed", "err", err)
+			fail("send failed: " + err.Error())
+			return
+		}
+		ts := sent.Timestamp.UTC()
+		g.respond(m, bus.MsgSendReply{OK: true, ID: sent.ID, Timestamp: &ts})
+	}()
+}
+
+func (g *Gateway) respond(m *nats.Msg, r bus.MsgSendReply) {
+	if m.Reply == "" {
+		return // a plain publish: nobody to answer
+	}
+	if err := bus.Respond(m, r); err != nil {
+		g.log.Warn("answer msg.send", "err", err)
+	}
+}

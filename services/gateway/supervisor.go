@@ -1,0 +1,461 @@
+package gateway
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/types/events"
+)
+
+// QR code lifetimes, as WhatsApp issues them (and whatsmeow's QR channel
+// rotates them): the first code lives 60 s, the following ones 20 s each.
+const (
+	firstQRTTL = 60 * time.Second
+	nextQRTTL  = 20 * time.Second
+)
+
+// supervise is the state machine: restore, open, then connect and react to
+// events and timers until ctx ends. Only this goroutine connects.
+func (g *Gateway) supervise(ctx context.Context) error {
+	if g.cfg.BackupEnabled {
+		if err := g.awaitRestore(ctx); err != nil {
+			return nil // only ctx ends the wait
+		}
+	}
+	conn, err := g.open(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("gateway: open session store: %w", err)
+	}
+	conn.OnEvent(g.events.push)
+	g.mu.Lock()
+	g.conn = conn
+	g.mu.Unlock()
+	g.lc = conn
+	defer func() {
+		g.stopTimers()
+		stopTimer(&g.retry)
+		g.bg.Wait() // pairing-code requests end with ctx
+	}()
+
+	g.connect(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-g.events.ready():
+			evts, dropped := g.events.drain()
+			if dropped > 0 {
+				g.log.Warn("incoming messages dropped: the event queue was full", "dropped", dropped)
+			}
+			for _, evt := range evts {
+				if ctx.Err() != nil {
+					return nil
+				}
+				g.handle(ctx, evt)
+			}
+		case <-timerC(g.retry):
+			g.retry = nil
+			g.connect(ctx)
+		case <-timerC(g.qrTimer):
+			g.qrTimer = nil
+			g.nextQR()
+		case <-timerC(g.watch):
+			g.watch = nil
+			g.fail(fmt.Sprintf("no login or QR code within %s of opening the socket", g.cfg.LoginTimeout))
+		case f := <-g.results:
+			f(ctx)
+		}
+	}
+}
+
+// awaitRestore asks the backup service to restore the session before the
+// store is opened (CONTRACT guarantee 1), retrying with backoff until it
+// answers ok. Backup may hold us in standby while another instance still
+// holds the lease, hence the long per-request timeout.
+func (g *Gateway) awaitRestore(ctx context.Context) error {
+	g.setState(bus.StateWaitingRestore, "")
+	for n := 1; ; n++ {
+		rctx, cancel := context.WithTimeout(ctx, g.cfg.RestoreTimeout)
+		var reply bus.RestoreReply
+		err := bus.Request(rctx, g.nc, g.subj.SessionRestore(), struct{}{}, &reply)
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		switch {
+		case err == nil && reply.OK:
+			g.log.Info("session restore answered", "restored", reply.Restored, "source", reply.Source, "snapshot_id", reply.SnapshotID)
+			g.mu.Lock()
+			g.st.attempt = 0
+			g.mu.Unlock()
+			return nil
+		case err == nil:
+			g.log.Warn("session restore refused; retrying", "err", reply.Error, "attempt", n)
+		case errors.Is(err, nats.ErrNoResponders):
+			g.log.Info("backup service not answering the restore request yet; retrying", "attempt", n)
+		default:
+			g.log.Warn("session restore request failed; retrying", "err", err, "attempt", n)
+		}
+		g.mu.Lock()
+		g.st.attempt = n
+		g.mu.Unlock()
+		t := g.clock.NewTimer(g.backoff.Delay(n))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.Chan():
+		}
+	}
+}
+
+// connect makes one attempt. The outcome comes as events (Connected, QR,
+// Disconnected, ...) or as an error here; the watchdog covers a socket that
+// opens and then says nothing.
+func (g *Gateway) connect(ctx context.Context) {
+	g.stopTimers()
+	stopTimer(&g.retry)
+	g.gen++
+	g.pairAsked = false
+	g.setState(bus.StateConnecting, "")
+	attempt := g.attempt()
+	g.publish(bus.ConnEvent{Kind: bus.ConnConnecting, Attempt: attempt})
+	g.log.Info("connecting to WhatsApp", "attempt", attempt)
+	err := g.lc.Connect(ctx)
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		g.fail("connect: " + err.Error())
+		return
+	}
+	g.watch = g.clock.NewTimer(g.cfg.LoginTimeout)
+}
+
+// fail handles a transient failure: drop the socket and schedule one retry.
+// A retry already scheduled (or a terminal wait) absorbs further failures, so
+// a burst of failure events never starts two connect attempts.
+func (g *Gateway) fail(reason string) {
+	if g.retry != nil || g.State() == bus.StateOutdated {
+		g.log.Debug("failure absorbed: a retry is already scheduled", "reason", reason)
+		return
+	}
+	g.stopTimers()
+	g.lc.Disconnect()
+	g.setState(bus.StateReconnecting, reason)
+	g.log.Warn("WhatsApp connection lost", "reason", reason)
+	g.scheduleRetry(0)
+}
+
+// scheduleRetry counts an attempt and arms the retry timer: after wait, or
+// after the backoff delay when wait is zero. The timer exists before the
+// event is published, so whoever reacts to the event sees it armed.
+func (g *Gateway) scheduleRetry(wait time.Duration) {
+	g.mu.Lock()
+	g.st.attempt++
+	g.st.reconnects++
+	n := g.st.attempt
+	g.mu.Unlock()
+	if wait <= 0 {
+		wait = g.backoff.Delay(n)
+	}
+	stopTimer(&g.retry)
+	g.retry = g.clock.NewTimer(wait)
+	g.publish(bus.ConnEvent{Kind: bus.ConnReconnecting, Attempt: n, DelayMS: wait.Milliseconds()})
+	g.log.Info("reconnect scheduled", "attempt", n, "delay", wait)
+}
+
+// handle is the one type switch over whatsmeow's events.
+func (g *Gateway) handle(ctx context.Context, evt any) {
+	switch e := evt.(type) {
+	case *events.Message:
+		g.onMessage(e)
+	case *events.Connected:
+		g.onConnected()
+	case *events.Disconnected:
+		g.publish(bus.ConnEvent{Kind: bus.ConnDisconnected})
+		g.fail("disconnected")
+	case *events.QR:
+		g.onQR(ctx, e.Codes)
+	case *events.PairSuccess:
+		g.onPaired(e)
+	case *events.PairError:
+		g.log.Error("pairing failed after the scan", "err", e.Error)
+	case *events.QRScannedWithoutMultidevice:
+		g.log.Warn("QR code scanned by a phone without multi-device; enable it and scan again")
+	case *events.LoggedOut:
+		g.onLoggedOut(ctx, e)
+	case *events.StreamReplaced:
+		g.onStreamReplaced()
+	case *events.TemporaryBan:
+		g.onTemporaryBan(e)
+	case *events.ClientOutdated:
+		g.onClientOutdated()
+	case *events.ConnectFailure:
+		reason := fmt.Sprintf("%d: %s", int(e.Reason), e.Reason.String())
+		if e.Message != "" {
+			reason += " (" + e.Message + ")"
+		}
+		g.publish(bus.ConnEvent{Kind: bus.ConnConnectFailure, Reason: reason})
+		g.fail("connect failure " + reason)
+	case *events.CATRefreshError:
+		g.fail("CAT refresh failed")
+	case *events.KeepAliveTimeout:
+		g.onKeepAliveTimeout(e)
+	case *events.KeepAliveRestored:
+		g.publish(bus.ConnEvent{Kind: bus.ConnKeepaliveRestored})
+		g.log.Info("keepalive restored")
+	case *events.StreamError:
+		g.log.Warn("unknown stream error from WhatsApp", "code", e.Code)
+	}
+}
+
+func (g *Gateway) onConnected() {
+	g.stopTimers()
+	jid := g.lc.JID().String()
+	now := g.clock.Now()
+	g.mu.Lock()
+	offlineSince, lastDisconnect := g.st.offlineSince, g.st.lastDisconnect
+	g.st.offlineSince = time.Time{}
+	g.st.jid = jid
+	g.mu.Unlock()
+	g.setState(bus.StateConnected, "")
+	g.publish(bus.ConnEvent{Kind: bus.ConnConnected, JID: jid})
+	g.log.Info("connected to WhatsApp", "jid", jid)
+
+	if g.justPaired {
+		g.justPaired = false
+		if g.cfg.BackupEnabled {
+			// A fresh link is the most valuable state to keep: snapshot now
+			// rather than at the next interval.
+			if err := bus.Publish(g.nc, g.subj.BackupRequest(), bus.BackupRequest{Reason: bus.ReasonPaired}); err != nil {
+				g.log.Warn("asking for a snapshot after pairing", "err", err)
+			}
+		}
+	}
+	if off := now.Sub(offlineSince); !offlineSince.IsZero() && off > g.cfg.OfflineAlertAfter {
+		text := fmt.Sprintf("Back online after %s offline (last disconnect: %s).", off.Round(time.Second), cmp.Or(lastDisconnect, "unknown"))
+		g.notifyOwner(text)
+	}
+}
+
+func (g *Gateway) onQR(ctx context.Context, codes []string) {
+	stopTimer(&g.watch)
+	g.qrCodes = slices.Clone(codes)
+	g.qrFirst = true
+	g.nextQR()
+	if g.cfg.PairPhone != "" && !g.pairAsked {
+		g.pairAsked = true
+		g.askPairCode(ctx)
+	}
+}
+
+// nextQR publishes the next QR code, or, when WhatsApp's codes are used up,
+// drops the socket and starts a fresh pairing round (with a fresh backoff:
+// an unscanned code is not a failure of the network).
+func (g *Gateway) nextQR() {
+	if len(g.qrCodes) == 0 {
+		g.mu.Lock()
+		g.st.attempt = 0
+		g.mu.Unlock()
+		g.fail("pairing codes expired without a scan")
+		return
+	}
+	code := g.qrCodes[0]
+	g.qrCodes = g.qrCodes[1:]
+	ttl := nextQRTTL
+	if g.qrFirst {
+		ttl, g.qrFirst = firstQRTTL, false
+	}
+	exp := g.clock.Now().Add(ttl).UTC()
+	g.qrTimer = g.clock.NewTimer(ttl)
+	g.setState(bus.StatePairing, "")
+	g.mu.Lock()
+	g.st.qrCode, g.st.qrExpires = code, exp
+	g.mu.Unlock()
+	g.publish(bus.ConnEvent{Kind: bus.ConnQR, Code: code, ExpiresAt: &exp})
+	if g.cfg.PairPhone == "" {
+		g.log.Info("scan the QR code with WhatsApp > Linked devices (also on /pair)", "expires_at", exp)
+		if g.showQR != nil {
+			g.showQR(code)
+		}
+	}
+}
+
+// askPairCode requests a pairing code off the loop (it is a round trip to
+// WhatsApp) and hands the answer back; an answer for an older socket is
+// ignored.
+func (g *Gateway) askPairCode(ctx context.Context) {
+	conn, gen, phone := g.lc, g.gen, g.cfg.PairPhone
+	g.bg.Go(func() {
+		code, err := conn.PairPhone(ctx, phone)
+		select {
+		case g.results <- func(context.Context) { g.onPairCode(gen, code, err) }:
+		case <-ctx.Done():
+		}
+	})
+}
+
+func (g *Gateway) onPairCode(gen uint64, code string, err error) {
+	if gen != g.gen || g.State() != bus.StatePairing {
+		return
+	}
+	if err != nil {
+		g.log.Error("pairing code request failed; the QR code still works", "err", err)
+		return
+	}
+	g.mu.Lock()
+	g.st.pairCode = code
+	g.mu.Unlock()
+	g.publish(bus.ConnEvent{Kind: bus.ConnPairCode, Code: code})
+	g.log.Info("enter this pairing code in WhatsApp > Linked devices > Link with phone number", "code", code)
+}
+
+func (g *Gateway) onPaired(e *events.PairSuccess) {
+	g.stopTimers()
+	jid := e.ID.String()
+	g.mu.Lock()
+	g.st.jid = jid
+	g.mu.Unlock()
+	g.justPaired = true
+	// whatsmeow reconnects by itself right after pairing (stream error 515);
+	// the watchdog catches the case where that reconnect fails silently.
+	g.setState(bus.StateConnecting, "")
+	g.watch = g.clock.NewTimer(g.cfg.LoginTimeout)
+	g.publish(bus.ConnEvent{Kind: bus.ConnPaired, JID: jid})
+	g.log.Info("paired", "jid", jid, "platform", e.Platform)
+}
+
+func (g *Gateway) onLoggedOut(ctx context.Context, e *events.LoggedOut) {
+	reason := e.Reason.String()
+	g.stopTimers()
+	stopTimer(&g.retry)
+	g.lc.Disconnect()
+	g.setState(bus.StateLoggedOut, "logged out: "+reason)
+	g.publish(bus.ConnEvent{Kind: bus.ConnLoggedOut, Reason: reason})
+	g.log.Warn("logged out by WhatsApp or the phone; clearing the local device and pairing again", "reason", reason)
+	if err := g.lc.ResetDevice(ctx); err != nil {
+		g.log.Error("clearing the local device", "err", err)
+	}
+	g.mu.Lock()
+	g.st.jid = ""
+	g.st.attempt = 0
+	g.mu.Unlock()
+	g.scheduleRetry(0)
+}
+
+func (g *Gateway) onStreamReplaced() {
+	g.stopTimers()
+	stopTimer(&g.retry)
+	g.lc.Disconnect()
+	g.setState(bus.StateStreamReplaced, "stream replaced by another client")
+	g.publish(bus.ConnEvent{Kind: bus.ConnStreamReplaced})
+	g.log.Warn("another client took over this session; not fighting it", "retry_in", g.cfg.StreamReplacedWait)
+	g.scheduleRetry(g.cfg.StreamReplacedWait)
+}
+
+func (g *Gateway) onTemporaryBan(e *events.TemporaryBan) {
+	g.stopTimers()
+	stopTimer(&g.retry)
+	g.lc.Disconnect()
+	wait := e.Expire
+	ev := bus.ConnEvent{Kind: bus.ConnTemporaryBan, Code: strconv.Itoa(int(e.Code)), Reason: e.Code.String()}
+	if wait > 0 {
+		exp := g.clock.Now().Add(wait).UTC()
+		ev.ExpiresAt = &exp
+	} else {
+		wait = g.cfg.BanFallbackWait
+	}
+	g.setState(bus.StateBanned, "temporary ban "+ev.Code)
+	g.publish(ev)
+	g.log.Error("temporarily banned by WhatsApp; waiting for the ban to expire", "code", ev.Code, "reason", ev.Reason, "retry_in", wait)
+	g.scheduleRetry(wait)
+}
+
+func (g *Gateway) onClientOutdated() {
+	g.stopTimers()
+	stopTimer(&g.retry)
+	g.lc.Disconnect()
+	g.setState(bus.StateOutdated, "client outdated")
+	g.publish(bus.ConnEvent{Kind: bus.ConnClientOutdated})
+	g.log.Error("WhatsApp rejects this client version; not retrying. Update blacksky (whatsmeow) and restart")
+}
+
+func (g *Gateway) onKeepAliveTimeout(e *events.KeepAliveTimeout) {
+	g.publish(bus.ConnEvent{Kind: bus.ConnKeepaliveTimeout, Attempt: e.ErrorCount,
+		Reason: fmt.Sprintf("%d keepalive ping(s) unanswered", e.ErrorCount)})
+	silent := g.clock.Since(e.LastSuccess)
+	g.log.Warn("keepalive timeout", "errors", e.ErrorCount, "since_last_success", silent.Round(time.Second))
+	// whatsmeow forces a reconnect after this long only when its own
+	// auto-reconnect is on; ours is, so we do it.
+	if !e.LastSuccess.IsZero() && silent > g.cfg.KeepaliveMaxFail {
+		g.fail(fmt.Sprintf("no keepalive answer for %s", silent.Round(time.Second)))
+	}
+}
+
+// setState moves the state machine, keeping the connection bookkeeping in
+// one place: leaving "connected" notes when we went offline and resets the
+// attempt counter if the connection had been stable.
+func (g *Gateway) setState(state, reason string) {
+	now := g.clock.Now()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	old := g.st.state
+	if old == bus.StateConnected && state != bus.StateConnected {
+		if now.Sub(g.st.connectedSince) >= g.cfg.StableAfter {
+			g.st.attempt = 0
+		}
+		g.st.offlineSince = now
+		g.st.connectedSince = time.Time{}
+	}
+	if state == bus.StateConnected && old != bus.StateConnected {
+		g.st.connectedSince = now
+	}
+	if state != bus.StatePairing {
+		g.st.qrCode, g.st.qrExpires, g.st.pairCode = "", time.Time{}, ""
+	}
+	if reason != "" {
+		g.st.lastDisconnect = reason
+	}
+	g.st.state = state
+}
+
+func (g *Gateway) attempt() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.st.attempt
+}
+
+// stopTimers stops the QR and watchdog timers (not the retry timer).
+func (g *Gateway) stopTimers() {
+	stopTimer(&g.qrTimer)
+	stopTimer(&g.watch)
+	g.qrCodes = nil
+}
+
+func stopTimer(t *clockwork.Timer) {
+	if *t != nil {
+		(*t).Stop()
+		*t = nil
+	}
+}
+
+// timerC is t's channel, or nil (never ready) when no timer is armed.
+func timerC(t clockwork.Timer) <-chan time.Time {
+	if t == nil {
+		return nil
+	}
+	return t.Chan()
+}
+

@@ -1,0 +1,37 @@
+package wa
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+
+	waLog "go.mau.fi/whatsmeow/util/log"
+)
+
+// slogLogger adapts slog to whatsmeow's five-method logger.
+type slogLogger struct {
+	l      *slog.Logger
+	module string
+}
+
+var _ waLog.Logger = slogLogger{}
+
+// NewLogger returns a whatsmeow logger writing to l.
+func NewLogger(l *slog.Logger) waLog.Logger { return slogLogger{l: l, module: "whatsmeow"} }
+
+func (s slogLogger) logf(level slog.Level, msg string, args []any) {
+	ctx := context.Background()
+	if !s.l.Enabled(ctx, level) {
+		return // spare the Sprintf of whatsmeow's chatty debug lines
+	}
+	s.l.Log(ctx, level, fmt.Sprintf(msg, args...), "module", s.module)
+}
+
+func (s slogLogger) Errorf(msg string, args ...any) { s.logf(slog.LevelError, msg, args) }
+func (s slogLogger) Warnf(msg string, args ...any)  { s.logf(slog.LevelWarn, msg, args) }
+func (s slogLogger) Infof(msg string, args ...any)  { s.logf(slog.LevelInfo, msg, args) }
+func (s slogLogger) Debugf(msg string, args ...any) { s.logf(slog.LevelDebug, msg, args) }
+
+func (s slogLogger) Sub(module string) waLog.Logger {
+	return slogLogger{l: s.l, module: s.module + "/" + module}
+}
