@@ -1,0 +1,85 @@
+// Package backup keeps the WhatsApp session safe: River snapshot jobs into
+// PostgreSQL or SQLite, restore before the gateway opens its store, and one
+// lease per session so two instances never share it.
+package backup
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Snapshot is one stored snapshot's metadata (the payload is fetched apart:
+// it can be large).
+type Snapshot struct {
+	ID          int64
+	SessionID   string
+	CreatedAt   time.Time
+	Reason      string
+	SHA256      string // of the plain session database
+	SizeBytes   int64  // plain size
+	StoredBytes int64  // payload size
+	Format      string
+}
+
+// NewSnapshot is a snapshot to insert.
+type NewSnapshot struct {
+	SessionID   string
+	CreatedAt   time.Time
+	Reason      string
+	SHA256      string
+	SizeBytes   int64
+	StoredBytes int64
+	Format      string
+	Payload     []byte
+}
+
+// Lease says who holds a session and until when.
+type Lease struct {
+	SessionID  string
+	Holder     string
+	AcquiredAt time.Time
+	ExpiresAt  time.Time
+}
+
+// TxHook runs inside the transaction that inserts a snapshot; tx is the
+// driver's native transaction (pgx.Tx or *sql.Tx). The River worker uses it
+// to complete its job in the same transaction as the row.
+type TxHook func(ctx context.Context, tx any) error
+
+// ErrNotFound is returned for a snapshot id that does not exist.
+var ErrNotFound = errors.New("snapshot not found")
+
+// Store keeps snapshots and leases. Implementations: postgres and sqlite,
+// both checked by the storetest suite.
+type Store interface {
+	// Kind is "postgres" or "sqlite".
+	Kind() string
+	// Migrate creates or upgrades our tables and River's; idempotent and safe
+	// to run from two processes at once.
+	Migrate(ctx context.Context) error
+	// InsertSnapshot inserts s and runs hook (when not nil) in the same
+	// transaction; nothing is stored unless both succeed.
+	InsertSnapshot(ctx context.Context, s NewSnapshot, hook TxHook) (int64, error)
+	// Latest returns the newest snapshot of session, or nil when none.
+	Latest(ctx context.Context, session string) (*Snapshot, error)
+	// List returns up to limit snapshots of session, newest first.
+	List(ctx context.Context, session string, limit int) ([]Snapshot, error)
+	// Payload returns a snapshot's stored bytes, or ErrNotFound.
+	Payload(ctx context.Context, id int64) ([]byte, error)
+	// Prune deletes all but the newest keep snapshots of session.
+	Prune(ctx context.Context, session string, keep int) (int64, error)
+
+	// AcquireLease takes or renews the lease for holder until now+ttl when it
+	// is free, expired or already holder's. It always returns the lease as it
+	// stands after the attempt, and whether holder has it.
+	AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (Lease, bool, error)
+	// ReleaseLease frees the lease if holder has it.
+	ReleaseLease(ctx context.Context, session, holder string) error
+
+	// NewQueue builds the River client on this database.
+	NewQueue(cfg QueueConfig) (Queue, error)
+	// Ping checks the database answers.
+	Ping(ctx context.Context) error
+	Close()
+}

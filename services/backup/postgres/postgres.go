@@ -1,0 +1,248 @@
+// Package postgres is the backup Store on PostgreSQL (pgx pool), with River
+// through riverpgxv5.
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/internal/sqltext"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+)
+
+var _ backup.Store = (*Store)(nil)
+
+// Options configure Open.
+type Options struct {
+	URL      string
+	MaxConns int
+	// Heroku makes sslmode default to require: its postgres:// URLs name no
+	// sslmode, but the server refuses plaintext.
+	Heroku bool
+}
+
+// Store keeps snapshots and leases in PostgreSQL.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+// Open connects and pings; the error never shows the URL's password.
+func Open(ctx context.Context, opts Options) (*Store, error) {
+	raw, err := withSSLMode(opts.URL, opts.Heroku)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := pgxpool.ParseConfig(raw)
+	if err != nil {
+		return nil, errors.New("DATABASE_URL: not a valid PostgreSQL URL")
+	}
+	if opts.MaxConns > 0 {
+		cfg.MaxConns = int32(opts.MaxConns)
+	}
+	cfg.ConnConfig.ConnectTimeout = 5 * time.Second
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: %w", err)
+	}
+	s := &Store{pool: pool}
+	if err := s.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// withSSLMode adds sslmode=require on Heroku when the URL names none.
+func withSSLMode(raw string, heroku bool) (string, error) {
+	if !heroku {
+		return raw, nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "", errors.New("DATABASE_URL: not a valid URL")
+	}
+	q := u.Query()
+	if q.Get("sslmode") == "" {
+		q.Set("sslmode", "require")
+		u.RawQuery = q.Encode()
+	}
+	return u.String(), nil
+}
+
+// Pool is the connection pool (River UI uses it).
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// Kind is "postgres".
+func (s *Store) Kind() string { return "postgres" }
+
+// Ping checks the server answers.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("postgres ping: %w", err)
+	}
+	return nil
+}
+
+// Close closes the pool.
+func (s *Store) Close() { s.pool.Close() }
+
+// migrationLock serialises migrations of concurrent processes (a release
+// phase and a starting dyno).
+const migrationLock = 0x626b736b // "bksk"
+
+// Migrate runs River's migrations and ours under an advisory lock.
+func (s *Store) Migrate(ctx context.Context) error {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	defer conn.Release()
+	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1)`, migrationLock); err != nil {
+		return fmt.Errorf("migrate: lock: %w", err)
+	}
+	defer func() {
+		_, _ = conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, migrationLock)
+	}()
+	if err := backup.MigrateRiver(ctx, riverpgxv5.New(s.pool)); err != nil {
+		return err
+	}
+	if _, err := conn.Exec(ctx, sqltext.CreateMigrations); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	rows, err := conn.Query(ctx, sqltext.AppliedVersions)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	applied, err := pgx.CollectRows(rows, pgx.RowTo[int])
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	done := map[int]bool{}
+	for _, v := range applied {
+		done[v] = true
+	}
+	for _, m := range sqltext.PostgresMigrations {
+		if done[m.Version] {
+			continue
+		}
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			for _, q := range m.SQL {
+				if _, err := tx.Exec(ctx, q); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
+		}
+	}
+	return nil
+}
+
+// InsertSnapshot inserts the row and runs hook in one transaction.
+func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+	var id int64
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		err := tx.QueryRow(ctx, sqltext.InsertSnapshot, n.SessionID, n.CreatedAt.UTC(), n.Reason, n.SHA256,
+			n.SizeBytes, n.StoredBytes, n.Format, n.Payload).Scan(&id)
+		if err != nil {
+			return err
+		}
+		if hook != nil {
+			return hook(ctx, tx)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("insert snapshot: %w", err)
+	}
+	return id, nil
+}
+
+// Latest returns the newest snapshot or nil.
+func (s *Store) Latest(ctx context.Context, session string) (*backup.Snapshot, error) {
+	list, err := s.List(ctx, session, 1)
+	if err != nil || len(list) == 0 {
+		return nil, err
+	}
+	return &list[0], nil
+}
+
+// List returns snapshots newest first.
+func (s *Store) List(ctx context.Context, session string, limit int) ([]backup.Snapshot, error) {
+	rows, err := s.pool.Query(ctx, sqltext.ListSnapshots, session, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	list, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (backup.Snapshot, error) {
+		var sn backup.Snapshot
+		err := r.Scan(&sn.ID, &sn.SessionID, &sn.CreatedAt, &sn.Reason, &sn.SHA256, &sn.SizeBytes, &sn.StoredBytes, &sn.Format)
+		sn.CreatedAt = sn.CreatedAt.UTC()
+		return sn, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	return list, nil
+}
+
+// Payload returns the stored bytes of id.
+func (s *Store) Payload(ctx context.Context, id int64) ([]byte, error) {
+	var p []byte
+	err := s.pool.QueryRow(ctx, sqltext.SnapshotPayload, id).Scan(&p)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, backup.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read snapshot %d: %w", id, err)
+	}
+	return p, nil
+}
+
+// Prune keeps the newest keep snapshots.
+func (s *Store) Prune(ctx context.Context, session string, keep int) (int64, error) {
+	tag, err := s.pool.Exec(ctx, sqltext.PruneSnapshots, session, keep)
+	if err != nil {
+		return 0, fmt.Errorf("prune snapshots: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// AcquireLease takes or renews the lease.
+func (s *Store) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+	if _, err := s.pool.Exec(ctx, sqltext.AcquireLease, session, holder, now.UnixMilli(), now.Add(ttl).UnixMilli()); err != nil {
+		return backup.Lease{}, false, fmt.Errorf("acquire lease: %w", err)
+	}
+	l := backup.Lease{SessionID: session}
+	var acq, exp int64
+	err := s.pool.QueryRow(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &exp)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return l, false, nil // released between the two statements: try again
+	}
+	if err != nil {
+		return backup.Lease{}, false, fmt.Errorf("read lease: %w", err)
+	}
+	l.AcquiredAt, l.ExpiresAt = time.UnixMilli(acq).UTC(), time.UnixMilli(exp).UTC()
+	return l, l.Holder == holder && l.ExpiresAt.After(now), nil
+}
+
+// ReleaseLease frees holder's lease.
+func (s *Store) ReleaseLease(ctx context.Context, session, holder string) error {
+	if _, err := s.pool.Exec(ctx, sqltext.ReleaseLease, session, holder); err != nil {
+		return fmt.Errorf("release lease: %w", err)
+	}
+	return nil
+}
+
+// NewQueue builds River on this pool.
+func (s *Store) NewQueue(cfg backup.QueueConfig) (backup.Queue, error) {
+	return backup.NewRiverQueue(riverpgxv5.New(s.pool), cfg)
+}

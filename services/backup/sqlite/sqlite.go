@@ -1,0 +1,227 @@
+// Package sqlite is the backup Store on an embedded SQLite database
+// (modernc, pure Go), with River through riversqlite: the zero-infrastructure
+// default when DATABASE_URL is empty.
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/internal/sqltext"
+	"github.com/riverqueue/river/riverdriver/riversqlite"
+	_ "modernc.org/sqlite" // the "sqlite" database/sql driver
+)
+
+var _ backup.Store = (*Store)(nil)
+
+// Store keeps snapshots and leases in one SQLite file.
+type Store struct {
+	db *sql.DB
+}
+
+// Open opens (creating) the database at path: WAL, a busy timeout, and one
+// connection, since SQLite has one writer and River shares the pool.
+func Open(ctx context.Context, path string) (*Store, error) {
+	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() +
+		"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)"
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	}
+	db.SetMaxOpenConns(1)
+	s := &Store{db: db}
+	if err := s.Ping(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// DB is the database handle.
+func (s *Store) DB() *sql.DB { return s.db }
+
+// Kind is "sqlite".
+func (s *Store) Kind() string { return "sqlite" }
+
+// Ping checks the file opens.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.db.PingContext(ctx); err != nil {
+		return fmt.Errorf("sqlite: %w", err)
+	}
+	return nil
+}
+
+// Close closes the database.
+func (s *Store) Close() { _ = s.db.Close() }
+
+// Migrate runs River's migrations and ours.
+func (s *Store) Migrate(ctx context.Context) error {
+	if err := backup.MigrateRiver(ctx, riversqlite.New(s.db)); err != nil {
+		return err
+	}
+	if _, err := s.db.ExecContext(ctx, sqltext.CreateMigrations); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	done := map[int]bool{}
+	rows, err := s.db.QueryContext(ctx, sqltext.AppliedVersions)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	for rows.Next() {
+		var v int
+		if err := rows.Scan(&v); err != nil {
+			rows.Close()
+			return fmt.Errorf("migrate: %w", err)
+		}
+		done[v] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	for _, m := range sqltext.SQLiteMigrations {
+		if done[m.Version] {
+			continue
+		}
+		err := s.inTx(ctx, func(tx *sql.Tx) error {
+			for _, q := range m.SQL {
+				if _, err := tx.ExecContext(ctx, q); err != nil {
+					return err
+				}
+			}
+			_, err := tx.ExecContext(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
+		}
+	}
+	return nil
+}
+
+func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// InsertSnapshot inserts the row and runs hook in one transaction.
+func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+	var id int64
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, sqltext.InsertSnapshot, n.SessionID, n.CreatedAt.UTC(), n.Reason, n.SHA256,
+			n.SizeBytes, n.StoredBytes, n.Format, n.Payload).Scan(&id)
+		if err != nil {
+			return err
+		}
+		if hook != nil {
+			return hook(ctx, tx)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("insert snapshot: %w", err)
+	}
+	return id, nil
+}
+
+// Latest returns the newest snapshot or nil.
+func (s *Store) Latest(ctx context.Context, session string) (*backup.Snapshot, error) {
+	list, err := s.List(ctx, session, 1)
+	if err != nil || len(list) == 0 {
+		return nil, err
+	}
+	return &list[0], nil
+}
+
+// List returns snapshots newest first.
+func (s *Store) List(ctx context.Context, session string, limit int) ([]backup.Snapshot, error) {
+	rows, err := s.db.QueryContext(ctx, sqltext.ListSnapshots, session, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	defer rows.Close()
+	var list []backup.Snapshot
+	for rows.Next() {
+		var sn backup.Snapshot
+		if err := rows.Scan(&sn.ID, &sn.SessionID, &sn.CreatedAt, &sn.Reason, &sn.SHA256, &sn.SizeBytes, &sn.StoredBytes, &sn.Format); err != nil {
+			return nil, fmt.Errorf("list snapshots: %w", err)
+		}
+		sn.CreatedAt = sn.CreatedAt.UTC()
+		list = append(list, sn)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	return list, nil
+}
+
+// Payload returns the stored bytes of id.
+func (s *Store) Payload(ctx context.Context, id int64) ([]byte, error) {
+	var p []byte
+	err := s.db.QueryRowContext(ctx, sqltext.SnapshotPayload, id).Scan(&p)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, backup.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read snapshot %d: %w", id, err)
+	}
+	return p, nil
+}
+
+// Prune keeps the newest keep snapshots.
+func (s *Store) Prune(ctx context.Context, session string, keep int) (int64, error) {
+	res, err := s.db.ExecContext(ctx, sqltext.PruneSnapshots, session, keep)
+	if err != nil {
+		return 0, fmt.Errorf("prune snapshots: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	return n, nil
+}
+
+// AcquireLease takes or renews the lease.
+func (s *Store) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+	l := backup.Lease{SessionID: session}
+	var acq, exp int64
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, sqltext.AcquireLease, session, holder, now.UnixMilli(), now.Add(ttl).UnixMilli()); err != nil {
+			return err
+		}
+		return tx.QueryRowContext(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &exp)
+	})
+	if err != nil {
+		return backup.Lease{}, false, fmt.Errorf("acquire lease: %w", err)
+	}
+	l.AcquiredAt, l.ExpiresAt = time.UnixMilli(acq).UTC(), time.UnixMilli(exp).UTC()
+	return l, l.Holder == holder && l.ExpiresAt.After(now), nil
+}
+
+// ReleaseLease frees holder's lease.
+func (s *Store) ReleaseLease(ctx context.Context, session, holder string) error {
+	if _, err := s.db.ExecContext(ctx, sqltext.ReleaseLease, session, holder); err != nil {
+		return fmt.Errorf("release lease: %w", err)
+	}
+	return nil
+}
+
+// NewQueue builds River on this database.
+func (s *Store) NewQueue(cfg backup.QueueConfig) (backup.Queue, error) {
+	if cfg.PollInterval == 0 {
+		// No LISTEN/NOTIFY in SQLite: local inserts wake the producer, but a
+		// job inserted by another process (blacksky backup-now goes over NATS,
+		// so rarely) is found by polling.
+		cfg.PollInterval = time.Second
+	}
+	return backup.NewRiverQueue(riversqlite.New(s.db), cfg)
+}

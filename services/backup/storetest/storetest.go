@@ -1,0 +1,271 @@
+// Package storetest is the one conformance suite every backup.Store must
+// pass; the postgres and sqlite packages run it against real databases.
+package storetest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/services/backup"
+)
+
+// Open returns a fresh, empty, migrated-or-not store for one test.
+type Open func(t *testing.T) backup.Store
+
+// Run runs every conformance test.
+func Run(t *testing.T, open Open) {
+	t.Helper()
+	tests := []struct {
+		name string
+		fn   func(*testing.T, backup.Store)
+	}{
+		{"MigrateIdempotent", testMigrateIdempotent},
+		{"InsertListPayload", testInsertListPayload},
+		{"HookFailureRollsBack", testHookFailureRollsBack},
+		{"CancelledInsertLeavesNoRow", testCancelledInsert},
+		{"Prune", testPrune},
+		{"SessionsApart", testSessionsApart},
+		{"LeaseExclusive", testLeaseExclusive},
+		{"LeaseRace", testLeaseRace},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := open(t)
+			t.Cleanup(s.Close)
+			ctx := context.Background()
+			if err := s.Migrate(ctx); err != nil {
+				t.Fatalf("migrate: %v", err)
+			}
+			tc.fn(t, s)
+		})
+	}
+}
+
+func snap(session string, n int, at time.Time) backup.NewSnapshot {
+	payload := bytes.Repeat([]byte{byte(n)}, 100+n)
+	return backup.NewSnapshot{SessionID: session, CreatedAt: at, Reason: "manual",
+		SHA256: fmt.Sprintf("%064x", n), SizeBytes: int64(1000 + n), StoredBytes: int64(len(payload)),
+		Format: "bsnap/1", Payload: payload}
+}
+
+var t0 = time.Date(2026, 11, 26, 12, 0, 0, 123_000_000, time.UTC)
+
+func testMigrateIdempotent(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	for i := range 2 {
+		if err := s.Migrate(ctx); err != nil {
+			t.Fatalf("migrate again (%d): %v", i, err)
+		}
+	}
+	if _, err := s.InsertSnapshot(ctx, snap("s", 1, t0), nil); err != nil {
+		t.Fatalf("insert after migrations: %v", err)
+	}
+	if err := s.Migrate(ctx); err != nil {
+		t.Fatalf("migrate with data: %v", err)
+	}
+	if l, _ := s.List(ctx, "s", 10); len(l) != 1 {
+		t.Fatalf("migrate lost data: %d rows", len(l))
+	}
+}
+
+func testInsertListPayload(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	if l, err := s.Latest(ctx, "s"); err != nil || l != nil {
+		t.Fatalf("latest of empty = %v, %v; want nil, nil", l, err)
+	}
+	var ids []int64
+	for i := 1; i <= 3; i++ {
+		id, err := s.InsertSnapshot(ctx, snap("s", i, t0.Add(time.Duration(i)*time.Minute)), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if !(ids[0] < ids[1] && ids[1] < ids[2]) {
+		t.Fatalf("ids not increasing: %v", ids)
+	}
+	list, err := s.List(ctx, "s", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 3 || list[0].ID != ids[2] || list[2].ID != ids[0] {
+		t.Fatalf("list = %+v; want newest first %v", list, ids)
+	}
+	want := snap("s", 3, t0.Add(3*time.Minute))
+	got := list[0]
+	if got.SessionID != "s" || got.Reason != want.Reason || got.SHA256 != want.SHA256 || got.SizeBytes != want.SizeBytes ||
+		got.StoredBytes != want.StoredBytes || got.Format != want.Format || !got.CreatedAt.Equal(want.CreatedAt) {
+		t.Fatalf("row = %+v; want %+v", got, want)
+	}
+	latest, err := s.Latest(ctx, "s")
+	if err != nil || latest == nil || latest.ID != ids[2] {
+		t.Fatalf("latest = %+v, %v", latest, err)
+	}
+	p, err := s.Payload(ctx, ids[1])
+	if err != nil || !bytes.Equal(p, snap("s", 2, t0).Payload) {
+		t.Fatalf("payload = %d bytes, %v", len(p), err)
+	}
+	if _, err := s.Payload(ctx, ids[2]+1000); !errors.Is(err, backup.ErrNotFound) {
+		t.Fatalf("missing payload err = %v; want ErrNotFound", err)
+	}
+	if l, _ := s.List(ctx, "s", 2); len(l) != 2 {
+		t.Fatalf("limit 2 gave %d", len(l))
+	}
+}
+
+func testHookFailureRollsBack(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	boom := errors.New("boom")
+	var sawTx bool
+	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, tx any) error {
+		sawTx = tx != nil
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("err = %v; want the hook's", err)
+	}
+	if !sawTx {
+		t.Fatal("hook got no transaction")
+	}
+	if l, _ := s.List(ctx, "s", 10); len(l) != 0 {
+		t.Fatalf("rolled-back insert left %d rows", len(l))
+	}
+}
+
+// testCancelledInsert is the crash case: the context dies while the
+// transaction is open (the process is killed mid-snapshot).
+func testCancelledInsert(t *testing.T, s backup.Store) {
+	ctx, cancel := context.WithCancel(context.Background())
+	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, tx any) error {
+		cancel()
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	if err == nil {
+		t.Fatal("cancelled insert succeeded")
+	}
+	if l, err := s.List(context.Background(), "s", 10); err != nil || len(l) != 0 {
+		t.Fatalf("cancelled insert left %d rows (%v)", len(l), err)
+	}
+}
+
+func testPrune(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	var ids []int64
+	for i := 1; i <= 5; i++ {
+		id, err := s.InsertSnapshot(ctx, snap("s", i, t0), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	n, err := s.Prune(ctx, "s", 2)
+	if err != nil || n != 3 {
+		t.Fatalf("prune = %d, %v; want 3", n, err)
+	}
+	list, _ := s.List(ctx, "s", 10)
+	if len(list) != 2 || list[0].ID != ids[4] || list[1].ID != ids[3] {
+		t.Fatalf("after prune: %+v", list)
+	}
+}
+
+func testSessionsApart(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	for i := 1; i <= 3; i++ {
+		if _, err := s.InsertSnapshot(ctx, snap("a", i, t0), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.InsertSnapshot(ctx, snap("b", 9, t0), nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prune(ctx, "a", 1); err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := s.List(ctx, "b", 10); len(l) != 1 {
+		t.Fatalf("prune of a touched b: %d rows", len(l))
+	}
+	if l, _ := s.Latest(ctx, "b"); l == nil || l.SHA256 != fmt.Sprintf("%064x", 9) {
+		t.Fatalf("latest of b = %+v", l)
+	}
+}
+
+func testLeaseExclusive(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	ttl := time.Minute
+	l, ok, err := s.AcquireLease(ctx, "s", "one", t0, ttl)
+	if err != nil || !ok || l.Holder != "one" || !l.ExpiresAt.Equal(t0.Add(ttl).Truncate(time.Millisecond)) {
+		t.Fatalf("first acquire = %+v %v %v", l, ok, err)
+	}
+	l, ok, err = s.AcquireLease(ctx, "s", "two", t0.Add(30*time.Second), ttl)
+	if err != nil || ok || l.Holder != "one" {
+		t.Fatalf("second holder got %+v %v %v; want refused, held by one", l, ok, err)
+	}
+	// Renewal by the holder moves the expiry but keeps the acquisition time.
+	l, ok, err = s.AcquireLease(ctx, "s", "one", t0.Add(40*time.Second), ttl)
+	if err != nil || !ok || !l.AcquiredAt.Equal(t0.Truncate(time.Millisecond)) || !l.ExpiresAt.Equal(t0.Add(100*time.Second).Truncate(time.Millisecond)) {
+		t.Fatalf("renew = %+v %v %v", l, ok, err)
+	}
+	// Expired: another holder takes over.
+	l, ok, err = s.AcquireLease(ctx, "s", "two", t0.Add(101*time.Second), ttl)
+	if err != nil || !ok || l.Holder != "two" {
+		t.Fatalf("takeover after expiry = %+v %v %v", l, ok, err)
+	}
+	// Release by a non-holder does nothing; by the holder frees it.
+	if err := s.ReleaseLease(ctx, "s", "one"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := s.AcquireLease(ctx, "s", "one", t0.Add(102*time.Second), ttl); ok {
+		t.Fatal("release by a non-holder freed the lease")
+	}
+	if err := s.ReleaseLease(ctx, "s", "two"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := s.AcquireLease(ctx, "s", "one", t0.Add(103*time.Second), ttl); !ok || err != nil {
+		t.Fatalf("acquire after release = %v %v", ok, err)
+	}
+	// Another session's lease is independent.
+	if _, ok, err := s.AcquireLease(ctx, "other", "two", t0.Add(103*time.Second), ttl); !ok || err != nil {
+		t.Fatalf("other session = %v %v", ok, err)
+	}
+}
+
+// testLeaseRace: many contenders at the same instant, exactly one wins.
+func testLeaseRace(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	const n = 8
+	var wg sync.WaitGroup
+	won := make(chan string, n)
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Go(func() {
+			holder := fmt.Sprintf("h%d", i)
+			_, ok, err := s.AcquireLease(ctx, "race", holder, t0, time.Minute)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if ok {
+				won <- holder
+			}
+		})
+	}
+	wg.Wait()
+	close(won)
+	close(errs)
+	for err := range errs {
+		t.Errorf("acquire: %v", err)
+	}
+	var winners []string
+	for w := range won {
+		winners = append(winners, w)
+	}
+	if len(winners) != 1 {
+		t.Fatalf("winners = %v; want exactly one", winners)
+	}
+}
