@@ -1,0 +1,920 @@
+package deploy
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/compose-spec/compose-go/v2/cli"
+	"github.com/compose-spec/compose-go/v2/dotenv"
+	"github.com/compose-spec/compose-go/v2/graph"
+	"github.com/compose-spec/compose-go/v2/types"
+	"go.yaml.in/yaml/v4"
+
+	"github.com/blacksky-md/blacksky/shared/config"
+)
+
+// root is the repository root: the tests run in deploy/.
+const root = ".."
+
+func readFile(t *testing.T, rel string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, rel))
+	if err != nil {
+		t.Fatalf("read %s: %v", rel, err)
+	}
+	return b
+}
+
+func mustVar(t *testing.T, name string) config.Var {
+	t.Helper()
+	v, ok := config.Lookup(name)
+	if !ok {
+		t.Fatalf("%s is not in config.Vars", name)
+	}
+	return v
+}
+
+// genSecret is what Heroku's "secret" generator makes: 64 hex characters.
+func genSecret(t *testing.T) string {
+	t.Helper()
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// envFunc turns a map into config.Getenv.
+func envFunc(m map[string]string) config.Getenv {
+	return func(k string) string { return m[k] }
+}
+
+func TestGeneratedFilesUpToDate(t *testing.T) {
+	for _, g := range Generated {
+		t.Run(g.Path, func(t *testing.T) {
+			want, err := g.Render()
+			if err != nil {
+				t.Fatalf("render: %v", err)
+			}
+			if got := readFile(t, g.Path); !bytes.Equal(got, want) {
+				t.Errorf("%s differs from what shared/config.Vars gives: run `go run ./deploy/gen`", g.Path)
+			}
+		})
+	}
+}
+
+// envExampleLines reads .env.example: live NAME=value lines through
+// compose's own dotenv parser, and the commented "#NAME=value" defaults.
+func envExampleLines(t *testing.T) (live, commented map[string]string) {
+	t.Helper()
+	raw := readFile(t, ".env.example")
+	live, err := dotenv.ParseWithLookup(bytes.NewReader(raw), func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatalf("docker compose cannot parse .env.example: %v", err)
+	}
+	commented = map[string]string{}
+	for _, line := range strings.Split(string(raw), "\n") {
+		rest, ok := strings.CutPrefix(line, "#")
+		if !ok {
+			continue
+		}
+		name, value, ok := strings.Cut(rest, "=")
+		if !ok || name == "" || strings.ContainsAny(name, " \t") || strings.ToUpper(name) != name {
+			continue
+		}
+		if _, dup := commented[name]; dup {
+			t.Errorf(".env.example: %s appears twice", name)
+		}
+		commented[name] = value
+	}
+	return live, commented
+}
+
+func TestEnvExampleListsEveryVariable(t *testing.T) {
+	live, commented := envExampleLines(t)
+	for name := range live {
+		if _, ok := commented[name]; ok {
+			t.Errorf(".env.example: %s is both set and commented out", name)
+		}
+	}
+	seen := map[string]bool{}
+	for name := range live {
+		seen[name] = true
+	}
+	for name := range commented {
+		seen[name] = true
+	}
+	for name := range seen {
+		if _, ok := config.Lookup(name); !ok {
+			t.Errorf(".env.example: %s is not a variable BLACKSKY-MD reads (shared/config.Vars)", name)
+		}
+	}
+	for _, v := range config.Vars {
+		if !seen[v.Name] {
+			t.Errorf(".env.example: %s is missing", v.Name)
+		}
+	}
+	// The live lines are exactly the secrets compose requires, left empty:
+	// a real secret must never be committed.
+	var liveNames []string
+	for name, value := range live {
+		liveNames = append(liveNames, name)
+		if value != "" {
+			t.Errorf(".env.example: %s has a value; secrets must be empty in the example", name)
+		}
+	}
+	slices.Sort(liveNames)
+	wantLive := slices.Sorted(slices.Values(ComposeRequired))
+	if !slices.Equal(liveNames, wantLive) {
+		t.Errorf(".env.example live lines = %v, want the compose-required secrets %v", liveNames, wantLive)
+	}
+	for name, value := range commented {
+		v, ok := config.Lookup(name)
+		if !ok {
+			continue
+		}
+		want := v.Default
+		if _, fixed := composeFixedValue(name); !fixed {
+			want = composeDefault(v)
+		}
+		if value != want {
+			t.Errorf(".env.example: #%s=%s, want the default %q", name, value, want)
+		}
+	}
+}
+
+// loadCompose loads docker-compose.yml the way `docker compose` does, with
+// env as the variables of .env.
+func loadCompose(t *testing.T, env map[string]string) (*types.Project, error) {
+	t.Helper()
+	var list []string
+	for k, v := range env {
+		list = append(list, k+"="+v)
+	}
+	opts, err := cli.NewProjectOptions(
+		[]string{filepath.Join(root, "docker-compose.yml")},
+		cli.WithWorkingDirectory(root),
+		cli.WithEnv(list),
+	)
+	if err != nil {
+		t.Fatalf("compose options: %v", err)
+	}
+	return opts.LoadProject(context.Background())
+}
+
+// secretsEnv is a filled-in .env: the three required secrets.
+func secretsEnv(t *testing.T) map[string]string {
+	t.Helper()
+	env := map[string]string{}
+	for _, name := range ComposeRequired {
+		env[name] = genSecret(t)
+	}
+	return env
+}
+
+func mustLoadCompose(t *testing.T, env map[string]string) *types.Project {
+	t.Helper()
+	p, err := loadCompose(t, env)
+	if err != nil {
+		t.Fatalf("docker compose would refuse docker-compose.yml: %v", err)
+	}
+	return p
+}
+
+// serviceEnv is a service's resolved environment.
+func serviceEnv(t *testing.T, s types.ServiceConfig) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for k, v := range s.Environment {
+		if v == nil {
+			t.Errorf("service %s: %s has no value (it would come from the host environment)", s.Name, k)
+			continue
+		}
+		out[k] = *v
+	}
+	return out
+}
+
+var blackskyServices = []string{"gateway", "backup", "health"}
+
+func TestComposeTopology(t *testing.T) {
+	p := mustLoadCompose(t, secretsEnv(t))
+
+	names := p.ServiceNames()
+	if want := []string{"backup", "gateway", "health", "postgres"}; !slices.Equal(names, want) {
+		t.Fatalf("services = %v, want %v", names, want)
+	}
+
+	tests := []struct {
+		service   string
+		command   []string
+		dependsOn map[string]string // service -> condition
+		volumes   map[string]string // named volume -> target
+	}{
+		{"postgres", nil, nil, map[string]string{"pgdata": "/var/lib/postgresql/data"}},
+		{"backup", []string{"blacksky", "backup"}, map[string]string{"postgres": types.ServiceConditionHealthy}, map[string]string{"data": "/data"}},
+		{"gateway", []string{"blacksky", "gateway"}, map[string]string{"postgres": types.ServiceConditionHealthy, "backup": types.ServiceConditionStarted}, map[string]string{"data": "/data"}},
+		{"health", []string{"blacksky", "health"}, map[string]string{"gateway": types.ServiceConditionStarted}, map[string]string{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.service, func(t *testing.T) {
+			s := p.Services[tt.service]
+			if tt.command != nil && !slices.Equal([]string(s.Command), tt.command) {
+				t.Errorf("command = %q, want %q", s.Command, tt.command)
+			}
+			deps := map[string]string{}
+			for name, d := range s.DependsOn {
+				deps[name] = d.Condition
+			}
+			if tt.dependsOn == nil {
+				tt.dependsOn = map[string]string{}
+			}
+			if fmt.Sprint(deps) != fmt.Sprint(tt.dependsOn) {
+				t.Errorf("depends_on = %v, want %v", deps, tt.dependsOn)
+			}
+			vols := map[string]string{}
+			for _, v := range s.Volumes {
+				if v.Type != types.VolumeTypeVolume {
+					t.Errorf("volume %s:%s is a %s, want a named volume", v.Source, v.Target, v.Type)
+				}
+				vols[v.Source] = v.Target
+				if _, ok := p.Volumes[v.Source]; !ok {
+					t.Errorf("volume %s is not declared at the top level", v.Source)
+				}
+			}
+			if fmt.Sprint(vols) != fmt.Sprint(tt.volumes) {
+				t.Errorf("volumes = %v, want %v", vols, tt.volumes)
+			}
+			if s.Restart != types.RestartPolicyUnlessStopped {
+				t.Errorf("restart = %q, want %q", s.Restart, types.RestartPolicyUnlessStopped)
+			}
+		})
+	}
+
+	// The three roles run the same image, built from this repository's
+	// Dockerfile.
+	for _, name := range blackskyServices {
+		s := p.Services[name]
+		if s.Image != p.Services["gateway"].Image || s.Image == "" {
+			t.Errorf("%s image = %q, want the gateway's %q", name, s.Image, p.Services["gateway"].Image)
+		}
+		if s.Build == nil || filepath.Clean(s.Build.Context) != mustAbs(t, root) {
+			t.Errorf("%s must build the repository's Dockerfile, got %+v", name, s.Build)
+		}
+	}
+}
+
+func mustAbs(t *testing.T, p string) string {
+	t.Helper()
+	a, err := filepath.Abs(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Clean(a)
+}
+
+func TestComposeHealthchecks(t *testing.T) {
+	p := mustLoadCompose(t, secretsEnv(t))
+	pg := p.Services["postgres"].HealthCheck
+	if pg == nil || pg.Disable || !slices.Contains([]string(pg.Test), "pg_isready") {
+		t.Errorf("postgres healthcheck = %+v, want pg_isready", pg)
+	}
+	h := p.Services["health"].HealthCheck
+	if h == nil || h.Disable || !slices.Equal([]string(h.Test), []string{"CMD", "blacksky", "healthcheck"}) {
+		t.Errorf("health healthcheck = %+v, want [CMD blacksky healthcheck]", h)
+	}
+	// gateway and backup serve no HTTP: the image's HEALTHCHECK (which asks
+	// /healthz on $PORT) would mark them unhealthy for ever.
+	for _, name := range []string{"gateway", "backup"} {
+		if hc := p.Services[name].HealthCheck; hc == nil || !hc.Disable {
+			t.Errorf("%s healthcheck = %+v, want disabled", name, hc)
+		}
+	}
+}
+
+func TestComposeStopOrder(t *testing.T) {
+	p := mustLoadCompose(t, secretsEnv(t))
+	// docker compose stops services in reverse dependency order; walk the
+	// graph the way compose-go's graph package (which compose uses) does.
+	var mu sync.Mutex
+	var order []string
+	err := graph.InDependencyOrder(context.Background(), p, func(_ context.Context, name string, _ types.ServiceConfig) error {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, name)
+		return nil
+	}, graph.InReverseOrder, graph.WithMaxConcurrency(1))
+	if err != nil {
+		t.Fatalf("stop order: %v", err)
+	}
+	want := []string{"health", "gateway", "backup", "postgres"}
+	if !slices.Equal(order, want) {
+		t.Errorf("stop order = %v, want %v: the gateway must close its socket before backup takes the shutdown snapshot", order, want)
+	}
+
+	// Each blacksky service gets longer than SHUTDOWN_TIMEOUT before SIGKILL.
+	for _, name := range blackskyServices {
+		s := p.Services[name]
+		env := serviceEnv(t, s)
+		shutdown, err := time.ParseDuration(env["SHUTDOWN_TIMEOUT"])
+		if err != nil {
+			t.Fatalf("%s SHUTDOWN_TIMEOUT: %v", name, err)
+		}
+		if s.StopGracePeriod == nil || time.Duration(*s.StopGracePeriod) < shutdown+3*time.Second {
+			t.Errorf("%s stop_grace_period = %v, want at least SHUTDOWN_TIMEOUT (%s) + 3s", name, s.StopGracePeriod, shutdown)
+		}
+	}
+}
+
+func TestComposeEnvironment(t *testing.T) {
+	secrets := secretsEnv(t)
+	p := mustLoadCompose(t, secrets)
+	for _, name := range blackskyServices {
+		t.Run(name, func(t *testing.T) {
+			env := serviceEnv(t, p.Services[name])
+			fixed := ComposeFixed[name]
+			for k := range env {
+				if _, ok := config.Lookup(k); !ok {
+					t.Errorf("%s is not a variable BLACKSKY-MD reads (shared/config.Vars)", k)
+				}
+			}
+			for _, v := range config.Vars {
+				got, ok := env[v.Name]
+				_, fixedHere := fixed[v.Name]
+				_, fixedElsewhere := composeFixedValue(v.Name)
+				switch {
+				case fixedHere:
+					if got != fixed[v.Name] {
+						t.Errorf("%s = %q, want %q", v.Name, got, fixed[v.Name])
+					}
+				case fixedElsewhere:
+					// NATS_LISTEN on backup, NATS_URL on the gateway: absent,
+					// so the role's own default applies.
+					if ok {
+						t.Errorf("%s = %q is set, but only another role may set it", v.Name, got)
+					}
+				case isComposeRequired(v.Name):
+					if got != secrets[v.Name] {
+						t.Errorf("%s does not come from .env", v.Name)
+					}
+				case !ok:
+					t.Errorf("%s is missing: .env could not set it", v.Name)
+				case got != composeDefault(v):
+					t.Errorf("%s defaults to %q, want %q", v.Name, got, composeDefault(v))
+				}
+			}
+			// The environment is a valid configuration for the binary.
+			cfg, err := config.Load(envFunc(env))
+			if err != nil {
+				t.Fatalf("blacksky %s would exit 2: %v", name, err)
+			}
+			if !cfg.Production {
+				t.Errorf("compose should run in production mode")
+			}
+			if err := cfg.RequireDatabase(); err != nil {
+				t.Errorf("RequireDatabase: %v", err)
+			}
+		})
+	}
+
+	// The NATS wiring: backup and health reach the gateway's listener.
+	gw := serviceEnv(t, p.Services["gateway"])
+	_, listenPort, err := net.SplitHostPort(gw["NATS_LISTEN"])
+	if err != nil {
+		t.Fatalf("gateway NATS_LISTEN: %v", err)
+	}
+	if err := config.ValidateListen(gw["NATS_LISTEN"], gw["NATS_TOKEN"]); err != nil {
+		t.Errorf("gateway NATS_LISTEN: %v", err)
+	}
+	for _, name := range []string{"backup", "health"} {
+		env := serviceEnv(t, p.Services[name])
+		u, err := url.Parse(env["NATS_URL"])
+		if err != nil {
+			t.Fatalf("%s NATS_URL: %v", name, err)
+		}
+		if u.Scheme != "nats" || u.Hostname() != "gateway" || u.Port() != listenPort {
+			t.Errorf("%s NATS_URL = %s, want nats://gateway:%s", name, env["NATS_URL"], listenPort)
+		}
+		if env["NATS_TOKEN"] != gw["NATS_TOKEN"] {
+			t.Errorf("%s NATS_TOKEN differs from the gateway's", name)
+		}
+	}
+
+	// DATABASE_URL points at the postgres service with its credentials.
+	pg := serviceEnv(t, p.Services["postgres"])
+	for _, name := range []string{"gateway", "backup"} {
+		u, err := url.Parse(serviceEnv(t, p.Services[name])["DATABASE_URL"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		pw, _ := u.User.Password()
+		if u.Hostname() != "postgres" || u.User.Username() != pg["POSTGRES_USER"] || pw != pg["POSTGRES_PASSWORD"] || strings.TrimPrefix(u.Path, "/") != pg["POSTGRES_DB"] {
+			t.Errorf("%s DATABASE_URL does not match the postgres service", name)
+		}
+	}
+
+	// health publishes $PORT, the port it listens on.
+	h := p.Services["health"]
+	port := serviceEnv(t, h)["PORT"]
+	if len(h.Ports) != 1 || fmt.Sprint(h.Ports[0].Target) != port || h.Ports[0].Published != port {
+		t.Errorf("health ports = %+v, want %s:%s", h.Ports, port, port)
+	}
+	for _, name := range []string{"postgres", "gateway", "backup"} {
+		if len(p.Services[name].Ports) != 0 {
+			t.Errorf("%s publishes ports %+v; only health should", name, p.Services[name].Ports)
+		}
+	}
+}
+
+func TestComposeEnvFileOverrides(t *testing.T) {
+	env := secretsEnv(t)
+	env["PREFIX"] = "!"
+	env["PORT"] = "9090"
+	env["DATA_DIR"] = "/elsewhere"                 // pinned: the volume is at /data
+	env["NATS_LISTEN"] = "127.0.0.1:1"             // pinned on the gateway
+	env["DATABASE_URL"] = "postgres://x@db:5432/y" // an outside database
+	p := mustLoadCompose(t, env)
+	for _, name := range blackskyServices {
+		got := serviceEnv(t, p.Services[name])
+		if got["PREFIX"] != "!" || got["PORT"] != "9090" {
+			t.Errorf("%s: PREFIX=%q PORT=%q, want .env's ! and 9090", name, got["PREFIX"], got["PORT"])
+		}
+		if got["DATA_DIR"] != "/data" {
+			t.Errorf("%s: DATA_DIR = %q, want /data whatever .env says", name, got["DATA_DIR"])
+		}
+		if got["DATABASE_URL"] != env["DATABASE_URL"] {
+			t.Errorf("%s: DATABASE_URL not taken from .env", name)
+		}
+	}
+	if got := serviceEnv(t, p.Services["gateway"])["NATS_LISTEN"]; got != "0.0.0.0:4222" {
+		t.Errorf("gateway NATS_LISTEN = %q, want 0.0.0.0:4222 whatever .env says", got)
+	}
+	if h := p.Services["health"]; len(h.Ports) != 1 || h.Ports[0].Target != 9090 || h.Ports[0].Published != "9090" {
+		t.Errorf("health ports = %+v, want 9090:9090", h.Ports)
+	}
+}
+
+func TestComposeRequiresSecrets(t *testing.T) {
+	for _, missing := range ComposeRequired {
+		t.Run(missing, func(t *testing.T) {
+			env := secretsEnv(t)
+			delete(env, missing)
+			_, err := loadCompose(t, env)
+			if err == nil {
+				t.Fatalf("docker compose starts without %s", missing)
+			}
+			if !strings.Contains(err.Error(), missing) {
+				t.Errorf("error %q does not name %s", err, missing)
+			}
+		})
+	}
+}
+
+// herokuManifest is the part of heroku.yml the tests read.
+type herokuManifest struct {
+	Setup struct {
+		Addons []struct {
+			Plan string `yaml:"plan"`
+			As   string `yaml:"as"`
+		} `yaml:"addons"`
+		Config map[string]string `yaml:"config"`
+	} `yaml:"setup"`
+	Build struct {
+		Docker map[string]string `yaml:"docker"`
+	} `yaml:"build"`
+	Release struct {
+		Image   string   `yaml:"image"`
+		Command []string `yaml:"command"`
+	} `yaml:"release"`
+	Run map[string]yaml.Node `yaml:"run"`
+}
+
+// commands are the binary's subcommands (CONTRACT section 1).
+var commands = []string{"run", "gateway", "backup", "health", "migrate", "backup-now", "snapshots", "restore", "healthcheck", "version"}
+
+// runCommand reads a heroku.yml run entry: a string, or {command: [...]}.
+func runCommand(t *testing.T, n yaml.Node) string {
+	t.Helper()
+	var s string
+	if err := n.Decode(&s); err == nil {
+		return s
+	}
+	var long struct {
+		Command []string `yaml:"command"`
+		Image   string   `yaml:"image"`
+	}
+	if err := n.Decode(&long); err != nil || len(long.Command) != 1 {
+		t.Fatalf("run entry at line %d: want a command string or {command: [one]}", n.Line)
+	}
+	return long.Command[0]
+}
+
+func checkBlackskyCommand(t *testing.T, where, cmd, want string) {
+	t.Helper()
+	f := strings.Fields(cmd)
+	if len(f) != 2 || f[0] != "blacksky" || !slices.Contains(commands, f[1]) {
+		t.Errorf("%s: %q is not a blacksky command", where, cmd)
+	}
+	if cmd != want {
+		t.Errorf("%s = %q, want %q", where, cmd, want)
+	}
+}
+
+func TestHerokuYML(t *testing.T) {
+	raw := readFile(t, "heroku.yml")
+	var m herokuManifest
+	if err := yaml.Unmarshal(raw, &m); err != nil {
+		t.Fatalf("heroku.yml: %v", err)
+	}
+	if m.Build.Docker["web"] != "Dockerfile" {
+		t.Errorf("build.docker.web = %q, want Dockerfile", m.Build.Docker["web"])
+	}
+	if _, err := os.Stat(filepath.Join(root, m.Build.Docker["web"])); err != nil {
+		t.Errorf("build.docker.web: %v", err)
+	}
+	if m.Release.Image != "web" || len(m.Release.Command) != 1 {
+		t.Errorf("release = %+v, want image web and one command", m.Release)
+	} else {
+		checkBlackskyCommand(t, "release.command", m.Release.Command[0], "blacksky migrate")
+	}
+	// One web dyno holds everything: embedded NATS cannot span dynos.
+	if len(m.Run) != 1 {
+		t.Errorf("run has %d process types, want only web", len(m.Run))
+	}
+	web, ok := m.Run["web"]
+	if !ok {
+		t.Fatal("run.web is missing")
+	}
+	checkBlackskyCommand(t, "run.web", runCommand(t, web), "blacksky run")
+
+	if len(m.Setup.Addons) != 1 || m.Setup.Addons[0].Plan != "heroku-postgresql" {
+		t.Errorf("setup.addons = %+v, want heroku-postgresql", m.Setup.Addons)
+	}
+	for k, v := range m.Setup.Config {
+		mustVar(t, k)
+		if want, ok := HerokuValues[k]; !ok || v != want {
+			t.Errorf("setup.config %s = %q, want app.json's %q", k, v, want)
+		}
+	}
+	if m.Setup.Config["NODE_ENV"] != "production" || m.Setup.Config["HEROKU"] != "true" {
+		t.Errorf("setup.config = %v, want NODE_ENV=production and HEROKU=true", m.Setup.Config)
+	}
+}
+
+// TestHerokuYMLAlternative reads the commented-out split topology: once
+// uncommented it must be valid heroku.yml with three roles and an external
+// NATS_URL mentioned.
+func TestHerokuYMLAlternative(t *testing.T) {
+	raw := string(readFile(t, "heroku.yml"))
+	start := strings.Index(raw, "\n# run:\n")
+	if start < 0 {
+		t.Fatal("heroku.yml: the commented alternative `# run:` block is missing")
+	}
+	var block []string
+	for _, line := range strings.Split(raw[start+1:], "\n") {
+		if line != "#" && !strings.HasPrefix(line, "# ") {
+			break
+		}
+		if line == "#" {
+			break
+		}
+		block = append(block, strings.TrimPrefix(line, "# "))
+	}
+	var alt struct {
+		Run map[string]yaml.Node `yaml:"run"`
+	}
+	if err := yaml.Unmarshal([]byte(strings.Join(block, "\n")), &alt); err != nil {
+		t.Fatalf("the commented alternative is not valid YAML: %v", err)
+	}
+	want := map[string]string{"web": "blacksky health", "gateway": "blacksky gateway", "backup": "blacksky backup"}
+	if len(alt.Run) != len(want) {
+		t.Errorf("alternative run has %d process types, want %d", len(alt.Run), len(want))
+	}
+	for proc, cmd := range want {
+		n, ok := alt.Run[proc]
+		if !ok {
+			t.Errorf("alternative run.%s is missing", proc)
+			continue
+		}
+		checkBlackskyCommand(t, "alternative run."+proc, runCommand(t, n), cmd)
+	}
+	if !strings.Contains(raw, "NATS_URL") {
+		t.Error("the alternative must say the processes need an external NATS_URL")
+	}
+}
+
+// appJSON is app.json as Heroku reads it.
+type appJSON struct {
+	Name        string   `json:"name"`
+	Description string   `json:"description"`
+	Repository  string   `json:"repository"`
+	Stack       string   `json:"stack"`
+	SuccessURL  string   `json:"success_url"`
+	Keywords    []string `json:"keywords"`
+	Formation   map[string]struct {
+		Quantity int    `json:"quantity"`
+		Size     string `json:"size"`
+	} `json:"formation"`
+	Addons []json.RawMessage `json:"addons"`
+	Env    map[string]struct {
+		Description string  `json:"description"`
+		Value       *string `json:"value"`
+		Required    *bool   `json:"required"`
+		Generator   string  `json:"generator"`
+	} `json:"env"`
+}
+
+func loadAppJSON(t *testing.T) appJSON {
+	t.Helper()
+	dec := json.NewDecoder(bytes.NewReader(readFile(t, "app.json")))
+	dec.DisallowUnknownFields()
+	var a appJSON
+	if err := dec.Decode(&a); err != nil {
+		t.Fatalf("app.json: %v", err)
+	}
+	return a
+}
+
+func TestAppJSON(t *testing.T) {
+	a := loadAppJSON(t)
+	if a.Stack != "container" {
+		t.Errorf("stack = %q, want container (heroku.yml builds the Dockerfile)", a.Stack)
+	}
+	if a.SuccessURL != "/pair" {
+		t.Errorf("success_url = %q, want /pair", a.SuccessURL)
+	}
+	// Heroku's limits on the button's manifest.
+	if n := len(a.Name); n < 3 || n > 30 {
+		t.Errorf("name %q: Heroku wants 3 to 30 characters", a.Name)
+	}
+	if len(a.Description) > 140 {
+		t.Errorf("description has %d characters; Heroku allows 140", len(a.Description))
+	}
+	if u, err := url.Parse(a.Repository); err != nil || u.Scheme != "https" || u.Host != "github.com" {
+		t.Errorf("repository = %q, want the GitHub URL", a.Repository)
+	}
+	if len(a.Formation) != 1 || a.Formation["web"].Quantity != 1 || !slices.Contains([]string{"eco", "basic"}, a.Formation["web"].Size) {
+		t.Errorf("formation = %+v, want one web dyno (eco or basic)", a.Formation)
+	}
+	hasPG := false
+	for _, raw := range a.Addons {
+		var plan string
+		var obj struct {
+			Plan string `json:"plan"`
+		}
+		if json.Unmarshal(raw, &plan) != nil && json.Unmarshal(raw, &obj) == nil {
+			plan = obj.Plan
+		}
+		if plan == "heroku-postgresql" || strings.HasPrefix(plan, "heroku-postgresql:") {
+			hasPG = true
+		}
+	}
+	if !hasPG {
+		t.Errorf("addons = %s, want heroku-postgresql", a.Addons)
+	}
+
+	for name := range a.Env {
+		if _, ok := config.Lookup(name); !ok {
+			t.Errorf("env %s is not a variable BLACKSKY-MD reads", name)
+		}
+	}
+	for _, v := range config.Vars {
+		e, ok := a.Env[v.Name]
+		if _, omit := HerokuOmitted[v.Name]; omit {
+			if ok {
+				t.Errorf("env %s must not be in app.json: %s", v.Name, HerokuOmitted[v.Name])
+			}
+			continue
+		}
+		if !ok {
+			t.Errorf("env %s is missing", v.Name)
+			continue
+		}
+		if e.Description == "" {
+			t.Errorf("env %s has no description", v.Name)
+		}
+		if e.Required == nil {
+			t.Errorf("env %s: say required true or false (Heroku's default is true)", v.Name)
+			continue
+		}
+		switch {
+		case e.Generator != "":
+			if e.Generator != "secret" || e.Value != nil {
+				t.Errorf("env %s: generator %q with value %v, want secret alone", v.Name, e.Generator, e.Value)
+			}
+		case e.Value == nil:
+			t.Errorf("env %s has no default value", v.Name)
+		case *e.Required && *e.Value == "":
+			t.Errorf("env %s is required with an empty default: the button would block on it", v.Name)
+		}
+	}
+	for _, name := range []string{"SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN", "NATS_TOKEN"} {
+		if a.Env[name].Generator != "secret" {
+			t.Errorf("env %s: want generator secret", name)
+		}
+		if !mustVar(t, name).Secret {
+			t.Errorf("%s is generated but not marked secret in config.Vars", name)
+		}
+	}
+	for name, want := range HerokuValues {
+		if e := a.Env[name]; e.Value == nil || *e.Value != want {
+			t.Errorf("env %s = %v, want %q", name, e.Value, want)
+		}
+	}
+}
+
+// TestAppJSONBootsOnHeroku builds the environment a new Heroku app gets
+// from the button (app.json values, generated secrets, the add-on's
+// DATABASE_URL, Heroku's PORT and DYNO) and checks the binary accepts it.
+func TestAppJSONBootsOnHeroku(t *testing.T) {
+	a := loadAppJSON(t)
+	env := map[string]string{
+		"DATABASE_URL": "postgres://u1:p4ss@ec2-1-2-3-4.compute-1.amazonaws.com:5432/d5",
+		"PORT":         "31337",
+		"DYNO":         "web.1",
+	}
+	for name, e := range a.Env {
+		switch {
+		case e.Generator == "secret":
+			env[name] = genSecret(t)
+		case e.Value != nil:
+			env[name] = *e.Value
+		}
+	}
+	cfg, err := config.Load(envFunc(env))
+	if err != nil {
+		t.Fatalf("a fresh Heroku app would exit 2: %v", err)
+	}
+	if err := cfg.RequireDatabase(); err != nil {
+		t.Errorf("RequireDatabase: %v", err)
+	}
+	if !cfg.Production || !cfg.Heroku {
+		t.Errorf("Production=%v Heroku=%v, want both", cfg.Production, cfg.Heroku)
+	}
+	if len(cfg.SessionEncryptionKey) != 32 {
+		t.Errorf("the generated SESSION_ENCRYPTION_KEY gives a %d-byte key, want 32", len(cfg.SessionEncryptionKey))
+	}
+	if cfg.HealthToken == "" || cfg.NATSToken == "" {
+		t.Error("HEALTH_TOKEN and NATS_TOKEN must be set by the generator")
+	}
+	if cfg.NATSListen != "" || cfg.NATSURL != "" {
+		t.Errorf("NATS_LISTEN=%q NATS_URL=%q: the web dyno's bus should stay in-process", cfg.NATSListen, cfg.NATSURL)
+	}
+	if cfg.ShutdownTimeout >= 30*time.Second {
+		t.Errorf("SHUTDOWN_TIMEOUT %s: Heroku kills at 30s", cfg.ShutdownTimeout)
+	}
+}
+
+func TestHerokuSecretGeneratorMakesAKey(t *testing.T) {
+	// Heroku's secret generator gives 64 hex characters; ParseKey must take
+	// them as a 32-byte key, in either case.
+	for _, s := range []string{genSecret(t), strings.ToUpper(genSecret(t))} {
+		k, err := config.ParseKey(s)
+		if err != nil || len(k) != 32 {
+			t.Errorf("ParseKey(64 hex) = %d bytes, %v", len(k), err)
+		}
+	}
+}
+
+// mdTable reads the rows of the markdown table whose header names the
+// columns: each row maps a column name to its cell.
+func mdTable(t *testing.T, doc string, columns ...string) []map[string]string {
+	t.Helper()
+	lines := strings.Split(doc, "\n")
+	for i, line := range lines {
+		header := mdCells(line)
+		if len(header) == 0 || !slices.Equal(header, columns) {
+			continue
+		}
+		var rows []map[string]string
+		for _, l := range lines[i+2:] {
+			cells := mdCells(l)
+			if len(cells) == 0 {
+				break
+			}
+			if len(cells) != len(columns) {
+				t.Errorf("table row %q has %d cells, want %d", l, len(cells), len(columns))
+				continue
+			}
+			row := map[string]string{}
+			for j, c := range columns {
+				row[c] = cells[j]
+			}
+			rows = append(rows, row)
+		}
+		return rows
+	}
+	t.Fatalf("no table with columns %v", columns)
+	return nil
+}
+
+func mdCells(line string) []string {
+	line = strings.TrimSpace(line)
+	if !strings.HasPrefix(line, "|") || !strings.HasSuffix(line, "|") {
+		return nil
+	}
+	// Split on | not preceded by a backslash.
+	var cells []string
+	var cur strings.Builder
+	body := line[1 : len(line)-1]
+	for i := 0; i < len(body); i++ {
+		switch {
+		case body[i] == '\\' && i+1 < len(body) && body[i+1] == '|':
+			cur.WriteByte('|')
+			i++
+		case body[i] == '|':
+			cells = append(cells, strings.TrimSpace(cur.String()))
+			cur.Reset()
+		default:
+			cur.WriteByte(body[i])
+		}
+	}
+	return append(cells, strings.TrimSpace(cur.String()))
+}
+
+// checkEnvTable checks a variable table against config.Vars: every
+// variable once, nothing unknown, defaults and descriptions as in the code.
+func checkEnvTable(t *testing.T, doc, file string, columns ...string) {
+	t.Helper()
+	rows := mdTable(t, doc, columns...)
+	seen := map[string]bool{}
+	for _, r := range rows {
+		name := strings.Trim(r["variable"], "`")
+		v, ok := config.Lookup(name)
+		if !ok {
+			t.Errorf("%s: %s is not a variable BLACKSKY-MD reads", file, name)
+			continue
+		}
+		if seen[name] {
+			t.Errorf("%s: %s listed twice", file, name)
+		}
+		seen[name] = true
+		wantDefault := "empty"
+		if v.Default != "" {
+			wantDefault = "`" + v.Default + "`"
+		}
+		if r["default"] != wantDefault {
+			t.Errorf("%s: %s default %s, want %s", file, name, r["default"], wantDefault)
+		}
+		if r["meaning"] != v.Description {
+			t.Errorf("%s: %s meaning %q, want config.Vars' %q", file, name, r["meaning"], v.Description)
+		}
+	}
+	for _, v := range config.Vars {
+		if !seen[v.Name] {
+			t.Errorf("%s: %s is not documented", file, v.Name)
+		}
+	}
+}
+
+func TestDocsEnvTables(t *testing.T) {
+	checkEnvTable(t, string(readFile(t, "docs/environment.md")), "docs/environment.md", "variable", "default", "secret", "meaning")
+	checkEnvTable(t, string(readFile(t, "README.md")), "README.md", "variable", "default", "meaning")
+}
+
+func TestReadmeHasDeployButton(t *testing.T) {
+	button := "https://heroku.com/deploy?template=" + Repository
+	snippet := string(readFile(t, "docs/README-deploy-snippet.md"))
+	if !strings.Contains(snippet, button) {
+		t.Errorf("docs/README-deploy-snippet.md lacks the Deploy to Heroku button (%s)", button)
+	}
+	if !strings.Contains(string(readFile(t, "README.md")), button) {
+		t.Errorf("README.md lacks the Deploy to Heroku button: paste docs/README-deploy-snippet.md into it")
+	}
+}
+
+// TestDocsMentionOnlyKnownVariables: every backticked UPPER_CASE name in
+// the guides is a variable of config.Vars, or one of the few outside names
+// the guides must mention.
+func TestDocsMentionOnlyKnownVariables(t *testing.T) {
+	outside := map[string]bool{
+		"DYNO": true, "GOMEMLIMIT": true, "POSTGRES_USER": true, "POSTGRES_PASSWORD": true,
+		"POSTGRES_DB": true, "TEST_DATABASE_URL": true, "CI": true,
+	}
+	for _, file := range []string{"docs/heroku.md", "docs/docker.md", "docs/README-deploy-snippet.md"} {
+		doc := string(readFile(t, file))
+		parts := strings.Split(doc, "`")
+		for i := 1; i < len(parts); i += 2 { // the backticked spans
+			name, _, _ := strings.Cut(parts[i], "=")
+			if len(name) < 3 || strings.Trim(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789") != "" || strings.Trim(name, "0123456789_") == "" {
+				continue
+			}
+			if _, ok := config.Lookup(name); !ok && !outside[name] {
+				t.Errorf("%s mentions %s, which BLACKSKY-MD does not read", file, name)
+			}
+		}
+	}
+}
