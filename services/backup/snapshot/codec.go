@@ -203,17 +203,21 @@ func PeekMeta(payload []byte) (Meta, error) {
 	return h.meta(len(payload)), nil
 }
 
+// decodeFloor is the smallest output limit given to zstd.
+const decodeFloor = 1 << 20
+
 // decompress inflates exactly one declared size worth of data. WithDecoderMaxMemory makes zstd refuse (before
-// allocating) a frame that claims to be larger than the header said, so a hostile payload cannot make us allocate
-// more than the declared size, itself bounded by MaxPlainSize.
+// allocating) a frame that claims to be larger than the header said, and stop inflating one that does not say, so a
+// hostile payload cannot make us allocate more than the declared size (bounded by MaxPlainSize) or 1 MB.
 func decompress(body []byte, size uint64) ([]byte, error) {
 	if len(body) == 0 {
 		return nil, fmt.Errorf("%w: empty body", ErrCorrupt)
 	}
+	// The limit also caps the window, and zstd may declare a window larger than a tiny input: hence the floor.
+	// The exact length is checked below.
 	dec, err := zstd.NewReader(nil,
 		zstd.WithDecoderConcurrency(1),
-		zstd.WithDecoderMaxMemory(max(size, 1)),
-		zstd.WithDecoderMaxWindow(max(size, zstd.MinWindowSize)))
+		zstd.WithDecoderMaxMemory(max(size, decodeFloor)))
 	if err != nil {
 		return nil, fmt.Errorf("decode snapshot: zstd decoder: %w", err)
 	}

@@ -203,7 +203,7 @@ func TestDecodeRejects(t *testing.T) {
 				key: v.key, want: ErrCorrupt},
 			tc{name: v.label + "/declared size over the limit",
 				payload: edit(v.payload, func(q []byte) { binary.BigEndian.PutUint64(q[offSize:], MaxPlainSize+1); rewriteCRC(q) }),
-				key: v.key, want: ErrCorrupt},
+				key:     v.key, want: ErrCorrupt},
 			tc{name: v.label + "/declared size one less",
 				payload: edit(v.payload, func(q []byte) {
 					binary.BigEndian.PutUint64(q[offSize:], binary.BigEndian.Uint64(q[offSize:])-1)
