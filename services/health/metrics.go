@@ -95,7 +95,6 @@ func (m *metrics) connEvent(kind string) {
 	}
 }
 
-
 func (m *metrics) backupDone(ev bus.BackupDone) {
 	result := "stored"
 	if ev.Unchanged {

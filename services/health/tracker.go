@@ -68,10 +68,13 @@ type Tracker struct {
 	staleAge time.Duration
 	metrics  *metrics
 
-	mu     sync.RWMutex
-	beats  map[string]map[string]*beat // service -> instance -> last beat
-	wa     waState
-	backup backupState
+	mu    sync.RWMutex
+	beats map[string]map[string]*beat // service -> instance -> last beat
+	// handled counts messages by kind ("heartbeat.gateway", "conn", ...), so
+	// tests wait for the one they sent instead of sleeping.
+	handled map[string]int64
+	wa      waState
+	backup  backupState
 }
 
 // forgetAfter drops an instance that has not beaten for this long, so
@@ -89,6 +92,7 @@ func NewTracker(clock clockwork.Clock, interval time.Duration, log *slog.Logger)
 		log:      log,
 		staleAge: bus.StaleAfter * interval,
 		beats:    map[string]map[string]*beat{},
+		handled:  map[string]int64{},
 		wa:       waState{state: StateUnknown},
 	}
 }
@@ -129,11 +133,13 @@ func (t *Tracker) HandleHeartbeat(data []byte) {
 	var hb bus.Heartbeat
 	if err := json.Unmarshal(data, &hb); err != nil || hb.Service == "" {
 		t.log.Debug("ignoring a bad heartbeat", "err", err)
+		t.count("heartbeat")
 		return
 	}
 	now := t.clock.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.handled["heartbeat."+hb.Service]++
 	inst := t.beats[hb.Service]
 	if inst == nil {
 		inst = map[string]*beat{}
@@ -231,6 +237,7 @@ func (t *Tracker) backupBeatLocked(hb bus.Heartbeat) {
 // HandleConn records one P.conn.<kind> event.
 func (t *Tracker) HandleConn(kind string, data []byte) {
 	var ev bus.ConnEvent
+	defer t.count("conn")
 	if err := json.Unmarshal(data, &ev); err != nil {
 		t.log.Debug("ignoring a bad conn event", "kind", kind, "err", err)
 		return
@@ -301,6 +308,18 @@ func (t *Tracker) HandleConn(kind string, data []byte) {
 	}
 }
 
+func (t *Tracker) count(kind string) {
+	t.mu.Lock()
+	t.handled[kind]++
+	t.mu.Unlock()
+}
+
+func (t *Tracker) handledCount(kind string) int64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.handled[kind]
+}
+
 // setStateLocked changes the WhatsApp state; leaving pairing drops the codes
 // (they are useless once linked), logging out drops the JID.
 func (t *Tracker) setStateLocked(state string, now time.Time) {
@@ -330,6 +349,7 @@ func (t *Tracker) setQRLocked(code string, expires *time.Time) {
 // HandleBackupDone records a P.backup.done event.
 func (t *Tracker) HandleBackupDone(data []byte) {
 	var ev bus.BackupDone
+	defer t.count("backup")
 	if err := json.Unmarshal(data, &ev); err != nil {
 		t.log.Debug("ignoring a bad backup.done", "err", err)
 		return
@@ -349,6 +369,7 @@ func (t *Tracker) HandleBackupDone(data []byte) {
 // HandleBackupFailed records a P.backup.failed event.
 func (t *Tracker) HandleBackupFailed(data []byte) {
 	var ev bus.BackupFailed
+	defer t.count("backup")
 	if err := json.Unmarshal(data, &ev); err != nil {
 		t.log.Debug("ignoring a bad backup.failed", "err", err)
 		return
@@ -518,4 +539,3 @@ func (t *Tracker) Ready(req Requirements) (bool, []string) {
 	}
 	return len(reasons) == 0, reasons
 }
-
