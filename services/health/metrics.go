@@ -19,6 +19,8 @@ var waStates = []string{
 	bus.StateStreamReplaced, bus.StateBanned, bus.StateOutdated, bus.StateStopped,
 }
 
+var knownServices = []string{bus.ServiceGateway, bus.ServiceBackup, bus.ServiceHealth}
+
 // metrics is our own registry: nothing registered globally, so tests and a
 // second service in one process never collide.
 type metrics struct {
@@ -156,6 +158,9 @@ func (c *trackerCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range c.t.Services(c.req.Services...) {
+		if !slices.Contains(knownServices, s.Name) {
+			continue // label values come only from our own list
+		}
 		if s.Seen {
 			ch <- prometheus.MustNewConstMetric(descAge, prometheus.GaugeValue, s.Age.Seconds(), s.Name)
 		}

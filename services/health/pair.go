@@ -72,6 +72,7 @@ func (s *Service) pairDoc() PairDoc {
 		d.Mode = "waiting"
 		d.Message = "Waiting for the gateway (WhatsApp is " + humanState(wa.State) + ")."
 	}
+	d.State, d.Message = s.redact(d.State), s.redact(d.Message)
 	return d
 }
 

@@ -91,7 +91,7 @@ func (s *Service) readyz(w http.ResponseWriter, _ *http.Request) {
 	if !ready {
 		code = http.StatusServiceUnavailable
 	}
-	writeJSON(w, code, readyDoc{Ready: ready, Reasons: reasons})
+	writeJSON(w, code, readyDoc{Ready: ready, Reasons: s.redactAll(reasons)})
 }
 
 func (s *Service) index(w http.ResponseWriter, _ *http.Request) {

@@ -99,7 +99,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 		Session:  s.opts.Session,
 		Version:  s.opts.Version,
 		Ready:    ready,
-		Reasons:  reasons,
+		Reasons:  s.redactAll(reasons),
 		UptimeS:  int64(now.Sub(s.started) / time.Second),
 		Detail:   "public",
 		Services: map[string]ServiceDoc{},
@@ -109,18 +109,18 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	}
 	backupState := bus.StateDisabled
 	for _, sv := range s.tracker.Services(s.req.Services...) {
-		sd := ServiceDoc{State: sv.State, Fresh: sv.Fresh, Required: slices.Contains(s.req.Services, sv.Name)}
+		sd := ServiceDoc{State: s.redact(sv.State), Fresh: sv.Fresh, Required: slices.Contains(s.req.Services, sv.Name)}
 		if !sv.Fresh && sv.Seen {
 			sd.State = "stale"
 		}
 		if full && sv.Seen {
 			age := sv.Age.Milliseconds()
-			sd.AgeMS, sd.Instance = &age, sv.Instance
+			sd.AgeMS, sd.Instance = &age, s.redact(sv.Instance)
 			if sv.Others > 0 {
 				sd.Instances = sv.Others + 1
 			}
 		}
-		d.Services[sv.Name] = sd
+		d.Services[s.redact(sv.Name)] = sd
 		if sv.Name == bus.ServiceBackup {
 			backupState = sd.State
 		}
@@ -129,7 +129,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 		backupState = bus.StateDisabled
 	}
 	wa := s.tracker.WhatsApp()
-	d.WhatsApp.State = wa.State
+	d.WhatsApp.State = s.redact(wa.State)
 	d.Backup = BackupDoc{Enabled: s.opts.BackupEnabled, State: backupState}
 	switch {
 	case !ready:
@@ -154,7 +154,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	d.WhatsApp.LastDisconnectAt = wa.LastDiscAt
 	b := s.tracker.Backup()
 	if b.LastID != 0 || b.LastAt != nil {
-		d.Backup.LastSnapshot = &SnapshotDoc{ID: b.LastID, At: b.LastAt, Bytes: b.LastBytes, Reason: b.LastReason}
+		d.Backup.LastSnapshot = &SnapshotDoc{ID: b.LastID, At: b.LastAt, Bytes: b.LastBytes, Reason: s.redact(b.LastReason)}
 	}
 	d.Backup.LastError = s.redact(b.LastErr)
 	d.Backup.LastErrorAt = b.LastErrAt
@@ -162,7 +162,16 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	return d
 }
 
+// redact hides secrets in text that came over the bus: other services'
+// errors and states are not ours to trust.
 func (s *Service) redact(v string) string { return logging.Redact(v, s.opts.Secrets) }
+
+func (s *Service) redactAll(vs []string) []string {
+	for i, v := range vs {
+		vs[i] = s.redact(v)
+	}
+	return vs
+}
 
 // memSamples are read without stopping the world (runtime.ReadMemStats
 // would, on every /status under load).
