@@ -458,4 +458,3 @@ func timerC(t clockwork.Timer) <-chan time.Time {
 	}
 	return t.Chan()
 }
-
