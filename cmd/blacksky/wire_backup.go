@@ -2,28 +2,230 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
 
+	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/postgres"
+	"github.com/blacksky-md/blacksky/services/backup/sqlite"
+	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
 
-// newBackup builds the backup service on nc. (Owned by the backup work.)
+// openStore connects to DATABASE_URL, or the embedded SQLite in DATA_DIR.
+func (a *app) openStore(ctx context.Context) (backup.Store, error) {
+	if a.cfg.DatabaseURL != "" {
+		return postgres.Open(ctx, postgres.Options{URL: a.cfg.DatabaseURL, MaxConns: a.cfg.DatabaseMaxConns, Heroku: a.cfg.Heroku})
+	}
+	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("DATA_DIR: %w", err)
+	}
+	return sqlite.Open(ctx, filepath.Join(a.cfg.DataDir, "blacksky.db"))
+}
+
+// newBackup builds the backup service on nc.
 func (a *app) newBackup(nc *nats.Conn) (runner, error) {
-	return nil, errors.New("backup: not built yet")
+	svc, err := backup.New(backup.Options{
+		Config:   a.cfg,
+		NC:       nc,
+		Log:      a.log,
+		Clock:    a.clock,
+		Instance: a.instance,
+		Open:     a.openStore,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return svc, nil
 }
 
+// cmdMigrate creates or upgrades every table; the Heroku release phase runs it.
 func (m *Main) cmdMigrate(ctx context.Context, args []string) error {
-	return errors.New("migrate: not built yet")
+	if err := parseFlags(m.flags("migrate"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("migrate")
+	if err != nil {
+		return err
+	}
+	if err := a.cfg.RequireDatabase(); err != nil {
+		return err
+	}
+	st, err := a.openStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := st.Migrate(ctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(a.stdout, "migrations applied (%s)\n", st.Kind())
+	return nil
 }
 
+// cmdBackupNow asks the running backup service for a snapshot over NATS.
 func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
-	return errors.New("backup-now: not built yet")
+	fs := m.flags("backup-now")
+	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot ([a-z0-9_-], at most 32)")
+	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the snapshot to be committed")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	body, _ := json.Marshal(bus.BackupRequest{Reason: *reason})
+	if _, err := bus.DecodeBackupRequest(body); err != nil {
+		return &UsageError{Msg: "--reason: " + err.Error()}
+	}
+	if *timeout <= 0 {
+		return &UsageError{Msg: fmt.Sprintf("--timeout: want a positive duration such as 30s, got %s", *timeout)}
+	}
+	a, err := m.setup("backup-now")
+	if err != nil {
+		return err
+	}
+	nc, err := a.clientBus()
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	rctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	subj := bus.NewSubjects(a.cfg.SessionID).BackupRequest()
+	msg, err := nc.RequestWithContext(rctx, subj, body)
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		return fmt.Errorf("backup-now: no backup service answers on %s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)", subj)
+	case errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("backup-now: no reply within %s", *timeout)
+	case err != nil:
+		return fmt.Errorf("backup-now: %w", err)
+	}
+	fmt.Fprintln(a.stdout, string(msg.Data))
+	var rep bus.BackupReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return fmt.Errorf("backup-now: bad reply: %w", err)
+	}
+	if !rep.OK {
+		return fmt.Errorf("backup-now: %s", rep.Error)
+	}
+	return nil
 }
 
+// cmdSnapshots lists stored snapshots, newest first.
 func (m *Main) cmdSnapshots(ctx context.Context, args []string) error {
-	return errors.New("snapshots: not built yet")
+	if err := parseFlags(m.flags("snapshots"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("snapshots")
+	if err != nil {
+		return err
+	}
+	local := backup.Local{Dir: filepath.Join(a.cfg.DataDir, "backups")}
+	files, err := local.List()
+	if err != nil {
+		return err
+	}
+	localSHA := map[string]bool{}
+	for _, f := range files {
+		localSHA[f.SHA256] = true
+	}
+	var list []backup.Snapshot
+	st, err := a.openStore(ctx)
+	if err != nil {
+		fmt.Fprintf(m.Stderr, "database unreachable (%v); showing the local fallback only\n", err)
+	} else {
+		defer st.Close()
+		if err := st.Migrate(ctx); err != nil {
+			return err
+		}
+		if list, err = st.List(ctx, a.cfg.SessionID, 100000); err != nil {
+			return err
+		}
+	}
+	tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tTAKEN AT\tREASON\tSIZE\tSTORED\tSHA256\tWHERE")
+	inDB := map[string]bool{}
+	for _, s := range list {
+		where := "database"
+		if localSHA[s.SHA256] {
+			where = "database+local"
+		}
+		inDB[s.SHA256] = true
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.CreatedAt.UTC().Format(time.RFC3339), s.Reason,
+			humanBytes(s.SizeBytes), humanBytes(s.StoredBytes), prefix(s.SHA256), where)
+	}
+	for _, f := range files {
+		if inDB[f.SHA256] {
+			continue
+		}
+		size := int64(0)
+		if fi, err := os.Stat(f.Path); err == nil {
+			size = fi.Size()
+		}
+		fmt.Fprintf(tw, "-\t%s\t%s\t-\t%s\t%s\tlocal\n", f.CreatedAt.Format(time.RFC3339), f.Reason, humanBytes(size), prefix(f.SHA256))
+	}
+	return tw.Flush()
 }
 
+func prefix(sha string) string { return sha[:min(12, len(sha))] }
+
+func humanBytes(n int64) string {
+	switch {
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// cmdRestore writes a snapshot into the session path.
 func (m *Main) cmdRestore(ctx context.Context, args []string) error {
-	return errors.New("restore: not built yet")
+	fs := m.flags("restore")
+	id := fs.Int64("id", 0, "database snapshot id (default: the newest that verifies)")
+	force := fs.Bool("force", false, "overwrite an existing session store")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *id < 0 {
+		return &UsageError{Msg: fmt.Sprintf("--id: want a snapshot id from blacksky snapshots, got %d", *id)}
+	}
+	a, err := m.setup("restore")
+	if err != nil {
+		return err
+	}
+	sessionPath := filepath.Join(a.cfg.DataDir, "session.db")
+	if _, err := os.Stat(sessionPath); err == nil && !*force {
+		return fmt.Errorf("restore: %s exists; stop the bot and pass --force to replace it", sessionPath)
+	}
+	r := &backup.Restorer{Session: a.cfg.SessionID, SessionPath: sessionPath,
+		Local: backup.Local{Dir: filepath.Join(a.cfg.DataDir, "backups")}, TmpDir: a.cfg.DataDir,
+		Key: a.cfg.SessionEncryptionKey, Log: a.log}
+	st, err := a.openStore(ctx)
+	switch {
+	case err != nil && *id != 0:
+		return fmt.Errorf("restore --id %d needs the database: %w", *id, err)
+	case err != nil:
+		a.log.Warn("database unreachable; restoring from the local fallback", "err", err)
+	default:
+		defer st.Close()
+		if err := st.Migrate(ctx); err != nil {
+			return err
+		}
+		r.Store = st
+	}
+	res, err := r.Restore(ctx, *id)
+	if err != nil {
+		return err
+	}
+	if !res.Restored {
+		return errors.New("restore: no snapshot verifies; nothing written")
+	}
+	out, _ := json.Marshal(bus.RestoreReply{OK: true, Restored: true, Source: res.Source, SnapshotID: res.SnapshotID})
+	fmt.Fprintln(a.stdout, string(out))
+	return nil
 }

@@ -1,0 +1,106 @@
+package backup
+
+import (
+	"sync"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+// outcome is what one snapshot run produced, handed to the requests it covers.
+type outcome struct {
+	Ref    bus.SnapshotRef
+	Stored int64
+	JobID  int64
+	Err    error
+}
+
+// coalescer decides which snapshot covers which request.
+//
+// Every snapshot run takes a read number (1, 2, ...) just before it reads the
+// store. A request that arrives when reads == n is covered by the first run
+// with a read number above n: that run reads the store after the request came.
+// All requests arriving before the next read share one job (gen n), so a burst
+// costs one snapshot, plus at most one more for requests that came while the
+// first was already reading. Runs are serialised, so read numbers end in order.
+type coalescer struct {
+	mu      sync.Mutex
+	reads   int64
+	queued  map[string]int64 // reason -> gen of a job enqueued and not yet read
+	waiters []*waiter
+}
+
+type waiter struct {
+	after int64
+	ch    chan outcome // buffered 1
+}
+
+func newCoalescer() *coalescer {
+	return &coalescer{queued: map[string]int64{}}
+}
+
+// add registers a request. w is nil when no reply is wanted. enqueue tells
+// the caller to insert a job for (reason, gen): none is pending yet.
+func (c *coalescer) add(reason string, wantReply bool) (w *waiter, gen int64, enqueue bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	gen = c.reads
+	if wantReply {
+		w = &waiter{after: gen, ch: make(chan outcome, 1)}
+		c.waiters = append(c.waiters, w)
+	}
+	if g, ok := c.queued[reason]; !ok || g != gen {
+		c.queued[reason] = gen
+		enqueue = true
+	}
+	return w, gen, enqueue
+}
+
+// enqueueFailed answers the requests that relied on job (reason, gen).
+func (c *coalescer) enqueueFailed(reason string, gen int64, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if g, ok := c.queued[reason]; ok && g == gen {
+		delete(c.queued, reason)
+	}
+	c.resolveLocked(func(w *waiter) bool { return w.after == gen }, outcome{Err: err})
+}
+
+// beginRead is called by a run just before it reads the store.
+func (c *coalescer) beginRead() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reads++
+	return c.reads
+}
+
+// finish answers every request covered by run n.
+func (c *coalescer) finish(n int64, o outcome) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.resolveLocked(func(w *waiter) bool { return w.after < n }, o)
+}
+
+// remove forgets a waiter that gave up (timeout or shutdown).
+func (c *coalescer) remove(w *waiter) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, x := range c.waiters {
+		if x == w {
+			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
+			return
+		}
+	}
+}
+
+func (c *coalescer) resolveLocked(match func(*waiter) bool, o outcome) {
+	kept := c.waiters[:0]
+	for _, w := range c.waiters {
+		if match(w) {
+			w.ch <- o
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	clear(c.waiters[len(kept):])
+	c.waiters = kept
+}

@@ -1,0 +1,210 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
+	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+// Restorer puts a verified snapshot back into the session path.
+type Restorer struct {
+	Store       Store // nil: local fallback only (database unreachable)
+	Session     string
+	SessionPath string
+	Local       Local
+	TmpDir      string
+	Key         []byte
+	Log         *slog.Logger
+}
+
+// RestoreResult says what a restore did.
+type RestoreResult struct {
+	Restored   bool
+	Source     string // bus.SourceDatabase, SourceLocal, SourceNone, SourceExisting
+	SnapshotID int64  // database id, when from the database
+	SHA256     string
+}
+
+// ErrKey is a restore refused because of SESSION_ENCRYPTION_KEY.
+var ErrKey = errors.New("restore refused: check SESSION_ENCRYPTION_KEY")
+
+// candidate is a snapshot to try, from the database or the fallback.
+type candidate struct {
+	at     time.Time
+	id     int64 // database
+	path   string
+	source string
+	sha    string
+}
+
+func (c candidate) String() string {
+	if c.source == bus.SourceDatabase {
+		return fmt.Sprintf("database snapshot %d", c.id)
+	}
+	return "local snapshot " + c.path
+}
+
+// candidates lists the database's snapshots and the fallback's, newest
+// first: after an outage the local one may be newer than the database's, and
+// restoring an older store than the last used breaks Signal sessions.
+func (r *Restorer) candidates(ctx context.Context) ([]candidate, error) {
+	var out []candidate
+	if r.Store != nil {
+		list, err := r.Store.List(ctx, r.Session, 1000)
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range list {
+			out = append(out, candidate{at: s.CreatedAt, id: s.ID, source: bus.SourceDatabase, sha: s.SHA256})
+		}
+	}
+	files, err := r.Local.List()
+	if err != nil {
+		r.Log.Warn("local fallback unreadable", "err", err)
+	}
+	for _, f := range files {
+		out = append(out, candidate{at: f.CreatedAt, path: f.Path, source: bus.SourceLocal, sha: f.SHA256})
+	}
+	// Newest first; at equal times the database copy first.
+	slices.SortStableFunc(out, func(a, b candidate) int { return b.at.Compare(a.at) })
+	return out, nil
+}
+
+// NeedsRestore reports whether the session store must be restored: it is
+// missing, fails integrity_check, or has no device while a snapshot exists.
+func (r *Restorer) NeedsRestore(ctx context.Context) (bool, string, error) {
+	if _, err := os.Stat(r.SessionPath); errors.Is(err, fs.ErrNotExist) {
+		return true, "session store missing", nil
+	} else if err != nil {
+		return false, "", fmt.Errorf("session store: %w", err)
+	}
+	if err := snapshot.Check(ctx, r.SessionPath); err != nil {
+		return true, "session store fails integrity_check", nil
+	}
+	has, err := snapshot.HasDevice(ctx, r.SessionPath)
+	if err != nil {
+		return true, "session store unreadable", nil
+	}
+	if has {
+		return false, "", nil
+	}
+	cands, err := r.candidates(ctx)
+	if err != nil {
+		return false, "", err
+	}
+	if len(cands) > 0 {
+		return true, "session store has no linked device but a snapshot exists", nil
+	}
+	return false, "", nil
+}
+
+// RestoreOnStart restores when NeedsRestore says so.
+func (r *Restorer) RestoreOnStart(ctx context.Context) (RestoreResult, error) {
+	need, why, err := r.NeedsRestore(ctx)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	if !need {
+		return RestoreResult{Source: bus.SourceExisting}, nil
+	}
+	r.Log.Info("restoring session store", "why", why)
+	return r.Restore(ctx, 0)
+}
+
+// Restore writes the newest snapshot that verifies (or snapshot id, when not
+// zero) into the session path. Damaged snapshots are skipped with a warning;
+// a key problem stops everything and nothing is written.
+func (r *Restorer) Restore(ctx context.Context, id int64) (RestoreResult, error) {
+	cands, err := r.candidates(ctx)
+	if err != nil {
+		return RestoreResult{}, fmt.Errorf("list snapshots: %w", err)
+	}
+	if id != 0 {
+		cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.source != bus.SourceDatabase || c.id != id })
+		if len(cands) == 0 {
+			return RestoreResult{}, fmt.Errorf("snapshot %d: %w", id, ErrNotFound)
+		}
+	}
+	for _, c := range cands {
+		plain, err := r.load(ctx, c)
+		if err != nil {
+			if isKeyErr(err) {
+				return RestoreResult{}, fmt.Errorf("%s: %w (%w)", c, ErrKey, err)
+			}
+			r.Log.Warn("skipping snapshot that does not verify", "snapshot", c.String(), "err", err)
+			continue
+		}
+		if err := r.write(plain); err != nil {
+			return RestoreResult{}, err
+		}
+		r.Log.Info("session store restored", "snapshot", c.String(), "bytes", len(plain))
+		return RestoreResult{Restored: true, Source: c.source, SnapshotID: c.id, SHA256: c.sha}, nil
+	}
+	if id != 0 {
+		return RestoreResult{}, fmt.Errorf("snapshot %d does not verify; nothing written", id)
+	}
+	r.Log.Warn("no snapshot to restore; the gateway will start unlinked", "tried", len(cands))
+	return RestoreResult{Source: bus.SourceNone}, nil
+}
+
+func isKeyErr(err error) bool {
+	return errors.Is(err, snapshot.ErrWrongKey) || errors.Is(err, snapshot.ErrNeedKey) || errors.Is(err, snapshot.ErrBadKey)
+}
+
+// load fetches, decodes and verifies one candidate.
+func (r *Restorer) load(ctx context.Context, c candidate) ([]byte, error) {
+	var payload []byte
+	var err error
+	if c.source == bus.SourceDatabase {
+		payload, err = r.Store.Payload(ctx, c.id)
+	} else {
+		payload, err = os.ReadFile(c.path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	plain, _, err := snapshot.Decode(payload, r.Key)
+	if err != nil {
+		return nil, err
+	}
+	has, err := snapshot.Verify(ctx, plain, r.TmpDir)
+	if err != nil {
+		return nil, err
+	}
+	if !has {
+		return nil, errors.New("snapshot holds no linked device")
+	}
+	return plain, nil
+}
+
+// write replaces the session store. The old file is kept aside as
+// session.db.replaced, and its WAL files are removed: SQLite would otherwise
+// replay the old WAL into the restored database.
+func (r *Restorer) write(plain []byte) error {
+	if err := os.MkdirAll(filepath.Dir(r.SessionPath), 0o700); err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	if _, err := os.Stat(r.SessionPath); err == nil {
+		if err := os.Rename(r.SessionPath, r.SessionPath+".replaced"); err != nil {
+			return fmt.Errorf("restore: keep old store: %w", err)
+		}
+	}
+	for _, side := range []string{"-wal", "-shm", "-journal"} {
+		if err := os.Remove(r.SessionPath + side); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("restore: %w", err)
+		}
+	}
+	if err := snapshot.WriteFileAtomic(r.SessionPath, plain, 0o600); err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	return nil
+}
