@@ -1,0 +1,158 @@
+package gateway
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"go.mau.fi/whatsmeow/types"
+	"go.mau.fi/whatsmeow/types/events"
+)
+
+func TestParseRecipient(t *testing.T) {
+	tests := []struct {
+		in   string
+		want string // "" means rejected
+	}{
+		{"15551234567", "15551234567@s.whatsapp.net"},
+		{"+1 555 123-4567", "15551234567@s.whatsapp.net"},
+		{"  447700900123 ", "447700900123@s.whatsapp.net"},
+		{"15551234567@s.whatsapp.net", "15551234567@s.whatsapp.net"},
+		{"15551234567:12@s.whatsapp.net", "15551234567@s.whatsapp.net"},
+		{"123456789012345@lid", "123456789012345@lid"},
+		{"120363025246125486@g.us", "120363025246125486@g.us"},
+		{"15551234567-1600000000@g.us", "15551234567-1600000000@g.us"},
+		{"120363144038483540@newsletter", "120363144038483540@newsletter"},
+		{"", ""},
+		{"123456", ""},               // too short
+		{"1234567890123456", ""},     // too long
+		{"0555123456", ""},           // national form
+		{"abc", ""},                  // not digits
+		{"alice@s.whatsapp.net", ""}, // user not a number
+		{"15551234567@example.com", ""},
+		{"status@broadcast", ""},
+		{"@s.whatsapp.net", ""},
+		{"1@2@s.whatsapp.net", ""},
+		{"1.2.3@s.whatsapp.net", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			got, err := ParseRecipient(tt.in)
+			switch {
+			case tt.want == "" && err == nil:
+				t.Fatalf("ParseRecipient(%q) = %s, want an error", tt.in, got)
+			case tt.want != "" && err != nil:
+				t.Fatalf("ParseRecipient(%q): %v", tt.in, err)
+			case tt.want != "" && got.String() != tt.want:
+				t.Fatalf("ParseRecipient(%q) = %s, want %s", tt.in, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestMsgSend(t *testing.T) {
+	h := start(t, func(c *Config, _ *fakeConn) { c.SendBurst = 2; c.SendRate = 1.0 / 60 })
+	h.rec.next(t, bus.ConnConnecting)
+
+	notConnected := h.request(`{"to":"15551234567","text":"hi"}`)
+	if notConnected.OK || !strings.Contains(notConnected.Error, "not connected") {
+		t.Fatalf("before login: %+v", notConnected)
+	}
+	h.conn.emit(&events.Connected{})
+	h.rec.next(t, bus.ConnConnected)
+
+	tests := []struct {
+		name, body, wantErr string
+	}{
+		{"bad JSON", `{"to":`, "bad JSON"},
+		{"not an object", `"hello"`, "JSON object"},
+		{"unknown field", `{"to":"15551234567","text":"x","media":"y"}`, "unknown field"},
+		{"missing text", `{"to":"15551234567"}`, `"text" is required`},
+		{"unknown recipient form", `{"to":"bob","text":"x"}`, "unknown recipient form"},
+		{"group JID with letters", `{"to":"abc@g.us","text":"x"}`, "unknown recipient form"},
+		{"success", `{"to":"+1 555 123 4567","text":"hello"}`, ""},
+		{"success by JID", `{"to":"120363025246125486@g.us","text":"hi all"}`, ""},
+		{"rate limited", `{"to":"15551234567","text":"third"}`, "rate limited"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := h.request(tt.body)
+			if tt.wantErr != "" {
+				if r.OK || !strings.Contains(r.Error, tt.wantErr) {
+					t.Fatalf("reply = %+v, want error containing %q", r, tt.wantErr)
+				}
+				return
+			}
+			if !r.OK || r.ID == "" || r.Timestamp == nil || !r.Timestamp.Equal(t0.Add(time.Minute)) {
+				t.Fatalf("reply = %+v, want ok with id and timestamp", r)
+			}
+		})
+	}
+	sent := h.conn.sentMsgs()
+	if len(sent) != 2 || sent[0].To != types.NewJID("15551234567", types.DefaultUserServer) || sent[0].Text != "hello" ||
+		sent[1].To.Server != types.GroupServer {
+		t.Fatalf("sent = %+v", sent)
+	}
+	// The bucket refills with time (the fake clock).
+	h.advance(time.Minute)
+	if r := h.request(`{"to":"15551234567","text":"later"}`); !r.OK {
+		t.Fatalf("after a minute: %+v", r)
+	}
+}
+
+func TestMsgSendFailureIsReported(t *testing.T) {
+	h := start(t, func(_ *Config, c *fakeConn) { c.sendErr = errDial })
+	h.connected()
+	r := h.request(`{"to":"15551234567","text":"hello"}`)
+	if r.OK || !strings.Contains(r.Error, "send failed") {
+		t.Fatalf("reply = %+v", r)
+	}
+}
+
+// A send in flight when the gateway stops is cut short and answered; Run
+// waits for it before closing the store.
+func TestStopWaitsForSends(t *testing.T) {
+	h := start(t)
+	h.connected()
+	h.conn.mu.Lock()
+	h.conn.sendStarted, h.conn.sendRelease = make(chan struct{}, 1), make(chan struct{})
+	h.conn.mu.Unlock()
+	replies := make(chan bus.MsgSendReply, 1)
+	go func() { replies <- h.request(`{"to":"15551234567","text":"slow"}`) }()
+	<-h.conn.sendStarted
+	h.shutdown()
+	r := <-replies
+	if r.OK || !strings.Contains(r.Error, "context canceled") {
+		t.Fatalf("reply = %+v", r)
+	}
+	if c := h.conn.get(func(f *fakeConn) int { return f.closes }); c != 1 {
+		t.Fatalf("closes = %d", c)
+	}
+}
+
+func TestMsgIn(t *testing.T) {
+	h := start(t)
+	h.connected()
+	lid := types.NewJID("987654321", types.HiddenUserServer)
+	lid.Device = 3
+	group := types.NewJID("120363025246125486", types.GroupServer)
+	e := &events.Message{
+		Info: types.MessageInfo{
+			MessageSource: types.MessageSource{Chat: group, Sender: lid, IsGroup: true},
+			ID:            "3EB0C0FFEE",
+			PushName:      "Ada",
+			Timestamp:     t0.Add(-time.Second),
+		},
+		Message: textProto("hello group"),
+	}
+	h.conn.emit(e)
+	waitFor(t, 5*time.Second, "msg.in", func() bool { return len(on[bus.MsgIn](h.rec, h.subj.MsgIn())) == 1 })
+	got := on[bus.MsgIn](h.rec, h.subj.MsgIn())[0]
+	want := bus.MsgIn{ID: "3EB0C0FFEE", Chat: group.String(), Sender: "987654321@lid", PushName: "Ada",
+		Timestamp: t0.Add(-time.Second), Type: "text", Text: "hello group"}
+	want.Stamp("Test-Bot", t0)
+	if got != want {
+		t.Fatalf("msg.in = %+v\nwant %+v", got, want)
+	}
+}
