@@ -1,0 +1,181 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+func TestHealthcheck(t *testing.T) {
+	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/healthz" {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	}))
+	defer ok.Close()
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	defer down.Close()
+	closed := httptest.NewServer(http.NotFoundHandler())
+	closedURL := closed.URL
+	closed.Close()
+	okPort := ok.Listener.Addr().(*net.TCPAddr).Port
+
+	tests := []struct {
+		name string
+		env  map[string]string
+		args []string
+		code int
+		out  string
+	}{
+		{"default url from PORT", map[string]string{"PORT": strconv.Itoa(okPort)}, nil, 0, "ok"},
+		{"--url answers 200", nil, []string{"--url", ok.URL + "/healthz"}, 0, "ok"},
+		{"unrelated bad env is ignored", map[string]string{"SEND_RATE": "fast", "PORT": strconv.Itoa(okPort)}, nil, 0, "ok"},
+		{"bad PORT falls back, --url wins", map[string]string{"PORT": "not-a-port"}, []string{"--url", ok.URL + "/healthz"}, 0, "ok"},
+		{"503 fails", nil, []string{"--url", down.URL + "/healthz"}, 1, "503"},
+		{"404 fails", nil, []string{"--url", ok.URL + "/nope"}, 1, "404"},
+		{"nothing listening fails", nil, []string{"--url", closedURL + "/healthz"}, 1, "healthcheck"},
+		{"not a URL is a usage error", nil, []string{"--url", "ftp://x"}, 2, "--url"},
+		{"credentials in the URL are not echoed", nil, []string{"--url", "http://u:hunter2@" + strings.TrimPrefix(closedURL, "http://") + "/healthz"}, 1, "xxxxx"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"healthcheck", "--timeout", "5s"}, tt.args...)
+			code, stdout, stderr := runMain(t, context.Background(), tt.env, args...)
+			if code != tt.code || !strings.Contains(stdout+stderr, tt.out) {
+				t.Fatalf("exit %d (want %d), output %q (want %q)", code, tt.code, stdout+stderr, tt.out)
+			}
+			if strings.Contains(stdout+stderr, "hunter2") {
+				t.Fatal("a password was printed")
+			}
+		})
+	}
+}
+
+// TestHealthRole runs `blacksky health` against NATS on a TCP port, as
+// docker compose does, and reads its endpoints.
+func TestHealthRole(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: "role-test-token"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close() // the role binds it again itself
+
+	env := map[string]string{
+		"PORT": strconv.Itoa(port), "NATS_URL": srv.ClientURL(), "NATS_TOKEN": "role-test-token",
+		"HEALTH_TOKEN": "role-health-token", "SESSION_ID": "Role Test",
+	}
+	ready := make(chan ReadyInfo, 1)
+	var stderr healthLogBuffer
+	m := &Main{Stdout: io.Discard, Stderr: &stderr, Getenv: func(k string) string { return env[k] },
+		Ready: func(info ReadyInfo) { ready <- info }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx, []string{"health"}) }()
+	var info ReadyInfo
+	select {
+	case info = <-ready:
+	case err := <-done:
+		t.Fatalf("health role stopped: %v\n%s", err, stderr.String())
+	case <-time.After(20 * time.Second):
+		t.Fatal("health role not ready in 20 s")
+	}
+	_, p, _ := net.SplitHostPort(info.HTTPAddr)
+	base := "http://127.0.0.1:" + p
+
+	get := func(path string, hdr ...string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, base+path, nil)
+		if len(hdr) == 2 {
+			req.Header.Set(hdr[0], hdr[1])
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	if code, body := get("/healthz"); code != 200 || body != "ok\n" {
+		t.Fatalf("/healthz = %d %q", code, body)
+	}
+	if code, _, _ := runMain(t, context.Background(), env, "healthcheck"); code != 0 {
+		t.Fatalf("healthcheck against the role = exit %d", code)
+	}
+	// Health's own heartbeat makes the round trip through NATS; the gateway
+	// and backup are not running, so not ready, with reasons.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, body := get("/readyz")
+		var doc struct {
+			Reasons []string `json:"reasons"`
+		}
+		_ = json.Unmarshal([]byte(body), &doc)
+		healthSeen := !strings.Contains(body, "health: no heartbeat yet")
+		if code == 503 && healthSeen && strings.Contains(body, "gateway: no heartbeat yet") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz = %d %s", code, body)
+		}
+		<-time.After(20 * time.Millisecond)
+	}
+	code, body := get("/status", "Authorization", "Bearer role-health-token")
+	if code != 200 || !strings.Contains(body, `"session": "Role Test"`) || !strings.Contains(body, `"detail": "full"`) {
+		t.Fatalf("/status = %d %s", code, body)
+	}
+	if strings.Contains(body, "role-test-token") || strings.Contains(stderr.String(), "role-test-token") ||
+		strings.Contains(stderr.String(), "role-health-token") {
+		t.Fatal("a token leaked into /status or the logs")
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("health role returned %v after SIGTERM-like cancel", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("health role did not stop")
+	}
+}
+
+// healthLogBuffer collects a running role's log lines; the test reads it
+// while the role writes.
+type healthLogBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *healthLogBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *healthLogBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
