@@ -1,0 +1,637 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	_ "modernc.org/sqlite" // the pure-Go "sqlite" driver, to touch and read session stores
+
+	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/wastore"
+	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		<-tick.C
+	}
+}
+
+func randomHex(t *testing.T, n int) string {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// freePort asks the kernel for a free loopback port. Another process could
+// take it before ours binds it; on loopback in a test that is rare enough.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// buildBinary builds cmd/blacksky the way the Dockerfile does (static, no
+// cgo) into a temporary directory.
+func buildBinary(t *testing.T) string {
+	t.Helper()
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		gobin = "/usr/local/go/bin/go"
+	}
+	out := filepath.Join(t.TempDir(), "blacksky")
+	cmd := exec.Command(gobin, "build", "-o", out, "-ldflags", "-X main.version=e2e", "github.com/blacksky-md/blacksky/cmd/blacksky")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/blacksky: %v\n%s", err, b)
+	}
+	return out
+}
+
+// syncBuffer collects a process's output for the failure report.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// proc is one running blacksky process.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+	err  error // set before done closes
+}
+
+// env is a process environment: only what we give it, so nothing of the
+// test's own environment (DATABASE_URL, NATS_URL...) leaks in.
+type env map[string]string
+
+func (e env) with(kv ...string) env {
+	out := env{}
+	for k, v := range e {
+		out[k] = v
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		out[kv[i]] = kv[i+1]
+	}
+	return out
+}
+
+func (e env) list() []string {
+	l := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
+	for k, v := range e {
+		l = append(l, k+"="+v)
+	}
+	return l
+}
+
+func start(t *testing.T, bin, name string, e env, args ...string) *proc {
+	t.Helper()
+	p := &proc{name: name, out: &syncBuffer{}, done: make(chan struct{})}
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Env = e.list()
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			_ = p.cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("--- output of %s ---\n%s", name, tail(p.out.String(), 6000))
+		}
+	})
+	return p
+}
+
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "...\n" + s[len(s)-n:]
+}
+
+func (p *proc) running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (p *proc) stop(t *testing.T, timeout time.Duration) time.Duration {
+	t.Helper()
+	began := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM %s: %v", p.name, err)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		t.Fatalf("%s did not exit within %s of SIGTERM", p.name, timeout)
+	}
+	if p.err != nil {
+		t.Fatalf("%s exited with %v after SIGTERM, want 0", p.name, p.err)
+	}
+	return time.Since(began)
+}
+
+// run runs a one-shot command to its end.
+func run(t *testing.T, bin string, e env, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = e.list()
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("blacksky %s: %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), err, stdout.String(), tail(stderr.String(), 4000))
+	}
+	return stdout.String()
+}
+
+// heartbeats keeps the latest heartbeat of each service.
+type heartbeats struct {
+	mu   sync.Mutex
+	last map[string]bus.Heartbeat
+}
+
+func watchHeartbeats(t *testing.T, nc *nats.Conn, subj bus.Subjects) *heartbeats {
+	t.Helper()
+	h := &heartbeats{last: map[string]bus.Heartbeat{}}
+	sub, err := nc.Subscribe(subj.HeartbeatAll(), func(m *nats.Msg) {
+		var hb bus.Heartbeat
+		if json.Unmarshal(m.Data, &hb) != nil {
+			return
+		}
+		h.mu.Lock()
+		h.last[hb.Service] = hb
+		h.mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return h
+}
+
+func (h *heartbeats) get(service string) (bus.Heartbeat, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	hb, ok := h.last[service]
+	return hb, ok
+}
+
+// restoreReplies records the backup service's answers to P.session.restore.
+// They travel to the gateway's reply inbox; with the token, any client may
+// listen on _INBOX.> and see them.
+type restoreReplies struct {
+	mu  sync.Mutex
+	all []bus.RestoreReply
+}
+
+func watchRestores(t *testing.T, nc *nats.Conn) *restoreReplies {
+	t.Helper()
+	r := &restoreReplies{}
+	sub, err := nc.Subscribe("_INBOX.>", func(m *nats.Msg) {
+		var raw map[string]json.RawMessage
+		if json.Unmarshal(m.Data, &raw) != nil {
+			return
+		}
+		if _, ok := raw["restored"]; !ok {
+			return
+		}
+		var rr bus.RestoreReply
+		if json.Unmarshal(m.Data, &rr) == nil {
+			r.mu.Lock()
+			r.all = append(r.all, rr)
+			r.mu.Unlock()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return r
+}
+
+func (r *restoreReplies) list() []bus.RestoreReply {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]bus.RestoreReply(nil), r.all...)
+}
+
+// statusDoc is the part of GET /status this test reads (CONTRACT section 4).
+type statusDoc struct {
+	Session  string `json:"session"`
+	Detail   string `json:"detail"`
+	Services map[string]struct {
+		State    string `json:"state"`
+		AgeMS    *int64 `json:"age_ms"`
+		Instance string `json:"instance"`
+		Fresh    bool   `json:"fresh"`
+	} `json:"services"`
+	WhatsApp struct {
+		State string `json:"state"`
+		JID   string `json:"jid"`
+	} `json:"whatsapp"`
+}
+
+func getStatus(url, token string) (statusDoc, int, error) {
+	var doc statusDoc
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return doc, 0, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return doc, 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return doc, resp.StatusCode, err
+	}
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return doc, resp.StatusCode, fmt.Errorf("status body %q: %w", tail(string(body), 300), err)
+	}
+	return doc, resp.StatusCode, nil
+}
+
+type snapshotRow struct {
+	ID     int64
+	Reason string
+	SHA256 string
+	Size   int64
+}
+
+func snapshots(t *testing.T, dbURL, session string) []snapshotRow {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatalf("connect to the test database: %v", err)
+	}
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(ctx, `SELECT id, reason, sha256, size_bytes FROM blacksky_snapshots WHERE session_id = $1 ORDER BY id`, session)
+	if err != nil {
+		t.Fatalf("read blacksky_snapshots: %v", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (snapshotRow, error) {
+		var s snapshotRow
+		err := r.Scan(&s.ID, &s.Reason, &s.SHA256, &s.Size)
+		return s, err
+	})
+	if err != nil {
+		t.Fatalf("read blacksky_snapshots: %v", err)
+	}
+	return out
+}
+
+func fileSHA(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// touchStore commits one row into a session store, as WhatsApp traffic
+// would, so the next snapshot has something new to store.
+func touchStore(t *testing.T, path string) {
+	t.Helper()
+	db, err := sql.Open("sqlite", wastore.DSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS e2e_marks (n INTEGER PRIMARY KEY, at TEXT NOT NULL)`); err != nil {
+		t.Fatalf("touch session store: %v", err)
+	}
+	if _, err := db.Exec(`INSERT INTO e2e_marks (at) VALUES (?)`, time.Now().UTC().Format(time.RFC3339Nano)); err != nil {
+		t.Fatalf("touch session store: %v", err)
+	}
+}
+
+// deviceJID reads the linked device's JID from a session store.
+func deviceJID(t *testing.T, path string) string {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var jid string
+	if err := db.QueryRow(`SELECT jid FROM whatsmeow_device LIMIT 1`).Scan(&jid); err != nil {
+		t.Fatalf("read the device of %s: %v", path, err)
+	}
+	return jid
+}
+
+// TestSplitTopology is docker-compose.yml without docker: gateway (with the
+// embedded NATS on TCP and a token), backup and health as three processes
+// of the real binary, on a real PostgreSQL and one shared DATA_DIR.
+func TestSplitTopology(t *testing.T) {
+	began := time.Now()
+	bin := buildBinary(t)
+	t.Logf("built the binary in %s", time.Since(began).Round(time.Millisecond))
+
+	db := testdb.Postgres(t)
+	dataDir := t.TempDir()
+	sessionPath := filepath.Join(dataDir, "session.db")
+	ctx := context.Background()
+	// A linked-looking store: backup refuses to store one without a device.
+	if err := wastore.Create(ctx, sessionPath, 0); err != nil {
+		t.Fatalf("create session store: %v", err)
+	}
+
+	session := "E2E-" + randomHex(t, 4)
+	subj := bus.NewSubjects(session)
+	natsToken, healthToken := randomHex(t, 32), randomHex(t, 32)
+	natsAddr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	natsURL := "nats://" + natsAddr
+	httpPort := freePort(t)
+	statusURL := fmt.Sprintf("http://127.0.0.1:%d/status", httpPort)
+
+	// What .env and docker-compose.yml give every service.
+	base := env{
+		"SESSION_ID":                 session,
+		"DATA_DIR":                   dataDir,
+		"DATABASE_URL":               db.URL,
+		"NATS_TOKEN":                 natsToken,
+		"HEALTH_TOKEN":               healthToken,
+		"SESSION_ENCRYPTION_KEY":     randomHex(t, 32),
+		"NODE_ENV":                   "production",
+		"LOG_LEVEL":                  "debug",
+		"SHUTDOWN_TIMEOUT":           "15s",
+		"BACKUP_INTERVAL":            "60",
+		"RECONNECT_MIN":              "1s",
+		"RECONNECT_MAX":              "5s",
+		"ENABLE_MEMORY_OPTIMIZATION": "false",
+		"PORT":                       strconv.Itoa(httpPort),
+	}
+	gatewayEnv := base.with("NATS_LISTEN", natsAddr)
+	clientEnv := base.with("NATS_URL", natsURL)
+
+	// The Heroku release phase, and what compose's backup does at start.
+	run(t, bin, base, "migrate")
+	run(t, bin, base, "migrate") // idempotent
+
+	// Compose's start order: backup, gateway, health. Backup's NATS client
+	// retries until the gateway's embedded server is up.
+	backup := start(t, bin, "backup", clientEnv, "backup")
+	gateway := start(t, bin, "gateway", gatewayEnv, "gateway")
+	health := start(t, bin, "health", clientEnv, "health")
+
+	nc, err := bus.Connect(natsURL, natsToken, "e2e", slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatalf("connect with the token: %v", err)
+	}
+	t.Cleanup(nc.Close)
+	beats := watchHeartbeats(t, nc, subj)
+
+	t.Run("all three services beat over TCP NATS", func(t *testing.T) {
+		waitFor(t, 20*time.Second, "heartbeats of gateway, backup and health", func() bool {
+			for _, p := range []*proc{backup, gateway, health} {
+				if !p.running() {
+					t.Fatalf("%s exited early: %v", p.name, p.err)
+				}
+			}
+			_, g := beats.get("gateway")
+			_, b := beats.get("backup")
+			_, h := beats.get("health")
+			return g && b && h
+		})
+	})
+
+	t.Run("a client without the token is refused", func(t *testing.T) {
+		for _, tok := range []string{"", "wrong-" + natsToken[:8]} {
+			opts := []nats.Option{nats.Timeout(3 * time.Second), nats.MaxReconnects(0)}
+			if tok != "" {
+				opts = append(opts, nats.Token(tok))
+			}
+			c, err := nats.Connect(natsURL, opts...)
+			if err == nil {
+				c.Close()
+				t.Fatalf("connected with token %q", tok)
+			}
+			if !errors.Is(err, nats.ErrAuthorization) && !strings.Contains(strings.ToLower(err.Error()), "authorization") {
+				t.Errorf("token %q: refused with %v, want an authorization error", tok, err)
+			}
+		}
+	})
+
+	t.Run("status shows the three services", func(t *testing.T) {
+		var doc statusDoc
+		waitFor(t, 20*time.Second, "/status listing gateway, backup and health", func() bool {
+			d, code, err := getStatus(statusURL, healthToken)
+			if err != nil || code != http.StatusOK {
+				return false
+			}
+			doc = d
+			for _, s := range []string{"gateway", "backup", "health"} {
+				if sd, ok := d.Services[s]; !ok || sd.State == "" || sd.Instance == "" {
+					return false
+				}
+			}
+			return true
+		})
+		if doc.Session != session {
+			t.Errorf("status session = %q, want %q", doc.Session, session)
+		}
+		instances := map[string]bool{}
+		for name, s := range doc.Services {
+			instances[s.Instance] = true
+			t.Logf("status: %s state=%s instance=%s", name, s.State, s.Instance)
+		}
+		if len(instances) < 3 {
+			t.Errorf("services report %d distinct instances, want 3 processes", len(instances))
+		}
+		// Without the token: states only.
+		pub, code, err := getStatus(statusURL, "")
+		if err != nil || code != http.StatusOK {
+			t.Fatalf("public /status: %d %v", code, err)
+		}
+		if len(pub.Services) < 3 || pub.WhatsApp.JID != "" {
+			t.Errorf("public /status = %+v, want the states and no JID", pub)
+		}
+	})
+
+	var manual bus.BackupReply
+	t.Run("a backup requested over NATS lands in PostgreSQL", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := bus.Request(ctx, nc, subj.BackupRequest(), bus.BackupRequest{Reason: bus.ReasonManual}, &manual); err != nil {
+			t.Fatalf("backup request: %v", err)
+		}
+		if !manual.OK || manual.Snapshot == nil || manual.Snapshot.ID == 0 {
+			t.Fatalf("backup reply = %+v, want ok with a snapshot", manual)
+		}
+		var row *snapshotRow
+		for _, r := range snapshots(t, db.URL, session) {
+			if r.ID == manual.Snapshot.ID {
+				row = &r
+			}
+		}
+		if row == nil {
+			t.Fatalf("snapshot %d is not in blacksky_snapshots", manual.Snapshot.ID)
+		}
+		if row.SHA256 != manual.Snapshot.SHA256 || row.Size != manual.Snapshot.Bytes {
+			t.Errorf("row %+v does not match the reply %+v", *row, *manual.Snapshot)
+		}
+		if !manual.Snapshot.Unchanged && row.Reason != bus.ReasonManual {
+			t.Errorf("snapshot %d reason = %q, want manual", row.ID, row.Reason)
+		}
+	})
+
+	// WhatsApp traffic changes the store between snapshots; without a change
+	// the shutdown snapshot would be "unchanged" and not stored again.
+	touchStore(t, sessionPath)
+
+	var shutdown snapshotRow
+	t.Run("SIGTERM gateway, then backup, then health ends with a shutdown snapshot", func(t *testing.T) {
+		for _, p := range []*proc{gateway, backup, health} {
+			took := p.stop(t, 25*time.Second)
+			t.Logf("%s stopped %s after SIGTERM", p.name, took.Round(time.Millisecond))
+		}
+		rows := snapshots(t, db.URL, session)
+		if len(rows) == 0 {
+			t.Fatal("no snapshots at all")
+		}
+		shutdown = rows[len(rows)-1]
+		if shutdown.Reason != bus.ReasonShutdown {
+			t.Fatalf("newest snapshot = %+v, want reason shutdown (all: %+v)", shutdown, rows)
+		}
+		if manual.Snapshot != nil && shutdown.SHA256 == manual.Snapshot.SHA256 {
+			t.Error("the shutdown snapshot has the manual one's sha256, though the store changed in between")
+		}
+	})
+	if shutdown.ID == 0 {
+		t.FailNow()
+	}
+
+	t.Run("a fresh data folder comes back restored", func(t *testing.T) {
+		fresh := t.TempDir()
+		freshPath := filepath.Join(fresh, "session.db")
+		e := base.with("DATA_DIR", fresh, "PORT", strconv.Itoa(freePort(t)))
+		backup2 := start(t, bin, "backup (fresh disk)", e.with("NATS_URL", natsURL), "backup")
+		gateway2 := start(t, bin, "gateway (fresh disk)", e.with("NATS_LISTEN", natsAddr), "gateway")
+		nc2, err := bus.Connect(natsURL, natsToken, "e2e-2", slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc2.Close()
+		restores := watchRestores(t, nc2)
+		beats := watchHeartbeats(t, nc2, subj)
+
+		var sha string
+		waitFor(t, 30*time.Second, "the restored session.db", func() bool {
+			if !gateway2.running() || !backup2.running() {
+				t.Fatalf("a process exited: gateway %v, backup %v", gateway2.err, backup2.err)
+			}
+			if _, err := os.Stat(freshPath); err != nil {
+				return false
+			}
+			// Read at once: the gateway opens the store right after.
+			sha = fileSHA(t, freshPath)
+			return true
+		})
+		if sha != shutdown.SHA256 {
+			t.Errorf("restored session.db sha256 %s, want the shutdown snapshot's %s", sha, shutdown.SHA256)
+		}
+		if got, want := deviceJID(t, freshPath), wastore.DeviceJID.String(); got != want {
+			t.Errorf("restored device %s, want %s", got, want)
+		}
+		waitFor(t, 20*time.Second, "the gateway to move past the restore", func() bool {
+			hb, ok := beats.get("gateway")
+			return ok && hb.State != bus.StateStarting && hb.State != bus.StateWaitingRestore && hb.State != bus.StateStandby
+		})
+		for _, rr := range restores.list() {
+			t.Logf("restore reply: %+v", rr)
+		}
+		gateway2.stop(t, 25*time.Second)
+		backup2.stop(t, 25*time.Second)
+	})
+
+	t.Run("blacksky restore writes the newest snapshot into an empty folder", func(t *testing.T) {
+		rows := snapshots(t, db.URL, session)
+		newest := rows[len(rows)-1]
+		out := run(t, bin, base, "snapshots")
+		if !strings.Contains(out, strconv.FormatInt(newest.ID, 10)) {
+			t.Errorf("blacksky snapshots does not list snapshot %d:\n%s", newest.ID, out)
+		}
+		third := t.TempDir()
+		run(t, bin, base.with("DATA_DIR", third), "restore")
+		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != newest.SHA256 {
+			t.Errorf("restored sha256 %s, want the newest snapshot's %s", sha, newest.SHA256)
+		}
+	})
+	t.Logf("end to end in %s", time.Since(began).Round(time.Millisecond))
+}
