@@ -1,0 +1,230 @@
+package wa
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/services/gateway"
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/store"
+)
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		select {
+		case <-time.After(2 * time.Millisecond):
+		case <-t.Context().Done():
+			t.Fatalf("test ended waiting for %s", what)
+		}
+	}
+}
+
+func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// The real whatsmeow client on this machine's closed network: every dial
+// fails, and the supervisor keeps retrying with growing attempt numbers.
+func TestRealClientRetriesOnClosedNetwork(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "data", "session.db")
+	srv, err := bus.StartServer(bus.ServerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown()
+	gwNC, err := srv.Connect("gateway", discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gwNC.Close()
+	nc, err := srv.Connect("test", discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	subj := bus.NewSubjects("IT-Session")
+
+	var mu sync.Mutex
+	var evs []bus.ConnEvent
+	sub, err := nc.Subscribe(subj.ConnAll(), func(m *nats.Msg) {
+		var e bus.ConnEvent
+		if err := json.Unmarshal(m.Data, &e); err != nil {
+			t.Errorf("decode %s: %v", m.Subject, err)
+		}
+		mu.Lock()
+		evs = append(evs, e)
+		mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	g := gateway.New(gateway.Config{
+		Session:      "IT-Session",
+		Instance:     "it",
+		ReconnectMin: 10 * time.Millisecond,
+		ReconnectMax: 100 * time.Millisecond,
+	}, gateway.Deps{
+		NC: gwNC,
+		Open: func(ctx context.Context) (gateway.Conn, error) {
+			return Open(ctx, Options{Path: path, BotName: "blacksky-test", Log: discard()})
+		},
+		Log: discard(),
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g.Run(ctx) }()
+
+	snapshot := func() []bus.ConnEvent {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]bus.ConnEvent(nil), evs...)
+	}
+	waitFor(t, 30*time.Second, "four reconnect attempts", func() bool {
+		n := 0
+		for _, e := range snapshot() {
+			if e.Kind == bus.ConnReconnecting {
+				n++
+			}
+		}
+		return n >= 4
+	})
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not stop")
+	}
+
+	waitFor(t, 5*time.Second, "conn.stopped", func() bool {
+		got := snapshot()
+		return got[len(got)-1].Kind == bus.ConnStopped
+	})
+	got := snapshot()
+	if got[0].Kind != bus.ConnConnecting {
+		t.Fatalf("first event %q, want connecting; all %v", got[0].Kind, got)
+	}
+	attempt := 0
+	for i, e := range got {
+		switch e.Kind {
+		case bus.ConnReconnecting:
+			if e.Attempt != attempt+1 || e.DelayMS < 10 || e.DelayMS > 100 {
+				t.Fatalf("event %d: reconnecting attempt %d delay %dms after attempt %d", i, e.Attempt, e.DelayMS, attempt)
+			}
+			attempt = e.Attempt
+		case bus.ConnConnecting:
+			if e.Attempt != attempt {
+				t.Fatalf("event %d: connecting attempt %d, want %d", i, e.Attempt, attempt)
+			}
+		case bus.ConnStopped:
+			if i != len(got)-1 {
+				t.Fatalf("stopped is not last: %v", got)
+			}
+		default:
+			t.Fatalf("unexpected event %q on a closed network", e.Kind)
+		}
+	}
+	if got[len(got)-1].Kind != bus.ConnStopped {
+		t.Fatalf("last event %q, want stopped", got[len(got)-1].Kind)
+	}
+
+	// The store is whatsmeow's schema in WAL mode, closed cleanly.
+	db, err := sql.Open("sqlite", DSN(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var mode string
+	var version int
+	if err := db.QueryRow("PRAGMA journal_mode").Scan(&mode); err != nil || mode != "wal" {
+		t.Fatalf("journal_mode = %q, %v", mode, err)
+	}
+	if err := db.QueryRow("SELECT version FROM whatsmeow_version").Scan(&version); err != nil || version < 1 {
+		t.Fatalf("whatsmeow_version = %d, %v", version, err)
+	}
+}
+
+func TestOpenResetClose(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "session.db")
+	c, err := Open(t.Context(), Options{Path: path, BotName: "My Bot", Log: discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if store.DeviceProps.GetOs() != "My Bot" {
+		t.Fatalf("device name = %q", store.DeviceProps.GetOs())
+	}
+	if !c.JID().IsEmpty() || c.IsConnected() {
+		t.Fatal("a new store has no device and no socket")
+	}
+	before := c.cli.Load()
+	if err := c.ResetDevice(t.Context()); err != nil {
+		t.Fatalf("ResetDevice: %v", err)
+	}
+	if c.cli.Load() == before || c.cli.Load().EnableAutoReconnect {
+		t.Fatal("ResetDevice must build a fresh client with auto-reconnect off")
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Reopening works (the store was closed, not left locked).
+	c2, err := Open(t.Context(), Options{Path: path, Log: discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestOpenRejectsBadPath(t *testing.T) {
+	for _, p := range []string{"", "/tmp/x?mode=ro", "/tmp/a#b"} {
+		if _, err := Open(t.Context(), Options{Path: p}); err == nil {
+			t.Errorf("Open(%q) succeeded", p)
+		}
+	}
+}
+
+func TestLoggerAdapter(t *testing.T) {
+	var buf bytes.Buffer
+	l := NewLogger(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelInfo}))).Sub("Client")
+	l.Debugf("hidden %d", 1)
+	l.Infof("shown %d", 2)
+	l.Warnf("warned %s", "x")
+	l.Errorf("failed: %v", "y")
+	out := buf.String()
+	for _, want := range []string{`msg="shown 2"`, "level=WARN", `msg="failed: y"`, "module=whatsmeow/Client"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "hidden") {
+		t.Errorf("debug line logged at info level:\n%s", out)
+	}
+}
+
+func TestTerminalQR(t *testing.T) {
+	var buf bytes.Buffer
+	TerminalQR(&buf)("2@abc,def,ghi")
+	if lines := strings.Count(buf.String(), "\n"); lines < 10 {
+		t.Fatalf("QR drawing has %d lines", lines)
+	}
+}
