@@ -902,9 +902,9 @@ func TestReadmeHasDeployButton(t *testing.T) {
 func TestDocsMentionOnlyKnownVariables(t *testing.T) {
 	outside := map[string]bool{
 		"DYNO": true, "GOMEMLIMIT": true, "POSTGRES_USER": true, "POSTGRES_PASSWORD": true,
-		"POSTGRES_DB": true, "TEST_DATABASE_URL": true, "CI": true,
+		"POSTGRES_DB": true, "TEST_DATABASE_URL": true, "CI": true, "HEALTHCHECK": true,
 	}
-	for _, file := range []string{"docs/heroku.md", "docs/docker.md", "docs/README-deploy-snippet.md"} {
+	for _, file := range []string{"docs/heroku.md", "docs/docker.md", "docs/states.md", "docs/README-deploy-snippet.md"} {
 		doc := string(readFile(t, file))
 		parts := strings.Split(doc, "`")
 		for i := 1; i < len(parts); i += 2 { // the backticked spans

@@ -283,3 +283,40 @@ func TestDockerignoreKeepsTheBuild(t *testing.T) {
 		t.Error(".env.example is dropped; it should be the one .env* file kept")
 	}
 }
+
+// TestStatesDocumented: docs/states.md has a row for every state constant
+// of shared/bus, so a new state cannot go unexplained.
+func TestStatesDocumented(t *testing.T) {
+	fset := token.NewFileSet()
+	af, err := parser.ParseFile(fset, filepath.Join(root, "shared/bus/payloads.go"), nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var states []string
+	for _, d := range af.Decls {
+		gd, ok := d.(*ast.GenDecl)
+		if !ok || gd.Tok != token.CONST {
+			continue
+		}
+		for _, spec := range gd.Specs {
+			vs := spec.(*ast.ValueSpec)
+			for i, n := range vs.Names {
+				if !strings.HasPrefix(n.Name, "State") || i >= len(vs.Values) {
+					continue
+				}
+				if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
+					states = append(states, strings.Trim(lit.Value, `"`))
+				}
+			}
+		}
+	}
+	if len(states) < 10 {
+		t.Fatalf("found only %d state constants in shared/bus/payloads.go: %v", len(states), states)
+	}
+	doc := string(readFile(t, "docs/states.md"))
+	for _, s := range states {
+		if !strings.Contains(doc, "| `"+s+"` |") {
+			t.Errorf("docs/states.md has no row for state %q", s)
+		}
+	}
+}

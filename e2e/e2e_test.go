@@ -196,6 +196,22 @@ func (p *proc) stop(t *testing.T, timeout time.Duration) time.Duration {
 	return time.Since(began)
 }
 
+// checkNoSecrets: CONTRACT guarantee 6, no secret in any log line.
+func checkNoSecrets(t *testing.T, secrets []string, procs ...*proc) {
+	t.Helper()
+	for _, p := range procs {
+		out := p.out.String()
+		if out == "" {
+			t.Errorf("%s wrote no log at all", p.name)
+		}
+		for _, s := range secrets {
+			if strings.Contains(out, s) {
+				t.Errorf("%s's log contains a secret (%d characters)", p.name, len(s))
+			}
+		}
+	}
+}
+
 // run runs a one-shot command to its end.
 func run(t *testing.T, bin string, e env, args ...string) string {
 	t.Helper()
@@ -414,7 +430,8 @@ func TestSplitTopology(t *testing.T) {
 
 	session := "E2E-" + randomHex(t, 4)
 	subj := bus.NewSubjects(session)
-	natsToken, healthToken := randomHex(t, 32), randomHex(t, 32)
+	natsToken, healthToken, key := randomHex(t, 32), randomHex(t, 32), randomHex(t, 32)
+	secrets := []string{natsToken, healthToken, key}
 	natsAddr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	natsURL := "nats://" + natsAddr
 	httpPort := freePort(t)
@@ -427,7 +444,7 @@ func TestSplitTopology(t *testing.T) {
 		"DATABASE_URL":               db.URL,
 		"NATS_TOKEN":                 natsToken,
 		"HEALTH_TOKEN":               healthToken,
-		"SESSION_ENCRYPTION_KEY":     randomHex(t, 32),
+		"SESSION_ENCRYPTION_KEY":     key,
 		"NODE_ENV":                   "production",
 		"LOG_LEVEL":                  "debug",
 		"SHUTDOWN_TIMEOUT":           "15s",
@@ -572,6 +589,7 @@ func TestSplitTopology(t *testing.T) {
 		if manual.Snapshot != nil && shutdown.SHA256 == manual.Snapshot.SHA256 {
 			t.Error("the shutdown snapshot has the manual one's sha256, though the store changed in between")
 		}
+		checkNoSecrets(t, secrets, gateway, backup, health)
 	})
 	if shutdown.ID == 0 {
 		t.FailNow()
@@ -618,6 +636,7 @@ func TestSplitTopology(t *testing.T) {
 		}
 		gateway2.stop(t, 25*time.Second)
 		backup2.stop(t, 25*time.Second)
+		checkNoSecrets(t, secrets, gateway2, backup2)
 	})
 
 	t.Run("blacksky restore writes the newest snapshot into an empty folder", func(t *testing.T) {
