@@ -560,3 +560,24 @@ func mustJSON(t testing.TB, v any) string {
 	}
 	return string(data)
 }
+
+func TestLateHeartbeatDoesNotUndoANewerEvent(t *testing.T) {
+	t.Parallel()
+	b := setup(t, nil)
+	b.healthy(t)
+	b.conn(t, bus.ConnEvent{Kind: bus.ConnDisconnected, Reason: "network"})
+	// A beat the gateway sent a moment before that event, handled after it.
+	hb := bus.Heartbeat{Service: "gateway", Instance: "web.1", State: bus.StateConnected}
+	hb.Details, _ = json.Marshal(bus.GatewayDetails{WAState: bus.StateConnected})
+	hb.Stamp("BLACKSKY-MD", b.clock.Now().Add(-time.Second))
+	b.send(t, b.subj.Heartbeat("gateway"), "heartbeat.gateway", hb)
+	if wa := b.svc.tracker.WhatsApp(); wa.State != StateDisconnected || wa.LastDisconnect != "network" {
+		t.Fatalf("state = %q (%q), want disconnected", wa.State, wa.LastDisconnect)
+	}
+	// The next beat, sent after the event, applies.
+	b.clock.Advance(time.Second)
+	b.beat(t, "gateway", "web.1", bus.StateReconnecting, bus.GatewayDetails{WAState: bus.StateReconnecting})
+	if wa := b.svc.tracker.WhatsApp(); wa.State != bus.StateReconnecting {
+		t.Fatalf("state = %q, want reconnecting", wa.State)
+	}
+}

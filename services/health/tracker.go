@@ -35,8 +35,12 @@ type beat struct {
 // waState is what we know of the WhatsApp connection. JID and codes are kept
 // whole here and masked or withheld on the way out.
 type waState struct {
-	state          string
-	stateAt        time.Time
+	state   string
+	stateAt time.Time
+	// srcAt is the sender's time of the message that set state. Heartbeats
+	// and conn events arrive on different subscriptions, so a beat sent just
+	// before an event may be handled after it; it must not undo it.
+	srcAt          time.Time
 	jid            string
 	paired         bool // a conn.paired event was seen (or the gateway reported a JID)
 	connectedSince *time.Time
@@ -176,11 +180,17 @@ func (t *Tracker) gatewayBeatLocked(hb bus.Heartbeat, now time.Time) {
 	if state == bus.StateStandby && t.activeGatewayLocked(now, hb.Instance) {
 		return
 	}
+	if hb.At.Before(t.wa.srcAt) {
+		return // older than the event we already applied; the next beat is due in 5 s
+	}
+	t.wa.srcAt = hb.At
 	t.setStateLocked(state, now)
 	if d.JID != "" {
 		t.wa.jid, t.wa.paired = d.JID, true
 	}
-	t.wa.connectedSince = d.ConnectedSince
+	if d.ConnectedSince != nil {
+		t.wa.connectedSince = d.ConnectedSince
+	}
 	t.wa.reconnects = d.Reconnects
 	if d.LastDisconnect != "" && d.LastDisconnect != t.wa.lastDisconnect {
 		t.wa.lastDisconnect = d.LastDisconnect
@@ -254,6 +264,9 @@ func (t *Tracker) HandleConn(kind string, data []byte) {
 	at := ev.At
 	if at.IsZero() {
 		at = now
+	}
+	if at.After(t.wa.srcAt) {
+		t.wa.srcAt = at
 	}
 	disconnect := func(why string) {
 		t.wa.lastDisconnect = why
