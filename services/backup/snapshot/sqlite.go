@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"modernc.org/sqlite"
 )
@@ -66,7 +67,9 @@ func ReadConsistent(ctx context.Context, path string) ([]byte, error) {
 	}
 	defer src.Close()
 
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".copy-*")
+	copyPattern := "." + filepath.Base(path) + ".copy-*"
+	removeStale(filepath.Dir(path), copyPattern)
+	tmp, err := os.CreateTemp(filepath.Dir(path), copyPattern)
 	if err != nil {
 		return nil, fmt.Errorf("read session store: temp file: %w", err)
 	}
@@ -173,7 +176,8 @@ func HasDevice(ctx context.Context, path string) (bool, error) {
 // Verify writes plain into a temp file in tmpDir and runs Check and HasDevice on it (used before restoring: nothing
 // is written to the session path until the bytes are known to be a sound store). The temp file is removed.
 func Verify(ctx context.Context, plain []byte, tmpDir string) (hasDevice bool, err error) {
-	f, err := os.CreateTemp(tmpDir, ".verify-*.db")
+	removeStale(tmpDir, verifyPattern)
+	f, err := os.CreateTemp(tmpDir, verifyPattern)
 	if err != nil {
 		return false, fmt.Errorf("verify snapshot: temp file: %w", err)
 	}
@@ -192,6 +196,26 @@ func Verify(ctx context.Context, plain []byte, tmpDir string) (hasDevice bool, e
 		return false, fmt.Errorf("verify snapshot: %w", err)
 	}
 	return has, nil
+}
+
+const verifyPattern = ".verify-*.db"
+
+// staleAge is how old a scratch file must be before a later call removes it. No copy or check takes nearly that
+// long, so a file this old was left by a process that died (a dyno killed mid-snapshot); on a docker volume it
+// would otherwise stay forever.
+const staleAge = 15 * time.Minute
+
+// removeStale removes scratch files matching pattern in dir that are older than staleAge, with their side files.
+func removeStale(dir, pattern string) {
+	matches, _ := filepath.Glob(filepath.Join(dir, pattern))
+	for _, m := range matches {
+		if strings.HasSuffix(m, "-wal") || strings.HasSuffix(m, "-shm") || strings.HasSuffix(m, "-journal") {
+			continue
+		}
+		if fi, err := os.Stat(m); err == nil && time.Since(fi.ModTime()) > staleAge {
+			removeDB(m)
+		}
+	}
 }
 
 // removeDB removes a scratch database and the side files SQLite may have created next to it.

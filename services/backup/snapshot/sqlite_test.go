@@ -493,3 +493,46 @@ func TestRestoreOverStaleWAL(t *testing.T) {
 		t.Fatal("a copy of the restored store differs from the snapshot")
 	}
 }
+
+// TestScratchFilesOfDeadProcessesAreRemoved: copies and verify files left by a killed process are cleaned up by
+// the next call once old; fresh ones (maybe another call's, running now) are left alone.
+func TestScratchFilesOfDeadProcessesAreRemoved(t *testing.T) {
+	t.Parallel()
+	path := newStore(t, 0)
+	dir := filepath.Dir(path)
+	old := time.Now().Add(-time.Hour)
+	mk := func(name string, stale bool) {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("leftover"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if stale {
+			if err := os.Chtimes(p, old, old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	mk(".session.db.copy-111", true)
+	mk(".session.db.copy-111-journal", true)
+	mk(".session.db.copy-222", false)
+	mk(".verify-333.db", true)
+	mk(".verify-444.db", false)
+	mk(".other.db.copy-555", true)
+
+	if _, err := ReadConsistent(t.Context(), path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify(t.Context(), []byte("garbage that is not a database"), dir); err == nil {
+		t.Fatal("Verify accepted garbage")
+	}
+	names := dirNames(t, dir)
+	slices.Sort(names)
+	want := []string{".other.db.copy-555", ".session.db.copy-222", ".verify-444.db", "session.db", "session.db-shm", "session.db-wal"}
+	// The source's -wal/-shm exist only while something has it open; ignore them.
+	names = slices.DeleteFunc(names, func(n string) bool { return strings.HasPrefix(n, "session.db-") })
+	want = slices.DeleteFunc(want, func(n string) bool { return strings.HasPrefix(n, "session.db-") })
+	if !slices.Equal(names, want) {
+		t.Fatalf("directory holds %v, want %v", names, want)
+	}
+}
