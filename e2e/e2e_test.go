@@ -68,8 +68,9 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// buildBinary builds cmd/blacksky the way the Dockerfile does (static, no
-// cgo) into a temporary directory.
+// buildBinary builds cmd/blacksky into a temporary directory: as the
+// Dockerfile does (static, CGO_ENABLED=0), or with -race when the test
+// itself runs under -race.
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	gobin, err := exec.LookPath("go")
@@ -77,8 +78,13 @@ func buildBinary(t *testing.T) string {
 		gobin = "/usr/local/go/bin/go"
 	}
 	out := filepath.Join(t.TempDir(), "blacksky")
-	cmd := exec.Command(gobin, "build", "-o", out, "-ldflags", "-X main.version=e2e", "github.com/blacksky-md/blacksky/cmd/blacksky")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	args := []string{"build", "-o", out, "-ldflags", "-X main.version=e2e"}
+	cgo := "CGO_ENABLED=0"
+	if raceEnabled {
+		args, cgo = append(args, "-race"), "CGO_ENABLED=1"
+	}
+	cmd := exec.Command(gobin, append(args, "github.com/blacksky-md/blacksky/cmd/blacksky")...)
+	cmd.Env = append(os.Environ(), cgo)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./cmd/blacksky: %v\n%s", err, b)
 	}
@@ -196,13 +202,17 @@ func (p *proc) stop(t *testing.T, timeout time.Duration) time.Duration {
 	return time.Since(began)
 }
 
-// checkNoSecrets: CONTRACT guarantee 6, no secret in any log line.
-func checkNoSecrets(t *testing.T, secrets []string, procs ...*proc) {
+// checkLogs: no data race, and no secret in any log line (CONTRACT
+// guarantee 6).
+func checkLogs(t *testing.T, secrets []string, procs ...*proc) {
 	t.Helper()
 	for _, p := range procs {
 		out := p.out.String()
 		if out == "" {
 			t.Errorf("%s wrote no log at all", p.name)
+		}
+		if strings.Contains(out, "WARNING: DATA RACE") {
+			t.Errorf("the race detector found a data race in %s", p.name)
 		}
 		for _, s := range secrets {
 			if strings.Contains(out, s) {
@@ -416,10 +426,10 @@ func deviceJID(t *testing.T, path string) string {
 // of the real binary, on a real PostgreSQL and one shared DATA_DIR.
 func TestSplitTopology(t *testing.T) {
 	began := time.Now()
+	db := testdb.Postgres(t) // first: without a database (and CI unset) there is nothing to build for
 	bin := buildBinary(t)
-	t.Logf("built the binary in %s", time.Since(began).Round(time.Millisecond))
+	t.Logf("built the binary (race=%v) in %s", raceEnabled, time.Since(began).Round(time.Millisecond))
 
-	db := testdb.Postgres(t)
 	dataDir := t.TempDir()
 	sessionPath := filepath.Join(dataDir, "session.db")
 	ctx := context.Background()
@@ -589,7 +599,7 @@ func TestSplitTopology(t *testing.T) {
 		if manual.Snapshot != nil && shutdown.SHA256 == manual.Snapshot.SHA256 {
 			t.Error("the shutdown snapshot has the manual one's sha256, though the store changed in between")
 		}
-		checkNoSecrets(t, secrets, gateway, backup, health)
+		checkLogs(t, secrets, gateway, backup, health)
 	})
 	if shutdown.ID == 0 {
 		t.FailNow()
@@ -636,7 +646,7 @@ func TestSplitTopology(t *testing.T) {
 		}
 		gateway2.stop(t, 25*time.Second)
 		backup2.stop(t, 25*time.Second)
-		checkNoSecrets(t, secrets, gateway2, backup2)
+		checkLogs(t, secrets, gateway2, backup2)
 	})
 
 	t.Run("blacksky restore writes the newest snapshot into an empty folder", func(t *testing.T) {
