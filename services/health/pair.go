@@ -71,6 +71,9 @@ func (s *Service) pairDoc() PairDoc {
 	default:
 		d.Mode = "waiting"
 		d.Message = "Waiting for the gateway (WhatsApp is " + humanState(wa.State) + ")."
+		if d.PairPhone != "" {
+			d.Message = "Waiting for a pairing code for " + d.PairPhone + " (WhatsApp is " + humanState(wa.State) + ")."
+		}
 	}
 	d.State, d.Message = s.redact(d.State), s.redact(d.Message)
 	return d
