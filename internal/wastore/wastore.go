@@ -11,11 +11,13 @@ import (
 	"math/rand/v2"
 	"net/url"
 	"os"
+	"sync"
 
 	"go.mau.fi/whatsmeow/proto/waAdv"
 	"go.mau.fi/whatsmeow/store"
 	"go.mau.fi/whatsmeow/store/sqlstore"
 	"go.mau.fi/whatsmeow/types"
+	"go.mau.fi/whatsmeow/util/keys"
 	_ "modernc.org/sqlite" // registers the pure-Go "sqlite" driver
 )
 
@@ -106,6 +108,10 @@ func randBytes(rng *rand.Rand, n int) []byte {
 
 // addDevice saves a linked device the way pairing does (Device.Save) and gives it the keys a fresh link holds.
 func addDevice(ctx context.Context, c *sqlstore.Container, rng *rand.Rand) error {
+	// libsignal sets its package logger lazily, unsynchronised, on the first signature: two stores created in
+	// parallel tests race on it (seen with -race). One signature under a Once makes that first write happen-before
+	// every later read.
+	libsignalInit.Do(func() { keys.NewKeyPair().CreateSignedPreKey(0) })
 	dev := c.NewDevice()
 	jid := DeviceJID
 	dev.ID = &jid
@@ -139,6 +145,8 @@ func addDevice(ctx context.Context, c *sqlstore.Container, rng *rand.Rand) error
 	}
 	return nil
 }
+
+var libsignalInit sync.Once
 
 var appStateNames = []string{"critical_block", "critical_unblock_low", "regular", "regular_high", "regular_low"}
 
