@@ -410,25 +410,28 @@ type ServiceView struct {
 	Others   int  // further instances beating (a standby gateway, say)
 }
 
-// service summarises the instances of one service: the freshest one not in
-// standby, else the freshest.
+// serviceLocked summarises the instances of one service: a fresh beat wins
+// over a stale one, an active one over a standby, then the newest.
 func (t *Tracker) serviceLocked(name string, now time.Time) ServiceView {
-	var best *beat
-	others := 0
-	for _, b := range t.beats[name] {
-		if best == nil {
-			best = b
-			continue
+	rank := func(b *beat) int {
+		r := 0
+		if now.Sub(b.seen) < t.staleAge {
+			r += 2
 		}
-		others++
-		bFresh, bestFresh := now.Sub(b.seen) < t.staleAge, now.Sub(best.seen) < t.staleAge
-		switch {
-		case bFresh && !isStandby(b.hb) && (!bestFresh || isStandby(best.hb)):
-			best = b
-		case bFresh == bestFresh && isStandby(b.hb) == isStandby(best.hb) && b.seen.After(best.seen):
-			best = b
-		case !bestFresh && bFresh:
-			best = b
+		if !isStandby(b.hb) {
+			r++
+		}
+		return r
+	}
+	var best *beat
+	bestRank, others := -1, 0
+	for _, b := range t.beats[name] {
+		if best != nil {
+			others++
+		}
+		r := rank(b)
+		if best == nil || r > bestRank || (r == bestRank && b.seen.After(best.seen)) {
+			best, bestRank = b, r
 		}
 	}
 	if best == nil {
