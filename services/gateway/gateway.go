@@ -46,6 +46,7 @@ package gateway
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -110,6 +111,7 @@ const (
 	DefaultOfflineAlertAfter  = 5 * time.Minute
 	DefaultBackupTimeout      = 2 * time.Minute
 	DefaultSendTimeout        = 30 * time.Second
+	DefaultLivenessInterval   = 30 * time.Second
 	DefaultSendBurst          = 20
 	DefaultSendRate           = rate.Limit(20.0 / 60)
 )
@@ -137,6 +139,7 @@ type Config struct {
 	OfflineAlertAfter  time.Duration
 	BackupTimeout      time.Duration // owner "backup" command
 	SendTimeout        time.Duration
+	LivenessInterval   time.Duration // how often a "connected" socket is checked
 	HeartbeatInterval  time.Duration // zero: bus.HeartbeatInterval
 }
 
@@ -154,6 +157,7 @@ func (c Config) withDefaults() Config {
 	c.OfflineAlertAfter = cmp.Or(c.OfflineAlertAfter, DefaultOfflineAlertAfter)
 	c.BackupTimeout = cmp.Or(c.BackupTimeout, DefaultBackupTimeout)
 	c.SendTimeout = cmp.Or(c.SendTimeout, DefaultSendTimeout)
+	c.LivenessInterval = cmp.Or(c.LivenessInterval, DefaultLivenessInterval)
 	c.Prefix = cmp.Or(c.Prefix, ".")
 	return c
 }
@@ -306,6 +310,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 
 	g.setState(bus.StateStopped, "")
 	g.publish(bus.ConnEvent{Kind: bus.ConnStopped})
+	g.finalBeat()
 	// The bus connection may be closed right after Run returns: make sure
 	// conn.stopped and the last state left this process.
 	_ = g.nc.FlushTimeout(2 * time.Second)
@@ -349,6 +354,21 @@ func (g *Gateway) beat() (string, any) {
 		d.QRExpiresAt = &t
 	}
 	return g.st.state, d
+}
+
+// finalBeat publishes one last heartbeat saying "stopped", so /status shows
+// it at once instead of waiting for the heartbeat to go stale.
+func (g *Gateway) finalBeat() {
+	state, details := g.beat()
+	g.mu.Lock()
+	up := g.clock.Since(g.st.started)
+	g.mu.Unlock()
+	hb := bus.Heartbeat{Service: bus.ServiceGateway, Instance: g.cfg.Instance, State: state, UptimeS: int64(up / time.Second)}
+	hb.Details, _ = json.Marshal(details)
+	hb.Stamp(g.cfg.Session, g.clock.Now())
+	if err := bus.Publish(g.nc, g.subj.Heartbeat(bus.ServiceGateway), hb); err != nil {
+		g.log.Warn("publish final heartbeat", "err", err)
+	}
 }
 
 // State returns the current WhatsApp state (a bus.State* constant).

@@ -518,6 +518,35 @@ func TestStopClosesAndPublishesStopped(t *testing.T) {
 	if h.gw.State() != bus.StateStopped {
 		t.Fatalf("state = %s", h.gw.State())
 	}
+	waitFor(t, 5*time.Second, "a final heartbeat saying stopped", func() bool {
+		hb, _, ok := h.rec.lastBeat(h.subj)
+		return ok && hb.State == bus.StateStopped
+	})
+}
+
+// A socket that dies without an event is noticed by the liveness check; a
+// login whose socket is already gone is not taken for a connection.
+func TestSilentSocketDeath(t *testing.T) {
+	h := start(t)
+	h.connected()
+	h.conn.mu.Lock()
+	h.conn.connected = false
+	h.conn.mu.Unlock()
+	h.advance(DefaultLivenessInterval)
+	r := h.rec.next(t, bus.ConnReconnecting)
+	if _, d := h.gw.beat(); !strings.Contains(d.(bus.GatewayDetails).LastDisconnect, "without a disconnect event") {
+		t.Fatalf("last disconnect = %q", d.(bus.GatewayDetails).LastDisconnect)
+	}
+	h.advance(time.Duration(r.DelayMS) * time.Millisecond)
+	h.rec.next(t, bus.ConnConnecting)
+	h.conn.mu.Lock()
+	h.conn.connected = false
+	h.conn.mu.Unlock()
+	h.conn.emit(&events.Connected{})
+	h.rec.next(t, bus.ConnReconnecting)
+	if h.gw.State() != bus.StateReconnecting {
+		t.Fatalf("state = %s", h.gw.State())
+	}
 }
 
 func TestStopWhileWaitingForRestore(t *testing.T) {

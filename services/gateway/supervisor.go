@@ -48,11 +48,20 @@ func (g *Gateway) supervise(ctx context.Context) error {
 		g.bg.Wait() // pairing-code requests end with ctx
 	}()
 
+	// A socket can die without an event (whatsmeow's own reconnect after
+	// pairing fails silently, for one): check it now and then.
+	live := g.clock.NewTicker(g.cfg.LivenessInterval)
+	defer live.Stop()
+
 	g.connect(ctx)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-live.Chan():
+			if g.State() == bus.StateConnected && !g.lc.IsConnected() {
+				g.fail("socket closed without a disconnect event")
+			}
 		case <-g.events.ready():
 			evts, dropped := g.events.drain()
 			if dropped > 0 {
@@ -154,7 +163,7 @@ func (g *Gateway) fail(reason string) {
 	g.stopTimers()
 	g.lc.Disconnect()
 	g.setState(bus.StateReconnecting, reason)
-	g.log.Warn("WhatsApp connection lost", "reason", reason)
+	g.log.Warn("WhatsApp not connected; retrying", "reason", reason)
 	g.scheduleRetry(0)
 }
 
@@ -223,6 +232,14 @@ func (g *Gateway) handle(ctx context.Context, evt any) {
 
 func (g *Gateway) onConnected() {
 	g.stopTimers()
+	if !g.lc.IsConnected() {
+		// The socket this login came from is already gone (we dropped it,
+		// and a dropped socket emits no Disconnected): do not sit in
+		// "connected" on a dead socket.
+		g.fail("socket closed right after login")
+		return
+	}
+	stopTimer(&g.retry) // whatever was pending, we are in
 	jid := g.lc.JID().String()
 	now := g.clock.Now()
 	g.mu.Lock()
