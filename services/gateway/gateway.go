@@ -38,9 +38,12 @@
 // # Start
 //
 // With backup enabled the session store is opened only after the backup
-// service has answered P.session.restore with ok (state waiting_restore
-// until then, retried with backoff), so a restored snapshot is in place
-// before whatsmeow reads it.
+// service has answered P.session.restore with ok (state waiting_restore, or
+// standby while backup reports another instance holding the lease; retried
+// with backoff), so a restored snapshot is in place before whatsmeow reads
+// it. Snapshots after pairing and at shutdown are the backup service's
+// reaction to conn.paired and conn.stopped; conn.stopped is published only
+// after the store is closed.
 package gateway
 
 import (
@@ -208,7 +211,6 @@ type Gateway struct {
 	qrCodes               []string
 	qrFirst               bool
 	pairAsked             bool
-	justPaired            bool
 }
 
 // status is what heartbeats, owner commands and msg.send read.

@@ -354,18 +354,6 @@ func TestQRPairingFlow(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sub.Unsubscribe()
-	backupReqs := make(chan bus.BackupRequest, 4)
-	bsub, err := h.nc.Subscribe(h.subj.BackupRequest(), func(m *nats.Msg) {
-		r, err := bus.DecodeBackupRequest(m.Data)
-		if err != nil {
-			t.Errorf("backup.request: %v", err)
-		}
-		backupReqs <- r
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bsub.Unsubscribe()
 	if err := h.nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
@@ -414,14 +402,6 @@ func TestQRPairingFlow(t *testing.T) {
 	}
 	h.conn.emit(&events.Connected{})
 	h.rec.next(t, bus.ConnConnected)
-	select {
-	case r := <-backupReqs:
-		if r.Reason != bus.ReasonPaired {
-			t.Fatalf("backup.request reason = %q", r.Reason)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("no backup.request after pairing")
-	}
 	h.qrMu.Lock()
 	shown := strings.Join(h.shown, ",")
 	h.qrMu.Unlock()
@@ -500,10 +480,21 @@ func TestRestoreBeforeOpen(t *testing.T) {
 	if err := h.nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	// Backup reports another instance holding the lease: so does our heartbeat.
+	standby := bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease held"}
+	standby.Stamp("Test-Bot", h.clock.Now())
+	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), standby); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "standby state", func() bool { return h.gw.State() == bus.StateStandby })
+	if st, _ := h.gw.beat(); st != bus.StateStandby {
+		t.Fatalf("heartbeat state = %s", st)
+	}
 	h.advanceUntilOpen(t)
 	if len(asked) != 2 {
 		t.Fatalf("store opened after %d restore requests, want 2 (refused, then ok)", len(asked))
 	}
+	h.rec.next(t, bus.ConnStandby)
 	h.rec.next(t, bus.ConnConnecting)
 }
 

@@ -94,6 +94,21 @@ func (g *Gateway) supervise(ctx context.Context) error {
 // holds the lease, hence the long per-request timeout.
 func (g *Gateway) awaitRestore(ctx context.Context) error {
 	g.setState(bus.StateWaitingRestore, "")
+	// While backup holds us back because another instance has the lease, it
+	// says so on conn.standby; our heartbeat then says standby too, so
+	// health does not mistake this instance for the one in charge.
+	sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(*nats.Msg) {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		if g.st.state == bus.StateWaitingRestore {
+			g.st.state = bus.StateStandby
+		}
+	})
+	if err != nil {
+		g.log.Warn("subscribe conn.standby", "err", err)
+	} else {
+		defer func() { _ = sub.Unsubscribe() }()
+	}
 	for n := 1; ; n++ {
 		rctx, cancel := context.WithTimeout(ctx, g.cfg.RestoreTimeout)
 		var reply bus.RestoreReply
@@ -251,16 +266,6 @@ func (g *Gateway) onConnected() {
 	g.publish(bus.ConnEvent{Kind: bus.ConnConnected, JID: jid})
 	g.log.Info("connected to WhatsApp", "jid", jid)
 
-	if g.justPaired {
-		g.justPaired = false
-		if g.cfg.BackupEnabled {
-			// A fresh link is the most valuable state to keep: snapshot now
-			// rather than at the next interval.
-			if err := bus.Publish(g.nc, g.subj.BackupRequest(), bus.BackupRequest{Reason: bus.ReasonPaired}); err != nil {
-				g.log.Warn("asking for a snapshot after pairing", "err", err)
-			}
-		}
-	}
 	if off := now.Sub(offlineSince); !offlineSince.IsZero() && off > g.cfg.OfflineAlertAfter {
 		text := fmt.Sprintf("Back online after %s offline (last disconnect: %s).", off.Round(time.Second), cmp.Or(lastDisconnect, "unknown"))
 		g.notifyOwner(text)
@@ -345,7 +350,6 @@ func (g *Gateway) onPaired(e *events.PairSuccess) {
 	g.mu.Lock()
 	g.st.jid = jid
 	g.mu.Unlock()
-	g.justPaired = true
 	// whatsmeow reconnects by itself right after pairing (stream error 515);
 	// the watchdog catches the case where that reconnect fails silently.
 	g.setState(bus.StateConnecting, "")
