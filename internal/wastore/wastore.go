@@ -210,7 +210,8 @@ func dbSize(ctx context.Context, db *sql.DB) (int64, error) {
 const roundBytes = 40 << 10
 
 // filler writes the rows of a busy account: Signal sessions (the bulk: a few KB each with their ratchet states),
-// identity keys, pre-keys, group sender keys, message secrets, app state mutation MACs and contacts.
+// identity keys, pre-keys, group sender keys, message secrets, app state mutation MACs, contacts, LID mappings and
+// privacy tokens.
 type filler struct {
 	db  *sql.DB
 	rng *rand.Rand
@@ -226,6 +227,8 @@ var fillStmts = []string{
 	`INSERT INTO whatsmeow_message_secrets (our_jid, chat_jid, sender_jid, message_id, key) VALUES (?, ?, ?, ?, ?)`,
 	`INSERT INTO whatsmeow_app_state_mutation_macs (jid, name, version, index_mac, value_mac) VALUES (?, ?, ?, ?, ?)`,
 	`INSERT INTO whatsmeow_contacts (our_jid, their_jid, first_name, full_name, push_name) VALUES (?, ?, ?, ?, ?)`,
+	`INSERT INTO whatsmeow_lid_map (lid, pn) VALUES (?, ?)`,
+	`INSERT INTO whatsmeow_privacy_tokens (our_jid, their_jid, token, timestamp) VALUES (?, ?, ?, ?)`,
 }
 
 const (
@@ -236,6 +239,8 @@ const (
 	stSecret
 	stMAC
 	stContact
+	stLID
+	stPrivacy
 )
 
 func (f *filler) batch(ctx context.Context, rounds int) (err error) {
@@ -285,6 +290,14 @@ func (f *filler) round(ctx context.Context, st []*sql.Stmt) error {
 		}
 		if err := exec(stContact, f.our, contact+"@s.whatsapp.net", "Contact", fmt.Sprintf("Contact %d", f.n*10+i), fmt.Sprintf("~user%d", r.IntN(1e6))); err != nil {
 			return err
+		}
+		if err := exec(stLID, fmt.Sprintf("%015d", 100_000_000_000_000+f.n*10+i), contact); err != nil {
+			return err
+		}
+		if i%3 == 0 {
+			if err := exec(stPrivacy, f.our, contact+"@s.whatsapp.net", randBytes(r, 24), 1_700_000_000+f.n); err != nil {
+				return err
+			}
 		}
 	}
 	for i := range 10 {

@@ -1,6 +1,7 @@
 package wastore_test
 
 import (
+	"database/sql"
 	"os"
 	"path/filepath"
 	"testing"
@@ -60,6 +61,30 @@ func TestCreateSizes(t *testing.T) {
 		}
 		if size > 0 && n == 0 {
 			t.Errorf("target %d: no uploaded pre-keys", size)
+		}
+		contacts, err := dev.Contacts.GetAllContacts(t.Context())
+		if err != nil {
+			t.Fatalf("whatsmeow cannot read the generated contacts: %v", err)
+		}
+		if size > 0 && len(contacts) == 0 {
+			t.Errorf("target %d: no contacts", size)
+		}
+		if size >= 1<<20 {
+			// Every Signal table whatsmeow keeps for a busy account has rows.
+			db, err := sql.Open("sqlite", wastore.DSN(path))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, table := range []string{"whatsmeow_sessions", "whatsmeow_identity_keys", "whatsmeow_pre_keys",
+				"whatsmeow_sender_keys", "whatsmeow_message_secrets", "whatsmeow_app_state_mutation_macs",
+				"whatsmeow_app_state_version", "whatsmeow_app_state_sync_keys", "whatsmeow_contacts",
+				"whatsmeow_lid_map", "whatsmeow_privacy_tokens"} {
+				var n int
+				if err := db.QueryRowContext(t.Context(), "SELECT count(*) FROM "+table).Scan(&n); err != nil || n == 0 {
+					t.Errorf("target %d: %s has %d rows (%v)", size, table, n, err)
+				}
+			}
+			_ = db.Close()
 		}
 		if err := c.Close(); err != nil {
 			t.Fatal(err)
