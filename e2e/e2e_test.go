@@ -578,6 +578,45 @@ func TestSplitTopology(t *testing.T) {
 		}
 	})
 
+	t.Run("the CLI commands the deploy guides use work against the processes", func(t *testing.T) {
+		// docker compose exec backup blacksky backup-now
+		out := run(t, bin, clientEnv, "backup-now", "--reason", "cli", "--timeout", "30s")
+		var rep bus.BackupReply
+		if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &rep); err != nil || !rep.OK || rep.Snapshot == nil {
+			t.Errorf("backup-now printed %q (%v), want an ok reply with a snapshot", out, err)
+		}
+		// The image's HEALTHCHECK.
+		if out := run(t, bin, clientEnv, "healthcheck"); strings.TrimSpace(out) != "ok" {
+			t.Errorf("healthcheck printed %q, want ok", out)
+		}
+		// WhatsApp is unreachable here: not ready, with reasons.
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", httpPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || !bytes.Contains(body, []byte("whatsapp")) && !bytes.Contains(body, []byte("WhatsApp")) {
+			t.Errorf("/readyz = %d %s, want 503 naming WhatsApp", resp.StatusCode, body)
+		}
+		// Neither /status (even with the token) nor /metrics shows a secret.
+		for _, path := range []string{"/status", "/metrics", "/readyz"} {
+			req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", httpPort, path), nil)
+			req.Header.Set("Authorization", "Bearer "+healthToken)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, sec := range secrets {
+				if bytes.Contains(body, []byte(sec)) {
+					t.Errorf("%s shows a secret", path)
+				}
+			}
+		}
+	})
+
 	// WhatsApp traffic changes the store between snapshots; without a change
 	// the shutdown snapshot would be "unchanged" and not stored again.
 	touchStore(t, sessionPath)
