@@ -130,6 +130,7 @@ func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Qu
 	}
 	if cfg.PollInterval > 0 {
 		rc.FetchPollInterval = cfg.PollInterval
+		rc.FetchCooldown = min(river.FetchCooldownDefault, cfg.PollInterval)
 	}
 	if cfg.Interval > 0 {
 		interval := cfg.Interval

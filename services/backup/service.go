@@ -215,6 +215,9 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		subs = append(subs, sub)
 	}
+	// Answer P.session.restore only now: once the gateway hears back, it may
+	// ask for snapshots at once.
+	close(s.ready)
 	s.setState()
 
 	<-ctx.Done()
@@ -423,7 +426,6 @@ func (s *Service) restorer(st Store) *Restorer {
 
 // restoreOnStart restores if needed and opens the P.session.restore answers.
 func (s *Service) restoreOnStart(ctx context.Context, st Store) {
-	defer close(s.ready)
 	res, err := s.restorer(st).RestoreOnStart(ctx)
 	if err != nil && st != nil && !errors.Is(err, ErrKey) {
 		// The database failed mid-restore: the local fallback may still do.
@@ -723,7 +725,7 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 	s.state = bus.StateStopping
 	s.mu.Unlock()
 	budget := s.cfg.ShutdownTimeout * 7 / 10
-	ctx, cancel := clockwork.WithTimeout(context.Background(), s.clock, budget)
+	ctx, cancel := withTimeout(context.Background(), s.clock, budget)
 	defer cancel()
 
 	st, q := s.backend()
@@ -732,7 +734,7 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 		saved = s.shutdownSnapshot(ctx, q, budget*6/10)
 	}
 	if q != nil {
-		sctx, scancel := clockwork.WithTimeout(ctx, s.clock, budget*2/10)
+		sctx, scancel := withTimeout(ctx, s.clock, budget*2/10)
 		if err := q.Stop(sctx); err != nil {
 			s.log.Warn("river stop", "err", err)
 		}
@@ -757,7 +759,7 @@ func (s *Service) shutdownSnapshot(ctx context.Context, q Queue, wait time.Durat
 		w, gen, _ := s.co.add(bus.ReasonShutdown, true)
 		// Always insert: a pending shutdown job from conn.stopped may have
 		// read the store before the gateway's last writes.
-		ectx, cancel := clockwork.WithTimeout(ctx, s.clock, wait)
+		ectx, cancel := withTimeout(ctx, s.clock, wait)
 		defer cancel()
 		if _, err := q.Enqueue(ectx, bus.ReasonShutdown, gen); err == nil {
 			select {
@@ -790,4 +792,16 @@ func (s *Service) release(st Store) {
 	s.leaseHeld = false
 	s.mu.Unlock()
 	s.log.Info("session lease released")
+}
+
+// withTimeout is context.WithTimeout on the injected clock. (clockwork's own
+// WithTimeout has an Err that blocks until the deadline, which breaks every
+// library that polls ctx.Err().)
+func withTimeout(parent context.Context, clock clockwork.Clock, d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(parent)
+	t := clock.AfterFunc(d, func() { cancel(context.DeadlineExceeded) })
+	return ctx, func() {
+		t.Stop()
+		cancel(context.Canceled)
+	}
 }

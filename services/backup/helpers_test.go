@@ -1,0 +1,257 @@
+package backup_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"maps"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/wastore"
+	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/postgres"
+	"github.com/blacksky-md/blacksky/services/backup/sqlite"
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/config"
+	"github.com/blacksky-md/blacksky/shared/logging"
+	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
+)
+
+// waitFor polls cond until it holds or d passes.
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond) // polling interval, not a wait for an outcome
+	}
+}
+
+// database is where snapshots and leases live for one test: a PostgreSQL
+// schema or a SQLite file, shared by every instance the test starts.
+type database struct {
+	kind string
+	url  string // postgres
+	path string // sqlite
+}
+
+func newDatabase(t testing.TB, kind string) database {
+	t.Helper()
+	if kind == "postgres" {
+		return database{kind: kind, url: testdb.Postgres(t).URL}
+	}
+	return database{kind: kind, path: filepath.Join(t.TempDir(), "blacksky.db")}
+}
+
+func (d database) open(ctx context.Context) (backup.Store, error) {
+	if d.kind == "postgres" {
+		return postgres.Open(ctx, postgres.Options{URL: d.url, MaxConns: 5})
+	}
+	return sqlite.Open(ctx, d.path)
+}
+
+// mustOpen opens and migrates the database for direct inspection.
+func (d database) mustOpen(t testing.TB) backup.Store {
+	t.Helper()
+	st, err := d.open(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Migrate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(st.Close)
+	return st
+}
+
+var kinds = []string{"sqlite", "postgres"}
+
+// instance is one running backup service with its own data dir and bus, as
+// a dyno or container would have.
+type instance struct {
+	t       testing.TB
+	cfg     *config.Config
+	svc     *backup.Service
+	nc      *nats.Conn
+	subj    bus.Subjects
+	clock   *clockwork.FakeClock
+	cancel  context.CancelFunc
+	done    chan error
+	dataDir string
+	name    string
+}
+
+type instOpts struct {
+	env      map[string]string
+	dataDir  string
+	name     string
+	open     func(context.Context) (backup.Store, error)
+	dbWait   time.Duration
+	noWait   bool // do not wait for the restore to be done
+	leaseTTL time.Duration
+}
+
+const session = "Test-Session"
+
+func testEnv(dataDir string) map[string]string {
+	return map[string]string{
+		"SESSION_ID":       session,
+		"DATA_DIR":         dataDir,
+		"BACKUP_INTERVAL":  "60m",
+		"BACKUP_RETENTION": "10",
+		"SHUTDOWN_TIMEOUT": "20s",
+	}
+}
+
+func start(t testing.TB, db database, o instOpts) *instance {
+	t.Helper()
+	if o.dataDir == "" {
+		o.dataDir = t.TempDir()
+	}
+	if o.name == "" {
+		o.name = "i-" + randHex(4)
+	}
+	env := testEnv(o.dataDir)
+	maps.Copy(env, o.env)
+	cfg, err := config.Load(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := bus.StartServer(bus.ServerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Shutdown)
+	log := logging.New(testWriter{t}, logging.Options{Level: cfg.LogLevel, Format: "text", Secrets: cfg.Secrets()})
+	nc, err := srv.Connect("test-"+o.name, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	open := o.open
+	if open == nil {
+		open = db.open
+	}
+	clock := clockwork.NewFakeClock()
+	svc, err := backup.New(backup.Options{Config: cfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
+		Instance: o.name, Open: open, DBWait: o.dbWait, LeaseTTL: o.leaseTTL, QueuePollInterval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	in := &instance{t: t, cfg: cfg, svc: svc, nc: nc, subj: bus.NewSubjects(session), clock: clock, cancel: cancel,
+		done: make(chan error, 1), dataDir: o.dataDir, name: o.name}
+	go func() { in.done <- svc.Run(ctx) }()
+	t.Cleanup(func() { in.stop() })
+	if !o.noWait {
+		in.restoreReply(20 * time.Second)
+	}
+	return in
+}
+
+// stop cancels Run and waits for its graceful end.
+func (in *instance) stop() error {
+	in.t.Helper()
+	in.cancel()
+	select {
+	case err := <-in.done:
+		in.done <- err
+		return err
+	case <-time.After(30 * time.Second):
+		in.t.Fatalf("%s: Run did not return after cancel", in.name)
+		return nil
+	}
+}
+
+func (in *instance) restoreReply(d time.Duration) bus.RestoreReply {
+	in.t.Helper()
+	var rep bus.RestoreReply
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	for {
+		// Run subscribes in its own goroutine: no responders means not yet.
+		err := bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+		if errors.Is(err, nats.ErrNoResponders) && ctx.Err() == nil {
+			time.Sleep(5 * time.Millisecond) // poll interval
+			continue
+		}
+		if err != nil {
+			in.t.Fatalf("%s: session.restore: %v", in.name, err)
+		}
+		return rep
+	}
+}
+
+func (in *instance) backupNow(reason string) bus.BackupReply {
+	in.t.Helper()
+	var rep bus.BackupReply
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := bus.Request(ctx, in.nc, in.subj.BackupRequest(), bus.BackupRequest{Reason: reason}, &rep); err != nil {
+		in.t.Fatalf("%s: backup.request: %v", in.name, err)
+	}
+	return rep
+}
+
+func (in *instance) sessionPath() string { return filepath.Join(in.dataDir, "session.db") }
+
+// newStore creates a linked whatsmeow store of about size bytes in dir.
+func newStore(t testing.TB, dir string, size int64) string {
+	t.Helper()
+	p := filepath.Join(dir, "session.db")
+	if err := wastore.Create(context.Background(), p, size); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// write commits n numbered rows into the store, as the gateway would.
+func write(t testing.TB, path string, n int) int64 {
+	t.Helper()
+	w, err := wastore.StartWriter(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := w.Last()
+	waitFor(t, 10*time.Second, "writes", func() bool { return w.Last() >= start+int64(n) })
+	last, err := w.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return last
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return !errors.Is(err, os.ErrNotExist)
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(p))
+	return len(p), nil
+}

@@ -1,0 +1,492 @@
+package backup_test
+
+import (
+	"context"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/internal/wastore"
+	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats.go"
+)
+
+// restoreInto restores the newest snapshot of db into a fresh dir and returns
+// the session path.
+func restoreInto(t *testing.T, st backup.Store, key []byte) (string, backup.RestoreResult) {
+	t.Helper()
+	dir := t.TempDir()
+	r := &backup.Restorer{Store: st, Session: session, SessionPath: dir + "/session.db",
+		Local: backup.Local{Dir: dir + "/backups"}, TmpDir: dir, Key: key, Log: discard()}
+	res, err := r.Restore(context.Background(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.SessionPath, res
+}
+
+func TestSnapshotWhileWritingRestoresCommittedPrefix(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			dir := t.TempDir()
+			path := newStore(t, dir, 2<<20)
+			write(t, path, 5)
+			in := start(t, db, instOpts{dataDir: dir})
+
+			w, err := wastore.StartWriter(context.Background(), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, 10*time.Second, "writer running", func() bool { return w.Last() > 10 })
+			rep := in.backupNow("manual")
+			last, err := w.Stop()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !rep.OK || rep.Snapshot == nil || rep.Snapshot.ID == 0 || rep.Snapshot.Unchanged || rep.JobID == 0 {
+				t.Fatalf("reply = %+v", rep)
+			}
+
+			st := db.mustOpen(t)
+			restored, res := restoreInto(t, st, nil)
+			if res.SnapshotID != rep.Snapshot.ID || res.Source != bus.SourceDatabase {
+				t.Fatalf("restored %+v; want snapshot %d from the database", res, rep.Snapshot.ID)
+			}
+			if err := snapshot.Check(context.Background(), restored); err != nil {
+				t.Fatalf("restored store fails integrity_check: %v", err)
+			}
+			count, maxN, err := wastore.Writes(context.Background(), restored)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if count != maxN || maxN < 15 || maxN > last {
+				t.Fatalf("restored writes: count %d, max %d, writer reached %d: not a committed prefix", count, maxN, last)
+			}
+			// The local fallback holds the same snapshot.
+			files, _ := backup.Local{Dir: dir + "/backups"}.List()
+			if len(files) != 1 || files[0].SHA256 != rep.Snapshot.SHA256 {
+				t.Fatalf("local fallback = %+v", files)
+			}
+		})
+	}
+}
+
+func TestUnchangedStoreNotStoredAgain(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 256<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	first := in.backupNow("manual")
+	second := in.backupNow("manual")
+	if !first.OK || first.Snapshot.Unchanged {
+		t.Fatalf("first = %+v", first)
+	}
+	if !second.OK || !second.Snapshot.Unchanged || second.Snapshot.ID != first.Snapshot.ID || second.Snapshot.SHA256 != first.Snapshot.SHA256 {
+		t.Fatalf("second = %+v; want unchanged with id %d", second.Snapshot, first.Snapshot.ID)
+	}
+	if l, _ := db.mustOpen(t).List(context.Background(), session, 10); len(l) != 1 {
+		t.Fatalf("%d rows; want 1", len(l))
+	}
+}
+
+func TestUnpairedStoreNeverStored(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			dir := t.TempDir()
+			if err := wastore.CreateUnpaired(context.Background(), dir+"/session.db"); err != nil {
+				t.Fatal(err)
+			}
+			in := start(t, db, instOpts{dataDir: dir})
+			rep := in.backupNow("manual")
+			if rep.OK || !strings.Contains(rep.Error, "no linked device") {
+				t.Fatalf("reply = %+v; want ok:false naming the missing device", rep)
+			}
+			if err := in.stop(); err != nil { // the shutdown snapshot must skip it too
+				t.Fatal(err)
+			}
+			if l, _ := db.mustOpen(t).List(context.Background(), session, 10); len(l) != 0 {
+				t.Fatalf("unpaired store stored: %+v", l)
+			}
+			if files, _ := (backup.Local{Dir: dir + "/backups"}).List(); len(files) != 0 {
+				t.Fatalf("unpaired store in the local fallback: %+v", files)
+			}
+		})
+	}
+}
+
+func TestBurstOfRequestsCoalesces(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			dir := t.TempDir()
+			newStore(t, dir, 1<<20)
+			in := start(t, db, instOpts{dataDir: dir})
+
+			const n = 100
+			replies := make([]bus.BackupReply, n)
+			errs := make([]error, n)
+			var wg sync.WaitGroup
+			began := time.Now()
+			for i := range n {
+				wg.Go(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+					defer cancel()
+					errs[i] = bus.Request(ctx, in.nc, in.subj.BackupRequest(), bus.BackupRequest{}, &replies[i])
+				})
+			}
+			wg.Wait()
+			t.Logf("100 requests answered in %s", time.Since(began))
+			jobs := map[int64]bool{}
+			ids := map[int64]bool{}
+			for i, r := range replies {
+				if errs[i] != nil || !r.OK || r.Snapshot == nil || r.Snapshot.ID == 0 || len(r.Snapshot.SHA256) != 64 {
+					t.Fatalf("reply %d = %+v, %v", i, r, errs[i])
+				}
+				jobs[r.JobID] = true
+				ids[r.Snapshot.ID] = true
+			}
+			rows, _ := db.mustOpen(t).List(context.Background(), session, 100)
+			if len(jobs) > 2 || len(rows) > 2 {
+				t.Fatalf("%d jobs and %d rows for a burst; want at most 2", len(jobs), len(rows))
+			}
+			for id := range ids {
+				found := false
+				for _, r := range rows {
+					found = found || r.ID == id
+				}
+				if !found {
+					t.Fatalf("reply names snapshot %d, not in the database", id)
+				}
+			}
+		})
+	}
+}
+
+// A request that arrives after a snapshot has read the store must get a later
+// snapshot: one that holds the writes made before the request.
+func TestRequestCoveredBySnapshotReadAfterIt(t *testing.T) {
+	db := newDatabase(t, "postgres")
+	dir := t.TempDir()
+	path := newStore(t, dir, 256<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	for range 3 {
+		last := write(t, path, 3)
+		rep := in.backupNow("manual")
+		if !rep.OK || rep.Snapshot.Unchanged {
+			t.Fatalf("reply = %+v", rep)
+		}
+		restored, res := restoreInto(t, db.mustOpen(t), nil)
+		_, maxN, err := wastore.Writes(context.Background(), restored)
+		if err != nil || res.SnapshotID != rep.Snapshot.ID || maxN < last {
+			t.Fatalf("snapshot %d holds writes up to %d (%v); the request came after write %d", rep.Snapshot.ID, maxN, err, last)
+		}
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	for _, body := range []string{`{bad`, `{"reason":"manual","extra":1}`, `[]`, `{"reason":"Bad Reason"}`, `{"reason":"x"} {}`} {
+		msg, err := in.nc.Request(in.subj.BackupRequest(), []byte(body), 5*time.Second)
+		if err != nil {
+			t.Fatalf("%s: %v", body, err)
+		}
+		var rep bus.BackupReply
+		if err := jsonUnmarshal(msg.Data, &rep); err != nil || rep.OK || rep.Error == "" {
+			t.Fatalf("%s: reply %s; want ok:false with the reason", body, msg.Data)
+		}
+	}
+	// A plain publish (no reply subject) enqueues a snapshot.
+	done := make(chan *nats.Msg, 1)
+	sub, err := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := in.nc.Publish(in.subj.BackupRequest(), nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-done:
+		var ev bus.BackupDone
+		if err := jsonUnmarshal(m.Data, &ev); err != nil || ev.SnapshotID == 0 || ev.Reason != "manual" || ev.Session != session || ev.StoredBytes == 0 {
+			t.Fatalf("backup.done = %s", m.Data)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("plain publish did not produce a snapshot")
+	}
+}
+
+func TestPairedEventTakesSnapshot(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	done := make(chan *nats.Msg, 4)
+	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
+	defer sub.Unsubscribe()
+	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnPaired), bus.ConnEvent{Kind: bus.ConnPaired, JID: "1@s.whatsapp.net"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-done:
+		var ev bus.BackupDone
+		_ = jsonUnmarshal(m.Data, &ev)
+		if ev.Reason != bus.ReasonPaired || ev.SnapshotID == 0 {
+			t.Fatalf("backup.done = %s", m.Data)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("conn.paired did not produce a snapshot")
+	}
+	rows, _ := db.mustOpen(t).List(context.Background(), session, 10)
+	if len(rows) != 1 || rows[0].Reason != bus.ReasonPaired {
+		t.Fatalf("rows = %+v", rows)
+	}
+}
+
+func TestRestoreOnStartFromDatabase(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			key := randHex(32)
+			env := map[string]string{"SESSION_ENCRYPTION_KEY": key}
+			dir := t.TempDir()
+			path := newStore(t, dir, 512<<10)
+			last := write(t, path, 7)
+			first := start(t, db, instOpts{dataDir: dir, env: env})
+			if rep := first.restoreReply(time.Second); !rep.OK || rep.Restored || rep.Source != bus.SourceExisting {
+				t.Fatalf("first restore reply = %+v", rep)
+			}
+			if err := first.stop(); err != nil {
+				t.Fatal(err)
+			}
+			// A new dyno: empty disk, same database.
+			second := start(t, db, instOpts{env: env})
+			rep := second.restoreReply(time.Second)
+			if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase || rep.SnapshotID == 0 {
+				t.Fatalf("restore reply = %+v", rep)
+			}
+			if again := second.restoreReply(time.Second); again != rep {
+				t.Fatalf("second ask = %+v; want the same %+v", again, rep)
+			}
+			_, maxN, err := wastore.Writes(context.Background(), second.sessionPath())
+			if err != nil || maxN != last {
+				t.Fatalf("restored store has writes up to %d (%v); want %d", maxN, err, last)
+			}
+			rows, _ := db.mustOpen(t).List(context.Background(), session, 10)
+			if len(rows) != 1 || rows[0].Reason != bus.ReasonShutdown {
+				t.Fatalf("rows = %+v; want the one shutdown snapshot", rows)
+			}
+		})
+	}
+}
+
+func TestCorruptNewestSnapshotSkipped(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			dir := t.TempDir()
+			path := newStore(t, dir, 256<<10)
+			in := start(t, db, instOpts{dataDir: dir})
+			good := in.backupNow("manual")
+			write(t, path, 2)
+			newest := in.backupNow("manual")
+			if err := in.stop(); err != nil {
+				t.Fatal(err)
+			}
+			st := db.mustOpen(t)
+			// Damage the newest snapshot: copy its payload into a newer row
+			// with one byte flipped in the body.
+			p, err := st.Payload(context.Background(), newest.Snapshot.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p[len(p)/2] ^= 0x40
+			bad, err := st.InsertSnapshot(context.Background(), backup.NewSnapshot{SessionID: session,
+				CreatedAt: time.Now().Add(time.Hour), Reason: "manual", SHA256: newest.Snapshot.SHA256,
+				SizeBytes: newest.Snapshot.Bytes, StoredBytes: int64(len(p)), Format: snapshot.FormatV1, Payload: p}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, res := restoreInto(t, st, nil)
+			if res.SnapshotID == bad || res.SnapshotID != newest.Snapshot.ID || res.SnapshotID == good.Snapshot.ID {
+				t.Fatalf("restored %d; want %d (bad %d skipped)", res.SnapshotID, newest.Snapshot.ID, bad)
+			}
+		})
+	}
+}
+
+func TestWrongKeyRefusedNothingOverwritten(t *testing.T) {
+	db := newDatabase(t, "postgres")
+	dir := t.TempDir()
+	newStore(t, dir, 256<<10)
+	in := start(t, db, instOpts{dataDir: dir, env: map[string]string{"SESSION_ENCRYPTION_KEY": randHex(32)}})
+	if rep := in.backupNow("manual"); !rep.OK {
+		t.Fatalf("backup: %+v", rep)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	// A dyno with another key and a damaged session store: restore must be
+	// refused, naming the variable, and the damaged file left as it was.
+	dir2 := t.TempDir()
+	damaged := []byte("not a sqlite database, but the operator's to inspect")
+	if err := os.WriteFile(dir2+"/session.db", damaged, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := start(t, db, instOpts{dataDir: dir2, env: map[string]string{"SESSION_ENCRYPTION_KEY": randHex(32)}})
+	rep := other.restoreReply(time.Second)
+	if rep.OK || !strings.Contains(rep.Error, "SESSION_ENCRYPTION_KEY") {
+		t.Fatalf("restore reply = %+v; want ok:false naming SESSION_ENCRYPTION_KEY", rep)
+	}
+	got, _ := os.ReadFile(dir2 + "/session.db")
+	if string(got) != string(damaged) {
+		t.Fatal("session.db was overwritten")
+	}
+}
+
+func TestLeaseHandover(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			dirA := t.TempDir()
+			path := newStore(t, dirA, 256<<10)
+			a := start(t, db, instOpts{dataDir: dirA, name: "dyno-a"})
+
+			standby := make(chan *nats.Msg, 16)
+			b := start(t, db, instOpts{name: "dyno-b", noWait: true})
+			sub, _ := b.nc.ChanSubscribe(b.subj.Conn(bus.ConnStandby), standby)
+			defer sub.Unsubscribe()
+			// b waits: it announces standby (advance its clock to see a retry).
+			select {
+			case <-standby:
+			case <-advanceUntil(t, b, standby):
+			}
+			// While a holds the lease, b does not answer the restore question.
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			var rep bus.RestoreReply
+			err := bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep)
+			cancel()
+			if err == nil {
+				t.Fatalf("standby instance answered restore: %+v", rep)
+			}
+			// a keeps writing, then stops: shutdown snapshot, lease released.
+			last := write(t, path, 9)
+			if err := a.stop(); err != nil {
+				t.Fatal(err)
+			}
+			// b takes over and restores what a left.
+			waitFor(t, 20*time.Second, "b to take over", func() bool {
+				b.clock.Advance(10 * time.Second)
+				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+				defer cancel()
+				return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
+			})
+			if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase {
+				t.Fatalf("b restore = %+v", rep)
+			}
+			_, maxN, err := wastore.Writes(context.Background(), b.sessionPath())
+			if err != nil || maxN != last {
+				t.Fatalf("b restored writes up to %d (%v); a's last write was %d", maxN, err, last)
+			}
+			lease, held, err := db.mustOpen(t).AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute)
+			if err != nil || held || lease.Holder != "dyno-b" {
+				t.Fatalf("lease = %+v held=%v err=%v; want dyno-b", lease, held, err)
+			}
+		})
+	}
+}
+
+// advanceUntil advances in's clock until ch has a message (returned through
+// a closed channel so it can sit in a select).
+func advanceUntil(t *testing.T, in *instance, ch chan *nats.Msg) <-chan struct{} {
+	t.Helper()
+	out := make(chan struct{})
+	waitFor(t, 20*time.Second, "standby event", func() bool {
+		select {
+		case m := <-ch:
+			ch <- m
+			return true
+		default:
+			in.clock.Advance(5 * time.Second)
+			return false
+		}
+	})
+	close(out)
+	return out
+}
+
+func TestShutdownSnapshotAndRelease(t *testing.T) {
+	db := newDatabase(t, "postgres")
+	dir := t.TempDir()
+	path := newStore(t, dir, 256<<10)
+	in := start(t, db, instOpts{dataDir: dir, name: "dyno-a"})
+	first := in.backupNow("manual")
+	last := write(t, path, 4)
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	st := db.mustOpen(t)
+	rows, _ := st.List(context.Background(), session, 10)
+	if len(rows) != 2 || rows[0].Reason != bus.ReasonShutdown || rows[1].ID != first.Snapshot.ID {
+		t.Fatalf("rows = %+v; want a shutdown snapshot on top", rows)
+	}
+	restored, _ := restoreInto(t, st, nil)
+	if _, maxN, _ := wastore.Writes(context.Background(), restored); maxN != last {
+		t.Fatalf("shutdown snapshot holds writes up to %d; want %d", maxN, last)
+	}
+	if _, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute); !held || err != nil {
+		t.Fatalf("lease not released: %v %v", held, err)
+	}
+}
+
+func TestDatabaseDownUsesLocalFallback(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 256<<10)
+	down := func(context.Context) (backup.Store, error) { return nil, os.ErrDeadlineExceeded }
+	// First run: no database at all; snapshots go to the local fallback.
+	in := start(t, db, instOpts{dataDir: dir, open: down, dbWait: time.Nanosecond})
+	rep := in.backupNow("manual")
+	if !rep.OK || rep.Snapshot.ID != 0 || rep.Snapshot.SHA256 == "" {
+		t.Fatalf("degraded reply = %+v; want ok with a local snapshot (id 0)", rep)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	// The session store is lost; the database is still down: restore from
+	// the local fallback.
+	for _, side := range []string{"", "-wal", "-shm"} {
+		_ = os.Remove(dir + "/session.db" + side)
+	}
+	again := start(t, db, instOpts{dataDir: dir, open: down, dbWait: time.Nanosecond})
+	r := again.restoreReply(time.Second)
+	if !r.OK || !r.Restored || r.Source != bus.SourceLocal {
+		t.Fatalf("restore = %+v; want from the local fallback", r)
+	}
+	if has, err := snapshot.HasDevice(context.Background(), again.sessionPath()); err != nil || !has {
+		t.Fatalf("restored store: device %v, %v", has, err)
+	}
+}
+
+func TestPlaintextRefusedInProduction(t *testing.T) {
+	env := testEnv(t.TempDir())
+	env["NODE_ENV"] = "production"
+	cfg := loadConfig(t, env)
+	_, err := backup.New(backup.Options{Config: cfg, NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open})
+	if err == nil || !strings.Contains(err.Error(), "SESSION_ENCRYPTION_KEY") {
+		t.Fatalf("err = %v; want a config error naming SESSION_ENCRYPTION_KEY", err)
+	}
+	env["ALLOW_PLAINTEXT_BACKUPS"] = "true"
+	if _, err := backup.New(backup.Options{Config: loadConfig(t, env), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open}); err != nil {
+		t.Fatalf("with ALLOW_PLAINTEXT_BACKUPS: %v", err)
+	}
+}
