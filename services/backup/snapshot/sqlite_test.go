@@ -536,3 +536,43 @@ func TestScratchFilesOfDeadProcessesAreRemoved(t *testing.T) {
 		t.Fatalf("directory holds %v, want %v", names, want)
 	}
 }
+
+// TestOddPaths: DATA_DIR is user input; spaces, URI metacharacters and relative paths must reach SQLite intact.
+func TestOddPaths(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	for _, rel := range []string{
+		"session.db",
+		"./data/session.db",
+		"with space/session.db",
+		"q?mark#hash%25pct&amp=1/session.db",
+	} {
+		t.Run(rel, func(t *testing.T) {
+			if err := os.MkdirAll(filepath.Dir(rel), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := wastore.Create(t.Context(), filepath.Join(dir, rel), 0); err != nil {
+				t.Fatal(err)
+			}
+			data, err := ReadConsistent(t.Context(), rel)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := Check(t.Context(), rel); err != nil {
+				t.Fatal(err)
+			}
+			if has, err := HasDevice(t.Context(), rel); err != nil || !has {
+				t.Fatalf("HasDevice = %v, %v", has, err)
+			}
+			if has, err := Verify(t.Context(), data, filepath.Dir(rel)); err != nil || !has {
+				t.Fatalf("Verify = %v, %v", has, err)
+			}
+			// Nothing was created under a mangled name.
+			for _, n := range dirNames(t, filepath.Dir(filepath.Join(dir, rel))) {
+				if n != "session.db" && !strings.HasPrefix(n, "session.db-") && n != "data" && n != "with space" && !strings.HasPrefix(n, "q?") {
+					t.Errorf("unexpected file %q", n)
+				}
+			}
+		})
+	}
+}
