@@ -210,8 +210,19 @@ func TestDecodeRejects(t *testing.T) {
 					rewriteCRC(q)
 				}),
 				key: v.key, want: ErrCorrupt},
+			// With the checksum fixed up, the AEAD (header as additional data) or the sha256 must still catch it.
 			tc{name: v.label + "/sha changed with valid header checksum",
-				payload: edit(v.payload, func(q []byte) { q[offSHA] ^= 1; rewriteCRC(q) }), key: v.key, want: ErrCorrupt},
+				payload: edit(v.payload, func(q []byte) { q[offSHA] ^= 1; rewriteCRC(q) }), key: v.key, want: ErrCorrupt,
+				msg: map[bool]string{true: "authentication failed", false: "sha256 mismatch"}[v.key != nil]},
+			tc{name: v.label + "/nonce changed with valid header checksum",
+				payload: edit(v.payload, func(q []byte) {
+					if v.key != nil {
+						q[offNonce] ^= 1
+					} else {
+						q[offNonce] = 1 // a nonce on a plaintext payload is itself malformed
+					}
+					rewriteCRC(q)
+				}), key: v.key, want: ErrCorrupt},
 			tc{name: v.label + "/bad magic", payload: edit(v.payload, func(q []byte) { copy(q, "SQLite f"); rewriteCRC(q) }),
 				key: v.key, want: ErrCorrupt, msg: "bad magic"},
 		)
