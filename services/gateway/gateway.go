@@ -8,7 +8,8 @@
 // The supervisor is the only thing that connects (whatsmeow's own
 // auto-reconnect is off). A transient failure (dial error, server disconnect,
 // connect failure, a login that never completes, keepalives failing for
-// longer than KeepaliveMaxFail, QR codes running out) schedules one retry
+// longer than KeepaliveMaxFail, a socket found dead by the periodic liveness
+// check, QR codes running out) schedules one retry
 // after Backoff.Delay(attempt): exponential with full jitter between
 // RECONNECT_MIN and RECONNECT_MAX. Each retry is published as
 // conn.reconnecting with attempt and delay_ms. The attempt counter resets
@@ -44,6 +45,16 @@
 // it. Snapshots after pairing and at shutdown are the backup service's
 // reaction to conn.paired and conn.stopped; conn.stopped is published only
 // after the store is closed.
+//
+// # Messages and owner commands
+//
+// Every incoming message is published on P.msg.in. P.msg.send is answered
+// ok:false for bad JSON, an unknown recipient form, no connection, or
+// SEND_RATE exhausted (refused at once with the wait until the next slot,
+// never queued), else sent and answered with id and timestamp. Messages from
+// OWNER_NUMBER (by phone JID, or by LID with the phone JID as SenderAlt)
+// starting with PREFIX run ping, status and backup; the owner is also told
+// when the bot is back after more than OfflineAlertAfter (5 min) offline.
 package gateway
 
 import (
