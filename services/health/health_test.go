@@ -581,3 +581,25 @@ func TestLateHeartbeatDoesNotUndoANewerEvent(t *testing.T) {
 		t.Fatalf("state = %q, want reconnecting", wa.State)
 	}
 }
+
+func TestExpiredQRIsNotShown(t *testing.T) {
+	t.Parallel()
+	b := setup(t, nil)
+	b.beat(t, "gateway", "web.1", bus.StatePairing, bus.GatewayDetails{WAState: bus.StatePairing})
+	exp := b.clock.Now().Add(20 * time.Second)
+	b.conn(t, bus.ConnEvent{Kind: bus.ConnQR, Code: "2@expiring", ExpiresAt: &exp})
+	state := func() PairDoc {
+		t.Helper()
+		_, body, _ := b.get(t, "/pair/state", bearer(testToken))
+		return decode[PairDoc](t, body)
+	}
+	if d := state(); d.Mode != "qr" || d.QRExpiresAt == nil {
+		t.Fatalf("fresh code: %+v", d)
+	}
+	b.advance(t, 10*time.Second)
+	b.beat(t, "gateway", "web.1", bus.StatePairing, bus.GatewayDetails{WAState: bus.StatePairing})
+	b.advance(t, 11*time.Second)
+	if d := state(); d.Mode != "waiting" || !strings.Contains(d.Message, "expired") {
+		t.Fatalf("expired code: %+v", d)
+	}
+}

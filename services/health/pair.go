@@ -62,6 +62,10 @@ func (s *Service) pairDoc() PairDoc {
 	case wa.State == bus.StatePairing && wa.PairCode != "":
 		d.Mode, d.PairCode = "code", wa.PairCode
 		d.Message = "On the phone: WhatsApp > Linked devices > Link a device > Link with phone number instead, then enter this code."
+	case wa.State == bus.StatePairing && wa.QR != "" && wa.QRExpiresAt != nil && s.clock.Now().After(*wa.QRExpiresAt):
+		// An expired code cannot link; showing it would only waste a scan.
+		d.Mode = "waiting"
+		d.Message = "The QR code expired; waiting for the gateway to offer a new one."
 	case wa.State == bus.StatePairing && wa.QR != "":
 		d.Mode, d.QRVersion, d.QRExpiresAt = "qr", wa.QRVersion, wa.QRExpiresAt
 		d.Message = "On the phone: WhatsApp > Linked devices > Link a device, then scan this code. It changes every few seconds; this page follows."
