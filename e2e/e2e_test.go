@@ -24,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	_ "modernc.org/sqlite" // the pure-Go "sqlite" driver, to touch and read session stores
@@ -421,6 +422,49 @@ func deviceJID(t *testing.T, path string) string {
 	return jid
 }
 
+// service is one blacksky service of docker-compose.yml: the arguments of
+// its command and its resolved environment.
+type service struct {
+	args []string
+	env  env
+}
+
+// composeTopology loads docker-compose.yml as `docker compose` does, with
+// dotenv as the content of .env, and returns the blacksky services.
+func composeTopology(t *testing.T, dotenv map[string]string) map[string]service {
+	t.Helper()
+	var list []string
+	for k, v := range dotenv {
+		list = append(list, k+"="+v)
+	}
+	opts, err := cli.NewProjectOptions([]string{"../docker-compose.yml"}, cli.WithWorkingDirectory(".."), cli.WithEnv(list))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := opts.LoadProject(context.Background())
+	if err != nil {
+		t.Fatalf("load docker-compose.yml: %v", err)
+	}
+	out := map[string]service{}
+	for _, name := range []string{"gateway", "backup", "health"} {
+		s, ok := p.Services[name]
+		if !ok {
+			t.Fatalf("docker-compose.yml has no %s service", name)
+		}
+		if len(s.Command) < 2 || s.Command[0] != "blacksky" {
+			t.Fatalf("%s command = %q, want blacksky <role>", name, s.Command)
+		}
+		e := env{}
+		for k, v := range s.Environment {
+			if v != nil {
+				e[k] = *v
+			}
+		}
+		out[name] = service{args: s.Command[1:], env: e}
+	}
+	return out
+}
+
 // TestSplitTopology is docker-compose.yml without docker: gateway (with the
 // embedded NATS on TCP and a token), backup and health as three processes
 // of the real binary, on a real PostgreSQL and one shared DATA_DIR.
@@ -447,25 +491,31 @@ func TestSplitTopology(t *testing.T) {
 	httpPort := freePort(t)
 	statusURL := fmt.Sprintf("http://127.0.0.1:%d/status", httpPort)
 
-	// What .env and docker-compose.yml give every service.
-	base := env{
-		"SESSION_ID":                 session,
-		"DATA_DIR":                   dataDir,
-		"DATABASE_URL":               db.URL,
-		"NATS_TOKEN":                 natsToken,
-		"HEALTH_TOKEN":               healthToken,
-		"SESSION_ENCRYPTION_KEY":     key,
-		"NODE_ENV":                   "production",
-		"LOG_LEVEL":                  "debug",
-		"SHUTDOWN_TIMEOUT":           "15s",
-		"BACKUP_INTERVAL":            "60",
-		"RECONNECT_MIN":              "1s",
-		"RECONNECT_MAX":              "5s",
-		"ENABLE_MEMORY_OPTIMIZATION": "false",
-		"PORT":                       strconv.Itoa(httpPort),
+	// The services as docker-compose.yml defines them, with .env holding the
+	// three secrets; then what differs outside Docker: loopback instead of
+	// the compose network, temporary folders, the test database, free ports.
+	svcs := composeTopology(t, map[string]string{
+		"NATS_TOKEN": natsToken, "HEALTH_TOKEN": healthToken, "SESSION_ENCRYPTION_KEY": key,
+	})
+	local := func(name, dir string, port int) env {
+		e := svcs[name].env.with(
+			"SESSION_ID", session, // isolates this run's subjects, rows and lease
+			"DATA_DIR", dir,
+			"DATABASE_URL", db.URL,
+			"PORT", strconv.Itoa(port),
+			"LOG_LEVEL", "debug",
+			"SHUTDOWN_TIMEOUT", "15s",
+		)
+		if _, ok := e["NATS_LISTEN"]; ok {
+			e["NATS_LISTEN"] = natsAddr
+		}
+		if _, ok := e["NATS_URL"]; ok {
+			e["NATS_URL"] = natsURL
+		}
+		return e
 	}
-	gatewayEnv := base.with("NATS_LISTEN", natsAddr)
-	clientEnv := base.with("NATS_URL", natsURL)
+	// One-shot commands run as `docker compose exec backup blacksky ...`.
+	base := local("backup", dataDir, httpPort)
 
 	// The Heroku release phase, and what compose's backup does at start.
 	run(t, bin, base, "migrate")
@@ -473,9 +523,9 @@ func TestSplitTopology(t *testing.T) {
 
 	// Compose's start order: backup, gateway, health. Backup's NATS client
 	// retries until the gateway's embedded server is up.
-	backup := start(t, bin, "backup", clientEnv, "backup")
-	gateway := start(t, bin, "gateway", gatewayEnv, "gateway")
-	health := start(t, bin, "health", clientEnv, "health")
+	backup := start(t, bin, "backup", local("backup", dataDir, httpPort), svcs["backup"].args...)
+	gateway := start(t, bin, "gateway", local("gateway", dataDir, httpPort), svcs["gateway"].args...)
+	health := start(t, bin, "health", local("health", dataDir, httpPort), svcs["health"].args...)
 
 	nc, err := bus.Connect(natsURL, natsToken, "e2e", slog.New(slog.DiscardHandler))
 	if err != nil {
@@ -580,13 +630,13 @@ func TestSplitTopology(t *testing.T) {
 
 	t.Run("the CLI commands the deploy guides use work against the processes", func(t *testing.T) {
 		// docker compose exec backup blacksky backup-now
-		out := run(t, bin, clientEnv, "backup-now", "--reason", "cli", "--timeout", "30s")
+		out := run(t, bin, base, "backup-now", "--reason", "cli", "--timeout", "30s")
 		var rep bus.BackupReply
 		if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &rep); err != nil || !rep.OK || rep.Snapshot == nil {
 			t.Errorf("backup-now printed %q (%v), want an ok reply with a snapshot", out, err)
 		}
 		// The image's HEALTHCHECK.
-		if out := run(t, bin, clientEnv, "healthcheck"); strings.TrimSpace(out) != "ok" {
+		if out := run(t, bin, local("health", dataDir, httpPort), "healthcheck"); strings.TrimSpace(out) != "ok" {
 			t.Errorf("healthcheck printed %q, want ok", out)
 		}
 		// WhatsApp is unreachable here: not ready, with reasons.
@@ -647,9 +697,8 @@ func TestSplitTopology(t *testing.T) {
 	t.Run("a fresh data folder comes back restored", func(t *testing.T) {
 		fresh := t.TempDir()
 		freshPath := filepath.Join(fresh, "session.db")
-		e := base.with("DATA_DIR", fresh, "PORT", strconv.Itoa(freePort(t)))
-		backup2 := start(t, bin, "backup (fresh disk)", e.with("NATS_URL", natsURL), "backup")
-		gateway2 := start(t, bin, "gateway (fresh disk)", e.with("NATS_LISTEN", natsAddr), "gateway")
+		backup2 := start(t, bin, "backup (fresh disk)", local("backup", fresh, httpPort), svcs["backup"].args...)
+		gateway2 := start(t, bin, "gateway (fresh disk)", local("gateway", fresh, httpPort), svcs["gateway"].args...)
 		nc2, err := bus.Connect(natsURL, natsToken, "e2e-2", slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
