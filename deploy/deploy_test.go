@@ -918,3 +918,32 @@ func TestDocsMentionOnlyKnownVariables(t *testing.T) {
 		}
 	}
 }
+
+// TestComposeWithEnvExample: `cp .env.example .env` alone is refused with a
+// message naming a secret; with the three secrets filled in, compose loads
+// and every commented default is what the services get.
+func TestComposeWithEnvExample(t *testing.T) {
+	live, _ := envExampleLines(t)
+	if _, err := loadCompose(t, live); err == nil {
+		t.Fatal("docker compose starts with the unfilled .env.example")
+	} else if !slices.ContainsFunc(ComposeRequired, func(n string) bool { return strings.Contains(err.Error(), n) }) {
+		t.Errorf("error %q names none of %v", err, ComposeRequired)
+	}
+	filled := map[string]string{}
+	for name := range live {
+		filled[name] = genSecret(t)
+	}
+	p := mustLoadCompose(t, filled)
+	_, commented := envExampleLines(t)
+	for _, name := range blackskyServices {
+		got := serviceEnv(t, p.Services[name])
+		for k, v := range commented {
+			if _, fixed := composeFixedValue(k); fixed {
+				continue
+			}
+			if got[k] != v {
+				t.Errorf("%s: %s = %q, but .env.example says the default is %q", name, k, got[k], v)
+			}
+		}
+	}
+}
