@@ -7,6 +7,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 
 	"github.com/blacksky-md/blacksky/shared/config"
@@ -313,19 +315,67 @@ message naming the variable and what it accepts (never the value of a secret).
 
 `)
 	b.WriteString(EnvTable())
-	b.WriteString(`
-Where the deploy files differ from these defaults:
-
-- docker compose (` + "`docker-compose.yml`" + `) pins ` + "`DATA_DIR=/data`" + ` (the shared
-  volume), ` + "`NATS_LISTEN=0.0.0.0:4222`" + ` on the gateway and
-  ` + "`NATS_URL=nats://gateway:4222`" + ` on backup and health; it defaults
-  ` + "`NODE_ENV`" + ` to ` + "`production`" + ` and ` + "`DATABASE_URL`" + ` to its own postgres
-  service, and refuses to start without ` + "`NATS_TOKEN`" + `,
-  ` + "`SESSION_ENCRYPTION_KEY`" + ` and ` + "`HEALTH_TOKEN`" + `.
-- Heroku (` + "`app.json`" + `) sets ` + "`NODE_ENV=production`" + ` and ` + "`HEROKU=true`" + `,
-  generates ` + "`SESSION_ENCRYPTION_KEY`" + `, ` + "`HEALTH_TOKEN`" + ` and ` + "`NATS_TOKEN`" + `
-  (64 hex characters each), and leaves ` + "`DATABASE_URL`" + ` to the
-  heroku-postgresql add-on and ` + "`PORT`" + ` to Heroku.
-`)
+	b.WriteString("\nWhere the deploy files differ from these defaults:\n\n")
+	fmt.Fprintf(&b, "- docker compose (`docker-compose.yml`) pins %s; it defaults %s, and refuses to start without %s.\n",
+		joinList(composeFixedList()), joinCode(pairs(ComposeDefaults)), joinCode(ComposeRequired))
+	var generated []string
+	for _, v := range config.Vars {
+		if v.Generate != "" {
+			generated = append(generated, v.Name)
+		}
+	}
+	omitted := slices.Sorted(maps.Keys(HerokuOmitted))
+	fmt.Fprintf(&b, "- Heroku (`app.json`) sets %s, generates %s (64 hex characters each), and leaves %s to Heroku (%s).\n",
+		joinCode(pairs(HerokuValues)), joinCode(generated), joinCode(omitted), heroOmitReasons(omitted))
 	return []byte(b.String()), nil
+}
+
+// pairs renders a map as sorted NAME=value items.
+func pairs(m map[string]string) []string {
+	var out []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, k+"="+m[k])
+	}
+	return out
+}
+
+// composeFixedList renders ComposeFixed as "`NAME=value` (services)" items.
+func composeFixedList() []string {
+	on := map[string][]string{}
+	for _, svc := range slices.Sorted(maps.Keys(ComposeFixed)) {
+		for k, v := range ComposeFixed[svc] {
+			item := k + "=" + v
+			on[item] = append(on[item], svc)
+		}
+	}
+	var out []string
+	for _, item := range slices.Sorted(maps.Keys(on)) {
+		out = append(out, "`"+item+"` ("+strings.Join(on[item], ", ")+")")
+	}
+	return out
+}
+
+func heroOmitReasons(names []string) string {
+	var out []string
+	for _, n := range names {
+		out = append(out, "`"+n+"`: "+HerokuOmitted[n])
+	}
+	return strings.Join(out, "; ")
+}
+
+// joinCode renders items as `a`, `b` and `c`.
+func joinCode(items []string) string {
+	quoted := make([]string, len(items))
+	for i, it := range items {
+		quoted[i] = "`" + it + "`"
+	}
+	return joinList(quoted)
+}
+
+// joinList renders items as a, b and c.
+func joinList(items []string) string {
+	if len(items) < 2 {
+		return strings.Join(items, "")
+	}
+	return strings.Join(items[:len(items)-1], ", ") + " and " + items[len(items)-1]
 }
