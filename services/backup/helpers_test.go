@@ -98,6 +98,7 @@ type instOpts struct {
 	dbWait   time.Duration
 	noWait   bool // do not wait for the restore to be done
 	leaseTTL time.Duration
+	retry    time.Duration
 }
 
 const session = "Test-Session"
@@ -143,7 +144,7 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	}
 	clock := clockwork.NewFakeClock()
 	svc, err := backup.New(backup.Options{Config: cfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
-		Instance: o.name, Open: open, DBWait: o.dbWait, LeaseTTL: o.leaseTTL, QueuePollInterval: 50 * time.Millisecond})
+		Instance: o.name, Open: open, DBWait: o.dbWait, LeaseTTL: o.leaseTTL, StandbyRetry: o.retry, QueuePollInterval: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -47,6 +47,7 @@ type Options struct {
 	Open func(ctx context.Context) (Store, error)
 
 	LeaseTTL     time.Duration // zero: DefaultLeaseTTL
+	StandbyRetry time.Duration // how often a standby instance asks again; zero: LeaseTTL/6
 	DBWait       time.Duration // how long start waits for the database before going degraded
 	ReplyTimeout time.Duration // how long a request waits for its snapshot
 	// QueuePollInterval overrides River's poll interval (tests).
@@ -106,6 +107,9 @@ func New(opts Options) (*Service, error) {
 	}
 	if opts.LeaseTTL == 0 {
 		opts.LeaseTTL = DefaultLeaseTTL
+	}
+	if opts.StandbyRetry == 0 {
+		opts.StandbyRetry = opts.LeaseTTL / 6
 	}
 	if opts.DBWait == 0 {
 		opts.DBWait = DefaultDBWait
@@ -270,7 +274,7 @@ func (s *Service) connect(ctx context.Context) (Store, error) {
 // acquireLease blocks until this instance holds the lease: while another live
 // holder has it, it is standby.
 func (s *Service) acquireLease(ctx context.Context, st Store) error {
-	retry := s.opts.LeaseTTL / 6
+	retry := s.opts.StandbyRetry
 	announced := false
 	for {
 		lease, ok, err := st.AcquireLease(ctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)

@@ -359,10 +359,13 @@ func TestLeaseHandover(t *testing.T) {
 			db := newDatabase(t, kind)
 			dirA := t.TempDir()
 			path := newStore(t, dirA, 256<<10)
-			a := start(t, db, instOpts{dataDir: dirA, name: "dyno-a"})
+			// Each dyno has its own fake clock, so the lease must not expire
+			// while the test advances b's clock to make it retry.
+			ttl := 1000 * time.Hour
+			a := start(t, db, instOpts{dataDir: dirA, name: "dyno-a", leaseTTL: ttl})
 
 			standby := make(chan *nats.Msg, 16)
-			b := start(t, db, instOpts{name: "dyno-b", noWait: true})
+			b := start(t, db, instOpts{name: "dyno-b", noWait: true, leaseTTL: ttl, retry: time.Second})
 			sub, _ := b.nc.ChanSubscribe(b.subj.Conn(bus.ConnStandby), standby)
 			defer sub.Unsubscribe()
 			// b waits: it announces standby (advance its clock to see a retry).
@@ -385,7 +388,7 @@ func TestLeaseHandover(t *testing.T) {
 			}
 			// b takes over and restores what a left.
 			waitFor(t, 20*time.Second, "b to take over", func() bool {
-				b.clock.Advance(10 * time.Second)
+				b.clock.Advance(time.Second)
 				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 				defer cancel()
 				return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
@@ -416,7 +419,7 @@ func advanceUntil(t *testing.T, in *instance, ch chan *nats.Msg) <-chan struct{}
 			ch <- m
 			return true
 		default:
-			in.clock.Advance(5 * time.Second)
+			in.clock.Advance(time.Second)
 			return false
 		}
 	})
