@@ -69,27 +69,51 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// buildBinary builds cmd/blacksky into a temporary directory: as the
-// Dockerfile does (static, CGO_ENABLED=0), or with -race when the test
-// itself runs under -race.
+// built is the binary, built once for every test of the package.
+var built struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		_ = os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
+}
+
+// buildBinary builds cmd/blacksky once: as the Dockerfile does (static,
+// CGO_ENABLED=0), or with -race when the test itself runs under -race.
 func buildBinary(t *testing.T) string {
 	t.Helper()
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		gobin = "/usr/local/go/bin/go"
+	built.once.Do(func() {
+		built.dir, built.err = os.MkdirTemp("", "blacksky-e2e-")
+		if built.err != nil {
+			return
+		}
+		gobin, err := exec.LookPath("go")
+		if err != nil {
+			gobin = "/usr/local/go/bin/go"
+		}
+		built.path = filepath.Join(built.dir, "blacksky")
+		args := []string{"build", "-o", built.path, "-ldflags", "-X main.version=e2e"}
+		cgo := "CGO_ENABLED=0"
+		if raceEnabled {
+			args, cgo = append(args, "-race"), "CGO_ENABLED=1"
+		}
+		cmd := exec.Command(gobin, append(args, "github.com/blacksky-md/blacksky/cmd/blacksky")...)
+		cmd.Env = append(os.Environ(), cgo)
+		if b, err := cmd.CombinedOutput(); err != nil {
+			built.err = fmt.Errorf("go build ./cmd/blacksky: %w\n%s", err, b)
+		}
+	})
+	if built.err != nil {
+		t.Fatal(built.err)
 	}
-	out := filepath.Join(t.TempDir(), "blacksky")
-	args := []string{"build", "-o", out, "-ldflags", "-X main.version=e2e"}
-	cgo := "CGO_ENABLED=0"
-	if raceEnabled {
-		args, cgo = append(args, "-race"), "CGO_ENABLED=1"
-	}
-	cmd := exec.Command(gobin, append(args, "github.com/blacksky-md/blacksky/cmd/blacksky")...)
-	cmd.Env = append(os.Environ(), cgo)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/blacksky: %v\n%s", err, b)
-	}
-	return out
+	return built.path
 }
 
 // syncBuffer collects a process's output for the failure report.

@@ -1,0 +1,149 @@
+package e2e
+
+import (
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/wastore"
+	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+// herokuEnv is what a web dyno of an app made by the Deploy button sees:
+// app.json's values and generated secrets, the add-on's DATABASE_URL,
+// Heroku's PORT and DYNO. DATA_DIR stands for the dyno's empty disk.
+func herokuEnv(t *testing.T, dbURL, dataDir string, port int, generated map[string]string) env {
+	t.Helper()
+	raw, err := os.ReadFile("../app.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var app struct {
+		Env map[string]struct {
+			Value     *string `json:"value"`
+			Generator string  `json:"generator"`
+		} `json:"env"`
+	}
+	if err := json.Unmarshal(raw, &app); err != nil {
+		t.Fatalf("app.json: %v", err)
+	}
+	e := env{"DATABASE_URL": dbURL, "PORT": strconv.Itoa(port), "DYNO": "web.1"}
+	for name, v := range app.Env {
+		switch {
+		case v.Generator == "secret":
+			if generated[name] == "" {
+				generated[name] = randomHex(t, 32) // Heroku's generator: 64 hex characters
+			}
+			e[name] = generated[name]
+		case v.Value != nil:
+			e[name] = *v.Value
+		}
+	}
+	e["DATA_DIR"] = dataDir
+	return e
+}
+
+func waitHealthz(t *testing.T, p *proc, port int) {
+	t.Helper()
+	url := "http://127.0.0.1:" + strconv.Itoa(port) + "/healthz"
+	waitFor(t, 20*time.Second, "/healthz on $PORT", func() bool {
+		if !p.running() {
+			t.Fatalf("%s exited early: %v", p.name, p.err)
+		}
+		resp, err := http.Get(url)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+// TestHerokuDyno runs the Heroku setup: the release phase (`blacksky
+// migrate`), then `blacksky run` as the one web dyno with app.json's
+// environment. A SIGTERM (the daily restart) ends within SHUTDOWN_TIMEOUT
+// with a shutdown snapshot, and the next dyno, on an empty disk, comes back
+// with the same session.
+func TestHerokuDyno(t *testing.T) {
+	db := testdb.Postgres(t)
+	bin := buildBinary(t)
+	generated := map[string]string{}
+
+	disk1 := t.TempDir()
+	if err := wastore.Create(t.Context(), filepath.Join(disk1, "session.db"), 0); err != nil {
+		t.Fatalf("create session store: %v", err)
+	}
+	port := freePort(t)
+	e := herokuEnv(t, db.URL, disk1, port, generated)
+	secrets := []string{generated["NATS_TOKEN"], generated["HEALTH_TOKEN"], generated["SESSION_ENCRYPTION_KEY"]}
+
+	run(t, bin, e, "migrate") // release phase
+	web := start(t, bin, "web.1", e, "run")
+	waitHealthz(t, web, port)
+	statusURL := "http://127.0.0.1:" + strconv.Itoa(port) + "/status"
+	// Up: backup has started (the lease is held), the gateway has its
+	// store open and is trying WhatsApp, health serves.
+	waitFor(t, 30*time.Second, "/status: backup ok, the gateway past the restore", func() bool {
+		if !web.running() {
+			t.Fatalf("web.1 exited: %v", web.err)
+		}
+		d, code, err := getStatus(statusURL, generated["HEALTH_TOKEN"])
+		if err != nil || code != http.StatusOK {
+			return false
+		}
+		g, b, h := d.Services["gateway"], d.Services["backup"], d.Services["health"]
+		switch g.State {
+		case "", bus.StateStarting, bus.StateWaitingRestore, bus.StateStandby:
+			return false
+		}
+		return b.State == bus.StateOK && h.State != ""
+	})
+
+	took := web.stop(t, 30*time.Second) // Heroku's SIGKILL comes at 30 s
+	t.Logf("web.1 stopped %s after SIGTERM", took.Round(time.Millisecond))
+	shutdownTimeout, err := time.ParseDuration(e["SHUTDOWN_TIMEOUT"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if took > shutdownTimeout {
+		t.Errorf("stopping took %s, more than SHUTDOWN_TIMEOUT (%s)", took, shutdownTimeout)
+	}
+	checkLogs(t, secrets, web)
+	session := e["SESSION_ID"]
+	rows := snapshots(t, db.URL, session)
+	if len(rows) == 0 || rows[len(rows)-1].Reason != bus.ReasonShutdown {
+		t.Fatalf("snapshots after SIGTERM = %+v, want a shutdown snapshot last", rows)
+	}
+	last := rows[len(rows)-1]
+
+	// The next day's dyno: same config vars and database, an empty disk.
+	disk2 := t.TempDir()
+	port2 := freePort(t)
+	web2 := start(t, bin, "web.1 (next dyno)", herokuEnv(t, db.URL, disk2, port2, generated), "run")
+	restored := filepath.Join(disk2, "session.db")
+	var sha string
+	waitFor(t, 30*time.Second, "the session restored on the new dyno", func() bool {
+		if !web2.running() {
+			t.Fatalf("the new dyno exited: %v", web2.err)
+		}
+		if _, err := os.Stat(restored); err != nil {
+			return false
+		}
+		sha = fileSHA(t, restored)
+		return true
+	})
+	if sha != last.SHA256 {
+		t.Errorf("restored session.db sha256 %s, want the shutdown snapshot's %s", sha, last.SHA256)
+	}
+	if got, want := deviceJID(t, restored), wastore.DeviceJID.String(); got != want {
+		t.Errorf("restored device %s, want %s", got, want)
+	}
+	waitHealthz(t, web2, port2)
+	web2.stop(t, 30*time.Second)
+	checkLogs(t, secrets, web2)
+}
