@@ -76,8 +76,20 @@ func TestDockerfile(t *testing.T) {
 	}
 	build, runtime := st[0], st[1]
 
-	if from := build[0].Args; !strings.HasPrefix(from, "golang:1.26") || !strings.HasSuffix(from, " AS build") {
-		t.Errorf("build stage FROM %q, want golang:1.26 ... AS build", from)
+	// The builder's Go is the go.mod's: an older one refuses the module.
+	var goVersion string
+	for _, line := range strings.Split(string(readFile(t, "go.mod")), "\n") {
+		if v, ok := strings.CutPrefix(line, "go "); ok {
+			goVersion = strings.TrimSpace(v)
+		}
+	}
+	parts := strings.Split(goVersion, ".")
+	if len(parts) < 2 {
+		t.Fatalf("go.mod go directive %q", goVersion)
+	}
+	wantFrom := "golang:" + parts[0] + "." + parts[1]
+	if from := build[0].Args; !strings.HasPrefix(from, wantFrom+" ") || !strings.HasSuffix(from, " AS build") {
+		t.Errorf("build stage FROM %q, want %s ... AS build (go.mod says go %s)", from, wantFrom, goVersion)
 	}
 	var goBuild string
 	for _, r := range find(build, "RUN") {
