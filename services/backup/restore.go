@@ -58,6 +58,7 @@ func (c candidate) String() string {
 // restoring an older store than the last used breaks Signal sessions.
 func (r *Restorer) candidates(ctx context.Context) ([]candidate, error) {
 	var out []candidate
+	inDB := map[string]time.Time{}
 	if r.Store != nil {
 		list, err := r.Store.List(ctx, r.Session, 1000)
 		if err != nil {
@@ -65,6 +66,9 @@ func (r *Restorer) candidates(ctx context.Context) ([]candidate, error) {
 		}
 		for _, s := range list {
 			out = append(out, candidate{at: s.CreatedAt, id: s.ID, source: bus.SourceDatabase, sha: s.SHA256})
+			if _, seen := inDB[s.SHA256]; !seen {
+				inDB[s.SHA256] = s.CreatedAt
+			}
 		}
 	}
 	files, err := r.Local.List()
@@ -72,7 +76,13 @@ func (r *Restorer) candidates(ctx context.Context) ([]candidate, error) {
 		r.Log.Warn("local fallback unreadable", "err", err)
 	}
 	for _, f := range files {
-		out = append(out, candidate{at: f.CreatedAt, path: f.Path, source: bus.SourceLocal, sha: f.SHA256})
+		at := f.CreatedAt
+		if dbAt, ok := inDB[f.SHA256]; ok {
+			// The same store as a database row: try it right after that row
+			// (which has an id to report), as its spare copy.
+			at = dbAt
+		}
+		out = append(out, candidate{at: at, path: f.Path, source: bus.SourceLocal, sha: f.SHA256})
 	}
 	// Newest first; at equal times the database copy first.
 	slices.SortStableFunc(out, func(a, b candidate) int { return b.at.Compare(a.at) })
