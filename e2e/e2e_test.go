@@ -247,19 +247,35 @@ func checkLogs(t *testing.T, secrets []string, procs ...*proc) {
 	}
 }
 
-// run runs a one-shot command to its end.
+// run runs a one-shot command to its end and wants exit code 0.
 func run(t *testing.T, bin string, e env, args ...string) string {
+	t.Helper()
+	stdout, stderr, code := runCode(t, bin, e, args...)
+	if code != 0 {
+		t.Fatalf("blacksky %s: exit code %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, stdout, tail(stderr, 4000))
+	}
+	return stdout
+}
+
+// runCode runs a one-shot command and returns its output and exit code.
+func runCode(t *testing.T, bin string, e env, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = e.list()
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("blacksky %s: %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), err, stdout.String(), tail(stderr.String(), 4000))
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &exit):
+		code = exit.ExitCode()
+	default:
+		t.Fatalf("blacksky %s: %v", strings.Join(args, " "), err)
 	}
-	return stdout.String()
+	return out.String(), errb.String(), code
 }
 
 // heartbeats keeps the latest heartbeat of each service.
@@ -761,7 +777,7 @@ func TestSplitTopology(t *testing.T) {
 		checkLogs(t, secrets, gateway2, backup2)
 	})
 
-	t.Run("blacksky restore writes the newest snapshot into an empty folder", func(t *testing.T) {
+	t.Run("blacksky restore: the newest into an empty folder, an older one only with --force", func(t *testing.T) {
 		rows := snapshots(t, db.URL, session)
 		newest := rows[len(rows)-1]
 		out := run(t, bin, base, "snapshots")
@@ -772,6 +788,24 @@ func TestSplitTopology(t *testing.T) {
 		run(t, bin, base.with("DATA_DIR", third), "restore")
 		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != newest.SHA256 {
 			t.Errorf("restored sha256 %s, want the newest snapshot's %s", sha, newest.SHA256)
+		}
+
+		// Going back to an older snapshot (docs/docker.md): refused over an
+		// existing store without --force, written with it.
+		older := rows[0]
+		if older.ID == newest.ID {
+			t.Fatalf("want at least two snapshots, have %+v", rows)
+		}
+		id := strconv.FormatInt(older.ID, 10)
+		if _, stderr, code := runCode(t, bin, base.with("DATA_DIR", third), "restore", "--id", id); code == 0 {
+			t.Errorf("restore over an existing session.db without --force succeeded: %s", stderr)
+		}
+		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != newest.SHA256 {
+			t.Error("a refused restore changed session.db")
+		}
+		run(t, bin, base.with("DATA_DIR", third), "restore", "--id", id, "--force")
+		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != older.SHA256 {
+			t.Errorf("restore --id %s --force gave sha256 %s, want %s", id, sha, older.SHA256)
 		}
 	})
 	t.Logf("end to end in %s", time.Since(began).Round(time.Millisecond))
