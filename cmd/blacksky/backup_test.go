@@ -131,4 +131,3 @@ func TestBackupCommands(t *testing.T) {
 		t.Fatalf("restored sha %s; want %s", got, rep.Snapshot.SHA256)
 	}
 }
-

@@ -55,16 +55,6 @@ func (c *coalescer) add(reason string, wantReply bool) (w *waiter, gen int64, en
 	return w, gen, enqueue
 }
 
-// enqueueFailed answers the requests that relied on job (reason, gen).
-func (c *coalescer) enqueueFailed(reason string, gen int64, err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if g, ok := c.queued[reason]; ok && g == gen {
-		delete(c.queued, reason)
-	}
-	c.resolveLocked(func(w *waiter) bool { return w.after == gen }, outcome{Err: err})
-}
-
 // beginRead is called by a run just before it reads the store.
 func (c *coalescer) beginRead() int64 {
 	c.mu.Lock()

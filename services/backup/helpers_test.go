@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"maps"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -243,11 +242,6 @@ func mustJSON(v any) []byte {
 		panic(err)
 	}
 	return b
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return !errors.Is(err, os.ErrNotExist)
 }
 
 type testWriter struct{ t testing.TB }

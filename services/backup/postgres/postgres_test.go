@@ -31,4 +31,3 @@ func TestOpenBadURLHidesPassword(t *testing.T) {
 		t.Fatalf("error shows the password: %s", got)
 	}
 }
-
