@@ -5,6 +5,9 @@ import (
 	"io"
 	"log/slog"
 	"testing"
+	"time"
+
+	"github.com/jonboulle/clockwork"
 
 	"github.com/blacksky-md/blacksky/shared/config"
 )
@@ -21,3 +24,5 @@ func loadConfig(t *testing.T, env map[string]string) *config.Config {
 	}
 	return cfg
 }
+
+func clockStart() time.Time { return clockwork.NewFakeClock().Now() }

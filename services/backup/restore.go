@@ -127,7 +127,22 @@ func (r *Restorer) RestoreOnStart(ctx context.Context) (RestoreResult, error) {
 		return RestoreResult{Source: bus.SourceExisting}, nil
 	}
 	r.Log.Info("restoring session store", "why", why)
-	return r.Restore(ctx, 0)
+	res, err := r.Restore(ctx, 0)
+	if err == nil && !res.Restored {
+		// Nothing to restore. A damaged store cannot be opened anyway: keep
+		// it aside for inspection so the gateway can start and pair afresh.
+		if _, serr := os.Stat(r.SessionPath); serr == nil && snapshot.Check(ctx, r.SessionPath) != nil {
+			aside := r.SessionPath + ".corrupt"
+			if err := os.Rename(r.SessionPath, aside); err != nil {
+				return res, fmt.Errorf("move damaged session store aside: %w", err)
+			}
+			for _, side := range []string{"-wal", "-shm", "-journal"} {
+				_ = os.Remove(r.SessionPath + side)
+			}
+			r.Log.Warn("damaged session store moved aside; nothing to restore it from", "path", aside)
+		}
+	}
+	return res, err
 }
 
 // Restore writes the newest snapshot that verifies (or snapshot id, when not

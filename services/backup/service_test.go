@@ -493,3 +493,60 @@ func TestPlaintextRefusedInProduction(t *testing.T) {
 		t.Fatalf("with ALLOW_PLAINTEXT_BACKUPS: %v", err)
 	}
 }
+
+// A holder that died without releasing: the standby instance takes over once
+// the lease expires on its clock.
+func TestLeaseExpiryTakeover(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	st := db.mustOpen(t)
+	// The fake clocks start at the same instant; the dead holder's lease ends
+	// a minute after it.
+	now := clockStart()
+	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now, time.Minute); !ok || err != nil {
+		t.Fatalf("seed lease: %v %v", ok, err)
+	}
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: 5 * time.Second})
+	var rep bus.RestoreReply
+	waitFor(t, 20*time.Second, "takeover after expiry", func() bool {
+		b.clock.Advance(5 * time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
+	})
+	if elapsed := b.clock.Since(now); elapsed < time.Minute {
+		t.Fatalf("took over after %s of fake time; the lease ran for a minute", elapsed)
+	}
+	if !rep.OK || rep.Source != bus.SourceNone {
+		t.Fatalf("restore = %+v", rep)
+	}
+}
+
+func TestScheduledSnapshots(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	start(t, db, instOpts{dataDir: dir, env: map[string]string{"BACKUP_INTERVAL": "1s"}})
+	st := db.mustOpen(t)
+	waitFor(t, 20*time.Second, "a scheduled snapshot", func() bool {
+		rows, _ := st.List(context.Background(), session, 10)
+		return len(rows) > 0 && rows[0].Reason == bus.ReasonScheduled
+	})
+}
+
+func TestDamagedStoreWithoutSnapshotsMovedAside(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	if err := os.WriteFile(dir+"/session.db", []byte("garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	in := start(t, db, instOpts{dataDir: dir})
+	if rep := in.restoreReply(time.Second); !rep.OK || rep.Restored || rep.Source != bus.SourceNone {
+		t.Fatalf("restore = %+v", rep)
+	}
+	if got, err := os.ReadFile(dir + "/session.db.corrupt"); err != nil || string(got) != "garbage" {
+		t.Fatalf("damaged store not kept aside: %q %v", got, err)
+	}
+	if _, err := os.Stat(dir + "/session.db"); !os.IsNotExist(err) {
+		t.Fatalf("damaged store still in place: %v", err)
+	}
+}
