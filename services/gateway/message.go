@@ -221,9 +221,12 @@ func (g *Gateway) reply(ctx context.Context, to types.JID, text string) {
 // liveConn returns the Conn when WhatsApp is connected and logged in.
 func (g *Gateway) liveConn() Conn {
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.conn == nil || g.st.state != bus.StateConnected || !g.conn.IsConnected() {
+	conn, state := g.conn, g.st.state
+	g.mu.Unlock()
+	// IsConnected takes whatsmeow's socket lock, which a dial holds for as
+	// long as it lasts: never call it under g.mu, or heartbeats would stall.
+	if conn == nil || state != bus.StateConnected || !conn.IsConnected() {
 		return nil
 	}
-	return g.conn
+	return conn
 }
