@@ -147,3 +147,91 @@ func TestHerokuDyno(t *testing.T) {
 	web2.stop(t, 30*time.Second)
 	checkLogs(t, secrets, web2)
 }
+
+// TestHerokuPrebootOverlap: during a deploy with preboot, the new dyno
+// starts while the old one still runs. The new one must wait in standby,
+// not open a second socket, and take over the session the old one saved in
+// its shutdown snapshot (CONTRACT guarantee 2).
+func TestHerokuPrebootOverlap(t *testing.T) {
+	db := testdb.Postgres(t)
+	bin := buildBinary(t)
+	generated := map[string]string{}
+
+	oldDisk, newDisk := t.TempDir(), t.TempDir()
+	if err := wastore.Create(t.Context(), filepath.Join(oldDisk, "session.db"), 0); err != nil {
+		t.Fatalf("create session store: %v", err)
+	}
+	oldPort, newPort := freePort(t), freePort(t)
+	oldEnv := herokuEnv(t, db.URL, oldDisk, oldPort, generated)
+	run(t, bin, oldEnv, "migrate")
+	oldDyno := start(t, bin, "web.1 (old release)", oldEnv, "run")
+	waitState(t, oldDyno, oldPort, generated["HEALTH_TOKEN"], func(g, b string) bool {
+		return b == bus.StateOK && g != bus.StateStarting && g != bus.StateWaitingRestore && g != bus.StateStandby
+	})
+
+	newDyno := start(t, bin, "web.1 (new release)", herokuEnv(t, db.URL, newDisk, newPort, generated), "run")
+	// Heroku names the new dyno web.1 too: same DYNO, a different process.
+	var newBackup string
+	waitState(t, newDyno, newPort, generated["HEALTH_TOKEN"], func(g, b string) bool {
+		newBackup = b
+		return b == bus.StateStandby || b == bus.StateOK
+	})
+	if newBackup != bus.StateStandby {
+		t.Fatalf("the new dyno's backup is %q while the old dyno still runs: both hold the session lease "+
+			"and open a socket. Both are DYNO=web.1, so the lease holder (the instance name) must also be unique per process", newBackup)
+	}
+	if _, err := os.Stat(filepath.Join(newDisk, "session.db")); err == nil {
+		t.Fatal("the new dyno wrote a session store while the old one holds the session")
+	}
+
+	oldDyno.stop(t, 30*time.Second)
+	rows := snapshots(t, db.URL, oldEnv["SESSION_ID"])
+	if len(rows) == 0 || rows[len(rows)-1].Reason != bus.ReasonShutdown {
+		t.Fatalf("snapshots after the old dyno stopped = %+v, want a shutdown snapshot last", rows)
+	}
+	last := rows[len(rows)-1]
+
+	restored := filepath.Join(newDisk, "session.db")
+	var sha string
+	waitFor(t, 30*time.Second, "the new dyno to take over the session", func() bool {
+		if !newDyno.running() {
+			t.Fatalf("the new dyno exited: %v", newDyno.err)
+		}
+		if _, err := os.Stat(restored); err != nil {
+			return false
+		}
+		sha = fileSHA(t, restored)
+		return true
+	})
+	if sha != last.SHA256 {
+		t.Errorf("the new dyno restored sha256 %s, want the old dyno's shutdown snapshot %s", sha, last.SHA256)
+	}
+	waitState(t, newDyno, newPort, generated["HEALTH_TOKEN"], func(g, b string) bool {
+		return b == bus.StateOK && g != bus.StateWaitingRestore && g != bus.StateStandby
+	})
+	newDyno.stop(t, 30*time.Second)
+	checkLogs(t, []string{generated["NATS_TOKEN"], generated["HEALTH_TOKEN"], generated["SESSION_ENCRYPTION_KEY"]}, oldDyno, newDyno)
+}
+
+// waitState polls a dyno's /status until ok(gateway state, backup state).
+func waitState(t *testing.T, p *proc, port int, token string, ok func(gateway, backup string) bool) {
+	t.Helper()
+	url := "http://127.0.0.1:" + strconv.Itoa(port) + "/status"
+	var last statusDoc
+	defer func() {
+		if t.Failed() {
+			t.Logf("%s: last /status: gateway=%q backup=%q", p.name, last.Services["gateway"].State, last.Services["backup"].State)
+		}
+	}()
+	waitFor(t, 40*time.Second, p.name+" to reach the wanted states", func() bool {
+		if !p.running() {
+			t.Fatalf("%s exited: %v", p.name, p.err)
+		}
+		d, code, err := getStatus(url, token)
+		if err != nil || code != http.StatusOK {
+			return false
+		}
+		last = d
+		return ok(d.Services["gateway"].State, d.Services["backup"].State)
+	})
+}
