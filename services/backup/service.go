@@ -2,6 +2,7 @@ package backup
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -65,6 +66,10 @@ type Service struct {
 	local Local
 
 	sessionPath string
+	// jobKey keeps this process's coalescing keys apart from a previous
+	// process with the same instance name (a Heroku dyno keeps its name across
+	// restarts), whose unfinished job would otherwise absorb our requests.
+	jobKey string
 	snapSem     chan struct{} // one snapshot at a time, River or direct
 
 	ready     chan struct{} // closed once restore on start is done
@@ -129,6 +134,7 @@ func New(opts Options) (*Service, error) {
 		co:          newCoalescer(),
 		local:       Local{Dir: filepath.Join(cfg.DataDir, "backups")},
 		sessionPath: filepath.Join(cfg.DataDir, "session.db"),
+		jobKey:      opts.Instance + "/" + nonce(),
 		ready:       make(chan struct{}),
 		snapSem:     make(chan struct{}, 1),
 		stopping:    make(chan struct{}),
@@ -392,7 +398,7 @@ func (s *Service) startQueue(st Store) error {
 	q, err := st.NewQueue(QueueConfig{
 		Work:         s.work,
 		Interval:     s.cfg.BackupInterval,
-		Instance:     s.opts.Instance,
+		Instance:     s.jobKey,
 		Logger:       s.log,
 		PollInterval: s.opts.QueuePollInterval,
 	})
@@ -808,4 +814,10 @@ func withTimeout(parent context.Context, clock clockwork.Clock, d time.Duration)
 		t.Stop()
 		cancel(context.Canceled)
 	}
+}
+
+func nonce() string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
