@@ -69,8 +69,8 @@ type Service struct {
 	// jobKey keeps this process's coalescing keys apart from a previous
 	// process with the same instance name (a Heroku dyno keeps its name across
 	// restarts), whose unfinished job would otherwise absorb our requests.
-	jobKey string
-	snapSem     chan struct{} // one snapshot at a time, River or direct
+	jobKey  string
+	snapSem chan struct{} // one snapshot at a time, River or direct
 
 	ready     chan struct{} // closed once restore on start is done
 	restore   bus.RestoreReply
