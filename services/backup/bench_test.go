@@ -17,7 +17,7 @@ import (
 //
 //	go test -run '^$' -bench RequestToCommitted -benchtime 30x ./services/backup/
 func BenchmarkRequestToCommitted(b *testing.B) {
-	for _, size := range []int64{1 << 20, 10 << 20} {
+	for _, size := range []int64{1 << 20, 10 << 20, 100 << 20} {
 		b.Run(fmt.Sprintf("%dMB", size>>20), func(b *testing.B) {
 			db := newDatabase(b, "postgres")
 			dir := b.TempDir()

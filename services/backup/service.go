@@ -238,8 +238,11 @@ func (s *Service) Run(ctx context.Context) error {
 	return nil
 }
 
-// openStore connects and migrates, retrying with backoff for DBWait; nil
-// means degraded (database unreachable).
+// openStore connects and migrates, retrying with backoff; nil means
+// degraded (database unreachable). It gives up after DBWait only when there
+// is something local to run on (a session store or a fallback snapshot): on an
+// empty disk, starting unlinked would show a QR code while the real session
+// sits in the database, so it keeps waiting for the database instead.
 func (s *Service) openStore(ctx context.Context) Store {
 	deadline := s.clock.Now().Add(s.opts.DBWait)
 	delay := 500 * time.Millisecond
@@ -249,11 +252,21 @@ func (s *Service) openStore(ctx context.Context) Store {
 			return st
 		}
 		s.noteErr(err)
-		if ctx.Err() != nil || !s.clock.Now().Add(delay).Before(deadline) {
-			s.log.Warn("database unreachable; degraded: restore and snapshots use the local fallback", "err", err)
+		if ctx.Err() != nil {
 			return nil
 		}
-		s.log.Warn("database unreachable; retrying", "err", err, "in", delay)
+		s.mu.Lock()
+		s.state, s.dbOK = bus.StateDegraded, false
+		s.mu.Unlock()
+		if !s.clock.Now().Add(delay).Before(deadline) {
+			if s.hasLocalState() {
+				s.log.Warn("database unreachable; degraded: restore and snapshots use the local fallback", "err", err)
+				return nil
+			}
+			s.log.Warn("database unreachable and nothing local to restore from; waiting for the database", "err", err, "retry_in", delay)
+		} else {
+			s.log.Warn("database unreachable; retrying", "err", err, "retry_in", delay)
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -261,6 +274,16 @@ func (s *Service) openStore(ctx context.Context) Store {
 		}
 		delay = min(delay*2, 10*time.Second)
 	}
+}
+
+// hasLocalState reports whether the disk holds a session store or a
+// fallback snapshot.
+func (s *Service) hasLocalState() bool {
+	if _, err := os.Stat(s.sessionPath); err == nil {
+		return true
+	}
+	files, _ := s.local.List()
+	return len(files) > 0
 }
 
 func (s *Service) connect(ctx context.Context) (Store, error) {

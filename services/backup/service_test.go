@@ -2,9 +2,11 @@ package backup_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -548,5 +550,48 @@ func TestDamagedStoreWithoutSnapshotsMovedAside(t *testing.T) {
 	}
 	if _, err := os.Stat(dir + "/session.db"); !os.IsNotExist(err) {
 		t.Fatalf("damaged store still in place: %v", err)
+	}
+}
+
+// An empty disk with the database down: the service waits for the database
+// rather than let the gateway start unlinked, then restores from it.
+func TestEmptyDiskWaitsForDatabase(t *testing.T) {
+	db := newDatabase(t, "postgres")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	first := start(t, db, instOpts{dataDir: dir})
+	want := first.backupNow("manual")
+	if err := first.stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	var up atomic.Bool
+	open := func(ctx context.Context) (backup.Store, error) {
+		if !up.Load() {
+			return nil, errors.New("connection refused")
+		}
+		return db.open(ctx)
+	}
+	in := start(t, db, instOpts{open: open, dbWait: time.Second, noWait: true})
+	// Well past DBWait, still no answer: nothing local to run on.
+	for range 20 {
+		in.clock.Advance(time.Second)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	var rep bus.RestoreReply
+	err := bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+	cancel()
+	if err == nil {
+		t.Fatalf("answered %+v while the database was down and the disk empty", rep)
+	}
+	up.Store(true)
+	waitFor(t, 20*time.Second, "restore once the database is up", func() bool {
+		in.clock.Advance(10 * time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		return bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep) == nil
+	})
+	if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase || rep.SnapshotID < want.Snapshot.ID {
+		t.Fatalf("restore = %+v; want snapshot %d or newer from the database", rep, want.Snapshot.ID)
 	}
 }
