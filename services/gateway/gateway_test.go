@@ -183,14 +183,13 @@ func TestNoDuplicateConnectLoops(t *testing.T) {
 func TestTerminalEvents(t *testing.T) {
 	ban := t0.Add(2 * time.Hour)
 	tests := []struct {
-		name      string
-		evt       any
-		kind      string
-		check     func(t *testing.T, ev bus.ConnEvent)
-		state     string
-		retryIn   time.Duration // 0: no retry at all
-		resets    int
-		afterWait string // the state once the retry connects
+		name    string
+		evt     any
+		kind    string
+		check   func(t *testing.T, ev bus.ConnEvent)
+		state   string
+		retryIn time.Duration // 0: no retry at all
+		resets  int
 	}{
 		{
 			name: "logged out clears the device and pairs again",
@@ -275,6 +274,9 @@ func TestTerminalEvents(t *testing.T) {
 			}
 			if r := h.conn.get(func(f *fakeConn) int { return f.resets }); r != tt.resets {
 				t.Fatalf("device resets = %d, want %d", r, tt.resets)
+			}
+			if _, d := h.gw.beat(); (d.(bus.GatewayDetails).JID == "") != (tt.resets > 0) {
+				t.Fatalf("heartbeat JID = %q after %d device resets", d.(bus.GatewayDetails).JID, tt.resets)
 			}
 			if tt.retryIn > 0 {
 				h.advance(time.Millisecond)
