@@ -206,3 +206,45 @@ func TestOwnerAlertAfterLongOffline(t *testing.T) {
 		})
 	}
 }
+
+func TestBackupNowAnswers(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown()
+	nc, err := srv.Connect("gw", discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	g := New(Config{Session: "S", BackupEnabled: true, BackupTimeout: 100 * time.Millisecond}, Deps{NC: nc, Log: discard()})
+
+	tests := []struct {
+		name  string
+		reply any // nil: subscribe but never answer
+		want  string
+	}{
+		{"refused", bus.BackupReply{OK: false, Error: "database unreachable"}, "backup failed: database unreachable"},
+		{"unchanged", bus.BackupReply{OK: true, Snapshot: &bus.SnapshotRef{ID: 3, Bytes: 10, Unchanged: true}}, "snapshot #3, unchanged"},
+		{"no snapshot ref", bus.BackupReply{OK: true, JobID: 12}, "backup done (job 12)"},
+		{"garbled reply", "not json object", "backup request failed"},
+		{"silent service", nil, "no reply within 100ms"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sub, err := nc.Subscribe(g.subj.BackupRequest(), func(m *nats.Msg) {
+				if tt.reply != nil {
+					_ = bus.Respond(m, tt.reply)
+				}
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Unsubscribe()
+			if got := g.backupNow(t.Context()); !strings.Contains(got, tt.want) {
+				t.Fatalf("answer = %q, want it to contain %q", got, tt.want)
+			}
+		})
+	}
+}
