@@ -86,7 +86,7 @@ type Conn interface {
 	Connect(ctx context.Context) error
 	// Disconnect closes the websocket; it emits no event.
 	Disconnect()
-	// IsConnected reports whether the websocket is open.
+	// IsConnected reports whether the websocket is open and logged in.
 	IsConnected() bool
 	// JID is the linked device's JID, empty before pairing.
 	JID() types.JID
