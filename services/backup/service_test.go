@@ -595,3 +595,72 @@ func TestEmptyDiskWaitsForDatabase(t *testing.T) {
 		t.Fatalf("restore = %+v; want snapshot %d or newer from the database", rep, want.Snapshot.ID)
 	}
 }
+
+// crashingStore fails the first n snapshot transactions after the River job
+// was completed inside them, as a crash before COMMIT would.
+type crashingStore struct {
+	backup.Store
+	left atomic.Int32
+}
+
+var errCrash = errors.New("simulated crash before commit")
+
+func (c *crashingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+	if c.left.Add(-1) < 0 {
+		return c.Store.InsertSnapshot(ctx, n, hook)
+	}
+	return c.Store.InsertSnapshot(ctx, n, func(ctx context.Context, tx any) error {
+		if err := hook(ctx, tx); err != nil {
+			return err
+		}
+		return errCrash
+	})
+}
+
+// A crash in the middle of the snapshot transaction leaves neither a row nor
+// a completed job: River retries it and the retry stores the snapshot once.
+func TestCrashMidSnapshotLeavesNoRow(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			dir := t.TempDir()
+			newStore(t, dir, 128<<10)
+			open := func(ctx context.Context) (backup.Store, error) {
+				st, err := db.open(ctx)
+				if err != nil {
+					return nil, err
+				}
+				cs := &crashingStore{Store: st}
+				cs.left.Store(1)
+				return cs, nil
+			}
+			in := start(t, db, instOpts{dataDir: dir, open: open})
+			done := make(chan *nats.Msg, 4)
+			sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
+			defer sub.Unsubscribe()
+
+			rep := in.backupNow("manual")
+			if rep.OK || !strings.Contains(rep.Error, errCrash.Error()) {
+				t.Fatalf("reply = %+v; want the crash", rep)
+			}
+			st := db.mustOpen(t)
+			if rows, _ := st.List(context.Background(), session, 10); len(rows) != 0 {
+				t.Fatalf("crashed snapshot left rows: %+v", rows)
+			}
+			// The job was not completed: River retries it (attempt 2).
+			select {
+			case m := <-done:
+				var ev bus.BackupDone
+				_ = jsonUnmarshal(m.Data, &ev)
+				if ev.JobID != rep.JobID || ev.SnapshotID == 0 {
+					t.Fatalf("retry done = %s; want job %d", m.Data, rep.JobID)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("the crashed job was not retried")
+			}
+			if rows, _ := st.List(context.Background(), session, 10); len(rows) != 1 {
+				t.Fatalf("after the retry: %d rows; want 1", len(rows))
+			}
+		})
+	}
+}
