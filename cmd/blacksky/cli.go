@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -161,16 +163,22 @@ func (m *Main) setup(role string) (*app, error) {
 	}, nil
 }
 
-// instance names this process: the Heroku dyno, else host and pid.
+// instance names this process and is the lease holder's identity, so it
+// must differ between any two processes: during a Heroku preboot the new dyno
+// has the same DYNO name (web.1) as the old one, and two containers may have
+// the same pid, hence the random suffix.
 func (m *Main) instance(role string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	suffix := hex.EncodeToString(b[:])
 	if d := m.Getenv("DYNO"); d != "" {
-		return d
+		return d + "-" + suffix
 	}
 	host := m.Getenv("HOSTNAME")
 	if host == "" {
 		host, _ = os.Hostname()
 	}
-	return host + "-" + role + "-" + strconv.Itoa(os.Getpid())
+	return host + "-" + role + "-" + strconv.Itoa(os.Getpid()) + "-" + suffix
 }
 
 func (m *Main) cmdVersion(args []string) error {

@@ -53,3 +53,13 @@ func TestExitCodes(t *testing.T) {
 		})
 	}
 }
+
+// Two processes must never share a lease identity: on a Heroku preboot both
+// dynos are called web.1.
+func TestInstanceIsUniquePerProcessStart(t *testing.T) {
+	m := &Main{Getenv: func(k string) string { return map[string]string{"DYNO": "web.1"}[k] }}
+	a, b := m.instance("run"), m.instance("run")
+	if a == b || !strings.HasPrefix(a, "web.1-") {
+		t.Fatalf("instances %q and %q", a, b)
+	}
+}

@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
@@ -33,7 +33,7 @@ func (m *Main) memoryLimit(a *app) {
 		memlimit.WithProvider(memlimit.FromCgroup),
 		memlimit.WithLogger(slog.New(slog.DiscardHandler)),
 	)
-	if err != nil || limit == 0 {
+	if err != nil || limit <= 0 || limit == math.MaxInt64 {
 		a.log.Debug("no container memory limit found; Go memory limit left as is")
 		return
 	}
@@ -96,7 +96,6 @@ type supervisor struct {
 	log    *slog.Logger
 	stages []*stage
 	failed chan string
-	once   sync.Once
 }
 
 func newSupervisor(log *slog.Logger) *supervisor {
