@@ -98,6 +98,7 @@ type instOpts struct {
 	noWait   bool // do not wait for the restore to be done
 	leaseTTL time.Duration
 	retry    time.Duration
+	logTo    func([]byte) // also receives every log line
 }
 
 const session = "Test-Session"
@@ -131,7 +132,7 @@ func start(t testing.TB, db database, o instOpts) *instance {
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Shutdown)
-	log := logging.New(testWriter{t}, logging.Options{Level: cfg.LogLevel, Format: "text", Secrets: cfg.Secrets()})
+	log := logging.New(testWriter{t: t, also: o.logTo}, logging.Options{Level: cfg.LogLevel, Format: "text", Secrets: cfg.Secrets()})
 	nc, err := srv.Connect("test-"+o.name, log)
 	if err != nil {
 		t.Fatal(err)
@@ -244,9 +245,15 @@ func mustJSON(v any) []byte {
 	return b
 }
 
-type testWriter struct{ t testing.TB }
+type testWriter struct {
+	t    testing.TB
+	also func([]byte)
+}
 
 func (w testWriter) Write(p []byte) (int, error) {
+	if w.also != nil {
+		w.also(p)
+	}
 	w.t.Log(string(p))
 	return len(p), nil
 }

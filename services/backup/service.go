@@ -581,8 +581,10 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 	o.JobID = job.ID
 	defer func() {
 		o.Err = err
-		s.co.finish(n, o)
+		// Events and the heartbeat's last snapshot first, so whoever got
+		// the reply finds them up to date.
 		s.report(job, o, s.clock.Since(start))
+		s.co.finish(n, o)
 	}()
 
 	plain, err := snapshot.ReadConsistent(ctx, s.sessionPath)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testdb"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
@@ -662,5 +663,83 @@ func TestCrashMidSnapshotLeavesNoRow(t *testing.T) {
 				t.Fatalf("after the retry: %d rows; want 1", len(rows))
 			}
 		})
+	}
+}
+
+func TestHeartbeat(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir, name: "hb"})
+	beats := make(chan *nats.Msg, 64)
+	sub, _ := in.nc.ChanSubscribe(in.subj.Heartbeat(bus.ServiceBackup), beats)
+	defer sub.Unsubscribe()
+	snap := in.backupNow("manual")
+	var hb bus.Heartbeat
+	var d bus.BackupDetails
+	waitFor(t, 10*time.Second, "an ok heartbeat with the snapshot", func() bool {
+		in.clock.Advance(bus.HeartbeatInterval)
+		select {
+		case m := <-beats:
+			hb, d = bus.Heartbeat{}, bus.BackupDetails{}
+			_ = jsonUnmarshal(m.Data, &hb)
+			_ = jsonUnmarshal(hb.Details, &d)
+			return hb.State == bus.StateOK && d.LastSnapshotID == snap.Snapshot.ID
+		case <-time.After(50 * time.Millisecond):
+			return false
+		}
+	})
+	if hb.Service != bus.ServiceBackup || hb.Instance != "hb" || hb.Session != session || d.Database != "sqlite" ||
+		!d.DatabaseOK || !d.LeaseHeld || d.LastSnapshotBytes == 0 || d.LastSnapshotAt == nil {
+		t.Fatalf("heartbeat = %+v, details %+v", hb, d)
+	}
+}
+
+// Guarantee 6: no secret in logs, events or replies.
+func TestNoSecretsOnTheBusOrInLogs(t *testing.T) {
+	const password = "pw-Sekret-4711"
+	base := testdb.Postgres(t).URL
+	withPW := strings.Replace(base, "postgres@", "postgres:"+password+"@", 1)
+	if withPW == base {
+		t.Fatalf("cannot put a password into %s", base)
+	}
+	key := randHex(32)
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	db := database{kind: "postgres", url: withPW}
+	var logs strings.Builder
+	var mu sync.Mutex
+	in := start(t, db, instOpts{dataDir: dir, env: map[string]string{"SESSION_ENCRYPTION_KEY": key, "DATABASE_URL": withPW, "LOG_LEVEL": "debug"},
+		logTo: func(p []byte) { mu.Lock(); logs.Write(p); mu.Unlock() }})
+	var seen []string
+	var smu sync.Mutex
+	sub, err := in.nc.Subscribe("blacksky.>", func(m *nats.Msg) {
+		smu.Lock()
+		seen = append(seen, string(m.Data))
+		smu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	in.backupNow("manual")
+	_, _ = in.nc.Request(in.subj.BackupRequest(), []byte(`{"bad`), 5*time.Second)
+	in.clock.Advance(bus.HeartbeatInterval)
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	smu.Lock()
+	all := strings.Join(seen, "\n")
+	smu.Unlock()
+	mu.Lock()
+	all += logs.String()
+	mu.Unlock()
+	for _, secret := range []string{password, key, strings.ToUpper(key)} {
+		if strings.Contains(all, secret) {
+			t.Fatalf("secret %q leaked:\n%s", secret[:4]+"…", all)
+		}
+	}
+	if len(seen) < 3 {
+		t.Fatalf("saw only %d bus messages; the test observes nothing", len(seen))
 	}
 }
