@@ -36,8 +36,8 @@ func (a *app) newHealth(nc *nats.Conn, ln net.Listener) (runner, error) {
 		KeepAwakeInterval: a.cfg.KeepAwakeInterval,
 		Secrets:           a.cfg.Secrets(),
 	}
-	if isPostgres(a.cfg.DatabaseURL) {
-		ui, err := health.NewRiverUI(herokuSSL(a.cfg.DatabaseURL, a.cfg.Heroku), 2, a.log.With("service", "riverui"))
+	if a.cfg.DatabaseURL != "" {
+		ui, err := health.NewRiverUI(a.cfg.PostgresURL(), 2, a.log.With("service", "riverui"))
 		if err != nil {
 			// The UI is a convenience: without it the bot and health go on.
 			a.log.Warn("river ui disabled", "err", err)
@@ -53,26 +53,6 @@ func (a *app) newHealth(nc *nats.Conn, ln net.Listener) (runner, error) {
 		return nil, err
 	}
 	return svc, nil
-}
-
-func isPostgres(dsn string) bool {
-	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
-}
-
-// herokuSSL applies CONTRACT section 2: Heroku's postgres:// URLs need TLS, so
-// sslmode defaults to require there; an explicit sslmode is kept.
-func herokuSSL(dsn string, heroku bool) string {
-	if !heroku {
-		return dsn
-	}
-	u, err := url.Parse(dsn)
-	if err != nil || u.Query().Has("sslmode") {
-		return dsn
-	}
-	q := u.Query()
-	q.Set("sslmode", "require")
-	u.RawQuery = q.Encode()
-	return u.String()
 }
 
 // cmdHealthcheck exits 0 when /healthz answers 200, for a Docker HEALTHCHECK

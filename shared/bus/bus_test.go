@@ -210,7 +210,9 @@ func TestHeartbeaterBeatsOnTheClock(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	h := &bus.Heartbeater{NC: nc, Subjects: subj, Session: "S", Service: "gateway", Instance: "i-1", Clock: clock,
-		Beat: func() (string, any) { return bus.StateConnected, bus.GatewayDetails{WAState: bus.StateConnected, Reconnects: 2} }}
+		Beat: func() (string, any) {
+			return bus.StateConnected, bus.GatewayDetails{WAState: bus.StateConnected, Reconnects: 2}
+		}}
 	go func() { done <- h.Run(ctx) }()
 
 	next := func() bus.Heartbeat {

@@ -118,6 +118,11 @@ func Load(getenv Getenv) (*Config, error) {
 	}
 
 	c.DatabaseURL = p.str("DATABASE_URL")
+	if c.DatabaseURL != "" {
+		if u, err := url.Parse(c.DatabaseURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+			p.fail("DATABASE_URL", "a postgres:// or postgresql:// URL (or nothing, for the embedded SQLite)", c.DatabaseURL)
+		}
+	}
 	c.DatabaseMaxConns = p.intRange("DATABASE_MAX_CONNS", 1, 1000)
 	c.NATSURL = p.str("NATS_URL")
 	c.NATSListen = p.str("NATS_LISTEN")
@@ -203,6 +208,23 @@ func IsLoopback(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// PostgresURL is DATABASE_URL ready for pgx: Heroku's postgres:// URLs name
+// no sslmode but its servers refuse plaintext, so on Heroku sslmode defaults
+// to require; an explicit sslmode is kept. Empty when DATABASE_URL is.
+func (c *Config) PostgresURL() string {
+	if c.DatabaseURL == "" || !c.Heroku {
+		return c.DatabaseURL
+	}
+	u, err := url.Parse(c.DatabaseURL)
+	if err != nil || u.Query().Has("sslmode") {
+		return c.DatabaseURL
+	}
+	q := u.Query()
+	q.Set("sslmode", "require")
+	u.RawQuery = q.Encode()
+	return u.String()
 }
 
 // RequireDatabase is the Heroku rule: there the disk is wiped daily, so the

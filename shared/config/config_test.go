@@ -22,7 +22,7 @@ func TestDefaultsMatchContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	checks := []struct {
-		name     string
+		name      string
 		got, want any
 	}{
 		{"SESSION_ID", c.SessionID, "BLACKSKY-MD"},
@@ -131,6 +131,7 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{env("NATS_LISTEN", "nowhere"), "NATS_LISTEN", "host:port"},
 		{env("SESSION_ENCRYPTION_KEY", secretKey), "SESSION_ENCRYPTION_KEY", "not shown"},
 		{env("PREFIX", "a b"), "PREFIX", "non-space"},
+		{env("DATABASE_URL", "mysql://root:pw@db/app"), "DATABASE_URL", "not shown"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.varName+"/"+tt.says, func(t *testing.T) {
@@ -207,5 +208,25 @@ func TestEveryVarHasADescription(t *testing.T) {
 			t.Errorf("%s: empty description or listed twice", v.Name)
 		}
 		seen[v.Name] = true
+	}
+}
+
+func TestPostgresURLOnHeroku(t *testing.T) {
+	tests := []struct {
+		heroku, url, want string
+	}{
+		{"false", "postgres://u:p@h/db", "postgres://u:p@h/db"},
+		{"true", "postgres://u:p@h/db", "postgres://u:p@h/db?sslmode=require"},
+		{"true", "postgres://u:p@h/db?sslmode=disable", "postgres://u:p@h/db?sslmode=disable"},
+		{"true", "", ""},
+	}
+	for _, tt := range tests {
+		c, err := config.Load(env("HEROKU", tt.heroku, "DATABASE_URL", tt.url))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := c.PostgresURL(); got != tt.want {
+			t.Errorf("HEROKU=%s %q: got %q, want %q", tt.heroku, tt.url, got, tt.want)
+		}
 	}
 }
