@@ -177,7 +177,7 @@ func (r *Restorer) Restore(ctx context.Context, id int64) (RestoreResult, error)
 	if id != 0 {
 		return RestoreResult{}, fmt.Errorf("snapshot %d does not verify; nothing written", id)
 	}
-	r.Log.Warn("no snapshot to restore; the gateway will start unlinked", "tried", len(cands))
+	r.Log.Warn("no snapshot to restore from", "tried", len(cands))
 	return RestoreResult{Source: bus.SourceNone}, nil
 }
 
