@@ -312,7 +312,9 @@ func (m *Main) ready(info ReadyInfo) {
 
 func closeBus(nc *nats.Conn, srv *bus.Server) {
 	if nc != nil {
-		_ = nc.Drain()
+		// Deliver what the services published last (conn.stopped, the final
+		// heartbeat) before the connection goes.
+		_ = nc.FlushTimeout(2 * time.Second)
 		nc.Close()
 	}
 	if srv != nil {
