@@ -594,42 +594,54 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 	if err != nil {
 		return o, fmt.Errorf("read session store: %w", err)
 	}
-	// Guarantee 5: check the copy itself, not the live file, so a logout
-	// racing the read cannot slip an unlinked store in.
-	has, err := snapshot.Verify(ctx, plain, s.cfg.DataDir)
-	if err != nil {
-		return o, fmt.Errorf("session store copy: %w", err)
-	}
-	if !has {
-		return o, ErrNoDevice
-	}
 	sum := sha256.Sum256(plain)
 	sha := hex.EncodeToString(sum[:])
 	o.Ref = bus.SnapshotRef{Bytes: int64(len(plain)), SHA256: sha}
 
-	// The local fallback first: if the database hangs or is gone, the
-	// newest state is already on disk.
 	var payload []byte
 	var meta snapshot.Meta
 	encode := func() error {
 		if payload != nil {
 			return nil
 		}
-		payload, meta, err = snapshot.Encode(plain, s.cfg.SessionEncryptionKey)
-		if err != nil {
+		var err error
+		if payload, meta, err = snapshot.Encode(plain, s.cfg.SessionEncryptionKey); err != nil {
+			payload = nil
 			return fmt.Errorf("encode snapshot: %w", err)
 		}
 		o.Stored = meta.Stored
 		return nil
 	}
-	now := s.clock.Now().UTC()
 	localUnchanged := false
 	if files, _ := s.local.List(); len(files) > 0 && files[0].SHA256 == sha {
 		localUnchanged = true
-	} else {
-		if err := encode(); err != nil {
-			return o, err
-		}
+	}
+
+	// Guarantee 5: check the copy itself, not the live file, so a logout
+	// racing the read cannot slip an unlinked store in. When the store
+	// changed, encoding runs meanwhile (it is needed anyway).
+	var has bool
+	var verr, eerr error
+	var wg sync.WaitGroup
+	wg.Go(func() { has, verr = snapshot.Verify(ctx, plain, s.cfg.DataDir) })
+	if !localUnchanged {
+		eerr = encode()
+	}
+	wg.Wait()
+	if verr != nil {
+		return o, fmt.Errorf("session store copy: %w", verr)
+	}
+	if !has {
+		return o, ErrNoDevice
+	}
+	if eerr != nil {
+		return o, eerr
+	}
+
+	// The local fallback before the database: if the database hangs or is
+	// gone, the newest state is already on disk.
+	now := s.clock.Now().UTC()
+	if !localUnchanged {
 		if _, err := s.local.Write(payload, now, job.Reason, sha); err != nil {
 			s.log.Warn("local fallback write failed", "err", err)
 		}
