@@ -39,7 +39,13 @@ func (l Local) Write(payload []byte, at time.Time, reason, sha string) (LocalFil
 	if err := os.MkdirAll(l.Dir, 0o700); err != nil {
 		return LocalFile{}, fmt.Errorf("local fallback: %w", err)
 	}
-	f := LocalFile{CreatedAt: at.UTC(), Reason: reason, SHA256: sha}
+	// Names order the files; the newest must sort first even if the clock
+	// stepped back (or a fake clock stands still).
+	at = at.UTC()
+	if files, err := l.List(); err == nil && len(files) > 0 && !at.After(files[0].CreatedAt) {
+		at = files[0].CreatedAt.Add(time.Nanosecond)
+	}
+	f := LocalFile{CreatedAt: at, Reason: reason, SHA256: sha}
 	f.Path = filepath.Join(l.Dir, f.CreatedAt.Format(localTimeFormat)+"_"+reason+"_"+sha+".bsnap")
 	if err := snapshot.WriteFileAtomic(f.Path, payload, 0o600); err != nil {
 		return LocalFile{}, fmt.Errorf("local fallback: %w", err)

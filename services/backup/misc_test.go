@@ -1,6 +1,8 @@
 package backup_test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -26,3 +28,8 @@ func loadConfig(t *testing.T, env map[string]string) *config.Config {
 }
 
 func clockStart() time.Time { return clockwork.NewFakeClock().Now() }
+
+func sha256Hex(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}

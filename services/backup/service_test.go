@@ -743,3 +743,129 @@ func TestNoSecretsOnTheBusOrInLogs(t *testing.T) {
 		t.Fatalf("saw only %d bus messages; the test observes nothing", len(seen))
 	}
 }
+
+// failingStore turns the database "down" for snapshots once down is set.
+type failingStore struct {
+	backup.Store
+	down *atomic.Bool
+}
+
+var errDown = errors.New("database unreachable (test)")
+
+func (f *failingStore) Latest(ctx context.Context, s string) (*backup.Snapshot, error) {
+	if f.down.Load() {
+		return nil, errDown
+	}
+	return f.Store.Latest(ctx, s)
+}
+
+func (f *failingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+	if f.down.Load() {
+		return 0, errDown
+	}
+	return f.Store.InsertSnapshot(ctx, n, hook)
+}
+
+func (f *failingStore) ReleaseLease(ctx context.Context, s, h string) error {
+	if f.down.Load() {
+		return errDown
+	}
+	return f.Store.ReleaseLease(ctx, s, h)
+}
+
+// Guarantee 3 and 4 together: the database fails before SIGTERM; the
+// shutdown snapshot lands in the local fallback and the lease is left to
+// expire rather than released over an older database snapshot.
+func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
+	db := newDatabase(t, "postgres")
+	dir := t.TempDir()
+	path := newStore(t, dir, 256<<10)
+	var down atomic.Bool
+	open := func(ctx context.Context) (backup.Store, error) {
+		st, err := db.open(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return &failingStore{Store: st, down: &down}, nil
+	}
+	in := start(t, db, instOpts{dataDir: dir, open: open, name: "dyno-a"})
+	first := in.backupNow("manual")
+	write(t, path, 3)
+	down.Store(true)
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	plain, err := snapshot.ReadConsistent(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := backup.Local{Dir: dir + "/backups"}.List()
+	if len(files) == 0 || files[0].SHA256 != sha256Hex(plain) || files[0].SHA256 == first.Snapshot.SHA256 {
+		t.Fatalf("local fallback newest = %+v; want the final store", files)
+	}
+	st := db.mustOpen(t)
+	if rows, _ := st.List(context.Background(), session, 10); len(rows) != 1 {
+		t.Fatalf("%d rows; want only the first", len(rows))
+	}
+	if l, held, _ := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute); held || l.Holder != "dyno-a" {
+		t.Fatalf("lease = %+v (next held %v); want dyno-a's, left to expire", l, held)
+	}
+}
+
+func TestLeaseLostStopsDatabaseSnapshots(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir, name: "dyno-a", leaseTTL: time.Minute})
+	// Another instance takes the lease (as if ours had expired).
+	st := db.mustOpen(t)
+	if _, ok, err := st.AcquireLease(context.Background(), session, "thief", clockStart().Add(time.Hour), time.Hour); !ok || err != nil {
+		t.Fatalf("steal: %v %v", ok, err)
+	}
+	beats := make(chan *nats.Msg, 64)
+	sub, _ := in.nc.ChanSubscribe(in.subj.Heartbeat(bus.ServiceBackup), beats)
+	defer sub.Unsubscribe()
+	waitFor(t, 10*time.Second, "a degraded heartbeat without the lease", func() bool {
+		in.clock.Advance(20 * time.Second) // the renewal tick
+		select {
+		case m := <-beats:
+			var hb bus.Heartbeat
+			var d bus.BackupDetails
+			_ = jsonUnmarshal(m.Data, &hb)
+			_ = jsonUnmarshal(hb.Details, &d)
+			return hb.State == bus.StateDegraded && !d.LeaseHeld
+		case <-time.After(50 * time.Millisecond):
+			return false
+		}
+	})
+	rep := in.backupNow("manual")
+	if rep.OK || !strings.Contains(rep.Error, "lease") {
+		t.Fatalf("reply = %+v; want refused for the lost lease", rep)
+	}
+	if rows, _ := st.List(context.Background(), session, 10); len(rows) != 0 {
+		t.Fatalf("rows = %+v; want none", rows)
+	}
+}
+
+func TestConnStoppedTakesSnapshot(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	done := make(chan *nats.Msg, 4)
+	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
+	defer sub.Unsubscribe()
+	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), bus.ConnEvent{Kind: bus.ConnStopped}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-done:
+		var ev bus.BackupDone
+		_ = jsonUnmarshal(m.Data, &ev)
+		if ev.Reason != bus.ReasonShutdown || ev.SnapshotID == 0 {
+			t.Fatalf("backup.done = %s", m.Data)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("conn.stopped did not produce a snapshot")
+	}
+}
