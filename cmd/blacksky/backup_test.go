@@ -73,9 +73,18 @@ func TestBackupCommands(t *testing.T) {
 	}
 	ctx := context.Background()
 
+	// No NATS at all: a quick, clear failure.
+	noNATS := envFor(t.TempDir())
+	noNATS["NATS_URL"] = "nats://127.0.0.1:1"
+	begin := time.Now()
+	code, _, errOut := runMain(t, ctx, noNATS, "backup-now", "--timeout", "30s")
+	if code != 1 || !strings.Contains(errOut, "cannot reach NATS") || time.Since(begin) > 15*time.Second {
+		t.Fatalf("backup-now without NATS: exit %d after %s, %q", code, time.Since(begin), errOut)
+	}
+
 	// Nobody serves backup.request yet.
 	first := t.TempDir()
-	code, _, errOut := runMain(t, ctx, envFor(first), "backup-now", "--timeout", "5s")
+	code, _, errOut = runMain(t, ctx, envFor(first), "backup-now", "--timeout", "5s")
 	if code != 1 || !strings.Contains(errOut, "no backup service") {
 		t.Fatalf("backup-now without a service: exit %d, %q", code, errOut)
 	}

@@ -94,6 +94,11 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	defer nc.Close()
 	rctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
+	// The client keeps retrying a server that is not there; an operator
+	// wants to hear that at once rather than after --timeout.
+	if err := waitConnected(rctx, nc, 5*time.Second); err != nil {
+		return fmt.Errorf("backup-now: %w", err)
+	}
 	subj := bus.NewSubjects(a.cfg.SessionID).BackupRequest()
 	msg, err := nc.RequestWithContext(rctx, subj, body)
 	switch {
@@ -227,5 +232,21 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 	}
 	out, _ := json.Marshal(bus.RestoreReply{OK: true, Restored: true, Source: res.Source, SnapshotID: res.SnapshotID})
 	fmt.Fprintln(a.stdout, string(out))
+	return nil
+}
+
+// waitConnected waits up to d for nc to reach its server.
+func waitConnected(ctx context.Context, nc *nats.Conn, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for !nc.IsConnected() {
+		select {
+		case <-ctx.Done():
+			return errors.New("cannot reach NATS (check NATS_URL, NATS_LISTEN and NATS_TOKEN)")
+		case <-t.C:
+		}
+	}
 	return nil
 }
