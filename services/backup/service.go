@@ -75,6 +75,8 @@ type Service struct {
 	ready     chan struct{} // closed once restore on start is done
 	restore   bus.RestoreReply
 	handlers  sync.WaitGroup
+	hmu       sync.Mutex // guards closed against handlers.Go racing Wait
+	closed    bool
 	stopping  chan struct{}
 	bgWG      sync.WaitGroup
 	startedAt time.Time
@@ -172,7 +174,10 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	defer func() {
 		_ = restoreSub.Unsubscribe()
+		s.hmu.Lock()
+		s.closed = true
 		close(s.stopping)
+		s.hmu.Unlock()
 		s.handlers.Wait()
 	}()
 
@@ -480,7 +485,7 @@ func (s *Service) onRestore(m *nats.Msg) {
 	if m.Reply == "" {
 		return
 	}
-	s.handlers.Go(func() {
+	s.spawn(func() {
 		select {
 		case <-s.ready:
 			_ = bus.Respond(m, s.restore)
@@ -515,16 +520,16 @@ func (s *Service) request(reason string, m *nats.Msg) {
 			if err != nil {
 				s.log.Warn("enqueue failed; snapshot goes to the local fallback", "reason", reason, "err", err)
 				s.noteErr(err)
-				s.handlers.Go(func() { s.direct(reason) })
+				s.spawn(func() { s.direct(reason) })
 			}
 		} else {
-			s.handlers.Go(func() { s.direct(reason) })
+			s.spawn(func() { s.direct(reason) })
 		}
 	}
 	if w == nil {
 		return
 	}
-	s.handlers.Go(func() {
+	spawned := s.spawn(func() {
 		var o outcome
 		select {
 		case o = <-w.ch:
@@ -537,6 +542,22 @@ func (s *Service) request(reason string, m *nats.Msg) {
 		}
 		_ = bus.Respond(m, reply(o))
 	})
+	if !spawned {
+		s.co.remove(w)
+		_ = bus.Respond(m, reply(outcome{Err: ErrStopping}))
+	}
+}
+
+// spawn runs f in a tracked goroutine unless Run is ending: a NATS callback
+// may still be running after Unsubscribe.
+func (s *Service) spawn(f func()) bool {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.handlers.Go(f)
+	return true
 }
 
 func reply(o outcome) bus.BackupReply {
