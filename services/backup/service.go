@@ -86,6 +86,7 @@ type Service struct {
 	queue      Queue
 	state      string
 	leaseHeld  bool
+	leaseUntil time.Time // our lease's expiry as last written
 	dbOK       bool
 	lastSnap   *bus.SnapshotRef
 	lastSnapAt *time.Time
@@ -317,7 +318,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store) error {
 		}
 		if ok {
 			s.mu.Lock()
-			s.leaseHeld, s.dbOK = true, true
+			s.leaseHeld, s.dbOK, s.leaseUntil = true, true, lease.ExpiresAt
 			s.mu.Unlock()
 			s.log.Info("session lease held", "ttl", s.opts.LeaseTTL)
 			return nil
@@ -364,6 +365,9 @@ func (s *Service) renewLoop(ctx context.Context) {
 		wasHeld := s.leaseHeld
 		if err == nil {
 			s.leaseHeld = ok
+			if ok {
+				s.leaseUntil = lease.ExpiresAt
+			}
 		}
 		s.mu.Unlock()
 		switch {
@@ -407,7 +411,7 @@ func (s *Service) reconnect(ctx context.Context) {
 			continue
 		}
 		s.mu.Lock()
-		s.leaseHeld = true
+		s.leaseHeld, s.leaseUntil = true, lease.ExpiresAt
 		s.mu.Unlock()
 		if err := s.startQueue(st); err != nil {
 			s.noteErr(err)
@@ -729,10 +733,16 @@ func (s *Service) report(job JobInfo, o outcome, d time.Duration) {
 	_ = bus.Publish(s.opts.NC, s.subj.BackupDone(), ev)
 }
 
+// holdsLease is false once the lease may have expired: renewals that kept
+// failing (database down) leave it to whoever takes it next.
 func (s *Service) holdsLease() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.leaseHeld
+	return s.leaseHeldLocked()
+}
+
+func (s *Service) leaseHeldLocked() bool {
+	return s.leaseHeld && s.clock.Now().Before(s.leaseUntil)
 }
 
 func (s *Service) noteDB(ok bool) {
@@ -761,7 +771,7 @@ func (s *Service) setState() {
 	default:
 		return // starting or standby until restore is done
 	}
-	if s.store == nil || !s.dbOK || !s.leaseHeld || !s.restore.OK {
+	if s.store == nil || !s.dbOK || !s.leaseHeldLocked() || !s.restore.OK {
 		s.state = bus.StateDegraded
 	} else {
 		s.state = bus.StateOK
@@ -771,7 +781,7 @@ func (s *Service) setState() {
 func (s *Service) beat() (string, any) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	d := bus.BackupDetails{DatabaseOK: s.dbOK && s.store != nil, LeaseHeld: s.leaseHeld, LastError: s.lastErr, LastErrorAt: s.lastErrAt}
+	d := bus.BackupDetails{DatabaseOK: s.dbOK && s.store != nil, LeaseHeld: s.leaseHeldLocked(), LastError: s.lastErr, LastErrorAt: s.lastErrAt}
 	if s.store != nil {
 		d.Database = s.store.Kind()
 	} else if s.cfg.DatabaseURL != "" {

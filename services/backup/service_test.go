@@ -869,3 +869,39 @@ func TestConnStoppedTakesSnapshot(t *testing.T) {
 		t.Fatal("conn.stopped did not produce a snapshot")
 	}
 }
+
+func (f *failingStore) AcquireLease(ctx context.Context, s, h string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+	if f.down.Load() {
+		return backup.Lease{}, false, errDown
+	}
+	return f.Store.AcquireLease(ctx, s, h, now, ttl)
+}
+
+// Renewals failing for longer than the TTL: the lease may now be another
+// instance's, so snapshots stop claiming the database.
+func TestLeaseExpiresWhileDatabaseDown(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	var down atomic.Bool
+	open := func(ctx context.Context) (backup.Store, error) {
+		st, err := db.open(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return &failingStore{Store: st, down: &down}, nil
+	}
+	in := start(t, db, instOpts{dataDir: dir, open: open})
+	down.Store(true)
+	for range 14 {
+		in.clock.Advance(5 * time.Second)
+	}
+	rep := in.backupNow("manual")
+	if rep.OK || !strings.Contains(rep.Error, "lease") {
+		t.Fatalf("reply = %+v; want refused: the lease ran out", rep)
+	}
+	// The snapshot still reached the local fallback.
+	if files, _ := (backup.Local{Dir: dir + "/backups"}).List(); len(files) != 1 {
+		t.Fatalf("local fallback: %+v; want the snapshot there", files)
+	}
+}
