@@ -53,6 +53,13 @@ func TestBackupCommandUsageErrors(t *testing.T) {
 			t.Errorf("%v: exit %d (%s); want 2", args, code, errOut)
 		}
 	}
+	// Production without a key refuses to start: plaintext sessions at rest
+	// only when asked for.
+	prod := map[string]string{"DATA_DIR": t.TempDir(), "NODE_ENV": "production", "NATS_URL": "nats://127.0.0.1:1"}
+	code, _, errOut := runMain(t, context.Background(), prod, "backup")
+	if code != 2 || !strings.Contains(errOut, "SESSION_ENCRYPTION_KEY") || !strings.Contains(errOut, "ALLOW_PLAINTEXT_BACKUPS") {
+		t.Fatalf("backup in production without a key: exit %d, %q", code, errOut)
+	}
 }
 
 // TestBackupCommands drives the backup role and the operator commands
