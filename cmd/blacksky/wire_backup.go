@@ -20,7 +20,7 @@ import (
 // openStore connects to DATABASE_URL, or the embedded SQLite in DATA_DIR.
 func (a *app) openStore(ctx context.Context) (backup.Store, error) {
 	if a.cfg.DatabaseURL != "" {
-		return postgres.Open(ctx, postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns, Heroku: a.cfg.Heroku})
+		return postgres.Open(ctx, postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns})
 	}
 	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("DATA_DIR: %w", err)

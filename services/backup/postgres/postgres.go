@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
 	"github.com/blacksky-md/blacksky/services/backup"
@@ -20,11 +19,9 @@ var _ backup.Store = (*Store)(nil)
 
 // Options configure Open.
 type Options struct {
+	// URL is config.PostgresURL(): Heroku's sslmode rule already applied.
 	URL      string
 	MaxConns int
-	// Heroku makes sslmode default to require: its postgres:// URLs name no
-	// sslmode, but the server refuses plaintext.
-	Heroku bool
 }
 
 // Store keeps snapshots and leases in PostgreSQL.
@@ -34,11 +31,7 @@ type Store struct {
 
 // Open connects and pings; the error never shows the URL's password.
 func Open(ctx context.Context, opts Options) (*Store, error) {
-	raw, err := withSSLMode(opts.URL, opts.Heroku)
-	if err != nil {
-		return nil, err
-	}
-	cfg, err := pgxpool.ParseConfig(raw)
+	cfg, err := pgxpool.ParseConfig(opts.URL)
 	if err != nil {
 		return nil, errors.New("DATABASE_URL: not a valid PostgreSQL URL")
 	}
@@ -56,23 +49,6 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		return nil, err
 	}
 	return s, nil
-}
-
-// withSSLMode adds sslmode=require on Heroku when the URL names none.
-func withSSLMode(raw string, heroku bool) (string, error) {
-	if !heroku {
-		return raw, nil
-	}
-	u, err := url.Parse(raw)
-	if err != nil {
-		return "", errors.New("DATABASE_URL: not a valid URL")
-	}
-	q := u.Query()
-	if q.Get("sslmode") == "" {
-		q.Set("sslmode", "require")
-		u.RawQuery = q.Encode()
-	}
-	return u.String(), nil
 }
 
 // Pool is the connection pool (River UI uses it).
