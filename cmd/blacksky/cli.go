@@ -79,7 +79,7 @@ commands:
 // Run dispatches to one command.
 func (m *Main) Run(ctx context.Context, args []string) error {
 	cmd := "run"
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+	if len(args) > 0 && (!strings.HasPrefix(args[0], "-") || args[0] == "-h" || args[0] == "--help") {
 		cmd, args = args[0], args[1:]
 	}
 	switch cmd {

@@ -29,6 +29,8 @@ func TestExitCodes(t *testing.T) {
 	}{
 		{"version", nil, []string{"version"}, 0, "blacksky dev"},
 		{"help", nil, []string{"help"}, 0, "commands:"},
+		{"--help", nil, []string{"--help"}, 0, "commands:"},
+		{"-h", nil, []string{"-h"}, 0, "commands:"},
 		{"unknown command", nil, []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
 		{"bad flag", nil, []string{"version", "--nope"}, 2, "flag provided but not defined"},
 		{"bad interval", map[string]string{"BACKUP_INTERVAL": "abc"}, []string{"run"}, 2, "BACKUP_INTERVAL"},

@@ -304,8 +304,9 @@ func (p *parser) duration(name string, min time.Duration) time.Duration {
 func (p *parser) minutesOrDuration(name string) time.Duration {
 	s := p.str(name)
 	if n, err := strconv.ParseFloat(s, 64); err == nil {
-		if n <= 0 || n > 60*24*365 {
-			p.fail(name, "a positive number of minutes or a duration such as 30m", s)
+		// !(n >= ...) also refuses NaN; under a second would snapshot non-stop.
+		if !(n >= 1.0/60) || n > 60*24*365 {
+			p.fail(name, "a number of minutes from 1/60 (one second) to a year, or a duration such as 30m", s)
 			return 0
 		}
 		return time.Duration(n * float64(time.Minute))
@@ -424,10 +425,15 @@ func (c *Config) Secrets() []string {
 			out = append(out, s)
 		}
 	}
-	if c.DatabaseURL != "" {
-		if u, err := url.Parse(c.DatabaseURL); err == nil && u.User != nil {
-			if pw, ok := u.User.Password(); ok && pw != "" {
+	for _, raw := range []string{c.DatabaseURL, c.NATSURL} {
+		if u, err := url.Parse(raw); err == nil && u.User != nil {
+			// A password equal to the user name (compose's local default)
+			// protects nothing, and redacting it would mangle every table
+			// name that contains it.
+			if pw, ok := u.User.Password(); ok && pw != "" && pw != u.User.Username() {
 				out = append(out, pw)
+			} else if name := u.User.Username(); name != "" && raw == c.NATSURL {
+				out = append(out, name) // nats://TOKEN@host: the user part is the token
 			}
 		}
 	}

@@ -111,7 +111,11 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		says    string // part of the message: what it accepts or what it got
 	}{
 		{env("BACKUP_INTERVAL", "abc"), "BACKUP_INTERVAL", `got "abc"`},
-		{env("BACKUP_INTERVAL", "-5"), "BACKUP_INTERVAL", "positive"},
+		{env("BACKUP_INTERVAL", "-5"), "BACKUP_INTERVAL", "to a year"},
+		{env("BACKUP_INTERVAL", "NaN"), "BACKUP_INTERVAL", `got "NaN"`},
+		{env("BACKUP_INTERVAL", "1e-12"), "BACKUP_INTERVAL", "one second"},
+		{env("BACKUP_INTERVAL", "0.0001"), "BACKUP_INTERVAL", "one second"},
+		{env("BACKUP_INTERVAL", "5ms"), "BACKUP_INTERVAL", "duration"},
 		{env("SEND_RATE", "fast"), "SEND_RATE", `got "fast"`},
 		{env("SEND_RATE", "0/m"), "SEND_RATE", "N/s, N/m or N/h"},
 		{env("PORT", "70000"), "PORT", "0 to 65535"},
@@ -188,13 +192,13 @@ func TestRedactURL(t *testing.T) {
 
 func TestSecretsListsEverySecret(t *testing.T) {
 	key := strings.Repeat("0f", 32)
-	c, err := config.Load(env("DATABASE_URL", "postgres://u:dbpass@h/db", "NATS_TOKEN", "natstoken",
+	c, err := config.Load(env("DATABASE_URL", "postgres://u:dbpass@h/db", "NATS_TOKEN", "natstoken", "NATS_URL", "nats://urltoken@gw:4222",
 		"HEALTH_TOKEN", "healthtoken", "SESSION_ENCRYPTION_KEY", key))
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := strings.Join(c.Secrets(), " ")
-	for _, want := range []string{"dbpass", "natstoken", "healthtoken", key} {
+	for _, want := range []string{"dbpass", "natstoken", "urltoken", "healthtoken", key} {
 		if !strings.Contains(got, want) {
 			t.Errorf("Secrets() misses %q", want)
 		}
@@ -228,5 +232,17 @@ func TestPostgresURLOnHeroku(t *testing.T) {
 		if got := c.PostgresURL(); got != tt.want {
 			t.Errorf("HEROKU=%s %q: got %q, want %q", tt.heroku, tt.url, got, tt.want)
 		}
+	}
+}
+
+// compose's local default (blacksky:blacksky) is no secret; redacting it would
+// turn every "blacksky_snapshots" in a log into "[redacted]_snapshots".
+func TestPasswordEqualToUserIsNotASecret(t *testing.T) {
+	c, err := config.Load(env("DATABASE_URL", "postgres://blacksky:blacksky@postgres:5432/blacksky"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := c.Secrets(); len(s) != 0 {
+		t.Fatalf("Secrets() = %q", s)
 	}
 }
