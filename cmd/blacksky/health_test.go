@@ -179,3 +179,79 @@ func (b *healthLogBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// TestHealthRoleOnHerokuWithNATSDown: `blacksky health` answers /healthz at
+// once while NATS is unreachable, and on Heroku (DYNO set) sends the pair
+// page over plain http to https.
+func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	natsURL := "nats://" + dead.Addr().String()
+	dead.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close() // the role binds it again itself
+
+	env := map[string]string{
+		"PORT": strconv.Itoa(port), "NATS_URL": natsURL, "HEALTH_TOKEN": "role-health-token",
+		"SESSION_ID": "Heroku Test", "DYNO": "web.1",
+	}
+	ready := make(chan ReadyInfo, 1)
+	var stderr healthLogBuffer
+	m := &Main{Stdout: io.Discard, Stderr: &stderr, Getenv: func(k string) string { return env[k] },
+		Ready: func(info ReadyInfo) { ready <- info }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- m.Run(ctx, []string{"health"}) }()
+	var info ReadyInfo
+	select {
+	case info = <-ready:
+	case err := <-done:
+		t.Fatalf("health role stopped: %v\n%s", err, stderr.String())
+	case <-time.After(20 * time.Second):
+		t.Fatal("health role not ready in 20 s")
+	}
+	_, p, _ := net.SplitHostPort(info.HTTPAddr)
+	base := "http://127.0.0.1:" + p
+	client := &http.Client{Timeout: 20 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := client.Get(base + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("/healthz with NATS down = %d", resp.StatusCode)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("/healthz answered %s after start with NATS down, want within a few seconds", d)
+	}
+
+	req, _ := http.NewRequest(http.MethodGet, base+"/pair", nil)
+	req.Host = "my-bot.herokuapp.com"
+	req.Header.Set("X-Forwarded-Proto", "http")
+	resp, err = client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusPermanentRedirect || resp.Header.Get("Location") != "https://my-bot.herokuapp.com/pair" {
+		t.Fatalf("/pair over http on Heroku = %d to %q, want 308 to https", resp.StatusCode, resp.Header.Get("Location"))
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("health role returned %v after cancel", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("health role did not stop")
+	}
+}

@@ -29,6 +29,7 @@ func (a *app) newHealth(nc *nats.Conn, ln net.Listener) (runner, error) {
 		Log:               a.log.With("service", "health"),
 		Token:             a.cfg.HealthToken,
 		Production:        a.cfg.Production,
+		Heroku:            a.cfg.Heroku,
 		PairPhone:         a.cfg.PairPhone,
 		HealthCheck:       a.cfg.EnableHealthCheck,
 		BackupEnabled:     a.cfg.EnableSessionBackup,

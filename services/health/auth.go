@@ -5,8 +5,11 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
+	"net"
 	"net/http"
+	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -27,20 +30,37 @@ const (
 	accessForbidden               // production with no HEALTH_TOKEN: nothing opens the pages
 )
 
+// Wrong-token budget per client: a burst of guessBurst, then one a second.
+const (
+	guessBurst = 10
+	guessEvery = time.Second
+	// maxGuessers bounds the per-client table; the idlest entries go first.
+	maxGuessers = 4096
+)
+
 // auth checks HEALTH_TOKEN in the Authorization header or the sign-in cookie.
 // The token is never read from the URL: Heroku's router logs query strings.
 type auth struct {
 	token      string
 	cookie     string // expected cookie value
 	production bool
-	// failures slows down guessing through the sign-in form.
-	failures *rate.Limiter
-	now      func() time.Time
+	// heroku: requests come through Heroku's router, which says who the
+	// client is (X-Forwarded-For) and how it connected (X-Forwarded-Proto).
+	heroku bool
+	now    func() time.Time
+
+	mu       sync.Mutex
+	guessers map[string]*guesser // client -> its wrong-token budget
 }
 
-func newAuth(token string, production bool, now func() time.Time) *auth {
-	a := &auth{token: token, production: production, now: now,
-		failures: rate.NewLimiter(rate.Every(time.Second), 10)}
+// guesser is one client's budget of wrong tokens.
+type guesser struct {
+	lim  *rate.Limiter
+	last time.Time // last wrong token
+}
+
+func newAuth(token string, production, heroku bool, now func() time.Time) *auth {
+	a := &auth{token: token, production: production, heroku: heroku, now: now, guessers: map[string]*guesser{}}
 	if token != "" {
 		a.cookie = cookieValue(token)
 	}
@@ -89,26 +109,97 @@ func equal(got, want string) bool {
 	return subtle.ConstantTimeCompare([]byte(got), []byte(want)) == 1
 }
 
-// signIn checks a token from the form. After a burst of wrong tokens, from
-// anyone, it refuses every attempt (even a right one) until the budget
-// refills: otherwise a guesser would still learn which guess was right.
-func (a *auth) signIn(token string) (ok, limited bool) {
+// signIn checks a token from the form. The right token always signs in, so
+// nobody can lock the operator out by guessing; wrong tokens are throttled
+// per client (limited: this client spent its budget of wrong tokens).
+func (a *auth) signIn(r *http.Request, token string) (ok, limited bool) {
 	if a.token == "" {
 		return false, false
-	}
-	now := a.now()
-	if a.failures.TokensAt(now) < 1 {
-		return false, true
 	}
 	if equal(token, a.token) {
 		return true, false
 	}
-	a.failures.AllowN(now, 1)
-	return false, false
+	return false, !a.wrong(r)
+}
+
+// wrong records a wrong token from r's client and reports whether it was
+// within the client's budget; past it the caller answers 429.
+func (a *auth) wrong(r *http.Request) bool {
+	key := a.client(r)
+	now := a.now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	g := a.guessers[key]
+	if g == nil {
+		if len(a.guessers) >= maxGuessers {
+			a.evictLocked(now)
+		}
+		g = &guesser{lim: rate.NewLimiter(rate.Every(guessEvery), guessBurst)}
+		a.guessers[key] = g
+	}
+	g.last = now
+	return g.lim.AllowN(now, 1)
+}
+
+// evictLocked makes room in the table: first every client whose budget has
+// refilled (forgetting it changes nothing), else the idlest one.
+func (a *auth) evictLocked(now time.Time) {
+	refill := guessBurst * guessEvery
+	var idlest string
+	var idlestAt time.Time
+	for k, g := range a.guessers {
+		if now.Sub(g.last) >= refill {
+			delete(a.guessers, k)
+			continue
+		}
+		if idlest == "" || g.last.Before(idlestAt) {
+			idlest, idlestAt = k, g.last
+		}
+	}
+	if len(a.guessers) >= maxGuessers {
+		delete(a.guessers, idlest)
+	}
+}
+
+// client names who sent r, for the wrong-token budget. Behind Heroku's
+// router RemoteAddr is the router: the client is the hop the router appended
+// to X-Forwarded-For, the last one of the first header (anything before it
+// is whatever the client chose to send). IPv6 clients count by /64, the
+// block one customer usually holds.
+func (a *auth) client(r *http.Request) string {
+	host := r.RemoteAddr
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	if a.heroku {
+		if xff := r.Header.Values("X-Forwarded-For"); len(xff) > 0 {
+			hops := strings.Split(xff[0], ",")
+			if hop := strings.TrimSpace(hops[len(hops)-1]); hop != "" {
+				host = hop
+			}
+		}
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	addr = addr.Unmap()
+	if addr.Is6() {
+		p, _ := addr.Prefix(64)
+		return p.String()
+	}
+	return addr.String()
+}
+
+// plainHTTP reports whether r reached Heroku's router over plain http, where
+// a token or cookie would cross the internet readable.
+func (a *auth) plainHTTP(r *http.Request) bool {
+	return a.heroku && strings.EqualFold(strings.TrimSpace(r.Header.Get("X-Forwarded-Proto")), "http")
 }
 
 // setCookie signs the browser in. Secure when the request came over https,
-// directly or through Heroku's router (X-Forwarded-Proto).
+// directly or through Heroku's router (X-Forwarded-Proto), and always on
+// Heroku, which serves the app over https.
 func (a *auth) setCookie(w http.ResponseWriter, r *http.Request) {
 	http.SetCookie(w, &http.Cookie{
 		Name:     cookieName,
@@ -116,15 +207,17 @@ func (a *auth) setCookie(w http.ResponseWriter, r *http.Request) {
 		Path:     "/",
 		MaxAge:   int((30 * 24 * time.Hour).Seconds()),
 		HttpOnly: true,
-		Secure:   isHTTPS(r),
+		Secure:   a.secure(r),
 		SameSite: http.SameSiteStrictMode,
 	})
 }
 
 func (a *auth) clearCookie(w http.ResponseWriter, r *http.Request) {
 	http.SetCookie(w, &http.Cookie{Name: cookieName, Value: "", Path: "/", MaxAge: -1,
-		HttpOnly: true, Secure: isHTTPS(r), SameSite: http.SameSiteStrictMode})
+		HttpOnly: true, Secure: a.secure(r), SameSite: http.SameSiteStrictMode})
 }
+
+func (a *auth) secure(r *http.Request) bool { return a.heroku || isHTTPS(r) }
 
 func isHTTPS(r *http.Request) bool {
 	return r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")

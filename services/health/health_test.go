@@ -369,7 +369,7 @@ func TestSignInThrottlesGuessing(t *testing.T) {
 			map[string]string{"Content-Type": "application/x-www-form-urlencoded"})
 		return code
 	}
-	for i := range 10 {
+	for i := range guessBurst {
 		if code := post("guess"); code != 401 {
 			t.Fatalf("guess %d = %d, want 401", i, code)
 		}
@@ -377,14 +377,17 @@ func TestSignInThrottlesGuessing(t *testing.T) {
 	if code := post("guess"); code != http.StatusTooManyRequests {
 		t.Fatalf("11th guess = %d, want 429", code)
 	}
-	// While throttled even the right token is refused: a guesser must not
-	// learn which guess was right.
-	if code := post(testToken); code != http.StatusTooManyRequests {
-		t.Fatalf("right token while throttled = %d, want 429", code)
-	}
-	b.clock.Advance(2 * time.Second) // the budget refills on the injected clock
+	// A guesser must not lock the operator out: the right token signs in
+	// even while wrong ones are refused.
 	if code := post(testToken); code != http.StatusSeeOther {
-		t.Fatalf("right token after the pause = %d, want 303", code)
+		t.Fatalf("right token while guesses are throttled = %d, want 303", code)
+	}
+	if code := post("guess"); code != http.StatusTooManyRequests {
+		t.Fatalf("guess after the right token = %d, want 429 (the budget is not reset)", code)
+	}
+	b.clock.Advance(2 * guessEvery) // the budget refills on the injected clock
+	if code := post("guess"); code != 401 {
+		t.Fatalf("guess after the pause = %d, want 401", code)
 	}
 }
 
@@ -413,7 +416,7 @@ func TestPairStateModes(t *testing.T) {
 
 	b.conn(t, bus.ConnEvent{Kind: bus.ConnQR, Code: "2@first-code,abc,def,ghi"})
 	d := state()
-	if d.Mode != "qr" || d.QRVersion != 1 || strings.Contains(mustJSON(t, d), "first-code") {
+	if d.Mode != "qr" || d.QRVersion != QRVersion("2@first-code,abc,def,ghi") || strings.Contains(mustJSON(t, d), "first-code") {
 		t.Fatalf("qr: %+v", d)
 	}
 	code, png, resp := b.get(t, "/pair/qr.png", bearer(testToken))
@@ -425,8 +428,8 @@ func TestPairStateModes(t *testing.T) {
 		t.Errorf("qr.png without token = %d, want 401", code)
 	}
 	b.conn(t, bus.ConnEvent{Kind: bus.ConnQR, Code: "2@second-code,abc,def,ghi"})
-	if d := state(); d.QRVersion != 2 {
-		t.Fatalf("rotated qr: %+v", d)
+	if d2 := state(); d2.QRVersion != QRVersion("2@second-code,abc,def,ghi") || d2.QRVersion == d.QRVersion {
+		t.Fatalf("rotated qr: %+v", d2)
 	}
 	_, png2, _ := b.get(t, "/pair/qr.png", bearer(testToken))
 	if png2 == png {

@@ -2,9 +2,11 @@ package health
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -67,6 +69,10 @@ func (k *keepAwake) ping(ctx context.Context) {
 	resp, err := k.client.Do(req)
 	if err != nil {
 		result = "error"
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // it quotes the URL whole; the log shows it redacted
+		}
 		if ctx.Err() == nil || ctx.Err() == context.DeadlineExceeded {
 			k.log.Warn("keep-awake ping failed", "url", config.RedactURL(k.target), "err", err)
 		}

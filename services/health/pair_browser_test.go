@@ -8,6 +8,7 @@ import (
 	"image/color"
 	"image/png"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -159,7 +160,7 @@ func TestPairPageInChromium(t *testing.T) {
 	b.beat(t, bus.ServiceGateway, "web.1", bus.StatePairing, bus.GatewayDetails{WAState: bus.StatePairing})
 	code1 := "2@FirstRefAbCdEf0123456789,KeyOne/AbCdEfGhIjKlMnOpQrStUvWxYz0123456789=,Id1,AdvSecret1"
 	b.conn(t, bus.ConnEvent{Kind: bus.ConnQR, Code: code1})
-	waitQR(t, ctx, "1")
+	waitQR(t, ctx, strconv.FormatInt(QRVersion(code1), 10))
 	first := shownQR(t, ctx)
 	if !sameModules(first, rendered(t, code1)) {
 		t.Fatal("the page does not show the QR of the first code")
@@ -172,7 +173,7 @@ func TestPairPageInChromium(t *testing.T) {
 	// WhatsApp rotates the code: the image is replaced.
 	code2 := "2@SecondRefZyXwVu9876543210,KeyTwo/ZyXwVuTsRqPoNmLkJiHgFeDcBa9876543210=,Id2,AdvSecret2"
 	b.conn(t, bus.ConnEvent{Kind: bus.ConnQR, Code: code2})
-	waitQR(t, ctx, "2")
+	waitQR(t, ctx, strconv.FormatInt(QRVersion(code2), 10))
 	second := shownQR(t, ctx)
 	if sameModules(first, second) {
 		t.Fatal("the QR image did not change after rotation")

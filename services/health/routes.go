@@ -3,6 +3,7 @@ package health
 import (
 	"encoding/json"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 )
@@ -14,17 +15,21 @@ func (s *Service) routes() http.Handler {
 	handle := func(pattern, route string, h http.HandlerFunc) {
 		mux.Handle(pattern, s.counted(route, h))
 	}
+	// Pages that take the token or set the cookie refuse plain http on Heroku.
+	private := func(pattern, route string, h http.HandlerFunc) {
+		handle(pattern, route, s.httpsOnly(h))
+	}
 	handle("GET /healthz", "healthz", s.healthz)
 	handle("GET /readyz", "readyz", s.readyz)
-	handle("GET /status", "status", s.status)
+	private("GET /status", "status", s.status)
 	mux.Handle("GET /metrics", s.counted("metrics", s.metrics.handler()))
-	handle("GET /pair", "pair", s.pairPage)
-	handle("GET /pair/state", "pair_state", s.pairState)
-	handle("GET /pair/qr.png", "pair_qr", s.pairQR)
-	handle("POST /signin", "signin", s.signIn)
-	handle("POST /signout", "signout", s.signOut)
+	private("GET /pair", "pair", s.pairPage)
+	private("GET /pair/state", "pair_state", s.pairState)
+	private("GET /pair/qr.png", "pair_qr", s.pairQR)
+	private("POST /signin", "signin", s.signIn)
+	private("POST /signout", "signout", s.signOut)
 	handle("GET /assets/{file}", "assets", s.asset)
-	handle("/riverui/", "riverui", s.riverUI)
+	private("/riverui/", "riverui", s.riverUI)
 	handle("GET /{$}", "index", s.index)
 	return mux
 }
@@ -74,6 +79,24 @@ func (s *Service) healthz(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	_, _ = w.Write([]byte("ok\n"))
+}
+
+// httpsOnly sends a request that reached Heroku's router over plain http to
+// the same URL over https (308 keeps the method and body), before any token
+// is checked or cookie set.
+func (s *Service) httpsOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !s.auth.plainHTTP(r) {
+			h(w, r)
+			return
+		}
+		if r.Host == "" {
+			http.Error(w, "use https", http.StatusBadRequest)
+			return
+		}
+		u := url.URL{Scheme: "https", Host: r.Host, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
+		http.Redirect(w, r, u.String(), http.StatusPermanentRedirect)
+	}
 }
 
 // readyDoc is the /readyz body.
@@ -126,6 +149,10 @@ func (s *Service) guard(w http.ResponseWriter, r *http.Request, next string, pag
 		}
 		return false
 	case accessWrong:
+		if !s.auth.wrong(r) {
+			s.tooMany(w, r, next, page)
+			return false
+		}
 		if page {
 			s.renderSignIn(w, r, http.StatusUnauthorized, next, "That token is not right.")
 		} else {
@@ -140,6 +167,17 @@ func (s *Service) guard(w http.ResponseWriter, r *http.Request, next string, pag
 			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "token required (Authorization: Bearer ...)"})
 		}
 		return false
+	}
+}
+
+// tooMany answers a client that sent too many wrong tokens.
+func (s *Service) tooMany(w http.ResponseWriter, r *http.Request, next string, page bool) {
+	const msg = "Too many wrong tokens; wait a few seconds and try again."
+	w.Header().Set("Retry-After", strconv.Itoa(int(guessEvery.Seconds())))
+	if page {
+		s.renderSignIn(w, r, http.StatusTooManyRequests, next, msg)
+	} else {
+		writeJSON(w, http.StatusTooManyRequests, map[string]string{"error": msg})
 	}
 }
 
@@ -169,10 +207,10 @@ func (s *Service) signIn(w http.ResponseWriter, r *http.Request) {
 		http.Redirect(w, r, next, http.StatusSeeOther) // open in development
 		return
 	}
-	ok, limited := s.auth.signIn(r.PostForm.Get("token"))
+	ok, limited := s.auth.signIn(r, r.PostForm.Get("token"))
 	switch {
 	case limited:
-		s.renderSignIn(w, r, http.StatusTooManyRequests, next, "Too many wrong tokens; wait a few seconds and try again.")
+		s.tooMany(w, r, next, true)
 	case !ok:
 		s.log.Warn("health: wrong token at sign-in", "remote", r.RemoteAddr)
 		s.renderSignIn(w, r, http.StatusUnauthorized, next, "That token is not right.")

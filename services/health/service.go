@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/config"
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 )
@@ -36,7 +37,11 @@ type Options struct {
 
 	Token      string // HEALTH_TOKEN
 	Production bool
-	PairPhone  string
+	// Heroku: requests come through Heroku's router. Its X-Forwarded-For
+	// names the client (for the wrong-token budget) and X-Forwarded-Proto:
+	// http sends the private pages to https; the cookie is always Secure.
+	Heroku    bool
+	PairPhone string
 	// HealthCheck is ENABLE_HEALTH_CHECK: heartbeat-based readiness and the
 	// keep-awake ping. Off, /readyz only fails on a known bad WhatsApp state.
 	HealthCheck   bool
@@ -98,7 +103,7 @@ func New(opts Options) (*Service, error) {
 		clock:   opts.Clock,
 		subj:    bus.NewSubjects(opts.Session),
 		started: opts.Clock.Now(),
-		auth:    newAuth(opts.Token, opts.Production, opts.Clock.Now),
+		auth:    newAuth(opts.Token, opts.Production, opts.Heroku, opts.Clock.Now),
 	}
 	s.req = Requirements{Heartbeats: opts.HealthCheck, Services: []string{bus.ServiceGateway, bus.ServiceHealth}}
 	if opts.BackupEnabled {
@@ -150,7 +155,7 @@ func (s *Service) Run(ctx context.Context) error {
 
 	if s.opts.HealthCheck && s.opts.KeepAwakeURL != "" {
 		k := newKeepAwake(s.opts.KeepAwakeURL, s.opts.KeepAwakeInterval, s.clock, s.opts.HTTPClient, s.log, s.metrics)
-		s.log.Info("keep-awake on", "url", k.target, "every", s.opts.KeepAwakeInterval)
+		s.log.Info("keep-awake on", "url", config.RedactURL(k.target), "every", s.opts.KeepAwakeInterval)
 		wg.Go(func() { k.run(bg) })
 	}
 	if s.opts.RiverUI != nil {

@@ -84,6 +84,10 @@ func (s *Service) status(w http.ResponseWriter, r *http.Request) {
 	case accessGranted:
 		full = true
 	case accessWrong:
+		if !s.auth.wrong(r) {
+			s.tooMany(w, r, "/status", false)
+			return
+		}
 		// A monitor with a stale token should notice, not quietly get less.
 		writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "wrong token"})
 		return

@@ -5,6 +5,8 @@ package health
 
 import (
 	"cmp"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -125,12 +127,22 @@ func (t *Tracker) Subscribe(nc *nats.Conn, subj bus.Subjects) ([]*nats.Subscript
 		subs = append(subs, s)
 	}
 	// Flush so the subscriptions are known to the server before we report
-	// ourselves started: an event published right after is not lost.
-	if err := nc.Flush(); err != nil {
-		t.log.Warn("nats flush after subscribe", "err", err)
+	// ourselves started: an event published right after is not lost. Never
+	// for long: /healthz must answer even while the bus is down, and the
+	// client sends the subscriptions again when it (re)connects.
+	if nc.IsConnected() {
+		if err := nc.FlushTimeout(subscribeFlushTimeout); err != nil {
+			t.log.Warn("nats flush after subscribe", "err", err)
+		}
+	} else {
+		t.log.Warn("nats not connected; health subscribes when it is", "status", nc.Status().String())
 	}
 	return subs, nil
 }
+
+// subscribeFlushTimeout bounds how long Subscribe waits for the server to
+// confirm the subscriptions.
+const subscribeFlushTimeout = time.Second
 
 // HandleHeartbeat records one P.heartbeat.<service> payload.
 func (t *Tracker) HandleHeartbeat(data []byte) {
@@ -356,7 +368,20 @@ func (t *Tracker) setQRLocked(code string, expires *time.Time) {
 		return
 	}
 	t.wa.qr, t.wa.qrExpires = code, expires
-	t.wa.qrVersion++
+	t.wa.qrVersion = QRVersion(code)
+}
+
+// QRVersion names a QR code for the pair page, which swaps its image when
+// the version changes. It is derived from the code itself, not counted, so a
+// restarted health service never offers an old version number for a new
+// code; it fits in 53 bits (a JavaScript number) and is never zero (no QR).
+func QRVersion(code string) int64 {
+	sum := sha256.Sum256([]byte("blacksky-qr-version\x00" + code))
+	v := int64(binary.BigEndian.Uint64(sum[:8]) >> 11)
+	if v == 0 {
+		v = 1
+	}
+	return v
 }
 
 // HandleBackupDone records a P.backup.done event.
