@@ -7,10 +7,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -574,47 +576,104 @@ func TestHerokuYML(t *testing.T) {
 	}
 }
 
-// TestHerokuYMLAlternative reads the commented-out split topology: once
-// uncommented it must be valid heroku.yml with three roles and an external
-// NATS_URL mentioned.
-func TestHerokuYMLAlternative(t *testing.T) {
-	raw := string(readFile(t, "heroku.yml"))
-	start := strings.Index(raw, "\n# run:\n")
-	if start < 0 {
-		t.Fatal("heroku.yml: the commented alternative `# run:` block is missing")
-	}
-	var block []string
-	for _, line := range strings.Split(raw[start+1:], "\n") {
-		if line != "#" && !strings.HasPrefix(line, "# ") {
-			break
+// roleSets says which long-running roles each blacksky command holds.
+var roleSets = map[string][]string{
+	"blacksky run":     {"gateway", "backup", "health"},
+	"blacksky gateway": {"gateway"},
+	"blacksky backup":  {"backup"},
+	"blacksky health":  {"health"},
+}
+
+// checkSameDyno: backup snapshots the gateway's $DATA_DIR/session.db and
+// restores into it, and dynos share no disk, so the process type that runs
+// the gateway must run backup too, in the same process; and only one
+// process type may run the gateway (one session, one socket).
+func checkSameDyno(t *testing.T, where string, run map[string]yaml.Node) {
+	t.Helper()
+	holders := map[string][]string{} // role -> process types
+	for proc, n := range run {
+		cmd := runCommand(t, n)
+		for _, role := range roleSets[cmd] {
+			holders[role] = append(holders[role], proc)
 		}
-		if line == "#" {
-			break
-		}
-		block = append(block, strings.TrimPrefix(line, "# "))
 	}
-	var alt struct {
-		Run map[string]yaml.Node `yaml:"run"`
+	gw, bk := holders["gateway"], holders["backup"]
+	if len(gw) != 1 {
+		t.Errorf("%s: the gateway runs in process types %v, want exactly one", where, gw)
+		return
 	}
-	if err := yaml.Unmarshal([]byte(strings.Join(block, "\n")), &alt); err != nil {
-		t.Fatalf("the commented alternative is not valid YAML: %v", err)
-	}
-	want := map[string]string{"web": "blacksky health", "gateway": "blacksky gateway", "backup": "blacksky backup"}
-	if len(alt.Run) != len(want) {
-		t.Errorf("alternative run has %d process types, want %d", len(alt.Run), len(want))
-	}
-	for proc, cmd := range want {
-		n, ok := alt.Run[proc]
-		if !ok {
-			t.Errorf("alternative run.%s is missing", proc)
-			continue
-		}
-		checkBlackskyCommand(t, "alternative run."+proc, runCommand(t, n), cmd)
-	}
-	if !strings.Contains(raw, "NATS_URL") {
-		t.Error("the alternative must say the processes need an external NATS_URL")
+	if len(bk) != 1 || bk[0] != gw[0] {
+		t.Errorf("%s: backup runs in %v and the gateway in %v: dynos share no disk, so backup would snapshot and restore a session.db the gateway never uses; run both in one process (blacksky run)", where, bk, gw)
 	}
 }
+
+// commentedRunBlocks finds every commented-out `# run:` block of heroku.yml
+// and parses it as it would read once uncommented.
+func commentedRunBlocks(t *testing.T, raw string) []map[string]yaml.Node {
+	t.Helper()
+	var out []map[string]yaml.Node
+	lines := strings.Split(raw, "\n")
+	for i, line := range lines {
+		if line != "# run:" {
+			continue
+		}
+		var block []string
+		for _, l := range lines[i:] {
+			if !strings.HasPrefix(l, "# ") {
+				break // a bare "#" or code ends the block
+			}
+			block = append(block, strings.TrimPrefix(l, "# "))
+		}
+		var alt struct {
+			Run map[string]yaml.Node `yaml:"run"`
+		}
+		if err := yaml.Unmarshal([]byte(strings.Join(block, "\n")), &alt); err != nil {
+			t.Fatalf("heroku.yml line %d: the commented alternative is not valid YAML: %v", i+1, err)
+		}
+		out = append(out, alt.Run)
+	}
+	return out
+}
+
+// TestHerokuYMLAlternative reads the commented-out alternative: once
+// uncommented it must be valid heroku.yml whose commands are blacksky's,
+// with gateway and backup in one process on one dyno, and the external
+// NATS_URL it is about must be explained.
+func TestHerokuYMLAlternative(t *testing.T) {
+	raw := string(readFile(t, "heroku.yml"))
+	var m herokuManifest
+	if err := yaml.Unmarshal([]byte(raw), &m); err != nil {
+		t.Fatalf("heroku.yml: %v", err)
+	}
+	checkSameDyno(t, "heroku.yml run", m.Run)
+
+	alts := commentedRunBlocks(t, raw)
+	if len(alts) == 0 {
+		t.Fatal("heroku.yml: the commented alternative `# run:` block is missing")
+	}
+	for i, alt := range alts {
+		where := fmt.Sprintf("heroku.yml commented alternative %d", i+1)
+		for proc, n := range alt {
+			cmd := runCommand(t, n)
+			if _, ok := roleSets[cmd]; !ok {
+				t.Errorf("%s: run.%s = %q, want one of %v", where, proc, cmd, slices.Sorted(maps.Keys(roleSets)))
+			}
+		}
+		checkSameDyno(t, where, alt)
+	}
+	if !strings.Contains(raw, "NATS_URL") {
+		t.Error("the alternative must say it needs an external NATS_URL")
+	}
+
+	// The guide must not tell anyone to scale gateway or backup process
+	// types of their own either.
+	guide := string(readFile(t, "docs/heroku.md"))
+	if loc := splitScale.FindStringIndex(guide); loc != nil {
+		t.Errorf("docs/heroku.md scales a separate gateway or backup dyno (%q): they must share one process", guide[loc[0]:loc[1]])
+	}
+}
+
+var splitScale = regexp.MustCompile(`\b(gateway|backup)=\d`)
 
 // appJSON is app.json as Heroku reads it.
 type appJSON struct {

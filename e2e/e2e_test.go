@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -420,6 +421,55 @@ func snapshots(t *testing.T, dbURL, session string) []snapshotRow {
 	return out
 }
 
+// passwordRole gives the test database a login role with a password and
+// returns a URL that connects as it, so the password can be looked for in
+// logs and /status (CONTRACT guarantee 6). The role may create tables in
+// the test's schema only; it is dropped at cleanup, before the schema.
+// When the test database's user may not create roles, it returns the URL
+// unchanged and an empty password.
+func passwordRole(t *testing.T, db testdb.Database) (dbURL, password string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, db.URL)
+	if err != nil {
+		t.Fatalf("connect to the test database: %v", err)
+	}
+	defer conn.Close(context.Background())
+	role, password := "e2e_"+randomHex(t, 6), randomHex(t, 24)
+	// Identifiers and the password are hex: nothing to quote.
+	if _, err := conn.Exec(ctx, "CREATE ROLE "+role+" LOGIN PASSWORD '"+password+"'"); err != nil {
+		t.Logf("no password role (%v): the database password is not among the secrets looked for", err)
+		return db.URL, ""
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := pgx.Connect(ctx, db.URL)
+		if err != nil {
+			t.Logf("drop role %s: %v", role, err)
+			return
+		}
+		defer c.Close(context.Background())
+		// DROP OWNED: the tables the role created in the test's schema.
+		if _, err := c.Exec(ctx, "DROP OWNED BY "+role+" CASCADE"); err != nil {
+			t.Logf("drop owned by %s: %v", role, err)
+		}
+		if _, err := c.Exec(ctx, "DROP ROLE "+role); err != nil {
+			t.Logf("drop role %s: %v", role, err)
+		}
+	})
+	if _, err := conn.Exec(ctx, "GRANT USAGE, CREATE ON SCHEMA "+db.Schema+" TO "+role); err != nil {
+		t.Fatalf("grant on schema %s: %v", db.Schema, err)
+	}
+	u, err := url.Parse(db.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.User = url.UserPassword(role, password)
+	return u.String(), password
+}
+
 func fileSHA(t *testing.T, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
@@ -526,6 +576,11 @@ func TestSplitTopology(t *testing.T) {
 	subj := bus.NewSubjects(session)
 	natsToken, healthToken, key := randomHex(t, 32), randomHex(t, 32), randomHex(t, 32)
 	secrets := []string{natsToken, healthToken, key}
+	// The processes connect as a role with a password, as under compose.
+	procDB, dbPassword := passwordRole(t, db)
+	if dbPassword != "" {
+		secrets = append(secrets, dbPassword)
+	}
 	natsAddr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	natsURL := "nats://" + natsAddr
 	httpPort := freePort(t)
@@ -541,7 +596,7 @@ func TestSplitTopology(t *testing.T) {
 		e := svcs[name].env.with(
 			"SESSION_ID", session, // isolates this run's subjects, rows and lease
 			"DATA_DIR", dir,
-			"DATABASE_URL", db.URL,
+			"DATABASE_URL", procDB,
 			"PORT", strconv.Itoa(port),
 			"LOG_LEVEL", "debug",
 			"SHUTDOWN_TIMEOUT", "15s",
@@ -641,6 +696,40 @@ func TestSplitTopology(t *testing.T) {
 		}
 	})
 
+	t.Run("/pair wants HEALTH_TOKEN", func(t *testing.T) {
+		pairURL := fmt.Sprintf("http://127.0.0.1:%d/pair", httpPort)
+		for _, c := range []struct {
+			what, token string
+			want        int
+		}{
+			{"no token", "", http.StatusUnauthorized},
+			{"a wrong token", "wrong-" + healthToken[:8], http.StatusUnauthorized},
+			{"the Bearer token", healthToken, http.StatusOK},
+		} {
+			req, err := http.NewRequest(http.MethodGet, pairURL, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.token != "" {
+				req.Header.Set("Authorization", "Bearer "+c.token)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatalf("GET /pair with %s: %v", c.what, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != c.want {
+				t.Errorf("GET /pair with %s = %d, want %d", c.what, resp.StatusCode, c.want)
+			}
+			for _, sec := range secrets {
+				if bytes.Contains(body, []byte(sec)) {
+					t.Errorf("GET /pair with %s shows a secret", c.what)
+				}
+			}
+		}
+	})
+
 	var manual bus.BackupReply
 	t.Run("a backup requested over NATS lands in PostgreSQL", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -712,8 +801,10 @@ func TestSplitTopology(t *testing.T) {
 	touchStore(t, sessionPath)
 
 	var shutdown snapshotRow
-	t.Run("SIGTERM gateway, then backup, then health ends with a shutdown snapshot", func(t *testing.T) {
-		for _, p := range []*proc{gateway, backup, health} {
+	// Compose's stop order (the reverse of depends_on): health, then the
+	// gateway (socket closed), then backup (shutdown snapshot, lease released).
+	t.Run("SIGTERM health, then gateway, then backup ends with a shutdown snapshot", func(t *testing.T) {
+		for _, p := range []*proc{health, gateway, backup} {
 			took := p.stop(t, 25*time.Second)
 			t.Logf("%s stopped %s after SIGTERM", p.name, took.Round(time.Millisecond))
 		}

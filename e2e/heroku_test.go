@@ -79,8 +79,13 @@ func TestHerokuDyno(t *testing.T) {
 		t.Fatalf("create session store: %v", err)
 	}
 	port := freePort(t)
-	e := herokuEnv(t, db.URL, disk1, port, generated)
+	// The add-on's DATABASE_URL carries a password.
+	dynoDB, dbPassword := passwordRole(t, db)
+	e := herokuEnv(t, dynoDB, disk1, port, generated)
 	secrets := []string{generated["NATS_TOKEN"], generated["HEALTH_TOKEN"], generated["SESSION_ENCRYPTION_KEY"]}
+	if dbPassword != "" {
+		secrets = append(secrets, dbPassword)
+	}
 
 	run(t, bin, e, "migrate") // release phase
 	web := start(t, bin, "web.1", e, "run")
@@ -124,7 +129,7 @@ func TestHerokuDyno(t *testing.T) {
 	// The next day's dyno: same config vars and database, an empty disk.
 	disk2 := t.TempDir()
 	port2 := freePort(t)
-	web2 := start(t, bin, "web.1 (next dyno)", herokuEnv(t, db.URL, disk2, port2, generated), "run")
+	web2 := start(t, bin, "web.1 (next dyno)", herokuEnv(t, dynoDB, disk2, port2, generated), "run")
 	restored := filepath.Join(disk2, "session.db")
 	var sha string
 	waitFor(t, 30*time.Second, "the session restored on the new dyno", func() bool {
