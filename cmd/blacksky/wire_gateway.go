@@ -32,8 +32,7 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		BackupEnabled: cfg.EnableSessionBackup,
 		ReconnectMin:  cfg.ReconnectMin,
 		ReconnectMax:  cfg.ReconnectMax,
-		SendRate:      cfg.SendRate.Limit(),
-		SendBurst:     cfg.SendRate.N,
+		SendRate:      cfg.SendRate.Limit(), // burst 1: at most N+1 sends in any window of one period
 	}, gateway.Deps{
 		NC:     nc,
 		Open:   open,

@@ -18,6 +18,12 @@
 // one retry timer exists, so connect attempts never run concurrently however
 // many failure events arrive at once.
 //
+// The reconnects counter (heartbeat details, owner status) counts retries
+// scheduled after a lost or failed connection (the transient failures
+// above) and nothing else: not a fresh pairing round after unscanned QR
+// codes, not the re-pairing after a logout, not the waits of a stream
+// replaced or a temporary ban.
+//
 // # Terminal events
 //
 //   - Logged out (the phone unlinked us, or WhatsApp did): publish
@@ -46,15 +52,40 @@
 // reaction to conn.paired and conn.stopped; conn.stopped is published only
 // after the store is closed.
 //
+// Backup holds each P.session.restore request open until it is ready (while
+// another instance still holds the lease), so a request that times out
+// (RestoreTimeout, on the injected clock) is asked again at once: one
+// request is always waiting and the gateway starts as soon as the lease
+// frees. Only no responders, a transport error or ok:false back off, with
+// the reconnect backoff capped at RestoreMaxBackoff (5 s).
+//
 // # Messages and owner commands
 //
-// Every incoming message is published on P.msg.in. P.msg.send is answered
-// ok:false for bad JSON, an unknown recipient form, no connection, or
-// SEND_RATE exhausted (refused at once with the wait until the next slot,
-// never queued), else sent and answered with id and timestamp. Messages from
-// OWNER_NUMBER (by phone JID, or by LID with the phone JID as SenderAlt)
-// starting with PREFIX run ping, status and backup; the owner is also told
-// when the bot is back after more than OfflineAlertAfter (5 min) offline.
+// Every incoming message is published on P.msg.in straight from whatsmeow's
+// event handler (conversion and a NATS publish never block): whatsmeow has
+// acked the message to WhatsApp before we see it, so it must not wait in a
+// queue that a shutdown or an overflow could lose. Only connection events go
+// through the state machine's loop; owner commands go to a worker. At
+// shutdown, handler calls in flight finish before conn.stopped.
+//
+// P.msg.send is answered ok:false for bad JSON, an unknown recipient form,
+// no connection, shutdown under way, or SEND_RATE: "N/period" means at most
+// N+1 sends in any window of one period (a token bucket of burst 1). A send
+// whose slot is at most SendWait (5 s) away waits for it; a later slot, or
+// more than MaxSendWaiters (64) sends already waiting, is refused with the
+// time to the next slot. Owner replies and alerts take their slots from the
+// same limiter and may wait up to OwnerSendWait (1 min), one at a time; a
+// later slot drops the reply (logged).
+//
+// At shutdown new sends are refused ("shutting down"), sends still waiting
+// for a slot are refused (they never reached WhatsApp), and sends in flight
+// get a grace period of min(SendTimeout, ShutdownSendGrace) to be answered
+// truthfully before the socket closes.
+//
+// Messages from OWNER_NUMBER (by phone JID, or by LID with the phone JID as
+// SenderAlt) starting with PREFIX run ping, status and backup; the owner is
+// also told when the bot is back after more than OfflineAlertAfter (5 min)
+// offline.
 package gateway
 
 import (
@@ -72,6 +103,7 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/types"
+	"go.mau.fi/whatsmeow/types/events"
 	"golang.org/x/time/rate"
 )
 
@@ -126,8 +158,23 @@ const (
 	DefaultBackupTimeout      = 2 * time.Minute
 	DefaultSendTimeout        = 30 * time.Second
 	DefaultLivenessInterval   = 30 * time.Second
-	DefaultSendBurst          = 20
 	DefaultSendRate           = rate.Limit(20.0 / 60)
+	DefaultSendWait           = 5 * time.Second
+)
+
+// Fixed bounds.
+const (
+	// RestoreMaxBackoff caps the wait between P.session.restore attempts
+	// after no responders, a transport error or a refusal.
+	RestoreMaxBackoff = 5 * time.Second
+	// MaxSendWaiters bounds the msg.send requests waiting for a rate slot.
+	MaxSendWaiters = 64
+	// OwnerSendWait is how far away a rate slot an owner reply or alert
+	// may wait for.
+	OwnerSendWait = time.Minute
+	// ShutdownSendGrace bounds how long sends in flight may still take
+	// once shutdown has begun (and SendTimeout, if shorter).
+	ShutdownSendGrace = 5 * time.Second
 )
 
 // Config is the gateway's part of the environment. Zero durations take the
@@ -141,8 +188,8 @@ type Config struct {
 	BackupEnabled bool   // ENABLE_SESSION_BACKUP: restore before opening the store
 
 	ReconnectMin, ReconnectMax time.Duration
-	SendRate                   rate.Limit
-	SendBurst                  int
+	SendRate                   rate.Limit    // sends per second; at most N+1 in any window of one period
+	SendWait                   time.Duration // a msg.send waits this long at most for its rate slot
 
 	StableAfter        time.Duration // connected this long resets the attempt counter
 	StreamReplacedWait time.Duration
@@ -161,7 +208,7 @@ func (c Config) withDefaults() Config {
 	c.ReconnectMin = cmp.Or(c.ReconnectMin, DefaultReconnectMin)
 	c.ReconnectMax = max(cmp.Or(c.ReconnectMax, DefaultReconnectMax), c.ReconnectMin)
 	c.SendRate = cmp.Or(c.SendRate, DefaultSendRate)
-	c.SendBurst = cmp.Or(c.SendBurst, DefaultSendBurst)
+	c.SendWait = cmp.Or(c.SendWait, DefaultSendWait)
 	c.StableAfter = cmp.Or(c.StableAfter, DefaultStableAfter)
 	c.StreamReplacedWait = cmp.Or(c.StreamReplacedWait, DefaultStreamReplacedWait)
 	c.BanFallbackWait = cmp.Or(c.BanFallbackWait, DefaultBanFallbackWait)
@@ -199,19 +246,23 @@ type Gateway struct {
 	showQR  func(string)
 	limiter *rate.Limiter
 
-	running atomic.Bool
-	events  *queue
-	results chan func(context.Context) // async outcomes handed back to the loop
-	work    chan func(context.Context) // owner replies and alerts, off the loop
+	running  atomic.Bool
+	events   *queue                     // connection events for the loop
+	evMu     sync.RWMutex               // read-held by every event handler call in flight
+	evClosed bool                       // under evMu: the store is closed, Run is ending
+	results  chan func(context.Context) // async outcomes handed back to the loop
+	work     chan func(context.Context) // owner replies and alerts, off the loop
 
 	mu   sync.Mutex // guards st and conn
 	st   status
 	conn Conn
 
-	sendMu    sync.Mutex // guards accepting and sendBase; sends is the in-flight msg.send work
+	sendMu    sync.Mutex // guards accepting, sendBase and stopping; sends is the in-flight msg.send work
 	accepting bool
-	sendBase  context.Context
+	sendBase  context.Context // outlives Run's ctx by the shutdown grace
+	stopping  chan struct{}   // closed when shutdown begins
 	sends     sync.WaitGroup
+	waiters   atomic.Int64 // msg.send requests waiting for a rate slot
 
 	bg sync.WaitGroup // pairing-code requests in flight
 
@@ -260,7 +311,7 @@ func New(cfg Config, d Deps) *Gateway {
 		clock:   clock,
 		backoff: Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
 		showQR:  d.ShowQR,
-		limiter: rate.NewLimiter(cfg.SendRate, cfg.SendBurst),
+		limiter: rate.NewLimiter(cfg.SendRate, 1),
 		events:  newQueue(),
 		results: make(chan func(context.Context)),
 		work:    make(chan func(context.Context), 16),
@@ -285,6 +336,11 @@ func (g *Gateway) Run(ctx context.Context) error {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// Sends do not end with ctx: one that reached WhatsApp gets the shutdown
+	// grace to be answered truthfully, so its caller does not send it again.
+	sendCtx, cancelSends := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelSends()
+	stopping := make(chan struct{})
 	var wg sync.WaitGroup
 
 	sendSub, err := g.nc.Subscribe(g.subj.MsgSend(), g.onSend)
@@ -297,7 +353,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return fmt.Errorf("gateway: subscribe backup.done: %w", err)
 	}
 	g.sendMu.Lock()
-	g.accepting, g.sendBase = true, runCtx
+	g.accepting, g.sendBase, g.stopping = true, sendCtx, stopping
 	g.sendMu.Unlock()
 
 	hb := &bus.Heartbeater{
@@ -309,17 +365,29 @@ func (g *Gateway) Run(ctx context.Context) error {
 
 	runErr := g.supervise(runCtx)
 
-	// Stop taking sends and let the ones in flight finish (their contexts
-	// end with runCtx) before the socket and the store go away.
+	// Refuse new sends ("shutting down", rather than no responders while
+	// the subscription is still there), give up the ones waiting for a rate
+	// slot, and let the ones in flight finish within the grace period
+	// before the socket and the store go away.
+	g.sendMu.Lock()
+	grace := g.clock.AfterFunc(min(g.cfg.SendTimeout, ShutdownSendGrace), cancelSends)
+	g.accepting = false
+	close(stopping)
+	g.sendMu.Unlock()
+	g.sends.Wait()
+	grace.Stop()
+	cancelSends()
 	_ = sendSub.Unsubscribe()
 	_ = doneSub.Unsubscribe()
-	g.sendMu.Lock()
-	g.accepting = false
-	g.sendMu.Unlock()
 	cancel()
-	g.sends.Wait()
 	wg.Wait()
 	g.closeConn()
+	// Handler calls in flight have published their messages once they
+	// return: every message whatsmeow acked is on msg.in before
+	// conn.stopped.
+	g.evMu.Lock()
+	g.evClosed = true
+	g.evMu.Unlock()
 
 	g.setState(bus.StateStopped, "")
 	g.publish(bus.ConnEvent{Kind: bus.ConnStopped})
@@ -343,6 +411,22 @@ func (g *Gateway) closeConn() {
 	if err := conn.Close(); err != nil {
 		g.log.Warn("closing the session store", "err", err)
 	}
+}
+
+// onEvent is the handler whatsmeow calls, synchronously on its own
+// goroutines; it never blocks. A message is published right here (whatsmeow
+// has acked it already); connection events go to the loop.
+func (g *Gateway) onEvent(evt any) {
+	g.evMu.RLock()
+	defer g.evMu.RUnlock()
+	if e, ok := evt.(*events.Message); ok {
+		if g.evClosed {
+			g.log.Warn("message delivered after the socket closed; publishing it late", "id", e.Info.ID)
+		}
+		g.onMessage(e)
+		return
+	}
+	g.events.push(evt)
 }
 
 // beat is the heartbeat's view of the state.

@@ -570,3 +570,57 @@ func TestOpenFailureIsAnError(t *testing.T) {
 		t.Fatalf("Run = %v, want the open error", err)
 	}
 }
+
+// The reconnects counter counts retries after a lost or failed connection,
+// not pairing rounds, re-pairing after a logout or terminal waits.
+func TestReconnectsCountsOnlyReconnects(t *testing.T) {
+	tests := []struct {
+		name string
+		do   func(h *harness)
+		want int64
+	}{
+		{"disconnect", func(h *harness) {
+			h.connected()
+			h.conn.emit(&events.Disconnected{})
+		}, 1},
+		{"connect failure", func(h *harness) {
+			h.rec.next(h.t, bus.ConnConnecting)
+			h.conn.emit(&events.ConnectFailure{Reason: events.ConnectFailureServiceUnavailable})
+		}, 1},
+		{"QR codes expired unscanned", func(h *harness) {
+			h.rec.next(h.t, bus.ConnConnecting)
+			h.conn.emit(&events.QR{Codes: []string{"code-a"}})
+			h.rec.next(h.t, bus.ConnQR)
+			h.advance(firstQRTTL)
+		}, 0},
+		{"logged out", func(h *harness) {
+			h.connected()
+			h.conn.emit(&events.LoggedOut{Reason: events.ConnectFailureLoggedOut})
+		}, 0},
+		{"stream replaced", func(h *harness) {
+			h.connected()
+			h.conn.emit(&events.StreamReplaced{})
+		}, 0},
+		{"temporary ban", func(h *harness) {
+			h.connected()
+			h.conn.emit(&events.TemporaryBan{Code: events.TempBanBlockedByUsers, Expire: time.Hour})
+		}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := start(t)
+			tt.do(h)
+			waitFor(t, 5*time.Second, "a retry to be scheduled", func() bool {
+				for _, e := range h.rec.connEvents() {
+					if e.Kind == bus.ConnReconnecting {
+						return true
+					}
+				}
+				return false
+			})
+			if _, d := h.gw.beat(); d.(bus.GatewayDetails).Reconnects != tt.want {
+				t.Fatalf("reconnects = %d, want %d", d.(bus.GatewayDetails).Reconnects, tt.want)
+			}
+		})
+	}
+}

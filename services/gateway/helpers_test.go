@@ -19,6 +19,7 @@ import (
 	"go.mau.fi/whatsmeow/proto/waE2E"
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
+	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -330,8 +331,7 @@ func start(t *testing.T, opts ...option) *harness {
 		Prefix:       ".",
 		ReconnectMin: time.Second,
 		ReconnectMax: 10 * time.Second,
-		SendRate:     1,
-		SendBurst:    5,
+		SendRate:     rate.Inf, // tests of SEND_RATE set their own
 	}
 	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4)}
 	for _, o := range opts {
@@ -400,6 +400,20 @@ func (h *harness) shutdown() {
 // advance moves the fake clock by d.
 func (h *harness) advance(d time.Duration) { h.clock.Advance(d) }
 
+// advanceUntil steps the fake clock by step until cond holds. A goroutine
+// may read the clock just before a step and arm its timer just after it;
+// stepping on covers that.
+func (h *harness) advanceUntil(step time.Duration, what string, cond func() bool) {
+	h.t.Helper()
+	waitFor(h.t, 10*time.Second, what, func() bool {
+		if cond() {
+			return true
+		}
+		h.advance(step)
+		return false
+	})
+}
+
 // connected brings the gateway to "connected" with a linked JID.
 func (h *harness) connected() {
 	h.t.Helper()
@@ -439,6 +453,43 @@ func (h *harness) request(body string) bus.MsgSendReply {
 		h.t.Fatalf("decode reply %q: %v", msg.Data, err)
 	}
 	return r
+}
+
+// requestAsync sends a P.msg.send body without waiting; the reply comes on
+// the channel.
+func (h *harness) requestAsync(body string) <-chan bus.MsgSendReply {
+	h.t.Helper()
+	out := make(chan bus.MsgSendReply, 1)
+	go func() {
+		msg, err := h.nc.Request(h.subj.MsgSend(), []byte(body), 10*time.Second)
+		var r bus.MsgSendReply
+		if err != nil {
+			r.Error = "test: request: " + err.Error()
+		} else if err := json.Unmarshal(msg.Data, &r); err != nil {
+			r.Error = "test: decode reply: " + err.Error()
+		}
+		out <- r
+	}()
+	return out
+}
+
+// reply waits for an answer from requestAsync.
+func (h *harness) reply(ch <-chan bus.MsgSendReply) bus.MsgSendReply {
+	h.t.Helper()
+	select {
+	case r := <-ch:
+		return r
+	case <-time.After(5 * time.Second):
+		h.t.Fatal("no msg.send reply")
+		return bus.MsgSendReply{}
+	}
+}
+
+// stopping reports whether the gateway has begun shutting down.
+func (h *harness) stopping() bool {
+	h.gw.sendMu.Lock()
+	defer h.gw.sendMu.Unlock()
+	return h.gw.stopping != nil && !h.gw.accepting
 }
 
 func textMsg(id, senderPhone, text string) *events.Message {

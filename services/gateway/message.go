@@ -204,8 +204,23 @@ func (g *Gateway) notifyOwner(text string) {
 	g.later("owner alert", func(ctx context.Context) { g.reply(ctx, to, text) })
 }
 
-// reply sends text if the socket is up; a failure is only logged.
+// reply sends text if the socket is up, in its turn under SEND_RATE (waiting
+// up to OwnerSendWait for the slot); a failure is only logged.
 func (g *Gateway) reply(ctx context.Context, to types.JID, text string) {
+	if g.liveConn() == nil {
+		g.log.Warn("owner reply dropped: not connected")
+		return
+	}
+	now := g.clock.Now()
+	r := g.limiter.ReserveN(now, 1)
+	if wait := r.DelayFrom(now); !r.OK() || wait > max(g.cfg.SendWait, OwnerSendWait) {
+		r.CancelAt(now)
+		g.log.Warn("owner reply dropped: SEND_RATE has no slot soon enough", "next_slot_in", wait)
+		return
+	} else if wait > 0 && !g.sleepUntil(now.Add(wait), ctx.Done()) {
+		r.CancelAt(g.clock.Now())
+		return
+	}
 	conn := g.liveConn()
 	if conn == nil {
 		g.log.Warn("owner reply dropped: not connected")

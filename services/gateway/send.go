@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -62,9 +63,8 @@ func allDigits(s string) bool {
 }
 
 // onSend serves P.msg.send. Cheap checks answer at once; the send itself
-// runs on its own goroutine so one slow send does not queue the others.
-// SEND_RATE is enforced without waiting: a request over the limit is
-// refused with the time until the next slot, and the caller decides.
+// (and any wait for its SEND_RATE slot, at most SendWait) runs on its own
+// goroutine so one slow send does not queue the others.
 func (g *Gateway) onSend(m *nats.Msg) {
 	fail := func(msg string) { g.respond(m, bus.MsgSendReply{OK: false, Error: msg}) }
 	req, err := bus.DecodeMsgSend(m.Data)
@@ -77,29 +77,57 @@ func (g *Gateway) onSend(m *nats.Msg) {
 		fail(err.Error())
 		return
 	}
+	g.sendMu.Lock()
+	if !g.accepting {
+		g.sendMu.Unlock()
+		fail(errShuttingDown)
+		return
+	}
+	g.sends.Add(1)
+	base, stopping := g.sendBase, g.stopping
+	g.sendMu.Unlock()
+	done := g.sends.Done
 	conn := g.liveConn()
 	if conn == nil {
+		done()
 		fail("not connected to WhatsApp (state: " + g.State() + ")")
 		return
 	}
 	now := g.clock.Now()
-	if r := g.limiter.ReserveN(now, 1); !r.OK() || r.DelayFrom(now) > 0 {
-		wait := r.DelayFrom(now)
+	r := g.limiter.ReserveN(now, 1)
+	wait := r.DelayFrom(now)
+	switch {
+	case !r.OK():
+		done()
+		fail("rate limited by SEND_RATE")
+		return
+	case wait > g.cfg.SendWait:
 		r.CancelAt(now)
-		fail(fmt.Sprintf("rate limited by SEND_RATE: next send possible in %s", wait.Round(time.Millisecond)))
+		done()
+		fail(fmt.Sprintf("rate limited: next send slot in %ds", int64(math.Ceil(wait.Seconds()))))
+		return
+	case wait > 0 && g.waiters.Add(1) > MaxSendWaiters:
+		g.waiters.Add(-1)
+		r.CancelAt(now)
+		done()
+		fail(fmt.Sprintf("rate limited: %d sends already waiting for a slot", MaxSendWaiters))
 		return
 	}
-	g.sendMu.Lock()
-	if !g.accepting {
-		g.sendMu.Unlock()
-		fail("gateway is stopping")
-		return
-	}
-	g.sends.Add(1)
-	base := g.sendBase
-	g.sendMu.Unlock()
 	go func() {
-		defer g.sends.Done()
+		defer done()
+		if wait > 0 {
+			ok := g.sleepUntil(now.Add(wait), stopping)
+			g.waiters.Add(-1)
+			if !ok {
+				r.CancelAt(g.clock.Now())
+				fail(errShuttingDown)
+				return
+			}
+			if conn = g.liveConn(); conn == nil {
+				fail("not connected to WhatsApp (state: " + g.State() + ")")
+				return
+			}
+		}
 		ctx, cancel := context.WithTimeout(base, g.cfg.SendTimeout)
 		defer cancel()
 		sent, err := conn.SendText(ctx, to, req.Text)
@@ -111,6 +139,21 @@ func (g *Gateway) onSend(m *nats.Msg) {
 		ts := sent.Timestamp.UTC()
 		g.respond(m, bus.MsgSendReply{OK: true, ID: sent.ID, Timestamp: &ts})
 	}()
+}
+
+const errShuttingDown = "shutting down: not sending; try again once the gateway is back"
+
+// sleepUntil waits until at on the injected clock (at once if that has
+// passed); false if stop closes first.
+func (g *Gateway) sleepUntil(at time.Time, stop <-chan struct{}) bool {
+	t := g.clock.NewTimer(g.clock.Until(at))
+	defer t.Stop()
+	select {
+	case <-t.Chan():
+		return true
+	case <-stop:
+		return false
+	}
 }
 
 func (g *Gateway) respond(m *nats.Msg, r bus.MsgSendReply) {

@@ -37,7 +37,7 @@ func (g *Gateway) supervise(ctx context.Context) error {
 		}
 		return fmt.Errorf("gateway: open session store: %w", err)
 	}
-	conn.OnEvent(g.events.push)
+	conn.OnEvent(g.onEvent)
 	g.mu.Lock()
 	g.conn = conn
 	g.mu.Unlock()
@@ -63,11 +63,7 @@ func (g *Gateway) supervise(ctx context.Context) error {
 				g.fail("socket closed without a disconnect event")
 			}
 		case <-g.events.ready():
-			evts, dropped := g.events.drain()
-			if dropped > 0 {
-				g.log.Warn("incoming messages dropped: the event queue was full", "dropped", dropped)
-			}
-			for _, evt := range evts {
+			for _, evt := range g.events.drain() {
 				if ctx.Err() != nil {
 					return nil
 				}
@@ -89,9 +85,11 @@ func (g *Gateway) supervise(ctx context.Context) error {
 }
 
 // awaitRestore asks the backup service to restore the session before the
-// store is opened (CONTRACT guarantee 1), retrying with backoff until it
-// answers ok. Backup may hold us in standby while another instance still
-// holds the lease, hence the long per-request timeout.
+// store is opened (CONTRACT guarantee 1) until it answers ok. Backup holds a
+// request open while another instance still holds the lease: a request that
+// times out is asked again at once, so one is always waiting and we start as
+// soon as the lease frees. No responders, transport errors and refusals back
+// off, at most RestoreMaxBackoff.
 func (g *Gateway) awaitRestore(ctx context.Context) error {
 	g.setState(bus.StateWaitingRestore, "")
 	// While backup holds us back because another instance has the lease, it
@@ -109,10 +107,16 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 	} else {
 		defer func() { _ = sub.Unsubscribe() }()
 	}
-	for n := 1; ; n++ {
-		rctx, cancel := context.WithTimeout(ctx, g.cfg.RestoreTimeout)
+	bo := Backoff{
+		Min:    min(g.cfg.ReconnectMin, RestoreMaxBackoff),
+		Max:    min(g.cfg.ReconnectMax, RestoreMaxBackoff),
+		Jitter: g.backoff.Jitter,
+	}
+	for n := 1; ; {
+		rctx, cancel := g.clockTimeout(ctx, g.cfg.RestoreTimeout)
 		var reply bus.RestoreReply
 		err := bus.Request(rctx, g.nc, g.subj.SessionRestore(), struct{}{}, &reply)
+		timedOut := errors.Is(context.Cause(rctx), errTimeout)
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -124,6 +128,10 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 			g.st.attempt = 0
 			g.mu.Unlock()
 			return nil
+		case timedOut:
+			// Backup is holding it (standby) or is slow: ask again now.
+			g.log.Debug("session restore request unanswered; asking again", "after", g.cfg.RestoreTimeout)
+			continue
 		case err == nil:
 			g.log.Warn("session restore refused; retrying", "err", reply.Error, "attempt", n)
 		case errors.Is(err, nats.ErrNoResponders):
@@ -134,13 +142,29 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 		g.mu.Lock()
 		g.st.attempt = n
 		g.mu.Unlock()
-		t := g.clock.NewTimer(g.backoff.Delay(n))
+		t := g.clock.NewTimer(bo.Delay(n))
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
 		case <-t.Chan():
 		}
+		n++
+	}
+}
+
+// errTimeout is the cause of a context from clockTimeout that ran out.
+var errTimeout = errors.New("timed out")
+
+// clockTimeout is context.WithTimeout on the injected clock, so tests drive
+// it with the fake one. (clockwork v0.5.0's own WithTimeout makes Err block
+// until the deadline.) When d passes, the context ends with cause errTimeout.
+func (g *Gateway) clockTimeout(parent context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(parent)
+	t := g.clock.AfterFunc(d, func() { cancel(errTimeout) })
+	return ctx, func() {
+		t.Stop()
+		cancel(context.Canceled)
 	}
 }
 
@@ -167,10 +191,15 @@ func (g *Gateway) connect(ctx context.Context) {
 	g.watch = g.clock.NewTimer(g.cfg.LoginTimeout)
 }
 
-// fail handles a transient failure: drop the socket and schedule one retry.
-// A retry already scheduled (or a terminal wait) absorbs further failures, so
-// a burst of failure events never starts two connect attempts.
-func (g *Gateway) fail(reason string) {
+// fail handles a transient failure: drop the socket and schedule one retry,
+// counted as a reconnect. A retry already scheduled (or a terminal wait)
+// absorbs further failures, so a burst of failure events never starts two
+// connect attempts.
+func (g *Gateway) fail(reason string) { g.dropAndRetry(reason, true) }
+
+// dropAndRetry is fail; reconnect says whether the retry counts as a
+// reconnect (a fresh pairing round does not).
+func (g *Gateway) dropAndRetry(reason string, reconnect bool) {
 	if g.retry != nil || g.State() == bus.StateOutdated {
 		g.log.Debug("failure absorbed: a retry is already scheduled", "reason", reason)
 		return
@@ -179,16 +208,20 @@ func (g *Gateway) fail(reason string) {
 	g.lc.Disconnect()
 	g.setState(bus.StateReconnecting, reason)
 	g.log.Warn("WhatsApp not connected; retrying", "reason", reason)
-	g.scheduleRetry(0)
+	g.scheduleRetry(0, reconnect)
 }
 
-// scheduleRetry counts an attempt and arms the retry timer: after wait, or
-// after the backoff delay when wait is zero. The timer exists before the
-// event is published, so whoever reacts to the event sees it armed.
-func (g *Gateway) scheduleRetry(wait time.Duration) {
+// scheduleRetry counts an attempt (and a reconnect when reconnect is set:
+// only after a lost or failed connection) and arms the retry timer: after
+// wait, or after the backoff delay when wait is zero. The timer exists
+// before the event is published, so whoever reacts to the event sees it
+// armed.
+func (g *Gateway) scheduleRetry(wait time.Duration, reconnect bool) {
 	g.mu.Lock()
 	g.st.attempt++
-	g.st.reconnects++
+	if reconnect {
+		g.st.reconnects++
+	}
 	n := g.st.attempt
 	g.mu.Unlock()
 	if wait <= 0 {
@@ -203,8 +236,6 @@ func (g *Gateway) scheduleRetry(wait time.Duration) {
 // handle is the one type switch over whatsmeow's events.
 func (g *Gateway) handle(ctx context.Context, evt any) {
 	switch e := evt.(type) {
-	case *events.Message:
-		g.onMessage(e)
 	case *events.Connected:
 		g.onConnected()
 	case *events.Disconnected:
@@ -291,7 +322,7 @@ func (g *Gateway) nextQR() {
 		g.mu.Lock()
 		g.st.attempt = 0
 		g.mu.Unlock()
-		g.fail("pairing codes expired without a scan")
+		g.dropAndRetry("pairing codes expired without a scan", false)
 		return
 	}
 	code := g.qrCodes[0]
@@ -373,7 +404,7 @@ func (g *Gateway) onLoggedOut(ctx context.Context, e *events.LoggedOut) {
 	g.st.jid = ""
 	g.st.attempt = 0
 	g.mu.Unlock()
-	g.scheduleRetry(0)
+	g.scheduleRetry(0, false)
 }
 
 func (g *Gateway) onStreamReplaced() {
@@ -383,7 +414,7 @@ func (g *Gateway) onStreamReplaced() {
 	g.setState(bus.StateStreamReplaced, "stream replaced by another client")
 	g.publish(bus.ConnEvent{Kind: bus.ConnStreamReplaced})
 	g.log.Warn("another client took over this session; not fighting it", "retry_in", g.cfg.StreamReplacedWait)
-	g.scheduleRetry(g.cfg.StreamReplacedWait)
+	g.scheduleRetry(g.cfg.StreamReplacedWait, false)
 }
 
 func (g *Gateway) onTemporaryBan(e *events.TemporaryBan) {
@@ -401,7 +432,7 @@ func (g *Gateway) onTemporaryBan(e *events.TemporaryBan) {
 	g.setState(bus.StateBanned, "temporary ban "+ev.Code)
 	g.publish(ev)
 	g.log.Error("temporarily banned by WhatsApp; waiting for the ban to expire", "code", ev.Code, "reason", ev.Reason, "retry_in", wait)
-	g.scheduleRetry(wait)
+	g.scheduleRetry(wait, false)
 }
 
 func (g *Gateway) onClientOutdated() {

@@ -159,21 +159,16 @@ func (c *Client) SendText(ctx context.Context, to types.JID, text string) (gatew
 	return gateway.Sent{ID: resp.ID, Timestamp: resp.Timestamp}, nil
 }
 
-// ResetDevice drops the current device (whatsmeow has usually deleted it
-// from the store already on LoggedOut) and starts over with a fresh one, so
-// the next Connect shows a QR code.
-func (c *Client) ResetDevice(ctx context.Context) error {
+// ResetDevice starts over with a fresh device, so the next Connect shows a
+// QR code. It deletes nothing: on a logout whatsmeow deletes the old device
+// from the store itself, on another goroutine (setting its ID to nil), and
+// touching that device here would race with it.
+func (c *Client) ResetDevice(context.Context) error {
 	old := c.cli.Load()
 	old.Disconnect()
-	var err error
-	if old.Store.ID != nil {
-		if err = old.Store.Delete(ctx); err != nil {
-			err = fmt.Errorf("wa: delete device: %w", err)
-		}
-	}
 	old.RemoveEventHandlers()
 	c.cli.Store(c.newClient(c.container.NewDevice()))
-	return err
+	return nil
 }
 
 // Close disconnects and closes the store, so a snapshot taken afterwards

@@ -15,7 +15,10 @@ import (
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/proto/waAdv"
 	"go.mau.fi/whatsmeow/store"
+	"go.mau.fi/whatsmeow/store/sqlstore"
+	"go.mau.fi/whatsmeow/types"
 	"go.uber.org/goleak"
 )
 
@@ -196,6 +199,76 @@ func TestOpenResetClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := c2.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// whatsmeow deletes the device itself on a logout, on another goroutine;
+// ResetDevice running meanwhile must neither race with it (go test -race)
+// nor report an error.
+func TestResetDeviceWhileWhatsmeowDeletes(t *testing.T) {
+	tests := []struct {
+		name   string
+		linked bool // the store holds a device with a JID
+	}{
+		{"linked device being deleted", true},
+		{"fresh device", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "session.db")
+			if tt.linked {
+				putLinkedDevice(t, path)
+			}
+			c, err := Open(t.Context(), Options{Path: path, Log: discard()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if c.JID().IsEmpty() == tt.linked {
+				t.Fatalf("JID = %v before the reset", c.JID())
+			}
+			dev := c.cli.Load().Store
+			deleted := make(chan error, 1)
+			go func() {
+				if tt.linked {
+					deleted <- dev.Delete(context.Background()) // what whatsmeow does on LoggedOut
+					return
+				}
+				deleted <- nil
+			}()
+			if err := c.ResetDevice(t.Context()); err != nil {
+				t.Fatalf("ResetDevice: %v", err)
+			}
+			if err := <-deleted; err != nil {
+				t.Fatalf("whatsmeow's delete: %v", err)
+			}
+			if !c.JID().IsEmpty() || c.cli.Load().Store == dev || c.cli.Load().EnableAutoReconnect {
+				t.Fatal("ResetDevice must leave a fresh device on a client with auto-reconnect off")
+			}
+		})
+	}
+}
+
+// putLinkedDevice stores a device with a JID at path, as pairing would.
+func putLinkedDevice(t *testing.T, path string) {
+	t.Helper()
+	container, err := sqlstore.New(t.Context(), "sqlite", DSN(path), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer container.Close()
+	dev := container.NewDevice()
+	jid := types.NewJID("15559998888", types.DefaultUserServer)
+	jid.Device = 12
+	dev.ID = &jid
+	dev.Account = &waAdv.ADVSignedDeviceIdentity{
+		Details:             []byte{1},
+		AccountSignature:    make([]byte, 64),
+		AccountSignatureKey: make([]byte, 32),
+		DeviceSignature:     make([]byte, 64),
+	}
+	if err := container.PutDevice(t.Context(), dev); err != nil {
 		t.Fatal(err)
 	}
 }
