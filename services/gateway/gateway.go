@@ -41,6 +41,12 @@
 //   - Keepalive timeout / restored: publish; when keepalives have failed for
 //     longer than KeepaliveMaxFail (3 min, whatsmeow's own threshold) the
 //     socket is dropped and reconnected like any transient failure.
+//   - Lease lost (conn.standby from backup while the socket is ours: another
+//     instance took the session's lease, e.g. after a database outage longer
+//     than the lease): close the socket and the store at once, state standby,
+//     and start again from the restore handshake below. Two sockets never
+//     fight over one session, and the store is reopened only after backup has
+//     put the current holder's snapshot in place.
 //
 // # Start
 //

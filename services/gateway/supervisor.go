@@ -23,13 +23,33 @@ const (
 )
 
 // supervise is the state machine: restore, open, then connect and react to
-// events and timers until ctx ends. Only this goroutine connects.
+// events and timers until ctx ends. Only this goroutine connects. When backup
+// loses the session lease to another instance (it says so on conn.standby),
+// the socket is closed and the whole cycle starts again from the restore: two
+// sockets must never fight over one session (CONTRACT guarantee 2).
 func (g *Gateway) supervise(ctx context.Context) error {
-	if g.cfg.BackupEnabled {
-		if err := g.awaitRestore(ctx); err != nil {
-			return nil // only ctx ends the wait
+	for {
+		if g.cfg.BackupEnabled {
+			if err := g.awaitRestore(ctx); err != nil {
+				return nil // only ctx ends the wait
+			}
 		}
+		err := g.session(ctx)
+		if !errors.Is(err, errLeaseLost) {
+			return err
+		}
+		g.log.Warn("backup lost the session lease to another instance: socket closed, waiting for the session again")
+		g.closeConn()
+		g.events.drain() // what the closed socket said no longer matters
 	}
+}
+
+// errLeaseLost ends a session: another instance holds the lease now.
+var errLeaseLost = errors.New("session lease lost")
+
+// session opens the store and runs one connection cycle until ctx ends or
+// the lease is lost.
+func (g *Gateway) session(ctx context.Context) error {
 	conn, err := g.open(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -48,6 +68,23 @@ func (g *Gateway) supervise(ctx context.Context) error {
 		g.bg.Wait() // pairing-code requests end with ctx
 	}()
 
+	// Backup publishes conn.standby when it loses the lease while we hold
+	// the socket.
+	leaseLost := make(chan struct{}, 1)
+	if g.cfg.BackupEnabled {
+		sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(*nats.Msg) {
+			select {
+			case leaseLost <- struct{}{}:
+			default:
+			}
+		})
+		if err != nil {
+			g.log.Warn("subscribe conn.standby", "err", err)
+		} else {
+			defer func() { _ = sub.Unsubscribe() }()
+		}
+	}
+
 	// A socket can die without an event (whatsmeow's own reconnect after
 	// pairing fails silently, for one): check it now and then.
 	live := g.clock.NewTicker(g.cfg.LivenessInterval)
@@ -58,6 +95,10 @@ func (g *Gateway) supervise(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-leaseLost:
+			g.lc.Disconnect()
+			g.setState(bus.StateStandby, "another instance holds the session lease")
+			return errLeaseLost
 		case <-live.Chan():
 			if g.State() == bus.StateConnected && !g.lc.IsConnected() {
 				g.fail("socket closed without a disconnect event")
@@ -91,7 +132,9 @@ func (g *Gateway) supervise(ctx context.Context) error {
 // soon as the lease frees. No responders, transport errors and refusals back
 // off, at most RestoreMaxBackoff.
 func (g *Gateway) awaitRestore(ctx context.Context) error {
-	g.setState(bus.StateWaitingRestore, "")
+	if g.State() != bus.StateStandby { // a lost lease already said standby
+		g.setState(bus.StateWaitingRestore, "")
+	}
 	// While backup holds us back because another instance has the lease, it
 	// says so on conn.standby; our heartbeat then says standby too, so
 	// health does not mistake this instance for the one in charge.

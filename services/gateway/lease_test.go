@@ -1,0 +1,67 @@
+package gateway
+
+import (
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats.go"
+)
+
+// When backup loses the session lease to another instance it says so on
+// conn.standby: the gateway must close its socket and store, and open them
+// again only after backup has restored the session anew (CONTRACT guarantee
+// 2: two sockets never fight over one session).
+func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
+	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
+	var restores atomic.Int32
+	var allow atomic.Bool
+	allow.Store(true)
+	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), func(m *nats.Msg) {
+		if !allow.Load() {
+			return // backup in standby holds the request
+		}
+		restores.Add(1)
+		_ = bus.Respond(m, bus.RestoreReply{OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 7})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := h.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	h.advanceUntilOpen(t)
+	h.connected()
+
+	// Backup loses the lease: from now on it holds restore requests.
+	allow.Store(false)
+	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease lost to another instance"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "socket and store closed", func() bool {
+		return h.conn.get(func(f *fakeConn) int { return f.closes }) == 1 && !h.conn.IsConnected()
+	})
+	waitFor(t, 5*time.Second, "gateway in standby", func() bool { return h.gw.State() == bus.StateStandby })
+	connects := h.conn.get(func(f *fakeConn) int { return f.connects })
+
+	// While backup holds the request nothing reconnects, however long.
+	h.advance(10 * time.Minute)
+	if got := h.conn.get(func(f *fakeConn) int { return f.connects }); got != connects {
+		t.Fatalf("connected %d more times while another instance held the lease", got-connects)
+	}
+	if len(h.opens) != 0 {
+		t.Fatal("the store was opened again before backup restored it")
+	}
+
+	// The lease is back and backup restored: the store opens again, then the socket.
+	allow.Store(true)
+	h.advanceUntilOpen(t)
+	if restores.Load() < 2 {
+		t.Fatalf("store reopened after %d restores, want a second one first", restores.Load())
+	}
+	waitFor(t, 5*time.Second, "a new connect", func() bool {
+		return h.conn.get(func(f *fakeConn) int { return f.connects }) > connects
+	})
+}
