@@ -209,7 +209,7 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 	}
 	r := &backup.Restorer{Session: a.cfg.SessionID, SessionPath: sessionPath,
 		Local: backup.Local{Dir: filepath.Join(a.cfg.DataDir, "backups")}, TmpDir: a.cfg.DataDir,
-		Key: a.cfg.SessionEncryptionKey, Log: a.log}
+		Key: a.cfg.SessionEncryptionKey, AllowPlaintext: a.cfg.AllowPlaintextBackups, Log: a.log}
 	st, err := a.openStore(ctx)
 	switch {
 	case err != nil && *id != 0:

@@ -32,7 +32,17 @@ type NewSnapshot struct {
 	StoredBytes int64
 	Format      string
 	Payload     []byte
+	// LeaseHolder, when set, makes the insert conditional: the lease row of
+	// SessionID must be LeaseHolder's and unexpired at LeaseNow, checked in
+	// the same transaction; otherwise nothing is stored and the error is
+	// ErrLeaseLost.
+	LeaseHolder string
+	LeaseNow    time.Time
 }
+
+// ErrLeaseLost is a snapshot refused because this instance no longer holds
+// the session lease.
+var ErrLeaseLost = errors.New("not stored: this instance no longer holds the session lease")
 
 // Lease says who holds a session and until when.
 type Lease struct {

@@ -159,7 +159,9 @@ func (q *riverQueue[TTx]) Start(ctx context.Context) error {
 
 func (q *riverQueue[TTx]) Stop(ctx context.Context) error {
 	err := q.client.Stop(ctx)
-	if err != nil && errors.Is(err, context.DeadlineExceeded) {
+	// ctx may end by a cancel with a deadline cause (withTimeout on the
+	// injected clock): any end of ctx means out of time.
+	if err != nil && (errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil) {
 		// Out of time: cancel the running job rather than hang the shutdown.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 		defer cancel()

@@ -1,6 +1,7 @@
 package backup
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -24,7 +25,17 @@ type Restorer struct {
 	TmpDir      string
 	Key         []byte
 	Log         *slog.Logger
+	// DatabaseOnly leaves the local fallback out: after the lease went to
+	// another instance, only the database knows what that instance last used.
+	DatabaseOnly bool
+	// AllowPlaintext accepts unencrypted snapshots although Key is set
+	// (ALLOW_PLAINTEXT_BACKUPS): otherwise whoever can write the database
+	// or the fallback directory could slip in a session of their own.
+	AllowPlaintext bool
 }
+
+// errPlaintext is a plaintext snapshot refused because a key is set.
+var errPlaintext = errors.New("snapshot is not encrypted although SESSION_ENCRYPTION_KEY is set (ALLOW_PLAINTEXT_BACKUPS=true accepts it)")
 
 // RestoreResult says what a restore did.
 type RestoreResult struct {
@@ -36,6 +47,20 @@ type RestoreResult struct {
 
 // ErrKey is a restore refused because of SESSION_ENCRYPTION_KEY.
 var ErrKey = errors.New("restore refused: check SESSION_ENCRYPTION_KEY")
+
+// DBError is a database failure during restore (connection reset, timeout):
+// it says nothing about the snapshots, so restore stops rather than fall back
+// to an older snapshot, which would break decryption (guarantee 2).
+type DBError struct{ Err error }
+
+func (e *DBError) Error() string { return "database: " + e.Err.Error() }
+func (e *DBError) Unwrap() error { return e.Err }
+
+// IsDBError reports whether err is a database failure during restore.
+func IsDBError(err error) bool {
+	var d *DBError
+	return errors.As(err, &d)
+}
 
 // candidate is a snapshot to try, from the database or the fallback.
 type candidate struct {
@@ -57,35 +82,59 @@ func (c candidate) String() string {
 // first: after an outage the local one may be newer than the database's, and
 // restoring an older store than the last used breaks Signal sessions.
 func (r *Restorer) candidates(ctx context.Context) ([]candidate, error) {
-	var out []candidate
-	inDB := map[string]time.Time{}
+	var list []Snapshot
 	if r.Store != nil {
-		list, err := r.Store.List(ctx, r.Session, 1000)
-		if err != nil {
-			return nil, err
+		var err error
+		if list, err = r.Store.List(ctx, r.Session, 1000); err != nil {
+			return nil, &DBError{Err: err}
 		}
-		for _, s := range list {
-			out = append(out, candidate{at: s.CreatedAt, id: s.ID, source: bus.SourceDatabase, sha: s.SHA256})
-			if _, seen := inDB[s.SHA256]; !seen {
-				inDB[s.SHA256] = s.CreatedAt
-			}
+		// Insert order (id), never a clock: created_at comes from whichever
+		// instance wrote the row, and clocks differ.
+		slices.SortStableFunc(list, func(a, b Snapshot) int { return cmp.Compare(b.ID, a.ID) })
+	}
+	var files []LocalFile
+	if !r.DatabaseOnly {
+		var err error
+		if files, err = r.Local.List(); err != nil {
+			r.Log.Warn("local fallback unreadable", "err", err)
 		}
 	}
-	files, err := r.Local.List()
-	if err != nil {
-		r.Log.Warn("local fallback unreadable", "err", err)
+	// A local file holding the same store as a database row is tried right
+	// after that row (which has an id to report), as its spare copy. The
+	// others are merged in by time: after an outage the local one may be
+	// newer than the database's.
+	spares := map[string][]LocalFile{}
+	inDB := map[string]bool{}
+	for _, sn := range list {
+		inDB[sn.SHA256] = true
 	}
+	var loose []LocalFile // newest first
 	for _, f := range files {
-		at := f.CreatedAt
-		if dbAt, ok := inDB[f.SHA256]; ok {
-			// The same store as a database row: try it right after that row
-			// (which has an id to report), as its spare copy.
-			at = dbAt
+		if inDB[f.SHA256] {
+			spares[f.SHA256] = append(spares[f.SHA256], f)
+		} else {
+			loose = append(loose, f)
 		}
-		out = append(out, candidate{at: at, path: f.Path, source: bus.SourceLocal, sha: f.SHA256})
 	}
-	// Newest first; at equal times the database copy first.
-	slices.SortStableFunc(out, func(a, b candidate) int { return b.at.Compare(a.at) })
+	local := func(f LocalFile) candidate {
+		return candidate{at: f.CreatedAt, path: f.Path, source: bus.SourceLocal, sha: f.SHA256}
+	}
+	var out []candidate
+	for _, sn := range list {
+		// At equal times the database copy first.
+		for len(loose) > 0 && loose[0].CreatedAt.After(sn.CreatedAt) {
+			out = append(out, local(loose[0]))
+			loose = loose[1:]
+		}
+		out = append(out, candidate{at: sn.CreatedAt, id: sn.ID, source: bus.SourceDatabase, sha: sn.SHA256})
+		for _, f := range spares[sn.SHA256] {
+			out = append(out, local(f))
+		}
+		delete(spares, sn.SHA256)
+	}
+	for _, f := range loose {
+		out = append(out, local(f))
+	}
 	return out, nil
 }
 
@@ -165,6 +214,11 @@ func (r *Restorer) Restore(ctx context.Context, id int64) (RestoreResult, error)
 			if isKeyErr(err) {
 				return RestoreResult{}, fmt.Errorf("%s: %w (%w)", c, ErrKey, err)
 			}
+			if IsDBError(err) {
+				// Not a bad snapshot: the database failed. An older one
+				// would be a stale store; nothing is written.
+				return RestoreResult{}, fmt.Errorf("%s: %w", c, err)
+			}
 			r.Log.Warn("skipping snapshot that does not verify", "snapshot", c.String(), "err", err)
 			continue
 		}
@@ -191,15 +245,21 @@ func (r *Restorer) load(ctx context.Context, c candidate) ([]byte, error) {
 	var err error
 	if c.source == bus.SourceDatabase {
 		payload, err = r.Store.Payload(ctx, c.id)
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return nil, &DBError{Err: err}
+		}
 	} else {
 		payload, err = os.ReadFile(c.path)
 	}
 	if err != nil {
 		return nil, err
 	}
-	plain, _, err := snapshot.Decode(payload, r.Key)
+	plain, meta, err := snapshot.Decode(payload, r.Key)
 	if err != nil {
 		return nil, err
+	}
+	if len(r.Key) > 0 && !meta.Encrypted && !r.AllowPlaintext {
+		return nil, errPlaintext
 	}
 	has, err := snapshot.Verify(ctx, plain, r.TmpDir)
 	if err != nil {

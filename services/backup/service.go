@@ -32,8 +32,8 @@ const (
 var (
 	ErrNoDevice  = errors.New("not stored: the session has no linked device (not paired yet, or logged out)")
 	ErrNoSession = errors.New("not stored: there is no session store yet")
-	ErrLeaseLost = errors.New("not stored: this instance no longer holds the session lease")
 	ErrStopping  = errors.New("backup service is stopping")
+	ErrStandby   = errors.New("not stored: standby, another instance holds the session lease")
 )
 
 // Options configure a Service.
@@ -72,8 +72,9 @@ type Service struct {
 	jobKey  string
 	snapSem chan struct{} // one snapshot at a time, River or direct
 
-	ready     chan struct{} // closed once restore on start is done
-	restore   bus.RestoreReply
+	// epoch is the current lease epoch's restore answer (guarded by mu):
+	// replaced when the lease is lost, so requests wait for the new restore.
+	epoch     *epochState
 	handlers  sync.WaitGroup
 	hmu       sync.Mutex // guards closed against handlers.Go racing Wait
 	closed    bool
@@ -86,7 +87,10 @@ type Service struct {
 	queue      Queue
 	state      string
 	leaseHeld  bool
-	leaseUntil time.Time // our lease's expiry as last written
+	leaseUntil time.Time     // our lease's expiry as last written
+	lost       chan struct{} // closed when this epoch loses the lease
+	lostFired  bool
+	inStandby  bool // the lease was lost; until the next restore is done
 	dbOK       bool
 	lastSnap   *bus.SnapshotRef
 	lastSnapAt *time.Time
@@ -138,7 +142,7 @@ func New(opts Options) (*Service, error) {
 		local:       Local{Dir: filepath.Join(cfg.DataDir, "backups")},
 		sessionPath: filepath.Join(cfg.DataDir, "session.db"),
 		jobKey:      opts.Instance + "/" + nonce(),
-		ready:       make(chan struct{}),
+		epoch:       &epochState{},
 		snapSem:     make(chan struct{}, 1),
 		stopping:    make(chan struct{}),
 		state:       bus.StateStarting,
@@ -151,6 +155,11 @@ func (s *Service) SessionPath() string { return s.sessionPath }
 // Run opens the database, takes the lease, restores, serves requests and
 // snapshots until ctx ends, then takes the shutdown snapshot and releases
 // the lease. It returns nil after a graceful stop.
+//
+// Losing the lease to another instance at runtime ends an epoch: the
+// service announces conn.standby (the gateway closes its socket), stops
+// River, waits for the lease again, restores what the other instance left
+// and only then answers P.session.restore again.
 func (s *Service) Run(ctx context.Context) error {
 	s.startedAt = s.clock.Now()
 	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
@@ -179,69 +188,189 @@ func (s *Service) Run(ctx context.Context) error {
 		s.closed = true
 		close(s.stopping)
 		s.hmu.Unlock()
+		s.answerPending(bus.RestoreReply{OK: false, Error: ErrStopping.Error()})
 		s.handlers.Wait()
 	}()
 
-	store := s.openStore(ctx)
-	if store != nil {
-		if err := s.acquireLease(ctx, store); err != nil {
-			if ctx.Err() != nil { // stopped while in standby: nothing of ours to save
-				store.Close()
-				return nil
-			}
-			s.log.Warn("database failed while taking the lease; continuing degraded", "err", err)
-			store.Close()
-			store = nil
-		}
-	}
-	if ctx.Err() != nil {
-		if store != nil {
-			s.release(store)
-			store.Close()
-		}
-		return nil
-	}
-
-	s.restoreOnStart(ctx, store)
-
-	if store != nil {
-		if err := s.startQueue(store); err != nil {
-			s.log.Error("river did not start; continuing degraded", "err", err)
-			s.release(store)
-			store.Close()
-			store = nil
-		}
-	}
-	if store == nil {
-		s.setDB(nil, nil, false)
-		s.bgWG.Go(func() { s.reconnect(bg) })
-	} else {
-		s.bgWG.Go(func() { s.renewLoop(bg) })
-	}
-
 	var subs []*nats.Subscription
-	for subj, h := range map[string]nats.MsgHandler{
-		s.subj.BackupRequest():       s.onBackupRequest,
-		s.subj.Conn(bus.ConnPaired):  func(*nats.Msg) { s.request(bus.ReasonPaired, nil) },
-		s.subj.Conn(bus.ConnStopped): func(*nats.Msg) { s.request(bus.ReasonShutdown, nil) },
-	} {
-		sub, err := s.opts.NC.Subscribe(subj, h)
-		if err != nil {
-			return fmt.Errorf("backup: subscribe %s: %w", subj, err)
+	defer func() {
+		for _, sub := range subs {
+			_ = sub.Unsubscribe()
 		}
-		subs = append(subs, sub)
-	}
-	// Answer P.session.restore only now: once the gateway hears back, it may
-	// ask for snapshots at once.
-	close(s.ready)
-	s.setState()
+	}()
+	store := s.openStore(ctx)
+	for first := true; ; first = false {
+		if store != nil {
+			if err := s.acquireLease(ctx, store, !first); err != nil {
+				store.Close()
+				if ctx.Err() != nil { // stopped while in standby: nothing of ours to save
+					return nil
+				}
+				s.log.Warn("database failing and no other holder seen; continuing degraded on the local fallback", "err", err)
+				store = nil
+			}
+		} else if ctx.Err() != nil {
+			return nil
+		}
+		var rep bus.RestoreReply
+		if first {
+			rep = s.restoreOnStart(ctx, store)
+		} else {
+			rep = s.restoreAfterLeaseLoss(ctx, store)
+		}
+		if ctx.Err() != nil {
+			// Stopped while waiting for the database: nothing restored,
+			// nothing of ours to save.
+			if store != nil {
+				s.release(context.Background(), store)
+				store.Close()
+			}
+			return nil
+		}
+		if store != nil {
+			if err := s.startQueue(store); err != nil {
+				s.log.Error("river did not start; continuing degraded", "err", err)
+				s.release(context.Background(), store)
+				store.Close()
+				store = nil
+			}
+		}
+		epoch, endEpoch := context.WithCancel(bg)
+		lost := s.armLeaseLost()
+		if store == nil {
+			s.setDB(nil, nil, false)
+			s.bgWG.Go(func() { s.reconnect(epoch) })
+		} else {
+			s.bgWG.Go(func() { s.renewLoop(epoch) })
+		}
+		s.bgWG.Go(func() { s.fallbackTicker(epoch) })
 
-	<-ctx.Done()
-	for _, sub := range subs {
-		_ = sub.Unsubscribe()
+		if first {
+			for subj, h := range map[string]nats.MsgHandler{
+				s.subj.BackupRequest():       s.onBackupRequest,
+				s.subj.Conn(bus.ConnPaired):  func(*nats.Msg) { s.request(bus.ReasonPaired, nil) },
+				s.subj.Conn(bus.ConnStopped): func(*nats.Msg) { s.request(bus.ReasonShutdown, nil) },
+			} {
+				sub, err := s.opts.NC.Subscribe(subj, h)
+				if err != nil {
+					endEpoch()
+					s.bgWG.Wait()
+					return fmt.Errorf("backup: subscribe %s: %w", subj, err)
+				}
+				subs = append(subs, sub)
+			}
+		}
+		// Answer P.session.restore only now: once the gateway hears back, it
+		// may ask for snapshots at once.
+		s.markReady(rep)
+
+		select {
+		case <-ctx.Done():
+			for _, sub := range subs {
+				_ = sub.Unsubscribe()
+			}
+			subs = nil
+			s.shutdown(bgCancel)
+			endEpoch()
+			return nil
+		case <-lost:
+		}
+		endEpoch()
+		s.bgWG.Wait()
+		store = s.enterStandby()
+		if store == nil {
+			store = s.openStore(ctx)
+		}
 	}
-	s.shutdown(bgCancel)
-	return nil
+}
+
+// epochState is what P.session.restore answers for one lease epoch.
+type epochState struct {
+	done    bool
+	reply   bus.RestoreReply
+	pending []*nats.Msg // requests waiting for the restore
+}
+
+// maxPendingRestore bounds the requests kept while a restore runs: a
+// gateway retrying on a timeout has given up on the older ones.
+const maxPendingRestore = 32
+
+// markReady records the restore's answer and answers everyone waiting.
+func (s *Service) markReady(rep bus.RestoreReply) {
+	s.mu.Lock()
+	ep := s.epoch
+	ep.done, ep.reply = true, rep
+	s.inStandby = false
+	pending := ep.pending
+	ep.pending = nil
+	s.mu.Unlock()
+	s.setState()
+	for _, m := range pending {
+		_ = bus.Respond(m, rep)
+	}
+}
+
+func (s *Service) answerPending(rep bus.RestoreReply) {
+	s.mu.Lock()
+	pending := s.epoch.pending
+	s.epoch.pending = nil
+	s.mu.Unlock()
+	for _, m := range pending {
+		_ = bus.Respond(m, rep)
+	}
+}
+
+// armLeaseLost returns a channel closed once this epoch loses the lease.
+func (s *Service) armLeaseLost() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lost, s.lostFired = make(chan struct{}), false
+	return s.lost
+}
+
+// leaseLost ends the epoch: another instance holds the lease.
+func (s *Service) leaseLost(holder string) {
+	s.mu.Lock()
+	s.leaseHeld = false
+	fire := s.lost != nil && !s.lostFired
+	if fire {
+		s.lostFired = true
+		close(s.lost)
+	}
+	s.mu.Unlock()
+	if fire {
+		s.noteErr(errors.New("session lease lost to " + holder))
+		s.log.Error("session lease lost to another instance; standby: database snapshots stop until the lease is ours again", "holder", holder)
+	}
+}
+
+// enterStandby stops River after a lost lease, re-arms the restore answer
+// and tells the gateway to close its socket. It returns the store to wait
+// for the lease on.
+func (s *Service) enterStandby() Store {
+	s.mu.Lock()
+	s.state = bus.StateStandby
+	s.epoch = &epochState{}
+	s.inStandby = true
+	s.mu.Unlock()
+	ev := bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease lost to another instance"}
+	ev.Stamp(s.cfg.SessionID, s.clock.Now())
+	_ = bus.Publish(s.opts.NC, s.subj.Conn(bus.ConnStandby), ev)
+	st, q := s.backend()
+	if q != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		if err := q.Stop(ctx); err != nil {
+			s.log.Warn("river stop", "err", err)
+		}
+		cancel()
+	}
+	s.mu.Lock()
+	s.store, s.queue = nil, nil
+	s.mu.Unlock()
+	s.co.mu.Lock()
+	clear(s.co.queued)
+	s.co.mu.Unlock()
+	return st
 }
 
 // openStore connects and migrates, retrying with backoff; nil means
@@ -307,42 +436,76 @@ func (s *Service) connect(ctx context.Context) (Store, error) {
 }
 
 // acquireLease blocks until this instance holds the lease: while another live
-// holder has it, it is standby.
-func (s *Service) acquireLease(ctx context.Context, st Store) error {
-	retry := s.opts.StandbyRetry
+// holder has it, it is standby. Database errors are retried with backoff,
+// staying in standby: only when no other holder has been seen (otherSeen is
+// false and no attempt found one), the database has failed for DBWait and
+// there is local state to run on does it give up, and Run goes degraded.
+func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) error {
 	announced := false
+	var failingSince time.Time
+	delay := time.Second
 	for {
-		lease, ok, err := st.AcquireLease(ctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)
-		if err != nil {
-			return err
+		cctx, cancel := withTimeout(ctx, s.clock, s.opts.LeaseTTL/3)
+		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
-		if ok {
+		wait := s.opts.StandbyRetry
+		switch {
+		case err != nil:
+			s.noteErr(fmt.Errorf("take lease: %w", err))
+			if failingSince.IsZero() {
+				failingSince = s.clock.Now()
+			}
+			s.mu.Lock()
+			s.dbOK = false
+			if otherSeen {
+				s.state = bus.StateStandby
+			} else {
+				s.state = bus.StateDegraded
+			}
+			s.mu.Unlock()
+			if !otherSeen && s.clock.Since(failingSince) >= s.opts.DBWait && s.hasLocalState() {
+				return err
+			}
+			s.log.Warn("taking the session lease failed; retrying", "err", err, "retry_in", delay)
+			wait = delay
+			delay = min(delay*2, 10*time.Second)
+		case ok:
 			s.mu.Lock()
 			s.leaseHeld, s.dbOK, s.leaseUntil = true, true, lease.ExpiresAt
 			s.mu.Unlock()
 			s.log.Info("session lease held", "ttl", s.opts.LeaseTTL)
 			return nil
+		default:
+			failingSince, delay = time.Time{}, time.Second
+			if lease.Holder != "" && lease.Holder != s.opts.Instance {
+				otherSeen = true
+			}
+			if !announced {
+				s.log.Warn("another instance holds the session; standby until it releases the lease or the lease expires",
+					"holder", lease.Holder, "expires_at", lease.ExpiresAt)
+				announced = true
+			}
+			s.mu.Lock()
+			s.state, s.dbOK = bus.StateStandby, true
+			s.mu.Unlock()
+			ev := bus.ConnEvent{Kind: bus.ConnStandby, Reason: "another instance holds the session lease until " + lease.ExpiresAt.Format(time.RFC3339)}
+			ev.Stamp(s.cfg.SessionID, s.clock.Now())
+			_ = bus.Publish(s.opts.NC, s.subj.Conn(bus.ConnStandby), ev)
 		}
-		if !announced {
-			s.log.Warn("another instance holds the session; standby until it releases the lease or the lease expires",
-				"holder", lease.Holder, "expires_at", lease.ExpiresAt)
-			announced = true
-		}
-		s.mu.Lock()
-		s.state, s.dbOK = bus.StateStandby, true
-		s.mu.Unlock()
-		ev := bus.ConnEvent{Kind: bus.ConnStandby, Reason: "another instance holds the session lease until " + lease.ExpiresAt.Format(time.RFC3339)}
-		ev.Stamp(s.cfg.SessionID, s.clock.Now())
-		_ = bus.Publish(s.opts.NC, s.subj.Conn(bus.ConnStandby), ev)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-s.clock.After(retry):
+		case <-s.clock.After(wait):
 		}
 	}
 }
 
-// renewLoop renews the lease every TTL/3 on the injected clock.
+// renewLoop renews the lease every TTL/3 on the injected clock. Each renewal
+// gets TTL/3 itself: a blackholed database turns the state degraded instead
+// of hanging the loop.
 func (s *Service) renewLoop(ctx context.Context) {
 	t := s.clock.NewTicker(s.opts.LeaseTTL / 3)
 	defer t.Stop()
@@ -356,36 +519,66 @@ func (s *Service) renewLoop(ctx context.Context) {
 		if st == nil {
 			continue
 		}
-		lease, ok, err := st.AcquireLease(ctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)
+		cctx, cancel := withTimeout(ctx, s.clock, s.opts.LeaseTTL/3)
+		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
 		s.mu.Lock()
+		wasOK := s.dbOK
 		s.dbOK = err == nil
 		wasHeld := s.leaseHeld
-		if err == nil {
-			s.leaseHeld = ok
-			if ok {
-				s.leaseUntil = lease.ExpiresAt
-			}
+		if err == nil && ok {
+			s.leaseHeld, s.leaseUntil = true, lease.ExpiresAt
 		}
 		s.mu.Unlock()
 		switch {
 		case err != nil:
 			s.noteErr(fmt.Errorf("renew lease: %w", err))
 			s.log.Warn("lease renewal failed", "err", err)
-		case !ok && wasHeld:
-			s.noteErr(errors.New("session lease lost to " + lease.Holder))
-			s.log.Error("session lease lost: another instance took it; snapshots to the database stop", "holder", lease.Holder)
+		case !ok && lease.Holder != "" && lease.Holder != s.opts.Instance:
+			s.leaseLost(lease.Holder)
+			return
 		case ok && !wasHeld:
 			s.log.Info("session lease held again")
+		}
+		if err == nil && !wasOK {
+			// The database is back: let it catch up at once (guarantee 4).
+			s.log.Info("database answers again; requesting a snapshot")
+			s.request(bus.ReasonScheduled, nil)
 		}
 		s.setState()
 	}
 }
 
+// fallbackTicker takes a local-fallback snapshot every BACKUP_INTERVAL while
+// the database is down: River's scheduled job cannot run then (guarantee 4).
+func (s *Service) fallbackTicker(ctx context.Context) {
+	if s.cfg.BackupInterval <= 0 {
+		return
+	}
+	t := s.clock.NewTicker(s.cfg.BackupInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.Chan():
+		}
+		s.mu.Lock()
+		down := s.store == nil || s.queue == nil || !s.dbOK
+		s.mu.Unlock()
+		if down {
+			s.log.Info("database down: scheduled snapshot to the local fallback")
+			s.spawn(func() { s.direct(bus.ReasonScheduled) })
+		}
+	}
+}
+
 // reconnect runs while degraded: once the database answers, it takes the
-// lease, starts River and stores a fresh snapshot there (guarantee 4).
+// lease, starts River and stores a fresh snapshot there (guarantee 4). If
+// another instance holds the lease by then, the epoch ends (standby).
 func (s *Service) reconnect(ctx context.Context) {
 	delay := time.Second
 	for {
@@ -400,22 +593,31 @@ func (s *Service) reconnect(ctx context.Context) {
 			s.noteErr(err)
 			continue
 		}
-		lease, ok, err := st.AcquireLease(ctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)
-		if err != nil || !ok {
-			if err == nil {
-				err = errors.New("session lease held by " + lease.Holder)
-			}
-			s.log.Error("database back but the lease is not ours; staying on the local fallback", "err", err)
-			s.noteErr(err)
+		cctx, cancel := withTimeout(ctx, s.clock, s.opts.LeaseTTL/3)
+		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, s.clock.Now(), s.opts.LeaseTTL)
+		cancel()
+		if err != nil {
+			s.noteErr(fmt.Errorf("take lease: %w", err))
 			st.Close()
 			continue
+		}
+		if !ok {
+			if lease.Holder == "" || lease.Holder == s.opts.Instance {
+				st.Close()
+				continue
+			}
+			s.mu.Lock()
+			s.store, s.dbOK = st, true
+			s.mu.Unlock()
+			s.leaseLost(lease.Holder)
+			return
 		}
 		s.mu.Lock()
 		s.leaseHeld, s.leaseUntil = true, lease.ExpiresAt
 		s.mu.Unlock()
 		if err := s.startQueue(st); err != nil {
 			s.noteErr(err)
-			s.release(st)
+			s.release(ctx, st)
 			st.Close()
 			continue
 		}
@@ -463,40 +665,93 @@ func (s *Service) backend() (Store, Queue) {
 
 func (s *Service) restorer(st Store) *Restorer {
 	return &Restorer{Store: st, Session: s.cfg.SessionID, SessionPath: s.sessionPath, Local: s.local,
-		TmpDir: s.cfg.DataDir, Key: s.cfg.SessionEncryptionKey, Log: s.log}
+		TmpDir: s.cfg.DataDir, Key: s.cfg.SessionEncryptionKey, AllowPlaintext: s.cfg.AllowPlaintextBackups, Log: s.log}
 }
 
-// restoreOnStart restores if needed and opens the P.session.restore answers.
-func (s *Service) restoreOnStart(ctx context.Context, st Store) {
-	res, err := s.restorer(st).RestoreOnStart(ctx)
-	if err != nil && st != nil && !errors.Is(err, ErrKey) {
-		// The database failed mid-restore: the local fallback may still do.
-		s.log.Warn("restore from the database failed; trying the local fallback", "err", err)
-		res, err = s.restorer(nil).RestoreOnStart(ctx)
+// restoreOnStart restores if needed and returns the P.session.restore
+// answer. A database failure is not a verdict on the snapshots: it retries
+// the database (degraded, no answer yet) and falls back to the local
+// snapshots only when the database stays down for DBWait and there is local
+// state. On an empty disk, answering "nothing to restore" would start the
+// gateway unlinked while the session sits in the database (guarantee 1).
+func (s *Service) restoreOnStart(ctx context.Context, st Store) bus.RestoreReply {
+	return s.restoreRetrying(ctx, st, func(r *Restorer) (RestoreResult, error) { return r.RestoreOnStart(ctx) }, true)
+}
+
+// restoreAfterLeaseLoss restores the newest database snapshot once the
+// lease is ours again: another instance used the session meanwhile, so the
+// store on disk (and the local fallback) is older than the one it left.
+func (s *Service) restoreAfterLeaseLoss(ctx context.Context, st Store) bus.RestoreReply {
+	if st == nil {
+		return bus.RestoreReply{OK: false, Error: "restore after a lost lease needs the database"}
 	}
+	return s.restoreRetrying(ctx, st, func(r *Restorer) (RestoreResult, error) {
+		r.DatabaseOnly = true
+		res, err := r.Restore(ctx, 0)
+		if err == nil && !res.Restored {
+			res.Source = bus.SourceExisting
+		}
+		return res, err
+	}, false)
+}
+
+func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restorer) (RestoreResult, error), localFallback bool) bus.RestoreReply {
+	deadline := s.clock.Now().Add(s.opts.DBWait)
+	delay := time.Second
+	for {
+		res, err := do(s.restorer(st))
+		if err == nil || st == nil || !IsDBError(err) {
+			return s.restoreReply(res, err)
+		}
+		s.noteErr(err)
+		s.mu.Lock()
+		s.state, s.dbOK = bus.StateDegraded, false
+		s.mu.Unlock()
+		if localFallback && !s.clock.Now().Before(deadline) && s.hasLocalState() {
+			s.log.Warn("database keeps failing during restore; using the local fallback", "err", err)
+			res, err = do(s.restorer(nil))
+			return s.restoreReply(res, err)
+		}
+		s.log.Warn("database failed during restore; retrying before answering the gateway", "err", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return bus.RestoreReply{OK: false, Error: ErrStopping.Error()}
+		case <-s.clock.After(delay):
+		}
+		delay = min(delay*2, 10*time.Second)
+	}
+}
+
+func (s *Service) restoreReply(res RestoreResult, err error) bus.RestoreReply {
 	if err != nil {
 		s.log.Error("restore failed; the session store was left as it was", "err", err)
 		s.noteErr(err)
-		s.restore = bus.RestoreReply{OK: false, Error: err.Error()}
-		return
+		return bus.RestoreReply{OK: false, Error: err.Error()}
 	}
-	s.restore = bus.RestoreReply{OK: true, Restored: res.Restored, Source: res.Source, SnapshotID: res.SnapshotID}
 	s.log.Info("session store ready", "restored", res.Restored, "source", res.Source, "snapshot_id", res.SnapshotID)
+	return bus.RestoreReply{OK: true, Restored: res.Restored, Source: res.Source, SnapshotID: res.SnapshotID}
 }
 
-// onRestore answers P.session.restore once restore on start is done.
+// onRestore answers P.session.restore once the restore of the current
+// epoch is done. Waiting requests are kept in a bounded list, not one
+// goroutine each: a gateway retrying every few seconds must not pile them up.
 func (s *Service) onRestore(m *nats.Msg) {
 	if m.Reply == "" {
 		return
 	}
-	s.spawn(func() {
-		select {
-		case <-s.ready:
-			_ = bus.Respond(m, s.restore)
-		case <-s.stopping:
-			_ = bus.Respond(m, bus.RestoreReply{OK: false, Error: ErrStopping.Error()})
+	s.mu.Lock()
+	ep := s.epoch
+	if !ep.done {
+		if len(ep.pending) >= maxPendingRestore {
+			ep.pending = ep.pending[1:]
 		}
-	})
+		ep.pending = append(ep.pending, m)
+		s.mu.Unlock()
+		return
+	}
+	rep := ep.reply
+	s.mu.Unlock()
+	_ = bus.Respond(m, rep)
 }
 
 // onBackupRequest handles P.backup.request.
@@ -515,6 +770,16 @@ func (s *Service) onBackupRequest(m *nats.Msg) {
 // subject) is answered once that snapshot is committed.
 func (s *Service) request(reason string, m *nats.Msg) {
 	want := m != nil && m.Reply != ""
+	s.mu.Lock()
+	standby := s.inStandby
+	s.mu.Unlock()
+	if standby {
+		// The session is another instance's now: nothing of ours to store.
+		if want {
+			_ = bus.Respond(m, reply(outcome{Err: ErrStandby}))
+		}
+		return
+	}
 	w, gen, enqueue := s.co.add(reason, want)
 	if enqueue {
 		if _, q := s.backend(); q != nil {
@@ -584,8 +849,8 @@ func (s *Service) direct(reason string) {
 func (s *Service) work(ctx context.Context, job JobInfo, complete TxHook) error {
 	st, _ := s.backend()
 	_, err := s.snapshot(ctx, job, st, complete)
-	if errors.Is(err, ErrNoDevice) || errors.Is(err, ErrNoSession) {
-		return nil // nothing to store is not a failure to retry
+	if errors.Is(err, ErrNoDevice) || errors.Is(err, ErrNoSession) || errors.Is(err, ErrLeaseLost) {
+		return nil // nothing to store (or not ours to store) is not a failure to retry
 	}
 	return err
 }
@@ -600,7 +865,17 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 	case <-ctx.Done():
 		return o, fmt.Errorf("snapshot: %w", ctx.Err())
 	}
-	defer func() { <-s.snapSem }()
+	// The semaphore covers reading, verifying and the local write only: a
+	// database call that hangs must not keep the shutdown snapshot from
+	// reaching the local fallback.
+	semHeld := true
+	unlockSem := func() {
+		if semHeld {
+			semHeld = false
+			<-s.snapSem
+		}
+	}
+	defer unlockSem()
 	n := s.co.beginRead()
 	start := s.clock.Now()
 	o.JobID = job.ID
@@ -666,19 +941,28 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 	// The local fallback before the database: if the database hangs or is
 	// gone, the newest state is already on disk.
 	now := s.clock.Now().UTC()
+	var lerr error
 	if !localUnchanged {
-		if _, err := s.local.Write(payload, now, job.Reason, sha); err != nil {
-			s.log.Warn("local fallback write failed", "err", err)
+		if _, lerr = s.local.Write(payload, now, job.Reason, sha); lerr != nil {
+			s.log.Warn("local fallback write failed", "err", lerr)
 		}
 	}
+	unlockSem()
 	if st == nil {
+		if lerr != nil {
+			return o, lerr // reported: logged and published as backup.failed
+		}
 		o.Ref.Unchanged = localUnchanged
 		return o, nil
 	}
+	// A quick local check; the authoritative one is inside the insert
+	// transaction (the lease row must be ours and unexpired).
 	if !s.holdsLease() {
 		return o, ErrLeaseLost
 	}
-	latest, err := st.Latest(ctx, s.cfg.SessionID)
+	lctx, lcancel := withTimeout(ctx, s.clock, dbCallTimeout)
+	latest, err := st.Latest(lctx, s.cfg.SessionID)
+	lcancel()
 	if err != nil {
 		s.noteDB(false)
 		return o, fmt.Errorf("database: %w", err)
@@ -691,15 +975,25 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 	if err := encode(); err != nil {
 		return o, err
 	}
-	id, err := st.InsertSnapshot(ctx, NewSnapshot{SessionID: s.cfg.SessionID, CreatedAt: now, Reason: job.Reason,
-		SHA256: sha, SizeBytes: meta.Size, StoredBytes: meta.Stored, Format: meta.Format, Payload: payload}, complete)
+	ictx, icancel := withTimeout(ctx, s.clock, insertTimeout(len(payload)))
+	id, err := st.InsertSnapshot(ictx, NewSnapshot{SessionID: s.cfg.SessionID, CreatedAt: now, Reason: job.Reason,
+		SHA256: sha, SizeBytes: meta.Size, StoredBytes: meta.Stored, Format: meta.Format, Payload: payload,
+		LeaseHolder: s.opts.Instance, LeaseNow: s.clock.Now()}, complete)
+	icancel()
+	if errors.Is(err, ErrLeaseLost) {
+		s.noteDB(true)
+		s.leaseLost("another instance")
+		return o, ErrLeaseLost
+	}
 	if err != nil {
 		s.noteDB(false)
 		return o, err
 	}
 	s.noteDB(true)
 	o.Ref.ID = id
-	if n, err := st.Prune(ctx, s.cfg.SessionID, s.cfg.BackupRetention); err != nil {
+	pctx, pcancel := withTimeout(ctx, s.clock, dbCallTimeout)
+	defer pcancel()
+	if n, err := st.Prune(pctx, s.cfg.SessionID, s.cfg.BackupRetention); err != nil {
 		s.log.Warn("prune snapshots failed", "err", err)
 	} else if n > 0 {
 		s.log.Debug("pruned snapshots", "deleted", n)
@@ -766,12 +1060,10 @@ func (s *Service) setState() {
 	if s.state == bus.StateStopping {
 		return
 	}
-	select {
-	case <-s.ready:
-	default:
+	if !s.epoch.done {
 		return // starting or standby until restore is done
 	}
-	if s.store == nil || !s.dbOK || !s.leaseHeldLocked() || !s.restore.OK {
+	if s.store == nil || !s.dbOK || !s.leaseHeldLocked() || !s.epoch.reply.OK {
 		s.state = bus.StateDegraded
 	} else {
 		s.state = bus.StateOK
@@ -797,7 +1089,8 @@ func (s *Service) beat() (string, any) {
 
 // shutdown takes the shutdown snapshot (a River job, awaited; the local
 // fallback when the database is gone), stops River and releases the lease,
-// within 70% of SHUTDOWN_TIMEOUT: the gateway has used some of it already.
+// all before one deadline: 70% of SHUTDOWN_TIMEOUT from now (the gateway has
+// used some of it already).
 func (s *Service) shutdown(bgCancel context.CancelFunc) {
 	s.mu.Lock()
 	s.state = bus.StateStopping
@@ -806,23 +1099,28 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 	ctx, cancel := withTimeout(context.Background(), s.clock, budget)
 	defer cancel()
 
+	// Background loops first: reconnect must not swap the store under us.
+	bgCancel()
+	s.bgWG.Wait()
+
 	st, q := s.backend()
+	s.mu.Lock()
+	restored := s.epoch.done && s.epoch.reply.OK
+	s.mu.Unlock()
 	saved := false
-	if s.restore.OK {
-		saved = s.shutdownSnapshot(ctx, q, budget*6/10)
+	if restored {
+		saved = s.shutdownSnapshot(ctx, q, budget*55/100)
 	}
 	if q != nil {
-		sctx, scancel := withTimeout(ctx, s.clock, budget*2/10)
+		sctx, scancel := withTimeout(ctx, s.clock, budget*15/100)
 		if err := q.Stop(sctx); err != nil {
 			s.log.Warn("river stop", "err", err)
 		}
 		scancel()
 	}
-	bgCancel()
-	s.bgWG.Wait()
 	if st != nil {
 		if saved {
-			s.release(st)
+			s.release(ctx, st)
 		} else {
 			s.log.Warn("shutdown snapshot not in the database; the lease is left to expire", "ttl", s.opts.LeaseTTL)
 		}
@@ -855,12 +1153,17 @@ func (s *Service) shutdownSnapshot(ctx context.Context, q Queue, wait time.Durat
 			s.log.Warn("shutdown snapshot not queued; writing the local fallback", "err", err)
 		}
 	}
-	_, _ = s.snapshot(ctx, JobInfo{Reason: bus.ReasonShutdown, Attempt: 1, MaxAttempts: 1}, nil, nil)
+	if _, err := s.snapshot(ctx, JobInfo{Reason: bus.ReasonShutdown, Attempt: 1, MaxAttempts: 1}, nil, nil); err != nil &&
+		!errors.Is(err, ErrNoDevice) && !errors.Is(err, ErrNoSession) {
+		s.log.Error("shutdown snapshot to the local fallback failed", "err", err)
+	}
 	return false
 }
 
-func (s *Service) release(st Store) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+// release frees the lease, within ctx (the shutdown's deadline) and at most
+// releaseTimeout.
+func (s *Service) release(ctx context.Context, st Store) {
+	ctx, cancel := withTimeout(ctx, s.clock, releaseTimeout)
 	defer cancel()
 	if err := st.ReleaseLease(ctx, s.cfg.SessionID, s.opts.Instance); err != nil {
 		s.log.Warn("lease release failed; it expires by itself", "err", err)
@@ -870,6 +1173,18 @@ func (s *Service) release(st Store) {
 	s.leaseHeld = false
 	s.mu.Unlock()
 	s.log.Info("session lease released")
+}
+
+// Per-call bounds of database calls: a hung connection must not hold a
+// snapshot (or the shutdown) forever.
+const (
+	dbCallTimeout  = 10 * time.Second
+	releaseTimeout = 5 * time.Second
+)
+
+// insertTimeout bounds one snapshot insert: 15 s plus a second per 4 MB.
+func insertTimeout(stored int) time.Duration {
+	return 15*time.Second + time.Duration(stored/(4<<20))*time.Second
 }
 
 // withTimeout is context.WithTimeout on the injected clock. (clockwork's own

@@ -812,28 +812,29 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 	}
 }
 
+// The lease taken by another instance at runtime: conn.standby tells the
+// gateway to close its socket, database snapshots stop and requests are
+// refused until the lease is ours again.
 func TestLeaseLostStopsDatabaseSnapshots(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	dir := t.TempDir()
 	newStore(t, dir, 128<<10)
 	in := start(t, db, instOpts{dataDir: dir, name: "dyno-a", leaseTTL: time.Minute})
+	standby := make(chan *nats.Msg, 16)
+	ssub, _ := in.nc.ChanSubscribe(in.subj.Conn(bus.ConnStandby), standby)
+	defer ssub.Unsubscribe()
 	// Another instance takes the lease (as if ours had expired).
 	st := db.mustOpen(t)
 	if _, ok, err := st.AcquireLease(context.Background(), session, "thief", clockStart().Add(time.Hour), time.Hour); !ok || err != nil {
 		t.Fatalf("steal: %v %v", ok, err)
 	}
-	beats := make(chan *nats.Msg, 64)
-	sub, _ := in.nc.ChanSubscribe(in.subj.Heartbeat(bus.ServiceBackup), beats)
-	defer sub.Unsubscribe()
-	waitFor(t, 10*time.Second, "a degraded heartbeat without the lease", func() bool {
+	var ev bus.ConnEvent
+	waitFor(t, 10*time.Second, "conn.standby after the renewal found the thief", func() bool {
 		in.clock.Advance(20 * time.Second) // the renewal tick
 		select {
-		case m := <-beats:
-			var hb bus.Heartbeat
-			var d bus.BackupDetails
-			_ = jsonUnmarshal(m.Data, &hb)
-			_ = jsonUnmarshal(hb.Details, &d)
-			return hb.State == bus.StateDegraded && !d.LeaseHeld
+		case m := <-standby:
+			_ = jsonUnmarshal(m.Data, &ev)
+			return strings.Contains(ev.Reason, "lease lost")
 		case <-time.After(50 * time.Millisecond):
 			return false
 		}

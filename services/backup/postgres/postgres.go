@@ -127,6 +127,15 @@ func (s *Store) Migrate(ctx context.Context) error {
 func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
 	var id int64
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if n.LeaseHolder != "" {
+			tag, err := tx.Exec(ctx, sqltext.HoldLease, n.SessionID, n.LeaseHolder, n.LeaseNow.UnixMilli())
+			if err != nil {
+				return err
+			}
+			if tag.RowsAffected() != 1 {
+				return backup.ErrLeaseLost
+			}
+		}
 		err := tx.QueryRow(ctx, sqltext.InsertSnapshot, n.SessionID, n.CreatedAt.UTC(), n.Reason, n.SHA256,
 			n.SizeBytes, n.StoredBytes, n.Format, n.Payload).Scan(&id)
 		if err != nil {
@@ -137,6 +146,9 @@ func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook b
 		}
 		return nil
 	})
+	if errors.Is(err, backup.ErrLeaseLost) {
+		return 0, backup.ErrLeaseLost
+	}
 	if err != nil {
 		return 0, fmt.Errorf("insert snapshot: %w", err)
 	}

@@ -120,6 +120,15 @@ func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
 func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
 	var id int64
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		if n.LeaseHolder != "" {
+			res, err := tx.ExecContext(ctx, sqltext.HoldLease, n.SessionID, n.LeaseHolder, n.LeaseNow.UnixMilli())
+			if err != nil {
+				return err
+			}
+			if k, err := res.RowsAffected(); err != nil || k != 1 {
+				return backup.ErrLeaseLost
+			}
+		}
 		err := tx.QueryRowContext(ctx, sqltext.InsertSnapshot, n.SessionID, n.CreatedAt.UTC(), n.Reason, n.SHA256,
 			n.SizeBytes, n.StoredBytes, n.Format, n.Payload).Scan(&id)
 		if err != nil {
@@ -130,6 +139,9 @@ func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook b
 		}
 		return nil
 	})
+	if errors.Is(err, backup.ErrLeaseLost) {
+		return 0, backup.ErrLeaseLost
+	}
 	if err != nil {
 		return 0, fmt.Errorf("insert snapshot: %w", err)
 	}

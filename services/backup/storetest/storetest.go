@@ -32,6 +32,7 @@ func Run(t *testing.T, open Open) {
 		{"SessionsApart", testSessionsApart},
 		{"LeaseExclusive", testLeaseExclusive},
 		{"LeaseRace", testLeaseRace},
+		{"InsertNeedsLease", testInsertNeedsLease},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -267,5 +268,53 @@ func testLeaseRace(t *testing.T, s backup.Store) {
 	}
 	if len(winners) != 1 {
 		t.Fatalf("winners = %v; want exactly one", winners)
+	}
+}
+
+// An insert with a LeaseHolder stores a row only while that holder has the
+// lease unexpired, checked in the insert's own transaction.
+func testInsertNeedsLease(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	if _, ok, err := s.AcquireLease(ctx, "s", "me", t0, time.Minute); !ok || err != nil {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
+	if _, ok, err := s.AcquireLease(ctx, "other", "thief", t0, time.Minute); !ok || err != nil {
+		t.Fatalf("acquire other: %v %v", ok, err)
+	}
+	tests := []struct {
+		name    string
+		session string
+		holder  string
+		now     time.Time
+		wantErr error
+	}{
+		{"held", "s", "me", t0.Add(30 * time.Second), nil},
+		{"no check without a holder", "s", "", t0.Add(time.Hour), nil},
+		{"expired", "s", "me", t0.Add(time.Minute), backup.ErrLeaseLost},
+		{"another holder", "other", "me", t0, backup.ErrLeaseLost},
+		{"no lease row", "none", "me", t0, backup.ErrLeaseLost},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			n := snap(tc.session, 50+i, t0)
+			n.LeaseHolder, n.LeaseNow = tc.holder, tc.now
+			before, err := s.List(ctx, tc.session, 100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			calledHook := false
+			_, err = s.InsertSnapshot(ctx, n, func(context.Context, any) error { calledHook = true; return nil })
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("insert: %v; want %v", err, tc.wantErr)
+			}
+			after, _ := s.List(ctx, tc.session, 100)
+			wantRows := len(before)
+			if tc.wantErr == nil {
+				wantRows++
+			}
+			if len(after) != wantRows || calledHook != (tc.wantErr == nil) {
+				t.Fatalf("rows %d -> %d, hook called %v", len(before), len(after), calledHook)
+			}
+		})
 	}
 }

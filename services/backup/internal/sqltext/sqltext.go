@@ -109,6 +109,12 @@ const AcquireLease = `INSERT INTO blacksky_leases (session_id, holder, acquired_
 		expires_at_ms = excluded.expires_at_ms
 	WHERE blacksky_leases.holder = excluded.holder OR blacksky_leases.expires_at_ms <= excluded.renewed_at_ms`
 
+// HoldLease is the lease condition of a snapshot insert: it matches (and,
+// in PostgreSQL, locks until commit, so a takeover waits for it) the lease
+// row only while $2 holds it unexpired at $3. No row: do not insert.
+const HoldLease = `UPDATE blacksky_leases SET renewed_at_ms = renewed_at_ms
+	WHERE session_id = $1 AND holder = $2 AND expires_at_ms > $3`
+
 // GetLease reads the lease as it stands.
 const GetLease = `SELECT holder, acquired_at_ms, expires_at_ms FROM blacksky_leases WHERE session_id = $1`
 
