@@ -403,8 +403,8 @@ func TestScheduledSnapshotsWhileDatabaseDown(t *testing.T) {
 		files, _ := backup.Local{Dir: dir + "/backups"}.List()
 		return len(files) > 0 && files[0].SHA256 == want && files[0].Reason == bus.ReasonScheduled
 	})
+	st := db.mustOpen(t) // migrated before the service reconnects: not concurrently
 	up.Store(true)
-	st := db.mustOpen(t)
 	waitFor(t, 20*time.Second, "the database to catch up", func() bool {
 		in.clock.Advance(10 * time.Second)
 		rows, _ := st.List(context.Background(), session, 10)
