@@ -147,10 +147,16 @@ func (r *Restorer) NeedsRestore(ctx context.Context) (bool, string, error) {
 		return false, "", fmt.Errorf("session store: %w", err)
 	}
 	if err := snapshot.Check(ctx, r.SessionPath); err != nil {
+		if ctx.Err() != nil {
+			return false, "", ctx.Err() // stopping, not a damaged store
+		}
 		return true, "session store fails integrity_check", nil
 	}
 	has, err := snapshot.HasDevice(ctx, r.SessionPath)
 	if err != nil {
+		if ctx.Err() != nil {
+			return false, "", ctx.Err()
+		}
 		return true, "session store unreadable", nil
 	}
 	if has {
@@ -177,6 +183,11 @@ func (r *Restorer) RestoreOnStart(ctx context.Context) (RestoreResult, error) {
 	}
 	r.Log.Info("restoring session store", "why", why)
 	res, err := r.Restore(ctx, 0)
+	if err == nil && ctx.Err() != nil {
+		// Stopping: candidates may have failed to verify only because of
+		// that. Never move a store aside on a cancelled check.
+		return RestoreResult{}, ctx.Err()
+	}
 	if err == nil && !res.Restored {
 		// Nothing to restore. A damaged store cannot be opened anyway: keep
 		// it aside for inspection so the gateway can start and pair afresh.

@@ -209,7 +209,12 @@ func (s *Service) Run(ctx context.Context) error {
 				s.log.Warn("database failing and no other holder seen; continuing degraded on the local fallback", "err", err)
 				store = nil
 			}
-		} else if ctx.Err() != nil {
+		}
+		if ctx.Err() != nil {
+			if store != nil {
+				s.release(context.Background(), store)
+				store.Close()
+			}
 			return nil
 		}
 		var rep bus.RestoreReply
@@ -739,6 +744,13 @@ func (s *Service) onRestore(m *nats.Msg) {
 	if m.Reply == "" {
 		return
 	}
+	s.hmu.Lock()
+	closed := s.closed
+	s.hmu.Unlock()
+	if closed {
+		_ = bus.Respond(m, bus.RestoreReply{OK: false, Error: ErrStopping.Error()})
+		return
+	}
 	s.mu.Lock()
 	ep := s.epoch
 	if !ep.done {
@@ -981,8 +993,9 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 		LeaseHolder: s.opts.Instance, LeaseNow: s.clock.Now()}, complete)
 	icancel()
 	if errors.Is(err, ErrLeaseLost) {
+		// Not stored. Whether another instance has the lease (standby) or
+		// ours merely expired (renewed again) is the renewal loop's call.
 		s.noteDB(true)
-		s.leaseLost("another instance")
 		return o, ErrLeaseLost
 	}
 	if err != nil {
