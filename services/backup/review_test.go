@@ -512,3 +512,28 @@ func TestPlaintextSnapshotRefusedWithKey(t *testing.T) {
 		})
 	}
 }
+
+// Nit: database snapshots are tried in insert order (id), not by created_at,
+// which comes from whichever instance's clock wrote the row.
+func TestRestoreOrdersDatabaseRowsByID(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	_, newer := seedTwo(t, db)
+	st := db.mustOpen(t)
+	p, err := st.Payload(context.Background(), newer.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta, err := snapshot.PeekMeta(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The newest row, written by an instance whose clock is far behind.
+	id, err := st.InsertSnapshot(context.Background(), backup.NewSnapshot{SessionID: session, CreatedAt: time.Unix(0, 0),
+		Reason: "shutdown", SHA256: newer.SHA256, SizeBytes: meta.Size, StoredBytes: int64(len(p)), Format: meta.Format, Payload: p}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, res := restoreInto(t, st, nil); res.SnapshotID != id {
+		t.Fatalf("restored %d; want the last inserted row %d", res.SnapshotID, id)
+	}
+}
