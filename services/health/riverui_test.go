@@ -2,63 +2,17 @@ package health
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"net/url"
-	"os"
 	"strings"
 	"testing"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/riverqueue/river/rivermigrate"
 
+	"github.com/blacksky-md/blacksky/internal/testdb"
 	"github.com/blacksky-md/blacksky/shared/logging"
 )
-
-// testSchema creates an empty schema of its own on TEST_DATABASE_URL and
-// returns a DSN whose search_path points at it. Without a database the test
-// is skipped, except in CI where it fails.
-func testSchema(t *testing.T) string {
-	t.Helper()
-	base := os.Getenv("TEST_DATABASE_URL")
-	if base == "" {
-		base = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
-	}
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, base)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI needs PostgreSQL at TEST_DATABASE_URL: %v", err)
-		}
-		t.Skipf("no PostgreSQL at TEST_DATABASE_URL: %v", err)
-	}
-	defer conn.Close(ctx)
-	var rnd [6]byte
-	_, _ = rand.Read(rnd[:])
-	schema := "health_test_" + hex.EncodeToString(rnd[:])
-	if _, err := conn.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c, err := pgx.Connect(context.Background(), base)
-		if err != nil {
-			return
-		}
-		defer c.Close(context.Background())
-		_, _ = c.Exec(context.Background(), "DROP SCHEMA "+schema+" CASCADE")
-	})
-	u, err := url.Parse(base)
-	if err != nil {
-		t.Fatal(err)
-	}
-	q := u.Query()
-	q.Set("search_path", schema)
-	u.RawQuery = q.Encode()
-	return u.String()
-}
 
 type snapshotTestArgs struct {
 	Reason string `json:"reason"`
@@ -68,7 +22,7 @@ func (snapshotTestArgs) Kind() string { return "health_test_snapshot" }
 
 func TestRiverUI(t *testing.T) {
 	t.Parallel()
-	dsn := testSchema(t)
+	dsn := testdb.Postgres(t).URL
 	ctx := context.Background()
 
 	// River's tables and one job, as the backup service would leave them.
