@@ -31,6 +31,7 @@ import (
 	_ "modernc.org/sqlite" // the pure-Go "sqlite" driver, to touch and read session stores
 
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -38,15 +39,7 @@ import (
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		<-tick.C
-	}
+	testwait.Every(t, timeout, 50*time.Millisecond, what, cond) // each check is a request or a query
 }
 
 func randomHex(t *testing.T, n int) string {

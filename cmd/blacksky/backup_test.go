@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -101,7 +102,7 @@ func TestBackupCommands(t *testing.T) {
 	}
 	runRole(t, envFor(first), "backup")
 	var out string
-	pollUntil(t, 20*time.Second, "backup-now to succeed", func() bool {
+	testwait.For(t, 20*time.Second, "backup-now to succeed", func() bool {
 		code, out, errOut = runMain(t, ctx, envFor(first), "backup-now", "--reason", "restore-point", "--timeout", "20s")
 		if code != 0 && !strings.Contains(errOut, "no backup service") {
 			t.Fatalf("backup-now: exit %d, %q", code, errOut)

@@ -12,8 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // TestGatewayRole runs `blacksky gateway` with its embedded NATS on a TCP
@@ -83,10 +85,10 @@ func TestGatewayRole(t *testing.T) {
 			return false
 		}
 	}
-	pollUntil(t, 20*time.Second, "conn.reconnecting", seen(&kinds, bus.ConnReconnecting))
+	testwait.For(t, 20*time.Second, "conn.reconnecting", seen(&kinds, bus.ConnReconnecting))
 	// The first heartbeat went out before we subscribed; the next comes
 	// within one interval.
-	pollUntil(t, 2*bus.HeartbeatInterval, "a gateway heartbeat", func() bool {
+	testwait.For(t, 2*bus.HeartbeatInterval, "a gateway heartbeat", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(states) > 0
@@ -113,24 +115,12 @@ func TestGatewayRole(t *testing.T) {
 	if !seen(&kinds, bus.ConnStopped)() {
 		// The role flushed conn.stopped before closing its bus; TCP delivery
 		// to us may still be in flight.
-		pollUntil(t, 5*time.Second, "conn.stopped", seen(&kinds, bus.ConnStopped))
+		testwait.For(t, 5*time.Second, "conn.stopped", seen(&kinds, bus.ConnStopped))
 	}
 	if _, err := os.Stat(filepath.Join(dataDir, "session.db")); err != nil {
 		t.Fatalf("session store: %v", err)
 	}
 	if strings.Contains(logs.String(), "gw-role-token") {
 		t.Fatal("the NATS token leaked into the logs")
-	}
-}
-
-// pollUntil polls cond until it holds or d passes.
-func pollUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		<-time.After(5 * time.Millisecond)
 	}
 }

@@ -15,11 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
-	"github.com/nats-io/nats.go"
 )
 
 // runRole starts the real Main with env and returns once it is ready, with
@@ -129,7 +131,7 @@ func TestRunComesBackLinked(t *testing.T) {
 	}
 	// The gateway got its restore answer ("existing"), opened the store and
 	// keeps retrying the unreachable WhatsApp.
-	pollUntil(t, 30*time.Second, "conn.reconnecting", seen(bus.ConnReconnecting))
+	testwait.For(t, 30*time.Second, "conn.reconnecting", seen(bus.ConnReconnecting))
 
 	// A manual snapshot over NATS is committed before the reply comes.
 	msg, err := nc.Request(subj.BackupRequest(), []byte(`{"reason":"manual"}`), 60*time.Second)
@@ -142,7 +144,7 @@ func TestRunComesBackLinked(t *testing.T) {
 	}
 
 	// /status shows every service.
-	pollUntil(t, 15*time.Second, "three services in /status", func() bool {
+	testwait.For(t, 15*time.Second, "three services in /status", func() bool {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+info.HTTPAddr+"/status", nil)
 		req.Header.Set("Authorization", "Bearer run-test-health-token")
 		resp, err := http.DefaultClient.Do(req)
@@ -161,7 +163,7 @@ func TestRunComesBackLinked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pollUntil(t, 10*time.Second, "a committed write", func() bool { return w.Last() > 0 })
+	testwait.For(t, 10*time.Second, "a committed write", func() bool { return w.Last() > 0 })
 	if _, err := w.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +173,7 @@ func TestRunComesBackLinked(t *testing.T) {
 		t.Fatalf("run returned %v after SIGTERM\n%s", err, logs.String())
 	}
 	if !seen(bus.ConnStopped)() {
-		pollUntil(t, 5*time.Second, "conn.stopped", seen(bus.ConnStopped))
+		testwait.For(t, 5*time.Second, "conn.stopped", seen(bus.ConnStopped))
 	}
 	out := logs.String()
 	for _, secret := range []string{token, key, "run-test-health-token"} {
@@ -185,7 +187,7 @@ func TestRunComesBackLinked(t *testing.T) {
 	info2, logs2, stop2 := runRole(t, envFor(second), "run")
 	_ = info2
 	restored := filepath.Join(second, "session.db")
-	pollUntil(t, 30*time.Second, "the restored session.db", func() bool {
+	testwait.For(t, 30*time.Second, "the restored session.db", func() bool {
 		_, err := os.Stat(restored)
 		return err == nil
 	})

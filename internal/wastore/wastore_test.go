@@ -7,25 +7,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/internal/wastore"
 	"go.mau.fi/whatsmeow/store/sqlstore"
-)
 
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s", d)
-		}
-		select {
-		case <-time.After(5 * time.Millisecond):
-		case <-t.Context().Done():
-			t.Fatal(t.Context().Err())
-		}
-	}
-}
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/internal/wastore"
+)
 
 func TestCreateSizes(t *testing.T) {
 	t.Parallel()
@@ -133,7 +119,7 @@ func TestWriterCommitsNumberedRows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return w.Last() >= 100 })
+	testwait.For(t, 10*time.Second, "100 committed writes", func() bool { return w.Last() >= 100 })
 	last, err := w.Stop()
 	if err != nil {
 		t.Fatal(err)
@@ -150,7 +136,7 @@ func TestWriterCommitsNumberedRows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return w2.Last() >= last+10 })
+	testwait.For(t, 10*time.Second, "10 more writes from the restarted writer", func() bool { return w2.Last() >= last+10 })
 	last2, err := w2.Stop()
 	if err != nil {
 		t.Fatal(err)

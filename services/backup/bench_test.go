@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -32,7 +33,7 @@ func BenchmarkRequestToCommitted(b *testing.B) {
 			b.ResetTimer()
 			for range b.N {
 				before := w.Last()
-				waitFor(b, 5*time.Second, "a write", func() bool { return w.Last() > before })
+				testwait.For(b, 5*time.Second, "a write", func() bool { return w.Last() > before })
 				t0 := time.Now()
 				var rep bus.BackupReply
 				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

@@ -11,7 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
+
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/postgres"
@@ -19,21 +23,7 @@ import (
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 	"github.com/blacksky-md/blacksky/shared/logging"
-	"github.com/jonboulle/clockwork"
-	"github.com/nats-io/nats.go"
 )
-
-// waitFor polls cond until it holds or d passes.
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond) // polling interval, not a wait for an outcome
-	}
-}
 
 // database is where snapshots and leases live for one test: a PostgreSQL
 // schema or a SQLite file, shared by every instance the test starts.
@@ -178,18 +168,16 @@ func (in *instance) restoreReply(d time.Duration) bus.RestoreReply {
 	var rep bus.RestoreReply
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
-	for {
-		// Run subscribes in its own goroutine: no responders means not yet.
-		err := bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
-		if errors.Is(err, nats.ErrNoResponders) && ctx.Err() == nil {
-			time.Sleep(5 * time.Millisecond) // poll interval
-			continue
-		}
-		if err != nil {
-			in.t.Fatalf("%s: session.restore: %v", in.name, err)
-		}
-		return rep
+	var err error
+	// Run subscribes in its own goroutine: no responders means not yet.
+	testwait.For(in.t, d, in.name+": a session.restore responder", func() bool {
+		err = bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+		return !errors.Is(err, nats.ErrNoResponders)
+	})
+	if err != nil {
+		in.t.Fatalf("%s: session.restore: %v", in.name, err)
 	}
+	return rep
 }
 
 func (in *instance) backupNow(reason string) bus.BackupReply {
@@ -223,7 +211,7 @@ func write(t testing.TB, path string, n int) int64 {
 		t.Fatal(err)
 	}
 	start := w.Last()
-	waitFor(t, 10*time.Second, "writes", func() bool { return w.Last() >= start+int64(n) })
+	testwait.For(t, 10*time.Second, "writes", func() bool { return w.Last() >= start+int64(n) })
 	last, err := w.Stop()
 	if err != nil {
 		t.Fatal(err)

@@ -4,9 +4,10 @@ import (
 	"context"
 	"testing"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
-	"github.com/nats-io/nats.go"
 )
 
 // Nit: a gateway retrying P.session.restore while the restore runs costs a

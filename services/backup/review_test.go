@@ -10,10 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
-	"github.com/nats-io/nats.go"
 )
 
 // faults injects database failures into every faultStore that shares it: per
@@ -163,7 +165,7 @@ func (in *instance) noAnswer(d time.Duration, why string) {
 func (in *instance) advanceUntilAnswer(step time.Duration) bus.RestoreReply {
 	in.t.Helper()
 	var rep bus.RestoreReply
-	waitFor(in.t, 20*time.Second, "a session.restore answer", func() bool {
+	testwait.For(in.t, 20*time.Second, "a session.restore answer", func() bool {
 		in.clock.Advance(step)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
@@ -236,7 +238,7 @@ func TestRestoreOnStartRetriesDatabase(t *testing.T) {
 			f := newFaults()
 			f.set(tc.op, 3, nil)
 			in := start(t, db, instOpts{open: openFaulty(db, f), dbWait: time.Second, noWait: true})
-			waitFor(t, 10*time.Second, "the first failed "+tc.op, func() bool { return f.count(tc.op) >= 1 })
+			testwait.For(t, 10*time.Second, "the first failed "+tc.op, func() bool { return f.count(tc.op) >= 1 })
 			in.noAnswer(300*time.Millisecond, "the database failed mid-restore and the disk is empty")
 			rep := in.advanceUntilAnswer(time.Second)
 			if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase || rep.SnapshotID != newer.ID {
@@ -259,12 +261,14 @@ func TestStandbySurvivesDatabaseErrors(t *testing.T) {
 	newStore(t, dir, 128<<10) // local state: the old code went live on it
 	f := newFaults()
 	in := start(t, db, instOpts{dataDir: dir, open: openFaulty(db, f), dbWait: time.Second, noWait: true, name: "dyno-b"})
-	waitFor(t, 10*time.Second, "the first lease attempt", func() bool { return f.count("AcquireLease") >= 1 })
+	testwait.For(t, 10*time.Second, "the first lease attempt", func() bool { return f.count("AcquireLease") >= 1 })
 	f.set("AcquireLease", -1, nil)
-	for range 10 {
+	// Every attempt fails: standby must keep retrying, not give up and go live.
+	retried := f.count("AcquireLease") + 10
+	testwait.For(t, 10*time.Second, "ten more failed lease attempts", func() bool {
 		in.clock.Advance(10 * time.Second)
-		time.Sleep(5 * time.Millisecond) // poll interval: let the loop run
-	}
+		return f.count("AcquireLease") >= retried
+	})
 	in.noAnswer(300*time.Millisecond, "dyno-a still holds the lease")
 	f.set("AcquireLease", 0, nil)
 	if err := st.ReleaseLease(context.Background(), session, "dyno-a"); err != nil {
@@ -296,7 +300,7 @@ func TestLeaseLostThenRegainedRestoresNewest(t *testing.T) {
 	if _, ok, err := st.AcquireLease(context.Background(), session, "thief", clockStart().Add(time.Hour), time.Hour); !ok || err != nil {
 		t.Fatalf("steal: %v %v", ok, err)
 	}
-	waitFor(t, 10*time.Second, "conn.standby", func() bool {
+	testwait.For(t, 10*time.Second, "conn.standby", func() bool {
 		in.clock.Advance(20 * time.Second)
 		select {
 		case <-standby:
@@ -352,10 +356,30 @@ func TestHungInsertDoesNotBlockShutdownSnapshot(t *testing.T) {
 	if err := bus.Publish(in.nc, in.subj.BackupRequest(), bus.BackupRequest{Reason: "manual"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the job hung in its insert", func() bool { return f.count("InsertSnapshot") >= 1 })
+	testwait.For(t, 10*time.Second, "the job hung in its insert", func() bool { return f.count("InsertSnapshot") >= 1 })
 	write(t, path, 3)
 	in.cancel()
-	waitFor(t, 20*time.Second, "Run to return", func() bool {
+	// Shutdown gives up on the hung job after 55% of its budget (70% of
+	// SHUTDOWN_TIMEOUT) and writes the local fallback in real time, still
+	// under that budget. Move the clock past the first mark but never past
+	// the second until the file is there; then let it run so River stops.
+	shutdownFile := func() bool {
+		files, _ := backup.Local{Dir: dir + "/backups"}.List()
+		return len(files) > 0 && files[0].Reason == bus.ReasonShutdown
+	}
+	limit := in.cfg.ShutdownTimeout * 6 / 10
+	var advanced time.Duration
+	testwait.For(t, 20*time.Second, "the shutdown snapshot in the local fallback", func() bool {
+		if shutdownFile() {
+			return true
+		}
+		if advanced < limit {
+			in.clock.Advance(100 * time.Millisecond)
+			advanced += 100 * time.Millisecond
+		}
+		return false
+	})
+	testwait.For(t, 20*time.Second, "Run to return", func() bool {
 		select {
 		case err := <-in.done:
 			in.done <- err
@@ -398,15 +422,18 @@ func TestScheduledSnapshotsWhileDatabaseDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := sha256Hex(plain)
-	waitFor(t, 10*time.Second, "a scheduled local snapshot", func() bool {
+	testwait.For(t, 10*time.Second, "a scheduled local snapshot", func() bool {
 		in.clock.Advance(time.Minute)
 		files, _ := backup.Local{Dir: dir + "/backups"}.List()
 		return len(files) > 0 && files[0].SHA256 == want && files[0].Reason == bus.ReasonScheduled
 	})
 	st := db.mustOpen(t) // migrated before the service reconnects: not concurrently
 	up.Store(true)
-	waitFor(t, 20*time.Second, "the database to catch up", func() bool {
-		in.clock.Advance(10 * time.Second)
+	// The reconnect waits on the fake clock, but the catch-up snapshot then
+	// runs real SQL under fake-clock call timeouts (10 s): move the clock
+	// 1 s per 20 ms poll, so such a timeout spans 200 ms of real time.
+	testwait.Every(t, 20*time.Second, 20*time.Millisecond, "the database to catch up", func() bool {
+		in.clock.Advance(time.Second)
 		rows, _ := st.List(context.Background(), session, 10)
 		return len(rows) > 0 && rows[0].SHA256 == want
 	})
@@ -424,7 +451,7 @@ func TestHungRenewalDegrades(t *testing.T) {
 	sub, _ := in.nc.ChanSubscribe(in.subj.Heartbeat(bus.ServiceBackup), beats)
 	defer sub.Unsubscribe()
 	f.setHang("AcquireLease", true)
-	waitFor(t, 10*time.Second, "a degraded heartbeat", func() bool {
+	testwait.For(t, 10*time.Second, "a degraded heartbeat", func() bool {
 		in.clock.Advance(bus.HeartbeatInterval)
 		select {
 		case m := <-beats:
@@ -452,25 +479,23 @@ func TestShutdownKeepsOneDeadline(t *testing.T) {
 	in.cancel()
 	budget := in.cfg.ShutdownTimeout * 7 / 10
 	var advanced time.Duration
-	deadline := time.Now().Add(3 * time.Second) // a real bound, well under the old 5 s release timeout
-	for {
+	// A real bound, well under the old 5 s release timeout; the fake clock
+	// is moved on (up to twice the budget) while Run works.
+	testwait.For(t, 3*time.Second, "Run to return within its shutdown budget", func() bool {
 		select {
 		case err := <-in.done:
 			in.done <- err
-			if advanced > budget+time.Second {
-				t.Fatalf("Run returned only after %s of the clock; budget %s", advanced, budget)
-			}
-			return
+			return true
 		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Run did not return within its shutdown budget (clock advanced %s)", advanced)
 		}
 		if advanced < 2*budget {
 			in.clock.Advance(100 * time.Millisecond)
 			advanced += 100 * time.Millisecond
 		}
-		time.Sleep(2 * time.Millisecond) // poll interval
+		return false
+	})
+	if advanced > budget+time.Second {
+		t.Fatalf("Run returned only after %s of the clock; budget %s", advanced, budget)
 	}
 }
 

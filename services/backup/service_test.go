@@ -10,12 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
-	"github.com/nats-io/nats.go"
 )
 
 // restoreInto restores the newest snapshot of db into a fresh dir and returns
@@ -45,7 +47,7 @@ func TestSnapshotWhileWritingRestoresCommittedPrefix(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, 10*time.Second, "writer running", func() bool { return w.Last() > 10 })
+			testwait.For(t, 10*time.Second, "writer running", func() bool { return w.Last() > 10 })
 			rep := in.backupNow("manual")
 			last, err := w.Stop()
 			if err != nil {
@@ -390,7 +392,7 @@ func TestLeaseHandover(t *testing.T) {
 				t.Fatal(err)
 			}
 			// b takes over and restores what a left.
-			waitFor(t, 20*time.Second, "b to take over", func() bool {
+			testwait.For(t, 20*time.Second, "b to take over", func() bool {
 				b.clock.Advance(time.Second)
 				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 				defer cancel()
@@ -416,7 +418,7 @@ func TestLeaseHandover(t *testing.T) {
 func advanceUntil(t *testing.T, in *instance, ch chan *nats.Msg) <-chan struct{} {
 	t.Helper()
 	out := make(chan struct{})
-	waitFor(t, 20*time.Second, "standby event", func() bool {
+	testwait.For(t, 20*time.Second, "standby event", func() bool {
 		select {
 		case m := <-ch:
 			ch <- m
@@ -510,7 +512,7 @@ func TestLeaseExpiryTakeover(t *testing.T) {
 	}
 	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: 5 * time.Second})
 	var rep bus.RestoreReply
-	waitFor(t, 20*time.Second, "takeover after expiry", func() bool {
+	testwait.For(t, 20*time.Second, "takeover after expiry", func() bool {
 		b.clock.Advance(5 * time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
@@ -530,7 +532,7 @@ func TestScheduledSnapshots(t *testing.T) {
 	newStore(t, dir, 128<<10)
 	start(t, db, instOpts{dataDir: dir, env: map[string]string{"BACKUP_INTERVAL": "1s"}})
 	st := db.mustOpen(t)
-	waitFor(t, 20*time.Second, "a scheduled snapshot", func() bool {
+	testwait.For(t, 20*time.Second, "a scheduled snapshot", func() bool {
 		rows, _ := st.List(context.Background(), session, 10)
 		return len(rows) > 0 && rows[0].Reason == bus.ReasonScheduled
 	})
@@ -586,7 +588,7 @@ func TestEmptyDiskWaitsForDatabase(t *testing.T) {
 		t.Fatalf("answered %+v while the database was down and the disk empty", rep)
 	}
 	up.Store(true)
-	waitFor(t, 20*time.Second, "restore once the database is up", func() bool {
+	testwait.For(t, 20*time.Second, "restore once the database is up", func() bool {
 		in.clock.Advance(10 * time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
@@ -677,7 +679,7 @@ func TestHeartbeat(t *testing.T) {
 	snap := in.backupNow("manual")
 	var hb bus.Heartbeat
 	var d bus.BackupDetails
-	waitFor(t, 10*time.Second, "an ok heartbeat with the snapshot", func() bool {
+	testwait.For(t, 10*time.Second, "an ok heartbeat with the snapshot", func() bool {
 		in.clock.Advance(bus.HeartbeatInterval)
 		select {
 		case m := <-beats:
@@ -829,7 +831,7 @@ func TestLeaseLostStopsDatabaseSnapshots(t *testing.T) {
 		t.Fatalf("steal: %v %v", ok, err)
 	}
 	var ev bus.ConnEvent
-	waitFor(t, 10*time.Second, "conn.standby after the renewal found the thief", func() bool {
+	testwait.For(t, 10*time.Second, "conn.standby after the renewal found the thief", func() bool {
 		in.clock.Advance(20 * time.Second) // the renewal tick
 		select {
 		case m := <-standby:

@@ -7,11 +7,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
 	"go.uber.org/goleak"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 func TestMain(m *testing.M) {
@@ -71,7 +73,7 @@ func TestConnectsAndHeartbeats(t *testing.T) {
 		t.Fatalf("connected event = %+v", ev)
 	}
 	h.advance(bus.HeartbeatInterval)
-	waitFor(t, 5*time.Second, "a connected heartbeat", func() bool {
+	testwait.For(t, 5*time.Second, "a connected heartbeat", func() bool {
 		hb, d, ok := h.rec.lastBeat(h.subj)
 		return ok && hb.State == bus.StateConnected && d.JID == ev.JID && d.ConnectedSince != nil &&
 			d.ConnectedSince.Equal(t0) && hb.Service == "gateway" && hb.Instance == "test-1"
@@ -142,7 +144,7 @@ func TestNoDuplicateConnectLoops(t *testing.T) {
 	gate := make(chan struct{})
 	h := start(t, func(_ *Config, c *fakeConn) { c.gate = gate })
 	h.rec.next(t, bus.ConnConnecting)
-	waitFor(t, 5*time.Second, "Connect to be called", func() bool {
+	testwait.For(t, 5*time.Second, "Connect to be called", func() bool {
 		return h.conn.get(func(f *fakeConn) int { return f.inConnect }) == 1
 	})
 	// While Connect blocks: failures pile up and time passes.
@@ -169,7 +171,7 @@ func TestNoDuplicateConnectLoops(t *testing.T) {
 	}
 	h.advance(time.Duration(ev.DelayMS) * time.Millisecond)
 	h.rec.cursor = len(h.rec.connEvents())
-	waitFor(t, 5*time.Second, "second connect", func() bool {
+	testwait.For(t, 5*time.Second, "second connect", func() bool {
 		return h.conn.get(func(f *fakeConn) int { return f.connects }) == 2
 	})
 	if m := h.conn.get(func(f *fakeConn) int { return f.maxInConnect }); m != 1 {
@@ -371,7 +373,7 @@ func TestQRPairingFlow(t *testing.T) {
 	}
 	h.advance(time.Nanosecond) // a fresh heartbeat carries the code
 	h.advance(bus.HeartbeatInterval)
-	waitFor(t, 5*time.Second, "pairing heartbeat with the QR code", func() bool {
+	testwait.For(t, 5*time.Second, "pairing heartbeat with the QR code", func() bool {
 		hb, d, ok := h.rec.lastBeat(h.subj)
 		return ok && hb.State == bus.StatePairing && d.QRCode == "code-a" && d.QRExpiresAt != nil
 	})
@@ -416,7 +418,7 @@ func TestQRPairingFlow(t *testing.T) {
 // restore retries wait on that clock.
 func (h *harness) advanceUntilOpen(t *testing.T) {
 	t.Helper()
-	waitFor(t, 10*time.Second, "the store to open", func() bool {
+	testwait.For(t, 10*time.Second, "the store to open", func() bool {
 		select {
 		case <-h.opens:
 			return true
@@ -446,7 +448,7 @@ func TestPairPhone(t *testing.T) {
 		t.Fatalf("PairPhone calls = %d", p)
 	}
 	h.advance(bus.HeartbeatInterval)
-	waitFor(t, 5*time.Second, "heartbeat with the pair code", func() bool {
+	testwait.For(t, 5*time.Second, "heartbeat with the pair code", func() bool {
 		_, d, ok := h.rec.lastBeat(h.subj)
 		return ok && d.PairCode == "ABCD-EFGH"
 	})
@@ -460,7 +462,7 @@ func TestPairPhone(t *testing.T) {
 func TestRestoreBeforeOpen(t *testing.T) {
 	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
 	// Nobody answers yet: the gateway waits, the store stays closed.
-	waitFor(t, 5*time.Second, "waiting_restore heartbeat", func() bool {
+	testwait.For(t, 5*time.Second, "waiting_restore heartbeat", func() bool {
 		hb, _, ok := h.rec.lastBeat(h.subj)
 		return ok && hb.State == bus.StateWaitingRestore
 	})
@@ -488,7 +490,7 @@ func TestRestoreBeforeOpen(t *testing.T) {
 	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), standby); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "standby state", func() bool { return h.gw.State() == bus.StateStandby })
+	testwait.For(t, 5*time.Second, "standby state", func() bool { return h.gw.State() == bus.StateStandby })
 	if st, _ := h.gw.beat(); st != bus.StateStandby {
 		t.Fatalf("heartbeat state = %s", st)
 	}
@@ -511,7 +513,7 @@ func TestStopClosesAndPublishesStopped(t *testing.T) {
 	if h.gw.State() != bus.StateStopped {
 		t.Fatalf("state = %s", h.gw.State())
 	}
-	waitFor(t, 5*time.Second, "a final heartbeat saying stopped", func() bool {
+	testwait.For(t, 5*time.Second, "a final heartbeat saying stopped", func() bool {
 		hb, _, ok := h.rec.lastBeat(h.subj)
 		return ok && hb.State == bus.StateStopped
 	})
@@ -544,7 +546,7 @@ func TestSilentSocketDeath(t *testing.T) {
 
 func TestStopWhileWaitingForRestore(t *testing.T) {
 	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
-	waitFor(t, 5*time.Second, "waiting_restore", func() bool { return h.gw.State() == bus.StateWaitingRestore })
+	testwait.For(t, 5*time.Second, "waiting_restore", func() bool { return h.gw.State() == bus.StateWaitingRestore })
 	h.shutdown()
 	h.rec.next(t, bus.ConnStopped)
 	if len(h.opens) != 0 {
@@ -610,7 +612,7 @@ func TestReconnectsCountsOnlyReconnects(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			h := start(t)
 			tt.do(h)
-			waitFor(t, 5*time.Second, "a retry to be scheduled", func() bool {
+			testwait.For(t, 5*time.Second, "a retry to be scheduled", func() bool {
 				for _, e := range h.rec.connEvents() {
 					if e.Kind == bus.ConnReconnecting {
 						return true

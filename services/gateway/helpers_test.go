@@ -13,7 +13,6 @@ import (
 
 	"log/slog"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/proto/waE2E"
@@ -21,6 +20,9 @@ import (
 	"go.mau.fi/whatsmeow/types/events"
 	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // t0 is the fake clock's start: a fixed instant keeps expected times exact.
@@ -167,22 +169,6 @@ func (f *fakeConn) sentMsgs() []sentMsg {
 	return slices.Clone(f.sent)
 }
 
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		select {
-		case <-time.After(time.Millisecond):
-		case <-t.Context().Done():
-			t.Fatalf("test ended waiting for %s", what)
-		}
-	}
-}
-
 // recorder collects everything published under the session prefix, on its
 // own bus connection.
 type recorder struct {
@@ -236,7 +222,7 @@ func (r *recorder) connEvents() []bus.ConnEvent {
 func (r *recorder) next(t *testing.T, kind string) bus.ConnEvent {
 	t.Helper()
 	var got bus.ConnEvent
-	waitFor(t, 5*time.Second, "conn."+kind, func() bool {
+	testwait.For(t, 5*time.Second, "conn."+kind, func() bool {
 		evs := r.connEvents()
 		r.mu.Lock()
 		defer r.mu.Unlock()
@@ -405,7 +391,7 @@ func (h *harness) advance(d time.Duration) { h.clock.Advance(d) }
 // stepping on covers that.
 func (h *harness) advanceUntil(step time.Duration, what string, cond func() bool) {
 	h.t.Helper()
-	waitFor(h.t, 10*time.Second, what, func() bool {
+	testwait.For(h.t, 10*time.Second, what, func() bool {
 		if cond() {
 			return true
 		}
@@ -431,7 +417,7 @@ func (h *harness) probe() {
 	h.t.Helper()
 	id := "probe-" + time.Now().Format("150405.000000000")
 	h.conn.emit(textMsg(id, "15557770000", "hello"))
-	waitFor(h.t, 5*time.Second, "probe msg.in", func() bool {
+	testwait.For(h.t, 5*time.Second, "probe msg.in", func() bool {
 		for _, m := range on[bus.MsgIn](h.rec, h.subj.MsgIn()) {
 			if m.ID == id {
 				return true

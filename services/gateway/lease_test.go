@@ -5,8 +5,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // When backup loses the session lease to another instance it says so on
@@ -40,10 +42,10 @@ func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
 	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease lost to another instance"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "socket and store closed", func() bool {
+	testwait.For(t, 5*time.Second, "socket and store closed", func() bool {
 		return h.conn.get(func(f *fakeConn) int { return f.closes }) == 1 && !h.conn.IsConnected()
 	})
-	waitFor(t, 5*time.Second, "gateway in standby", func() bool { return h.gw.State() == bus.StateStandby })
+	testwait.For(t, 5*time.Second, "gateway in standby", func() bool { return h.gw.State() == bus.StateStandby })
 	connects := h.conn.get(func(f *fakeConn) int { return f.connects })
 
 	// While backup holds the request nothing reconnects, however long.
@@ -61,7 +63,7 @@ func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
 	if restores.Load() < 2 {
 		t.Fatalf("store reopened after %d restores, want a second one first", restores.Load())
 	}
-	waitFor(t, 5*time.Second, "a new connect", func() bool {
+	testwait.For(t, 5*time.Second, "a new connect", func() bool {
 		return h.conn.get(func(f *fakeConn) int { return f.connects }) > connects
 	})
 }

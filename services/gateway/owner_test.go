@@ -5,12 +5,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/proto/waE2E"
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 func TestContent(t *testing.T) {
@@ -76,7 +78,7 @@ func ownerMsg(id, text string, viaLID bool) *events.Message {
 // replies waits for n sent messages and returns them.
 func (h *harness) replies(n int) []sentMsg {
 	h.t.Helper()
-	waitFor(h.t, 5*time.Second, "owner replies", func() bool { return len(h.conn.sentMsgs()) >= n })
+	testwait.For(h.t, 5*time.Second, "owner replies", func() bool { return len(h.conn.sentMsgs()) >= n })
 	return h.conn.sentMsgs()
 }
 
@@ -161,7 +163,7 @@ func TestOwnerBackupAndStatus(t *testing.T) {
 	if err := bus.Publish(h.nc, h.subj.BackupDone(), done); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "backup.done to be seen", func() bool {
+	testwait.For(t, 5*time.Second, "backup.done to be seen", func() bool {
 		return strings.Contains(h.gw.statusText(), "#7")
 	})
 	h.conn.emit(ownerMsg("s2", ".status", false))

@@ -5,9 +5,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 	"golang.org/x/time/rate"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // SEND_RATE "N per period" lets at most N+1 sends through in any window of
@@ -90,7 +92,7 @@ func TestSendWaitsForItsSlot(t *testing.T) {
 				}
 				return
 			}
-			waitFor(t, 5*time.Second, "the send to wait for its slot", func() bool { return h.gw.waiters.Load() == 1 })
+			testwait.For(t, 5*time.Second, "the send to wait for its slot", func() bool { return h.gw.waiters.Load() == 1 })
 			h.advance(tt.every - time.Millisecond)
 			select {
 			case r := <-replies:
@@ -135,7 +137,7 @@ func TestSendWaitersBounded(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 5*time.Second, "all sends waiting", func() bool { return h.gw.waiters.Load() == MaxSendWaiters })
+	testwait.For(t, 5*time.Second, "all sends waiting", func() bool { return h.gw.waiters.Load() == MaxSendWaiters })
 	if r := h.request(`{"to":"15551234567","text":"one too many"}`); r.OK || !strings.Contains(r.Error, "already waiting") {
 		t.Fatalf("reply = %+v", r)
 	}

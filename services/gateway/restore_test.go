@@ -5,8 +5,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // Backup holds P.session.restore open while another instance has the
@@ -41,7 +43,7 @@ func TestRestoreHandshakeStandby(t *testing.T) {
 			// A request sent before the subscription found no responders:
 			// step the clock until one arrives.
 			var m *nats.Msg
-			waitFor(t, 10*time.Second, "a restore request", func() bool {
+			testwait.For(t, 10*time.Second, "a restore request", func() bool {
 				select {
 				case m = <-reqs:
 					return true
@@ -58,7 +60,7 @@ func TestRestoreHandshakeStandby(t *testing.T) {
 					}
 					// The backoff timer is armed once the attempt is counted.
 					failures++
-					waitFor(t, 5*time.Second, "the refusal to be counted", func() bool { return h.gw.attempt() == failures })
+					testwait.For(t, 5*time.Second, "the refusal to be counted", func() bool { return h.gw.attempt() == failures })
 					ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 					if err := h.clock.BlockUntilContext(ctx, 2); err != nil { // heartbeat ticker and backoff timer
 						t.Fatal("no backoff timer armed")

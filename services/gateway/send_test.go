@@ -5,9 +5,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 func TestParseRecipient(t *testing.T) {
@@ -120,7 +122,7 @@ func TestMsgIn(t *testing.T) {
 		Message: textProto("hello group"),
 	}
 	h.conn.emit(e)
-	waitFor(t, 5*time.Second, "msg.in", func() bool { return len(on[bus.MsgIn](h.rec, h.subj.MsgIn())) == 1 })
+	testwait.For(t, 5*time.Second, "msg.in", func() bool { return len(on[bus.MsgIn](h.rec, h.subj.MsgIn())) == 1 })
 	got := on[bus.MsgIn](h.rec, h.subj.MsgIn())[0]
 	want := bus.MsgIn{ID: "3EB0C0FFEE", Chat: group.String(), Sender: "987654321@lid", PushName: "Ada",
 		Timestamp: t0.Add(-time.Second), Type: "text", Text: "hello group"}

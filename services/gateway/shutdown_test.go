@@ -6,9 +6,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 	"golang.org/x/time/rate"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // Messages whatsmeow hands over right before SIGTERM are published, all of
@@ -40,7 +42,7 @@ func TestMessagesBeforeShutdownArePublished(t *testing.T) {
 				t.Fatal(err)
 			}
 			// The loop is busy in Connect while the messages arrive.
-			waitFor(t, 5*time.Second, "Connect to be called", func() bool {
+			testwait.For(t, 5*time.Second, "Connect to be called", func() bool {
 				return h.conn.get(func(f *fakeConn) int { return f.inConnect }) == 1
 			})
 			for i := range tt.n {
@@ -115,7 +117,7 @@ func TestShutdownSendGrace(t *testing.T) {
 			replies := h.requestAsync(body)
 			<-h.conn.sendStarted
 			h.stop()
-			waitFor(t, 5*time.Second, "shutdown to begin", h.stopping)
+			testwait.For(t, 5*time.Second, "shutdown to begin", h.stopping)
 			tt.during(t, h)
 			if tt.wantOK {
 				select {
@@ -146,7 +148,7 @@ func TestShutdownRefusesSendsWaitingForASlot(t *testing.T) {
 		t.Fatalf("first send: %+v", r)
 	}
 	replies := h.requestAsync(`{"to":"15551234567","text":"second"}`)
-	waitFor(t, 5*time.Second, "the send to wait for its slot", func() bool { return h.gw.waiters.Load() == 1 })
+	testwait.For(t, 5*time.Second, "the send to wait for its slot", func() bool { return h.gw.waiters.Load() == 1 })
 	h.stop()
 	if r := h.reply(replies); r.OK || !strings.Contains(r.Error, "shutting down") {
 		t.Fatalf("reply = %+v", r)

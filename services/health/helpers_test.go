@@ -10,28 +10,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/shared/bus"
-	"github.com/blacksky-md/blacksky/shared/logging"
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/logging"
 )
 
 const testToken = "test-health-token-0123456789abcdef"
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.After(d)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline:
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		case <-tick.C:
-		}
-	}
-}
 
 // bundle is a running health service on an in-process NATS, and what a test
 // needs to drive it.
@@ -92,7 +79,7 @@ func setup(t testing.TB, mod func(*Options)) *bundle {
 	})
 	b := &bundle{svc: svc, pub: pub, clock: clock, subj: bus.NewSubjects(opts.Session),
 		url: "http://" + ln.Addr().String(), opts: opts}
-	waitFor(t, 5*time.Second, "health's own heartbeat", func() bool {
+	testwait.For(t, 5*time.Second, "health's own heartbeat", func() bool {
 		return svc.tracker.Service(bus.ServiceHealth).Seen
 	})
 	return b
@@ -105,7 +92,7 @@ func (b *bundle) send(t testing.TB, subject, kind string, v any) {
 	if err := bus.Publish(b.pub, subject, v); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the tracker to handle "+subject, func() bool {
+	testwait.For(t, 5*time.Second, "the tracker to handle "+subject, func() bool {
 		return b.svc.tracker.handledCount(kind) > before
 	})
 }
@@ -145,7 +132,7 @@ func (b *bundle) advance(t testing.TB, d time.Duration) {
 	t.Helper()
 	before := b.svc.tracker.handledCount("heartbeat.health")
 	b.clock.Advance(d)
-	waitFor(t, 5*time.Second, "health's heartbeat after the clock moved", func() bool {
+	testwait.For(t, 5*time.Second, "health's heartbeat after the clock moved", func() bool {
 		return b.svc.tracker.handledCount("heartbeat.health") > before
 	})
 }

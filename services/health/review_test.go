@@ -12,9 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/logging"
-	"github.com/jonboulle/clockwork"
 )
 
 // signInFrom posts token to /signin as a client behind Heroku's router.
@@ -286,7 +288,7 @@ func TestKeepAwakeLogsRedacted(t *testing.T) {
 		o.KeepAwakeInterval = time.Minute
 		o.HTTPClient = failing
 	})
-	waitFor(t, 10*time.Second, "a failed keep-awake ping in the log", func() bool {
+	testwait.For(t, 10*time.Second, "a failed keep-awake ping in the log", func() bool {
 		b.clock.Advance(time.Minute) // the keep-awake ticker may start after the first advance
 		return strings.Contains(logs.String(), "keep-awake ping failed")
 	})

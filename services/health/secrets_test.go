@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 )
@@ -128,13 +129,13 @@ func TestKeepAwake(t *testing.T) {
 		t.Fatalf("%d pings before the interval", n)
 	}
 	b.advance(t, time.Minute)
-	waitFor(t, 5*time.Second, "the first keep-awake ping", func() bool { return hits.Load() == 1 })
+	testwait.For(t, 5*time.Second, "the first keep-awake ping", func() bool { return hits.Load() == 1 })
 	if p := paths.Load(); p != "/healthz blacksky-keepawake" {
 		t.Errorf("ping = %q, want GET /healthz", p)
 	}
 	b.advance(t, 25*time.Minute)
-	waitFor(t, 5*time.Second, "the second keep-awake ping", func() bool { return hits.Load() == 2 })
-	waitFor(t, 5*time.Second, "the ping counter", func() bool {
+	testwait.For(t, 5*time.Second, "the second keep-awake ping", func() bool { return hits.Load() == 2 })
+	testwait.For(t, 5*time.Second, "the ping counter", func() bool {
 		_, m, _ := b.get(t, "/metrics", nil)
 		return strings.Contains(m, `blacksky_keepawake_pings_total{result="ok"} 2`)
 	})

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 )
 
@@ -28,7 +29,7 @@ func TestReadAfterCrashWithWAL(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, 10*time.Second, func() bool { return w.Last() >= 100 })
+			testwait.For(t, 10*time.Second, "100 committed writes", func() bool { return w.Last() >= 100 })
 			last, err := w.Stop()
 			if err != nil {
 				t.Fatal(err)

@@ -13,24 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 )
-
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s", d)
-		}
-		select {
-		case <-time.After(2 * time.Millisecond):
-		case <-t.Context().Done():
-			t.Fatal(t.Context().Err())
-		}
-	}
-}
 
 // newStore creates a linked whatsmeow store of size bytes in a fresh directory and returns its path.
 func newStore(t *testing.T, size int64) string {
@@ -86,7 +71,7 @@ func TestReadConsistentUnderWrites(t *testing.T) {
 	key := testKey(5)
 	var prev int64
 	for i := range 5 {
-		waitFor(t, 10*time.Second, func() bool { return w.Last() >= prev+20 })
+		testwait.For(t, 10*time.Second, "20 more committed writes", func() bool { return w.Last() >= prev+20 })
 		before := w.Last()
 		data, err := ReadConsistent(t.Context(), path)
 		if err != nil {
@@ -446,7 +431,7 @@ func TestRestoreOverStaleWAL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return w.Last() >= 200 })
+	testwait.For(t, 10*time.Second, "200 committed writes", func() bool { return w.Last() >= 200 })
 	if _, err := w.Stop(); err != nil {
 		t.Fatal(err)
 	}

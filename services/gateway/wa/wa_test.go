@@ -12,33 +12,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blacksky-md/blacksky/services/gateway"
-	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/proto/waAdv"
 	"go.mau.fi/whatsmeow/store"
 	"go.mau.fi/whatsmeow/store/sqlstore"
 	"go.mau.fi/whatsmeow/types"
 	"go.uber.org/goleak"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/services/gateway"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
-}
-
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		select {
-		case <-time.After(2 * time.Millisecond):
-		case <-t.Context().Done():
-			t.Fatalf("test ended waiting for %s", what)
-		}
-	}
 }
 
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
@@ -104,7 +91,7 @@ func TestRealClientRetriesOnClosedNetwork(t *testing.T) {
 		defer mu.Unlock()
 		return append([]bus.ConnEvent(nil), evs...)
 	}
-	waitFor(t, 30*time.Second, "four reconnect attempts", func() bool {
+	testwait.For(t, 30*time.Second, "four reconnect attempts", func() bool {
 		n := 0
 		for _, e := range snapshot() {
 			if e.Kind == bus.ConnReconnecting {
@@ -123,7 +110,7 @@ func TestRealClientRetriesOnClosedNetwork(t *testing.T) {
 		t.Fatal("Run did not stop")
 	}
 
-	waitFor(t, 5*time.Second, "conn.stopped", func() bool {
+	testwait.For(t, 5*time.Second, "conn.stopped", func() bool {
 		got := snapshot()
 		return got[len(got)-1].Kind == bus.ConnStopped
 	})
