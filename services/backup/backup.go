@@ -65,14 +65,13 @@ var ErrNotFound = errors.New("snapshot not found")
 type Store interface {
 	// Kind is "postgres" or "sqlite".
 	Kind() string
-	// Migrate creates or upgrades our tables and River's; idempotent and safe
-	// to run from two processes at once.
+	// Migrate creates or upgrades our tables and River's; idempotent. On
+	// PostgreSQL two processes may run it at once; on SQLite only one at a
+	// time (River's SQLite migrations race on "river_migration").
 	Migrate(ctx context.Context) error
 	// InsertSnapshot inserts s and runs hook (when not nil) in the same
 	// transaction; nothing is stored unless both succeed.
 	InsertSnapshot(ctx context.Context, s NewSnapshot, hook TxHook) (int64, error)
-	// Latest returns the newest snapshot of session, or nil when none.
-	Latest(ctx context.Context, session string) (*Snapshot, error)
 	// List returns up to limit snapshots of session, newest first.
 	List(ctx context.Context, session string, limit int) ([]Snapshot, error)
 	// Payload returns a snapshot's stored bytes, or ErrNotFound.
@@ -92,4 +91,14 @@ type Store interface {
 	// Ping checks the database answers.
 	Ping(ctx context.Context) error
 	Close()
+}
+
+// Latest returns the newest snapshot of session, or nil when none: the head
+// of List, so every store answers it the same way.
+func Latest(ctx context.Context, st Store, session string) (*Snapshot, error) {
+	list, err := st.List(ctx, session, 1)
+	if err != nil || len(list) == 0 {
+		return nil, err
+	}
+	return &list[0], nil
 }

@@ -112,13 +112,6 @@ func (s *faultStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, h
 	return s.Store.InsertSnapshot(ctx, n, hook)
 }
 
-func (s *faultStore) Latest(ctx context.Context, session string) (*backup.Snapshot, error) {
-	if err := s.f.check(ctx, "Latest"); err != nil {
-		return nil, err
-	}
-	return s.Store.Latest(ctx, session)
-}
-
 // openFaulty opens db wrapped in a faultStore driven by f.
 func openFaulty(db database, f *faults) func(context.Context) (backup.Store, error) {
 	return func(ctx context.Context) (backup.Store, error) {

@@ -973,7 +973,7 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 		return o, ErrLeaseLost
 	}
 	lctx, lcancel := withTimeout(ctx, s.clock, dbCallTimeout)
-	latest, err := st.Latest(lctx, s.cfg.SessionID)
+	latest, err := Latest(lctx, st, s.cfg.SessionID)
 	lcancel()
 	if err != nil {
 		s.noteDB(false)

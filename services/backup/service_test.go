@@ -754,11 +754,11 @@ type failingStore struct {
 
 var errDown = errors.New("database unreachable (test)")
 
-func (f *failingStore) Latest(ctx context.Context, s string) (*backup.Snapshot, error) {
+func (f *failingStore) List(ctx context.Context, s string, limit int) ([]backup.Snapshot, error) {
 	if f.down.Load() {
 		return nil, errDown
 	}
-	return f.Store.Latest(ctx, s)
+	return f.Store.List(ctx, s, limit)
 }
 
 func (f *failingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {

@@ -148,15 +148,6 @@ func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook b
 	return id, nil
 }
 
-// Latest returns the newest snapshot or nil.
-func (s *Store) Latest(ctx context.Context, session string) (*backup.Snapshot, error) {
-	list, err := s.List(ctx, session, 1)
-	if err != nil || len(list) == 0 {
-		return nil, err
-	}
-	return &list[0], nil
-}
-
 // List returns snapshots newest first.
 func (s *Store) List(ctx context.Context, session string, limit int) ([]backup.Snapshot, error) {
 	rows, err := s.db.QueryContext(ctx, sqltext.ListSnapshots, session, limit)

@@ -76,7 +76,7 @@ func testMigrateIdempotent(t *testing.T, s backup.Store) {
 
 func testInsertListPayload(t *testing.T, s backup.Store) {
 	ctx := context.Background()
-	if l, err := s.Latest(ctx, "s"); err != nil || l != nil {
+	if l, err := backup.Latest(ctx, s, "s"); err != nil || l != nil {
 		t.Fatalf("latest of empty = %v, %v; want nil, nil", l, err)
 	}
 	var ids []int64
@@ -103,7 +103,7 @@ func testInsertListPayload(t *testing.T, s backup.Store) {
 		got.StoredBytes != want.StoredBytes || got.Format != want.Format || !got.CreatedAt.Equal(want.CreatedAt) {
 		t.Fatalf("row = %+v; want %+v", got, want)
 	}
-	latest, err := s.Latest(ctx, "s")
+	latest, err := backup.Latest(ctx, s, "s")
 	if err != nil || latest == nil || latest.ID != ids[2] {
 		t.Fatalf("latest = %+v, %v", latest, err)
 	}
@@ -191,7 +191,7 @@ func testSessionsApart(t *testing.T, s backup.Store) {
 	if l, _ := s.List(ctx, "b", 10); len(l) != 1 {
 		t.Fatalf("prune of a touched b: %d rows", len(l))
 	}
-	if l, _ := s.Latest(ctx, "b"); l == nil || l.SHA256 != fmt.Sprintf("%064x", 9) {
+	if l, _ := backup.Latest(ctx, s, "b"); l == nil || l.SHA256 != fmt.Sprintf("%064x", 9) {
 		t.Fatalf("latest of b = %+v", l)
 	}
 }
