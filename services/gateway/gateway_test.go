@@ -351,16 +351,9 @@ func TestLoginWatchdog(t *testing.T) {
 func TestQRPairingFlow(t *testing.T) {
 	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
 	// Backup answers the restore; the store is opened only then.
-	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), func(m *nats.Msg) {
+	h.serveRestore(func(m *nats.Msg) {
 		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceNone})
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	if err := h.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
 	// The first restore request may have gone out before the responder
 	// subscribed: step the fake clock until the store opens.
 	h.advanceUntilOpen(t)
@@ -470,20 +463,13 @@ func TestRestoreBeforeOpen(t *testing.T) {
 	replies <- bus.RestoreReply{OK: false, Error: "lease held by another instance"}
 	replies <- bus.RestoreReply{OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 9}
 	asked := make(chan struct{}, 8)
-	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), func(m *nats.Msg) {
+	h.serveRestore(func(m *nats.Msg) {
 		if string(m.Data) != "{}" {
 			t.Errorf("restore request body = %q, want {}", m.Data)
 		}
 		asked <- struct{}{}
 		_ = bus.Respond(m, <-replies)
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	if err := h.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
 	// Backup reports another instance holding the lease: so does our heartbeat.
 	standby := bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease held"}
 	standby.Stamp("Test-Bot", h.clock.Now())

@@ -383,6 +383,20 @@ func (h *harness) shutdown() {
 	}
 }
 
+// serveRestore answers P.session.restore with respond, as the backup service
+// would, until the test ends.
+func (h *harness) serveRestore(respond nats.MsgHandler) {
+	h.t.Helper()
+	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), respond)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := h.nc.Flush(); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
 // advance moves the fake clock by d.
 func (h *harness) advance(d time.Duration) { h.clock.Advance(d) }
 

@@ -20,20 +20,13 @@ func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
 	var restores atomic.Int32
 	var allow atomic.Bool
 	allow.Store(true)
-	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), func(m *nats.Msg) {
+	h.serveRestore(func(m *nats.Msg) {
 		if !allow.Load() {
 			return // backup in standby holds the request
 		}
 		restores.Add(1)
 		_ = bus.Respond(m, bus.RestoreReply{OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 7})
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	if err := h.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
 	h.advanceUntilOpen(t)
 	h.connected()
 

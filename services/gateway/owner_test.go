@@ -114,16 +114,9 @@ func TestOwnerCommands(t *testing.T) {
 
 func TestOwnerBackupAndStatus(t *testing.T) {
 	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
-	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), func(m *nats.Msg) {
+	h.serveRestore(func(m *nats.Msg) {
 		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceExisting})
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	if err := h.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
 	h.advanceUntilOpen(t)
 	h.connected()
 
