@@ -1,7 +1,9 @@
 # The same targets serve people and CI (.ci/run calls `make ci`).
 GO       ?= go
 PKGS     ?= ./...
-STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
+# staticcheck is a tool of the module (go.mod `tool` line): the version is
+# pinned in go.sum and nothing has to be on PATH.
+STATICCHECK ?= $(GO) tool staticcheck
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT   ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
