@@ -1,5 +1,6 @@
 // Package logging builds the process's slog.Logger (text locally, JSON in
-// production) with a last line of defence that hides secret values.
+// production) with a last line of defence that hides secret values, and
+// durations written the way a person reads them ("25s", not 25000000000).
 package logging
 
 import (
@@ -28,6 +29,12 @@ func New(w io.Writer, o Options) *slog.Logger {
 	ho := &slog.HandlerOptions{
 		Level: o.Level,
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+			if a.Value.Kind() == slog.KindDuration {
+				// slog's JSON handler writes a duration as integer
+				// nanoseconds; a log reader wants "25s".
+				a.Value = slog.StringValue(a.Value.Duration().String())
+				return a
+			}
 			if len(secrets) == 0 {
 				return a
 			}

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/blacksky-md/blacksky/shared/logging"
 )
@@ -27,6 +29,29 @@ func TestSecretsNeverPrinted(t *testing.T) {
 		}
 		if format == "json" && !json.Valid(bytes.TrimSpace(buf.Bytes())) {
 			t.Errorf("json output is not JSON: %s", out)
+		}
+	}
+}
+
+func TestDurationsReadable(t *testing.T) {
+	for _, format := range []string{"text", "json"} {
+		var buf bytes.Buffer
+		log := logging.New(&buf, logging.Options{Format: format})
+		log.Info("reconnect scheduled", "delay", 25*time.Second, slog.Group("lease", "ttl", time.Minute+500*time.Millisecond))
+		out := buf.String()
+		if strings.Contains(out, "25000000000") || !strings.Contains(out, "25s") || !strings.Contains(out, "1m0.5s") {
+			t.Errorf("%s: durations not readable: %s", format, out)
+		}
+		if format == "json" {
+			var rec struct {
+				Delay string `json:"delay"`
+				Lease struct {
+					TTL string `json:"ttl"`
+				} `json:"lease"`
+			}
+			if err := json.Unmarshal(buf.Bytes(), &rec); err != nil || rec.Delay != "25s" || rec.Lease.TTL != "1m0.5s" {
+				t.Errorf("json: delay %q, lease.ttl %q (%v): %s", rec.Delay, rec.Lease.TTL, err, out)
+			}
 		}
 	}
 }
