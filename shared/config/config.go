@@ -36,7 +36,8 @@ type Config struct {
 	NATSListen string // empty: the command's default applies
 	NATSToken  string // secret
 
-	Production bool
+	Env        string // EnvDevelopment, EnvProduction or EnvTest
+	Production bool   // Env is EnvProduction: see CONTRACT "What production changes"
 	Heroku     bool
 
 	HerokuAppURL      string
@@ -61,6 +62,13 @@ type Config struct {
 	LogLevel  slog.Level
 	LogFormat string // "text" or "json"
 }
+
+// The values NODE_ENV and BLACKSKY_ENV accept.
+const (
+	EnvDevelopment = "development"
+	EnvProduction  = "production"
+	EnvTest        = "test"
+)
 
 // Rate is a SEND_RATE value: N events per Per.
 type Rate struct {
@@ -128,11 +136,19 @@ func Load(getenv Getenv) (*Config, error) {
 	c.NATSListen = p.str("NATS_LISTEN")
 	c.NATSToken = p.str("NATS_TOKEN")
 
-	env := p.str("BLACKSKY_ENV")
-	if env == "" {
-		env = p.str("NODE_ENV")
+	envVar := "BLACKSKY_ENV"
+	c.Env = strings.ToLower(p.str(envVar))
+	if c.Env == "" {
+		envVar = "NODE_ENV"
+		c.Env = strings.ToLower(p.str(envVar))
 	}
-	c.Production = strings.EqualFold(env, "production")
+	switch c.Env {
+	case EnvDevelopment, EnvProduction, EnvTest:
+	default:
+		// "prod" must not quietly run with development's open /pair.
+		p.fail(envVar, "development, production or test", c.Env)
+	}
+	c.Production = c.Env == EnvProduction
 	c.Heroku = p.boolean("HEROKU") || getenv("DYNO") != ""
 
 	c.HerokuAppURL = p.str("HEROKU_APP_URL")

@@ -246,3 +246,33 @@ func TestPasswordEqualToUserIsNotASecret(t *testing.T) {
 		t.Fatalf("Secrets() = %q", s)
 	}
 }
+
+func TestEnvironmentName(t *testing.T) {
+	for _, tt := range []struct {
+		env        config.Getenv
+		production bool
+		badVar     string
+	}{
+		{env(), false, ""},
+		{env("NODE_ENV", "test"), false, ""},
+		{env("NODE_ENV", "Production"), true, ""},
+		{env("NODE_ENV", "development", "BLACKSKY_ENV", "production"), true, ""},
+		// A typo must not quietly run as development (open /pair, text logs).
+		{env("NODE_ENV", "prod"), false, "NODE_ENV"},
+		{env("NODE_ENV", "production", "BLACKSKY_ENV", "staging"), false, "BLACKSKY_ENV"},
+	} {
+		c, err := config.Load(tt.env)
+		if tt.badVar != "" {
+			if !config.IsError(err) || !strings.Contains(err.Error(), tt.badVar+":") || !strings.Contains(err.Error(), "development, production or test") {
+				t.Errorf("%s: want a config error naming it and the accepted values, got %v", tt.badVar, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Production != tt.production {
+			t.Errorf("Env %q: Production = %v, want %v", c.Env, c.Production, tt.production)
+		}
+	}
+}
