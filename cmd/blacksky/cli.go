@@ -61,20 +61,35 @@ func ExitCode(err error) int {
 	}
 }
 
-const usage = `usage: blacksky [command] [flags]
+// commands is the command line: name, flags in brief, what it does. The
+// top-level usage and each command's --help are printed from it.
+var commands = []struct{ name, brief, about string }{
+	{"run", "", "everything in one process (default): embedded NATS, health on $PORT, backup and the gateway"},
+	{"gateway", "", "the WhatsApp socket owner, with the embedded NATS server"},
+	{"backup", "", "snapshot and restore workers"},
+	{"health", "", "the HTTP service on $PORT"},
+	{"migrate", "", "create or upgrade every table (Heroku's release phase runs it)"},
+	{"backup-now", "[--reason R] [--timeout D]", "ask the running backup service for a snapshot and print the reply"},
+	{"snapshots", "", "list stored snapshots, newest first"},
+	{"restore", "[--id N] [--force]", "write a snapshot into the session path"},
+	{"healthcheck", "[--url U] [--timeout D]", "exit 0 if /healthz answers 200"},
+	{"version", "", "print version, commit and Go version"},
+}
 
-commands:
-  run          everything in one process (default)
-  gateway      the WhatsApp socket owner, with the embedded NATS server
-  backup       snapshot and restore workers
-  health       the HTTP service on $PORT
-  migrate      create or upgrade every table
-  backup-now   ask for a snapshot and print the reply [--reason R] [--timeout D]
-  snapshots    list stored snapshots, newest first
-  restore      write a snapshot into the session path [--id N] [--force]
-  healthcheck  exit 0 if /healthz answers 200 [--url U]
-  version      print version, commit and Go version
-`
+// usage is the top-level help.
+func usage() string {
+	var b strings.Builder
+	b.WriteString("usage: blacksky [command] [flags]\n\ncommands:\n")
+	for _, c := range commands {
+		line := c.about
+		if c.brief != "" {
+			line += " " + c.brief
+		}
+		fmt.Fprintf(&b, "  %-12s %s\n", c.name, line)
+	}
+	b.WriteString("\nblacksky <command> --help shows one command's flags. Settings come from the\nenvironment: docs/environment.md.\n")
+	return b.String()
+}
 
 // Run dispatches to one command.
 func (m *Main) Run(ctx context.Context, args []string) error {
@@ -82,6 +97,19 @@ func (m *Main) Run(ctx context.Context, args []string) error {
 	if len(args) > 0 && (!strings.HasPrefix(args[0], "-") || args[0] == "-h" || args[0] == "--help") {
 		cmd, args = args[0], args[1:]
 	}
+	if cmd == "help" && len(args) == 1 { // blacksky help <command>
+		cmd, args = args[0], []string{"--help"}
+	}
+	err := m.dispatch(ctx, cmd, args)
+	var h *helpRequest
+	if errors.As(err, &h) {
+		m.commandUsage(h.fs)
+		return nil
+	}
+	return err
+}
+
+func (m *Main) dispatch(ctx context.Context, cmd string, args []string) error {
 	switch cmd {
 	case "run":
 		return m.cmdRun(ctx, args)
@@ -104,32 +132,65 @@ func (m *Main) Run(ctx context.Context, args []string) error {
 	case "version":
 		return m.cmdVersion(args)
 	case "help", "-h", "--help":
-		fmt.Fprint(m.Stdout, usage)
+		fmt.Fprint(m.Stdout, usage())
 		return nil
 	default:
-		fmt.Fprint(m.Stderr, usage)
+		fmt.Fprint(m.Stderr, usage())
 		return &UsageError{Msg: fmt.Sprintf("unknown command %q", cmd)}
 	}
 }
 
-// flags returns a FlagSet whose errors become UsageErrors.
+// flags returns a FlagSet whose errors become UsageErrors and whose -h and
+// --help print the command's usage on stdout (see commandUsage).
 func (m *Main) flags(name string) *flag.FlagSet {
 	fs := flag.NewFlagSet("blacksky "+name, flag.ContinueOnError)
-	fs.SetOutput(m.Stderr)
+	// The flag package would print errors and usage itself; the error is
+	// printed once by main, the usage by Run.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	return fs
 }
+
+// helpRequest is -h or --help: Run prints the command's usage and exits 0.
+type helpRequest struct{ fs *flag.FlagSet }
+
+func (h *helpRequest) Error() string { return h.fs.Name() + ": help requested" }
 
 func parseFlags(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return &UsageError{Msg: "help requested"}
+			return &helpRequest{fs: fs}
 		}
-		return &UsageError{Msg: err.Error()}
+		return &UsageError{Msg: fmt.Sprintf("%s: %v (%s --help lists the flags)", commandName(fs), err, fs.Name())}
 	}
 	if fs.NArg() > 0 {
-		return &UsageError{Msg: fmt.Sprintf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))}
+		return &UsageError{Msg: fmt.Sprintf("%s: unexpected argument %q (%s --help lists the flags)", commandName(fs), fs.Arg(0), fs.Name())}
 	}
 	return nil
+}
+
+// commandName is the command a FlagSet from flags parses ("run"); main
+// puts "blacksky:" before every error already.
+func commandName(fs *flag.FlagSet) string { return strings.TrimPrefix(fs.Name(), "blacksky ") }
+
+// commandUsage prints one command's usage and flags on stdout.
+func (m *Main) commandUsage(fs *flag.FlagSet) {
+	name := commandName(fs)
+	for _, c := range commands {
+		if c.name == name {
+			fmt.Fprintf(m.Stdout, "usage: %s\n\n%s.\n", strings.TrimSpace("blacksky "+c.name+" "+c.brief), c.about)
+		}
+	}
+	n := 0
+	fs.VisitAll(func(*flag.Flag) { n++ })
+	if n == 0 {
+		fmt.Fprintln(m.Stdout, "\nNo flags: the environment configures it (docs/environment.md).")
+		return
+	}
+	fmt.Fprintln(m.Stdout, "\nflags:")
+	fs.SetOutput(m.Stdout)
+	fs.PrintDefaults()
+	fs.SetOutput(io.Discard)
 }
 
 // app is what every role shares: the parsed config, the logger, who we are.
@@ -140,27 +201,65 @@ type app struct {
 	instance string
 	stdout   io.Writer
 	role     string
+	// pairURL is where a person links the session: HEROKU_APP_URL, else
+	// http://localhost:$PORT, followed by /pair.
+	pairURL string
 }
 
-// setup loads the config and builds the logger for a role.
+// setup loads the config and builds the logger for a role, and refuses a
+// DATA_DIR the role cannot write in before anything starts.
 func (m *Main) setup(role string) (*app, error) {
 	cfg, err := config.Load(m.Getenv)
 	if err != nil {
 		return nil, err
+	}
+	if writesDataDir(role, cfg) {
+		if err := config.CheckDataDir(cfg.DataDir); err != nil {
+			return nil, err
+		}
 	}
 	log := logging.New(m.Stderr, logging.Options{Level: cfg.LogLevel, Format: cfg.LogFormat, Secrets: cfg.Secrets()})
 	clock := m.Clock
 	if clock == nil {
 		clock = clockwork.NewRealClock()
 	}
-	return &app{
+	a := &app{
 		cfg:      cfg,
 		log:      log.With("role", role),
 		clock:    clock,
 		instance: m.instance(role),
 		stdout:   m.Stdout,
 		role:     role,
-	}, nil
+		pairURL:  pairURL(cfg),
+	}
+	if servesHTTP(role) && cfg.Production && cfg.HealthToken == "" {
+		a.log.Warn("HEALTH_TOKEN is not set: in production /pair, /riverui/ and the detailed /status answer 403 until it is (set it to a long random string: openssl rand -hex 32)")
+	}
+	return a, nil
+}
+
+// writesDataDir says which commands write under DATA_DIR: the session store,
+// the local snapshot fallback, and the embedded SQLite when DATABASE_URL is
+// empty.
+func writesDataDir(role string, cfg *config.Config) bool {
+	switch role {
+	case "run", "gateway", "backup", "restore":
+		return true
+	case "migrate":
+		return cfg.DatabaseURL == ""
+	}
+	return false
+}
+
+// servesHTTP says which commands run the health service.
+func servesHTTP(role string) bool { return role == "run" || role == "health" }
+
+// pairURL is the /pair page as a person reaches it.
+func pairURL(cfg *config.Config) string {
+	if cfg.HerokuAppURL != "" {
+		return strings.TrimRight(cfg.HerokuAppURL, "/") + "/pair"
+	}
+	return "http://localhost:" + strconv.Itoa(cfg.Port) + "/pair"
 }
 
 // instance names this process and is the lease holder's identity, so it

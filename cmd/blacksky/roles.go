@@ -8,6 +8,8 @@ import (
 	"math"
 	"net"
 	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
@@ -153,7 +155,7 @@ func (s *supervisor) wait(ctx context.Context, timeout time.Duration) error {
 		case err := <-st.done:
 			if err != nil && !errors.Is(err, context.Canceled) {
 				s.log.Error("service stopped with an error", "service", st.name, "err", err)
-				note(fmt.Errorf("%s: %w", st.name, err))
+				note(prefixed(st.name, err))
 			}
 		case <-timer.C:
 			s.log.Error("service did not stop in time; going on", "service", st.name)
@@ -166,10 +168,23 @@ func (s *supervisor) wait(ctx context.Context, timeout time.Duration) error {
 
 var errUnexpected = errors.New("stopped unexpectedly")
 
+// prefixed puts the service's name before err unless the service already
+// did ("backup: DATA_DIR: ...", not "backup: backup: DATA_DIR: ...").
+func prefixed(name string, err error) error {
+	if strings.HasPrefix(err.Error(), name+":") {
+		return err
+	}
+	return fmt.Errorf("%s: %w", name, err)
+}
+
 // listenHTTP binds $PORT first thing: Heroku kills a web dyno that has not
 // bound it within 60 s, and the health answers must come early.
 func (a *app) listenHTTP() (net.Listener, error) {
 	ln, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(a.cfg.Port)))
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return nil, &config.Error{Var: "PORT", Accepts: "a port no other program listens on",
+			Got: strconv.Itoa(a.cfg.Port) + " (already in use: another blacksky or server runs there; stop it or choose another PORT)"}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("listen on PORT %d: %w", a.cfg.Port, err)
 	}
