@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"net/http"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/wa"
@@ -30,6 +32,7 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		Prefix:        cfg.Prefix,
 		PairPhone:     cfg.PairPhone,
 		BackupEnabled: cfg.EnableSessionBackup,
+		PairURL:       a.pairURL,
 		ReconnectMin:  cfg.ReconnectMin,
 		ReconnectMax:  cfg.ReconnectMax,
 		SendRate:      cfg.SendRate.Limit(), // burst 1: at most N+1 sends in any window of one period
@@ -39,5 +42,8 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		Log:    log,
 		Clock:  a.clock,
 		ShowQR: wa.TerminalQR(os.Stderr),
+		// After client_outdated: WhatsApp's current web version, from its
+		// web page (timeout below the gateway's VersionFetchTimeout).
+		Versions: wa.WebVersion{HTTP: &http.Client{Timeout: 20 * time.Second}},
 	}), nil
 }

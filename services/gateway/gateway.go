@@ -35,9 +35,16 @@
 //   - Temporary ban: publish conn.temporary_ban with code and expires_at,
 //     disconnect and retry only after the ban expires (BanFallbackWait when
 //     WhatsApp gives no expiry).
-//   - Client outdated: publish conn.client_outdated, disconnect and stop
-//     retrying; the state stays client_outdated (health reports it as
-//     unhealthy) until the process is restarted with a newer build.
+//   - Client outdated: publish conn.client_outdated, disconnect, fetch the
+//     web version WhatsApp serves now (Deps.Versions: whatsmeow's
+//     GetLatestVersion and store.SetWAVersion), present it and reconnect at
+//     once; the owner is told once connected. At most once per
+//     VersionRefreshEvery (1 h, injected clock): client_outdated again
+//     within the hour of a fetch means the fetched version is refused too,
+//     and so does WhatsApp serving the very version it refuses; then the
+//     retries stop and the state stays client_outdated (health reports it
+//     as unhealthy) until a newer build is deployed. A failed fetch is
+//     retried by a reconnect after VersionRefreshEvery.
 //   - Keepalive timeout / restored: publish; when keepalives have failed for
 //     longer than KeepaliveMaxFail (3 min, whatsmeow's own threshold) the
 //     socket is dropped and reconnected like any transient failure.
@@ -54,7 +61,8 @@
 // service has answered P.session.restore with ok (state waiting_restore, or
 // standby while backup reports another instance holding the lease; retried
 // with backoff), so a restored snapshot is in place before whatsmeow reads
-// it. Snapshots after pairing and at shutdown are the backup service's
+// it. While no device is linked the gateway logs "not linked: open
+// <PairURL>" when the store opens and every PairHintEvery (5 min) after. Snapshots after pairing and at shutdown are the backup service's
 // reaction to conn.paired and conn.stopped; conn.stopped is published only
 // after the store is closed.
 //
@@ -166,6 +174,7 @@ const (
 	DefaultLivenessInterval   = 30 * time.Second
 	DefaultSendRate           = rate.Limit(20.0 / 60)
 	DefaultSendWait           = 5 * time.Second
+	DefaultPairHintEvery      = 5 * time.Minute
 )
 
 // Fixed bounds.
@@ -175,6 +184,12 @@ const (
 	RestoreMaxBackoff = 5 * time.Second
 	// MaxSendWaiters bounds the msg.send requests waiting for a rate slot.
 	MaxSendWaiters = 64
+	// VersionRefreshEvery bounds the client_outdated recovery: WhatsApp's
+	// current web version is fetched (and reconnected with) at most this
+	// often.
+	VersionRefreshEvery = time.Hour
+	// VersionFetchTimeout bounds one fetch of that version.
+	VersionFetchTimeout = 30 * time.Second
 	// OwnerSendWait is how far away a rate slot an owner reply or alert
 	// may wait for.
 	OwnerSendWait = time.Minute
@@ -192,6 +207,9 @@ type Config struct {
 	Prefix        string // owner command prefix
 	PairPhone     string // digits; pair by code instead of QR
 	BackupEnabled bool   // ENABLE_SESSION_BACKUP: restore before opening the store
+	// PairURL is the /pair page as a person reaches it (HEROKU_APP_URL or
+	// http://localhost:$PORT, with /pair), logged while no device is linked.
+	PairURL string
 
 	ReconnectMin, ReconnectMax time.Duration
 	SendRate                   rate.Limit    // sends per second; at most N+1 in any window of one period
@@ -208,6 +226,7 @@ type Config struct {
 	SendTimeout        time.Duration
 	LivenessInterval   time.Duration // how often a "connected" socket is checked
 	HeartbeatInterval  time.Duration // zero: bus.HeartbeatInterval
+	PairHintEvery      time.Duration // how often "not linked: open .../pair" is logged
 }
 
 func (c Config) withDefaults() Config {
@@ -225,6 +244,7 @@ func (c Config) withDefaults() Config {
 	c.BackupTimeout = cmp.Or(c.BackupTimeout, DefaultBackupTimeout)
 	c.SendTimeout = cmp.Or(c.SendTimeout, DefaultSendTimeout)
 	c.LivenessInterval = cmp.Or(c.LivenessInterval, DefaultLivenessInterval)
+	c.PairHintEvery = cmp.Or(c.PairHintEvery, DefaultPairHintEvery)
 	c.Prefix = cmp.Or(c.Prefix, ".")
 	return c
 }
@@ -238,19 +258,23 @@ type Deps struct {
 	Jitter func() float64  // nil: math/rand; see Backoff
 	// ShowQR, when set, renders each QR code for a human (the terminal).
 	ShowQR func(code string)
+	// Versions fetches and applies WhatsApp's current web client version
+	// after client_outdated; nil: client_outdated stops the retries at once.
+	Versions VersionSource
 }
 
 // Gateway is the service. Run it once.
 type Gateway struct {
-	cfg     Config
-	nc      *nats.Conn
-	subj    bus.Subjects
-	open    Opener
-	log     *slog.Logger
-	clock   clockwork.Clock
-	backoff Backoff
-	showQR  func(string)
-	limiter *rate.Limiter
+	cfg      Config
+	nc       *nats.Conn
+	subj     bus.Subjects
+	open     Opener
+	log      *slog.Logger
+	clock    clockwork.Clock
+	backoff  Backoff
+	showQR   func(string)
+	versions VersionSource
+	limiter  *rate.Limiter
 
 	running  atomic.Bool
 	events   *queue                     // connection events for the loop
@@ -279,6 +303,8 @@ type Gateway struct {
 	qrCodes               []string
 	qrFirst               bool
 	pairAsked             bool
+	verTried              time.Time // last fetch of WhatsApp's web version
+	verNote               string    // told to the owner once connected
 }
 
 // status is what heartbeats, owner commands and msg.send read.
@@ -309,19 +335,20 @@ func New(cfg Config, d Deps) *Gateway {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Gateway{
-		cfg:     cfg,
-		nc:      d.NC,
-		subj:    bus.NewSubjects(cfg.Session),
-		open:    d.Open,
-		log:     log,
-		clock:   clock,
-		backoff: Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
-		showQR:  d.ShowQR,
-		limiter: rate.NewLimiter(cfg.SendRate, 1),
-		events:  newQueue(),
-		results: make(chan func(context.Context)),
-		work:    make(chan func(context.Context), 16),
-		st:      status{state: bus.StateStarting},
+		cfg:      cfg,
+		nc:       d.NC,
+		subj:     bus.NewSubjects(cfg.Session),
+		open:     d.Open,
+		log:      log,
+		clock:    clock,
+		backoff:  Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
+		showQR:   d.ShowQR,
+		versions: d.Versions,
+		limiter:  rate.NewLimiter(cfg.SendRate, 1),
+		events:   newQueue(),
+		results:  make(chan func(context.Context)),
+		work:     make(chan func(context.Context), 16),
+		st:       status{state: bus.StateStarting},
 	}
 }
 

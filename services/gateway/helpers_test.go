@@ -310,6 +310,13 @@ type option func(*Config, *fakeConn)
 // start builds and runs a gateway; cleanup stops it and checks Run's result.
 func start(t *testing.T, opts ...option) *harness {
 	t.Helper()
+	return startWith(t, nil, opts...)
+}
+
+// startWith is start with deps adjusting the gateway's Deps (a version
+// source, a log to read) before it is built.
+func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
+	t.Helper()
 	cfg := Config{
 		Session:      "Test-Bot",
 		Instance:     "test-1",
@@ -338,7 +345,7 @@ func start(t *testing.T, opts ...option) *harness {
 	}
 	h.subj = bus.NewSubjects(cfg.Session)
 	h.rec = newRecorder(t, h.nc, h.subj)
-	h.gw = New(cfg, Deps{
+	d := Deps{
 		NC: gwNC,
 		Open: func(context.Context) (Conn, error) {
 			h.opens <- struct{}{}
@@ -352,7 +359,11 @@ func start(t *testing.T, opts ...option) *harness {
 			h.shown = append(h.shown, code)
 			h.qrMu.Unlock()
 		},
-	})
+	}
+	if deps != nil {
+		deps(&d)
+	}
+	h.gw = New(cfg, d)
 	ctx, cancel := context.WithCancel(context.Background())
 	h.stop = cancel
 	h.done = make(chan error, 1)

@@ -89,6 +89,9 @@ func (g *Gateway) session(ctx context.Context) error {
 	// pairing fails silently, for one): check it now and then.
 	live := g.clock.NewTicker(g.cfg.LivenessInterval)
 	defer live.Stop()
+	hint := g.clock.NewTicker(g.cfg.PairHintEvery)
+	defer hint.Stop()
+	g.pairHint()
 
 	g.connect(ctx)
 	for {
@@ -103,6 +106,8 @@ func (g *Gateway) session(ctx context.Context) error {
 			if g.State() == bus.StateConnected && !g.lc.IsConnected() {
 				g.fail("socket closed without a disconnect event")
 			}
+		case <-hint.Chan():
+			g.pairHint()
 		case <-g.events.ready():
 			for _, evt := range g.events.drain() {
 				if ctx.Err() != nil {
@@ -299,7 +304,7 @@ func (g *Gateway) handle(ctx context.Context, evt any) {
 	case *events.TemporaryBan:
 		g.onTemporaryBan(e)
 	case *events.ClientOutdated:
-		g.onClientOutdated()
+		g.onClientOutdated(ctx)
 	case *events.ConnectFailure:
 		reason := fmt.Sprintf("%d: %s", int(e.Reason), e.Reason.String())
 		if e.Message != "" {
@@ -344,6 +349,7 @@ func (g *Gateway) onConnected() {
 		text := fmt.Sprintf("Back online after %s offline (last disconnect: %s).", off.Round(time.Second), cmp.Or(lastDisconnect, "unknown"))
 		g.notifyOwner(text)
 	}
+	g.versionNote()
 }
 
 func (g *Gateway) onQR(ctx context.Context, codes []string) {
@@ -478,13 +484,13 @@ func (g *Gateway) onTemporaryBan(e *events.TemporaryBan) {
 	g.scheduleRetry(wait, false)
 }
 
-func (g *Gateway) onClientOutdated() {
+func (g *Gateway) onClientOutdated(ctx context.Context) {
 	g.stopTimers()
 	stopTimer(&g.retry)
 	g.lc.Disconnect()
 	g.setState(bus.StateOutdated, "client outdated")
 	g.publish(bus.ConnEvent{Kind: bus.ConnClientOutdated})
-	g.log.Error("WhatsApp rejects this client version; not retrying. Update blacksky (whatsmeow) and restart")
+	g.refreshVersion(ctx) // version.go
 }
 
 func (g *Gateway) onKeepAliveTimeout(e *events.KeepAliveTimeout) {
