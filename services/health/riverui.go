@@ -26,7 +26,8 @@ const RiverUIPrefix = "/riverui"
 
 // NewRiverUI builds the UI for the PostgreSQL database at dsn. The pool
 // connects lazily, so a database that is down now does not stop the health
-// service from starting.
+// service from starting; while it is down, log gets one line when it goes
+// and one when it is back (see outage), not River UI's error every 10 s.
 func NewRiverUI(dsn string, maxConns int32, log *slog.Logger) (*RiverUI, error) {
 	pc, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
@@ -36,6 +37,9 @@ func NewRiverUI(dsn string, maxConns int32, log *slog.Logger) (*RiverUI, error) 
 	if maxConns > 0 {
 		pc.MaxConns = maxConns
 	}
+	out := newOutage(log)
+	pc.ConnConfig.Tracer = out
+	log = out.logger()
 	pool, err := pgxpool.NewWithConfig(context.Background(), pc)
 	if err != nil {
 		return nil, fmt.Errorf("river ui: pool: %w", err)
