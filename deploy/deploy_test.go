@@ -946,12 +946,8 @@ func TestDocsEnvTables(t *testing.T) {
 
 func TestReadmeHasDeployButton(t *testing.T) {
 	button := "https://heroku.com/deploy?template=" + Repository
-	snippet := string(readFile(t, "docs/README-deploy-snippet.md"))
-	if !strings.Contains(snippet, button) {
-		t.Errorf("docs/README-deploy-snippet.md lacks the Deploy to Heroku button (%s)", button)
-	}
 	if !strings.Contains(string(readFile(t, "README.md")), button) {
-		t.Errorf("README.md lacks the Deploy to Heroku button: paste docs/README-deploy-snippet.md into it")
+		t.Errorf("README.md lacks the Deploy to Heroku button (%s)", button)
 	}
 }
 
@@ -963,7 +959,7 @@ func TestDocsMentionOnlyKnownVariables(t *testing.T) {
 		"DYNO": true, "GOMEMLIMIT": true, "POSTGRES_USER": true, "POSTGRES_PASSWORD": true,
 		"POSTGRES_DB": true, "TEST_DATABASE_URL": true, "CI": true, "HEALTHCHECK": true,
 	}
-	for _, file := range []string{"docs/heroku.md", "docs/docker.md", "docs/states.md", "docs/README-deploy-snippet.md"} {
+	for _, file := range []string{"docs/heroku.md", "docs/docker.md", "docs/states.md", "README.md", "CONTRACT.md"} {
 		doc := string(readFile(t, file))
 		parts := strings.Split(doc, "`")
 		for i := 1; i < len(parts); i += 2 { // the backticked spans

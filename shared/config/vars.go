@@ -38,7 +38,7 @@ var Vars = []Var{
 	{Name: "BACKUP_RETENTION", Default: "48", Description: "Snapshots kept per session in the database (the local fallback keeps the newest 3)."},
 	{Name: "SESSION_ENCRYPTION_KEY", Default: "", Description: "Key for snapshots at rest: 64 hex or 44 base64 characters (32 bytes).", Secret: true, Generate: "secret"},
 	{Name: "ALLOW_PLAINTEXT_BACKUPS", Default: "false", Description: "In production, allow snapshots without SESSION_ENCRYPTION_KEY."},
-	{Name: "ENABLE_MEMORY_OPTIMIZATION", Default: "true", Description: "Set the Go memory limit from the container's limit when GOMEMLIMIT is unset, and keep caches bounded."},
+	{Name: "ENABLE_MEMORY_OPTIMIZATION", Default: "true", Description: "Set Go's soft memory limit to 90% of the container's memory limit when GOMEMLIMIT is unset."},
 	{Name: "HEALTH_TOKEN", Default: "", Description: "Opens /pair, /riverui/ and the detailed /status (Bearer header or sign-in form). Unset: open to anyone in development, 403 in production.", Secret: true, Generate: "secret"},
 	{Name: "PAIR_PHONE", Default: "", Description: "Link by pairing code on this phone number instead of by QR."},
 	{Name: "RECONNECT_MIN", Default: "1s", Description: "Lower bound of the WhatsApp reconnect backoff."},
