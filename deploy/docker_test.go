@@ -304,17 +304,19 @@ func TestDockerignoreKeepsTheBuild(t *testing.T) {
 func TestStatesDocumented(t *testing.T) {
 	var states []string
 	for _, dir := range []string{"shared/bus", "services/health"} {
-		fset := token.NewFileSet()
-		pkgs, err := parser.ParseDir(fset, filepath.Join(root, dir), func(fi fs.FileInfo) bool {
-			return !strings.HasSuffix(fi.Name(), "_test.go")
-		}, 0)
+		files, err := filepath.Glob(filepath.Join(root, dir, "*.go"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, pkg := range pkgs {
-			for _, af := range pkg.Files {
-				states = append(states, stateConsts(af)...)
+		for _, f := range files {
+			if strings.HasSuffix(f, "_test.go") {
+				continue
 			}
+			af, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			states = append(states, stateConsts(af)...)
 		}
 	}
 	// Guard against a parser that finds nothing: every one the page must

@@ -104,7 +104,9 @@ type outageHandler struct {
 	o    *outage
 }
 
-func (h *outageHandler) Enabled(ctx context.Context, l slog.Level) bool { return h.next.Enabled(ctx, l) }
+func (h *outageHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return h.next.Enabled(ctx, l)
+}
 
 func (h *outageHandler) Handle(ctx context.Context, r slog.Record) error {
 	ok, first := h.o.pass(r)
