@@ -13,6 +13,17 @@ import (
 	"github.com/blacksky-md/blacksky/shared/logging"
 )
 
+// States /status reports besides the services' own (docs/states.md lists
+// every one; go test ./deploy checks it).
+const (
+	// StateMissing is a service health has never heard a heartbeat from.
+	StateMissing = "missing"
+	// StateStale is a service whose last heartbeat is too old.
+	StateStale = "stale"
+	// StateNotReady is the overall state while /readyz answers 503.
+	StateNotReady = "not_ready"
+)
+
 // StatusDoc is the /status body. Without the token only the states are
 // filled: no JID, no instance names, no error text, no memory figures.
 type StatusDoc struct {
@@ -115,7 +126,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	for _, sv := range s.tracker.Services(s.req.Services...) {
 		sd := ServiceDoc{State: s.redact(sv.State), Fresh: sv.Fresh, Required: slices.Contains(s.req.Services, sv.Name)}
 		if !sv.Fresh && sv.Seen {
-			sd.State = "stale"
+			sd.State = StateStale
 		}
 		if full && sv.Seen {
 			age := sv.Age.Milliseconds()
@@ -137,7 +148,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	d.Backup = BackupDoc{Enabled: s.opts.BackupEnabled, State: backupState}
 	switch {
 	case !ready:
-		d.State = "not_ready"
+		d.State = StateNotReady
 	case backupState == bus.StateDegraded:
 		d.State = bus.StateDegraded
 	default:

@@ -460,7 +460,7 @@ func (t *Tracker) serviceLocked(name string, now time.Time) ServiceView {
 		}
 	}
 	if best == nil {
-		return ServiceView{Name: name, State: "missing"}
+		return ServiceView{Name: name, State: StateMissing}
 	}
 	age := now.Sub(best.seen)
 	return ServiceView{Name: name, State: best.hb.State, Instance: best.hb.Instance, Age: age,
