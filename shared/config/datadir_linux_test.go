@@ -57,7 +57,8 @@ func TestDataDirFullDisk(t *testing.T) {
 // asOtherUser runs f with the effective uid of nobody when the test runs as
 // root (permission bits do not bind root), and as is otherwise. The real and
 // saved uid stay 0, so root comes back afterwards; Go applies setresuid to
-// every thread of the process.
+// every thread of the process, so no test of this package may run in
+// parallel with it (none calls t.Parallel).
 func asOtherUser(t *testing.T, f func()) {
 	t.Helper()
 	if os.Geteuid() != 0 {
