@@ -265,12 +265,15 @@ func (r *Restorer) load(ctx context.Context, c candidate) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	plain, meta, err := snapshot.Decode(payload, r.Key)
+	// The header says whether the payload is encrypted: a plaintext one is
+	// refused before anything is decompressed, so a planted file costs
+	// nothing at every start.
+	if meta, err := snapshot.PeekMeta(payload); err == nil && len(r.Key) > 0 && !meta.Encrypted && !r.AllowPlaintext {
+		return nil, errPlaintext
+	}
+	plain, _, err := snapshot.Decode(payload, r.Key)
 	if err != nil {
 		return nil, err
-	}
-	if len(r.Key) > 0 && !meta.Encrypted && !r.AllowPlaintext {
-		return nil, errPlaintext
 	}
 	has, err := snapshot.Verify(ctx, plain, r.TmpDir)
 	if err != nil {
