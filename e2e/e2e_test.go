@@ -752,7 +752,7 @@ func TestSplitTopology(t *testing.T) {
 
 	t.Run("the CLI commands the deploy guides use work against the processes", func(t *testing.T) {
 		// docker compose exec backup blacksky backup-now
-		out := run(t, bin, base, "backup-now", "--reason", "cli", "--timeout", "30s")
+		out := run(t, bin, base, "backup-now", "--reason", "restore-point", "--timeout", "30s")
 		var rep bus.BackupReply
 		if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &rep); err != nil || !rep.OK || rep.Snapshot == nil {
 			t.Errorf("backup-now printed %q (%v), want an ok reply with a snapshot", out, err)

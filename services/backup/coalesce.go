@@ -28,8 +28,8 @@ type outcome struct {
 // first one's reason is recorded). Otherwise each new reason would cost a
 // full snapshot and could queue the shutdown snapshot behind them.
 type coalescer struct {
-	mu      sync.Mutex
-	reads   int64
+	mu    sync.Mutex
+	reads int64
 	// queued[anyReason] is the gen of a job enqueued and not yet read; the
 	// map (cleared when the queue changes) holds that one key only.
 	queued  map[string]int64
