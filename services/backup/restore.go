@@ -196,6 +196,7 @@ func (r *Restorer) RestoreOnStart(ctx context.Context) (RestoreResult, error) {
 			if err := os.Rename(r.SessionPath, aside); err != nil {
 				return res, fmt.Errorf("move damaged session store aside: %w", err)
 			}
+			_ = os.Chmod(aside, 0o600) // an older version made the store 0644
 			for _, side := range []string{"-wal", "-shm", "-journal"} {
 				_ = os.Remove(r.SessionPath + side)
 			}
@@ -296,6 +297,7 @@ func (r *Restorer) write(plain []byte) error {
 		if err := os.Rename(r.SessionPath, r.SessionPath+".replaced"); err != nil {
 			return fmt.Errorf("restore: keep old store: %w", err)
 		}
+		_ = os.Chmod(r.SessionPath+".replaced", 0o600) // an older version made the store 0644
 	}
 	for _, side := range []string{"-wal", "-shm", "-journal"} {
 		if err := os.Remove(r.SessionPath + side); err != nil && !errors.Is(err, fs.ErrNotExist) {
