@@ -192,6 +192,8 @@ type Config struct {
 	Prefix        string // owner command prefix
 	PairPhone     string // digits; pair by code instead of QR
 	BackupEnabled bool   // ENABLE_SESSION_BACKUP: restore before opening the store
+	// Production keeps pairing codes out of the log: only /pair shows them.
+	Production bool
 
 	ReconnectMin, ReconnectMax time.Duration
 	SendRate                   rate.Limit    // sends per second; at most N+1 in any window of one period
@@ -237,6 +239,7 @@ type Deps struct {
 	Clock  clockwork.Clock // nil: real clock
 	Jitter func() float64  // nil: math/rand; see Backoff
 	// ShowQR, when set, renders each QR code for a human (the terminal).
+	// cmd sets it only where no log drain can read it (see CONTRACT).
 	ShowQR func(code string)
 }
 
