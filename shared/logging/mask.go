@@ -1,6 +1,9 @@
 package logging
 
-import "strings"
+import (
+	"regexp"
+	"strings"
+)
 
 // MaskJID shows enough of a WhatsApp JID (or phone number) for an operator
 // to recognise the linked number, never the whole of it:
@@ -20,4 +23,20 @@ func MaskJID(jid string) string {
 	default:
 		return "****"
 	}
+}
+
+// jidInText finds user JIDs in free text: digits, an optional agent and
+// device, and a user server (phone numbers and LIDs).
+var jidInText = regexp.MustCompile(`\b\d{5,}(?:\.\d+)?(?::\d+)?@(?:s\.whatsapp\.net|c\.us|lid)\b`)
+
+// MaskJIDs masks every user JID in text, for log lines written by code that
+// does not mask them itself (whatsmeow's).
+func MaskJIDs(text string) string {
+	if !strings.Contains(text, "@") {
+		return text
+	}
+	return jidInText.ReplaceAllStringFunc(text, func(jid string) string {
+		_, server, _ := strings.Cut(jid, "@")
+		return MaskJID(jid) + "@" + server
+	})
 }

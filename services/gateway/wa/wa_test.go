@@ -302,7 +302,16 @@ func TestLoggerAdapter(t *testing.T) {
 	l.Infof("shown %d", 2)
 	l.Warnf("warned %s", "x")
 	l.Errorf("failed: %v", "y")
+	l.Infof("Successfully paired %s (LID %s)", "15551234567:12@s.whatsapp.net", "123456789012345@lid")
 	out := buf.String()
+	for _, whole := range []string{"15551234567", "123456789012345"} {
+		if strings.Contains(out, whole) {
+			t.Errorf("whatsmeow's log line shows the JID %s unmasked:\n%s", whole, out)
+		}
+	}
+	if !strings.Contains(out, "1555****567@s.whatsapp.net") || !strings.Contains(out, "1234****345@lid") {
+		t.Errorf("masked JIDs missing:\n%s", out)
+	}
 	for _, want := range []string{`msg="shown 2"`, "level=WARN", `msg="failed: y"`, "module=whatsmeow/Client"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)
