@@ -38,15 +38,35 @@ var ComposeFixed = map[string]map[string]string{
 var ComposeDefaults = map[string]string{
 	// A compose deployment is a deployment: JSON logs, stricter defaults.
 	"NODE_ENV": "production",
-	// The postgres service of the same file. It publishes no port, so the
-	// fixed password is reachable only inside the compose network.
-	"DATABASE_URL": "postgres://blacksky:blacksky@postgres:5432/blacksky?sslmode=disable",
+	// The postgres service of the same file, with the password of .env.
+	"DATABASE_URL": "postgres://blacksky:${POSTGRES_PASSWORD}@postgres:5432/blacksky?sslmode=disable",
 }
 
 // ComposeRequired are the variables docker compose refuses to start
-// without (`${VAR:?...}`): NATS listens on 0.0.0.0 inside the network, and
-// production needs an encryption key for snapshots and a token for /pair.
-var ComposeRequired = []string{"NATS_TOKEN", "SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN"}
+// without (`${VAR:?...}`): NATS listens on 0.0.0.0 inside the network,
+// production needs an encryption key for snapshots and a token for /pair, and
+// the database holds the snapshots (plaintext without a key) and the lease.
+var ComposeRequired = []string{"NATS_TOKEN", "SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN", "POSTGRES_PASSWORD"}
+
+// ComposeOnlyVars are variables of .env that only docker-compose.yml reads,
+// not the binary.
+var ComposeOnlyVars = []config.Var{
+	{Name: "POSTGRES_PASSWORD", Description: "Password of the compose postgres service; the compose default of " +
+		"DATABASE_URL uses it. Hex characters only: it goes into a URL.", Secret: true, Generate: "secret"},
+}
+
+// lookupVar finds name in config.Vars, then in ComposeOnlyVars.
+func lookupVar(name string) (config.Var, bool) {
+	if v, ok := config.Lookup(name); ok {
+		return v, true
+	}
+	for _, v := range ComposeOnlyVars {
+		if v.Name == name {
+			return v, true
+		}
+	}
+	return config.Var{}, false
+}
 
 // HerokuOmitted are variables app.json must not set, with the reason.
 var HerokuOmitted = map[string]string{
@@ -96,7 +116,7 @@ func isComposeRequired(name string) bool {
 func EnvExample() ([]byte, error) {
 	var b bytes.Buffer
 	b.WriteString(`# BLACKSKY-MD environment. Copy to .env for docker compose and fill in the
-# three secrets below (each: openssl rand -hex 32). Every other line shows the
+# four secrets below (each: openssl rand -hex 32). Every other line shows the
 # default; uncomment it to change it. On Heroku, set these as config vars.
 #
 # Generated from shared/config.Vars by: go run ./deploy/gen (do not edit).
@@ -104,9 +124,9 @@ func EnvExample() ([]byte, error) {
 `)
 	b.WriteString("# --- required by docker compose ---\n\n")
 	for _, name := range ComposeRequired {
-		v, ok := config.Lookup(name)
+		v, ok := lookupVar(name)
 		if !ok {
-			return nil, fmt.Errorf("compose requires %s, which config.Vars does not know", name)
+			return nil, fmt.Errorf("compose requires %s, which neither config.Vars nor ComposeOnlyVars know", name)
 		}
 		writeComment(&b, v.Description)
 		b.WriteString("# Generate: openssl rand -hex 32\n")

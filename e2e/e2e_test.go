@@ -580,10 +580,11 @@ func TestSplitTopology(t *testing.T) {
 	statusURL := fmt.Sprintf("http://127.0.0.1:%d/status", httpPort)
 
 	// The services as docker-compose.yml defines them, with .env holding the
-	// three secrets; then what differs outside Docker: loopback instead of
+	// four secrets; then what differs outside Docker: loopback instead of
 	// the compose network, temporary folders, the test database, free ports.
 	svcs := composeTopology(t, map[string]string{
 		"NATS_TOKEN": natsToken, "HEALTH_TOKEN": healthToken, "SESSION_ENCRYPTION_KEY": key,
+		"POSTGRES_PASSWORD": randomHex(t, 32), // the compose database's; DATABASE_URL is replaced below
 	})
 	local := func(name, dir string, port int) env {
 		e := svcs[name].env.with(
@@ -752,7 +753,7 @@ func TestSplitTopology(t *testing.T) {
 
 	t.Run("the CLI commands the deploy guides use work against the processes", func(t *testing.T) {
 		// docker compose exec backup blacksky backup-now
-		out := run(t, bin, base, "backup-now", "--reason", "cli", "--timeout", "30s")
+		out := run(t, bin, base, "backup-now", "--reason", "restore-point", "--timeout", "30s")
 		var rep bus.BackupReply
 		if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &rep); err != nil || !rep.OK || rep.Snapshot == nil {
 			t.Errorf("backup-now printed %q (%v), want an ok reply with a snapshot", out, err)

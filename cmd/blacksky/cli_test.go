@@ -11,10 +11,11 @@ import (
 func runMain(t *testing.T, ctx context.Context, env map[string]string, args ...string) (int, string, string) {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
-	m := &Main{Stdout: &stdout, Stderr: &stderr, Getenv: func(k string) string { return env[k] }}
+	getenv := func(k string) string { return env[k] }
+	m := &Main{Stdout: &stdout, Stderr: &stderr, Getenv: getenv}
 	err := m.Run(ctx, args)
 	if err != nil {
-		stderr.WriteString("blacksky: " + err.Error() + "\n")
+		stderr.WriteString(exitMessage(err, getenv) + "\n") // as main does
 	}
 	return ExitCode(err), stdout.String(), stderr.String()
 }

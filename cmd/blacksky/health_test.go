@@ -199,7 +199,7 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 
 	env := map[string]string{
 		"PORT": strconv.Itoa(port), "NATS_URL": natsURL, "HEALTH_TOKEN": "role-health-token",
-		"SESSION_ID": "Heroku Test", "DYNO": "web.1",
+		"SESSION_ID": "Heroku Test", "DYNO": "web.1", "HEROKU_APP_URL": "https://my-bot.herokuapp.com",
 	}
 	ready := make(chan ReadyInfo, 1)
 	var stderr healthLogBuffer
@@ -234,7 +234,7 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 	}
 
 	req, _ := http.NewRequest(http.MethodGet, base+"/pair", nil)
-	req.Host = "my-bot.herokuapp.com"
+	req.Host = "evil.example" // the redirect goes to HEROKU_APP_URL's host, whatever the request names
 	req.Header.Set("X-Forwarded-Proto", "http")
 	resp, err = client.Do(req)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -71,7 +72,7 @@ func (m *Main) cmdMigrate(ctx context.Context, args []string) error {
 // cmdBackupNow asks the running backup service for a snapshot over NATS.
 func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	fs := m.flags("backup-now")
-	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot ([a-z0-9_-], at most 32)")
+	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot: "+strings.Join(bus.RequestReasons, ", "))
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the snapshot to be committed")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -192,7 +193,9 @@ func humanBytes(n int64) string {
 func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 	fs := m.flags("restore")
 	id := fs.Int64("id", 0, "database snapshot id (default: the newest that verifies)")
-	force := fs.Bool("force", false, "overwrite an existing session store")
+	force := fs.Bool("force", false, "overwrite an existing session store (refused while an instance holds the session lease)")
+	ignoreLease := fs.Bool("ignore-lease", false, "with --force, overwrite even while an instance holds the session lease: "+
+		"only for an instance known to be dead, a live one would keep writing the old store")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -204,7 +207,9 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 		return err
 	}
 	sessionPath := filepath.Join(a.cfg.DataDir, "session.db")
-	if _, err := os.Stat(sessionPath); err == nil && !*force {
+	_, serr := os.Stat(sessionPath)
+	replacing := serr == nil
+	if replacing && !*force {
 		return fmt.Errorf("restore: %s exists; stop the bot and pass --force to replace it", sessionPath)
 	}
 	r := &backup.Restorer{Session: a.cfg.SessionID, SessionPath: sessionPath,
@@ -214,6 +219,9 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 	switch {
 	case err != nil && *id != 0:
 		return fmt.Errorf("restore --id %d needs the database: %w", *id, err)
+	case err != nil && replacing && !*ignoreLease:
+		return fmt.Errorf("restore: the database is unreachable, so the session lease cannot be checked "+
+			"(a running instance would keep writing the store being replaced); pass --ignore-lease once sure none runs: %w", err)
 	case err != nil:
 		a.log.Warn("database unreachable; restoring from the local fallback", "err", err)
 	default:
@@ -222,6 +230,13 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 			return err
 		}
 		r.Store = st
+		if replacing {
+			release, err := a.holdLeaseForRestore(ctx, st, *ignoreLease)
+			if err != nil {
+				return err
+			}
+			defer release()
+		}
 	}
 	res, err := r.Restore(ctx, *id)
 	if err != nil {
@@ -233,6 +248,41 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 	out, _ := json.Marshal(bus.RestoreReply{OK: true, Restored: true, Source: res.Source, SnapshotID: res.SnapshotID})
 	fmt.Fprintln(a.stdout, string(out))
 	return nil
+}
+
+// restoreLeaseTTL bounds how long a restore holds the session lease if it
+// dies before releasing it.
+const restoreLeaseTTL = 10 * time.Minute
+
+// holdLeaseForRestore takes the session lease for the time of a restore that
+// replaces the store, so no instance opens the store meanwhile; it refuses
+// while an instance holds the lease: that instance has the store open and
+// would keep writing the old one (or overwrite the restored one with its
+// next snapshot). ignore overrides the refusal, loudly.
+func (a *app) holdLeaseForRestore(ctx context.Context, st backup.Store, ignore bool) (release func(), err error) {
+	holder := "restore-cli:" + a.instance
+	lease, ok, err := st.AcquireLease(ctx, a.cfg.SessionID, holder, a.clock.Now(), restoreLeaseTTL)
+	if err != nil {
+		return nil, fmt.Errorf("restore: check the session lease: %w", err)
+	}
+	if ok {
+		return func() {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			if err := st.ReleaseLease(rctx, a.cfg.SessionID, holder); err != nil {
+				a.log.Warn("restore: lease not released; it expires by itself", "in", restoreLeaseTTL, "err", err)
+			}
+		}, nil
+	}
+	if !ignore {
+		return nil, fmt.Errorf("restore: instance %q holds the session lease until %s: it is running with the store open. "+
+			"Stop it first; pass --ignore-lease only if it is dead (the lease also expires by itself then)",
+			lease.Holder, lease.ExpiresAt.Format(time.RFC3339))
+	}
+	a.log.Warn("restore: replacing the session store although another instance holds the session lease (--ignore-lease): "+
+		"if it is alive it keeps writing the old store, its next snapshot overwrites this restore, and WhatsApp may log the device out",
+		"holder", lease.Holder, "until", lease.ExpiresAt)
+	return func() {}, nil
 }
 
 // waitConnected waits up to d for nc to reach its server.

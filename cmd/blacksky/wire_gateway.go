@@ -10,6 +10,7 @@ import (
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/wa"
 	"github.com/nats-io/nats.go"
+	"golang.org/x/term"
 )
 
 // newGateway builds the gateway service on nc: the whatsmeow adapter over
@@ -33,6 +34,7 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		PairPhone:     cfg.PairPhone,
 		BackupEnabled: cfg.EnableSessionBackup,
 		PairURL:       a.pairURL,
+		Production:    cfg.Production,
 		ReconnectMin:  cfg.ReconnectMin,
 		ReconnectMax:  cfg.ReconnectMax,
 		SendRate:      cfg.SendRate.Limit(), // burst 1: at most N+1 sends in any window of one period
@@ -41,9 +43,20 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		Open:   open,
 		Log:    log,
 		Clock:  a.clock,
-		ShowQR: wa.TerminalQR(os.Stderr),
+		ShowQR: terminalQR(cfg.Production, os.Stderr),
 		// After client_outdated: WhatsApp's current web version, from its
 		// web page (timeout below the gateway's VersionFetchTimeout).
 		Versions: wa.WebVersion{HTTP: &http.Client{Timeout: 20 * time.Second}},
 	}), nil
+}
+
+// terminalQR draws QR codes on f only in development or when f is a
+// terminal: in production the output goes to log drains (Heroku's, an
+// add-on's), and whoever reads a code there could link the bot to their own
+// phone. /pair shows the code behind HEALTH_TOKEN.
+func terminalQR(production bool, f *os.File) func(string) {
+	if production && !term.IsTerminal(int(f.Fd())) {
+		return nil
+	}
+	return wa.TerminalQR(f)
 }

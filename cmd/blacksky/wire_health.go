@@ -30,6 +30,7 @@ func (a *app) newHealth(nc *nats.Conn, ln net.Listener) (runner, error) {
 		Token:             a.cfg.HealthToken,
 		Production:        a.cfg.Production,
 		Heroku:            a.cfg.Heroku,
+		PublicURL:         a.cfg.HerokuAppURL,
 		PairPhone:         a.cfg.PairPhone,
 		HealthCheck:       a.cfg.EnableHealthCheck,
 		BackupEnabled:     a.cfg.EnableSessionBackup,

@@ -22,10 +22,17 @@ type outcome struct {
 // All requests arriving before the next read share one job (gen n), so a burst
 // costs one snapshot, plus at most one more for requests that came while the
 // first was already reading. Runs are serialised, so read numbers end in order.
+//
+// The reason does not matter: a run covers every request that came before it
+// read the store, so requests naming different reasons share one job (the
+// first one's reason is recorded). Otherwise each new reason would cost a
+// full snapshot and could queue the shutdown snapshot behind them.
 type coalescer struct {
-	mu      sync.Mutex
-	reads   int64
-	queued  map[string]int64 // reason -> gen of a job enqueued and not yet read
+	mu    sync.Mutex
+	reads int64
+	// queued[anyReason] is the gen of a job enqueued and not yet read; the
+	// map (cleared when the queue changes) holds that one key only.
+	queued  map[string]int64
 	waiters []*waiter
 }
 
@@ -38,9 +45,12 @@ func newCoalescer() *coalescer {
 	return &coalescer{queued: map[string]int64{}}
 }
 
+// anyReason keys the pending job whatever the reason of its requests.
+const anyReason = ""
+
 // add registers a request. w is nil when no reply is wanted. enqueue tells
-// the caller to insert a job for (reason, gen): none is pending yet.
-func (c *coalescer) add(reason string, wantReply bool) (w *waiter, gen int64, enqueue bool) {
+// the caller to insert a job for gen (with this reason): none is pending yet.
+func (c *coalescer) add(_ string, wantReply bool) (w *waiter, gen int64, enqueue bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	gen = c.reads
@@ -48,8 +58,8 @@ func (c *coalescer) add(reason string, wantReply bool) (w *waiter, gen int64, en
 		w = &waiter{after: gen, ch: make(chan outcome, 1)}
 		c.waiters = append(c.waiters, w)
 	}
-	if g, ok := c.queued[reason]; !ok || g != gen {
-		c.queued[reason] = gen
+	if g, ok := c.queued[anyReason]; !ok || g != gen {
+		c.queued[anyReason] = gen
 		enqueue = true
 	}
 	return w, gen, enqueue

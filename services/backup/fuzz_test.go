@@ -2,6 +2,7 @@ package backup_test
 
 import (
 	"encoding/json"
+	"slices"
 	"testing"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -25,13 +26,8 @@ func FuzzBackupRequest(f *testing.F) {
 			}
 			return
 		}
-		if len(req.Reason) == 0 || len(req.Reason) > 32 {
-			t.Fatalf("accepted reason %q of length %d", req.Reason, len(req.Reason))
-		}
-		for _, c := range req.Reason {
-			if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
-				t.Fatalf("accepted reason %q with %q", req.Reason, c)
-			}
+		if !slices.Contains(bus.RequestReasons, req.Reason) {
+			t.Fatalf("accepted reason %q, not one of %v", req.Reason, bus.RequestReasons)
 		}
 		again, err := bus.DecodeBackupRequest(mustJSON(req))
 		if err != nil || again != req {

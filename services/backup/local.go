@@ -39,6 +39,11 @@ func (l Local) Write(payload []byte, at time.Time, reason, sha string) (LocalFil
 	if err := os.MkdirAll(l.Dir, 0o700); err != nil {
 		return LocalFile{}, fmt.Errorf("local fallback: %w", err)
 	}
+	// Ours whoever made it (an older version, an operator's mkdir): the
+	// files hold the session, plaintext without a key.
+	if err := os.Chmod(l.Dir, 0o700); err != nil {
+		return LocalFile{}, fmt.Errorf("local fallback: %w", err)
+	}
 	// Names order the files; the newest must sort first even if the clock
 	// stepped back (or a fake clock stands still).
 	at = at.UTC()

@@ -196,6 +196,7 @@ func (r *Restorer) RestoreOnStart(ctx context.Context) (RestoreResult, error) {
 			if err := os.Rename(r.SessionPath, aside); err != nil {
 				return res, fmt.Errorf("move damaged session store aside: %w", err)
 			}
+			_ = os.Chmod(aside, 0o600) // an older version made the store 0644
 			for _, side := range []string{"-wal", "-shm", "-journal"} {
 				_ = os.Remove(r.SessionPath + side)
 			}
@@ -265,12 +266,15 @@ func (r *Restorer) load(ctx context.Context, c candidate) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	plain, meta, err := snapshot.Decode(payload, r.Key)
+	// The header says whether the payload is encrypted: a plaintext one is
+	// refused before anything is decompressed, so a planted file costs
+	// nothing at every start.
+	if meta, err := snapshot.PeekMeta(payload); err == nil && len(r.Key) > 0 && !meta.Encrypted && !r.AllowPlaintext {
+		return nil, errPlaintext
+	}
+	plain, _, err := snapshot.Decode(payload, r.Key)
 	if err != nil {
 		return nil, err
-	}
-	if len(r.Key) > 0 && !meta.Encrypted && !r.AllowPlaintext {
-		return nil, errPlaintext
 	}
 	has, err := snapshot.Verify(ctx, plain, r.TmpDir)
 	if err != nil {
@@ -293,6 +297,7 @@ func (r *Restorer) write(plain []byte) error {
 		if err := os.Rename(r.SessionPath, r.SessionPath+".replaced"); err != nil {
 			return fmt.Errorf("restore: keep old store: %w", err)
 		}
+		_ = os.Chmod(r.SessionPath+".replaced", 0o600) // an older version made the store 0644
 	}
 	for _, side := range []string{"-wal", "-shm", "-journal"} {
 		if err := os.Remove(r.SessionPath + side); err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -210,6 +210,8 @@ type Config struct {
 	// PairURL is the /pair page as a person reaches it (HEROKU_APP_URL or
 	// http://localhost:$PORT, with /pair), logged while no device is linked.
 	PairURL string
+	// Production keeps pairing codes out of the log: only /pair shows them.
+	Production bool
 
 	ReconnectMin, ReconnectMax time.Duration
 	SendRate                   rate.Limit    // sends per second; at most N+1 in any window of one period
@@ -257,6 +259,7 @@ type Deps struct {
 	Clock  clockwork.Clock // nil: real clock
 	Jitter func() float64  // nil: math/rand; see Backoff
 	// ShowQR, when set, renders each QR code for a human (the terminal).
+	// cmd sets it only where no log drain can read it (see CONTRACT).
 	ShowQR func(code string)
 	// Versions fetches and applies WhatsApp's current web client version
 	// after client_outdated; nil: client_outdated stops the retries at once.

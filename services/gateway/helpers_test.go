@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -303,6 +304,25 @@ type harness struct {
 	stop  context.CancelFunc
 	shown []string
 	qrMu  sync.Mutex
+	logs  lockedBuffer // every log line, at info and above
+}
+
+// lockedBuffer collects log lines from the gateway's goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 type option func(*Config, *fakeConn)
@@ -351,7 +371,7 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 			h.opens <- struct{}{}
 			return h.conn, nil
 		},
-		Log:    testLog(t),
+		Log:    slog.New(slog.NewMultiHandler(testLog(t).Handler(), slog.NewTextHandler(&h.logs, nil))),
 		Clock:  h.clock,
 		Jitter: func() float64 { return 0.5 },
 		ShowQR: func(code string) {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/logging"
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/types/events"
@@ -343,7 +344,7 @@ func (g *Gateway) onConnected() {
 	g.mu.Unlock()
 	g.setState(bus.StateConnected, "")
 	g.publish(bus.ConnEvent{Kind: bus.ConnConnected, JID: jid})
-	g.log.Info("connected to WhatsApp", "jid", jid)
+	g.log.Info("connected to WhatsApp", "jid", logging.MaskJID(jid))
 
 	if off := now.Sub(offlineSince); !offlineSince.IsZero() && off > g.cfg.OfflineAlertAfter {
 		text := fmt.Sprintf("Back online after %s offline (last disconnect: %s).", off.Round(time.Second), cmp.Or(lastDisconnect, "unknown"))
@@ -421,6 +422,12 @@ func (g *Gateway) onPairCode(gen uint64, code string, err error) {
 	g.st.pairCode = code
 	g.mu.Unlock()
 	g.publish(bus.ConnEvent{Kind: bus.ConnPairCode, Code: code})
+	if g.cfg.Production {
+		// Logs leave the process (Heroku drains, add-ons): whoever reads a
+		// code there could link the bot to their own phone.
+		g.log.Info("pairing code ready: read it on /pair (with HEALTH_TOKEN), then WhatsApp > Linked devices > Link with phone number")
+		return
+	}
 	g.log.Info("enter this pairing code in WhatsApp > Linked devices > Link with phone number", "code", code)
 }
 
@@ -435,7 +442,7 @@ func (g *Gateway) onPaired(e *events.PairSuccess) {
 	g.setState(bus.StateConnecting, "")
 	g.watch = g.clock.NewTimer(g.cfg.LoginTimeout)
 	g.publish(bus.ConnEvent{Kind: bus.ConnPaired, JID: jid})
-	g.log.Info("paired", "jid", jid, "platform", e.Platform)
+	g.log.Info("paired", "jid", logging.MaskJID(jid), "platform", e.Platform)
 }
 
 func (g *Gateway) onLoggedOut(ctx context.Context, e *events.LoggedOut) {

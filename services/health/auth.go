@@ -2,12 +2,14 @@ package health
 
 import (
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -15,10 +17,22 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// cookieName holds the sign-in cookie. Its value is an HMAC of a fixed label
-// under HEALTH_TOKEN, not the token itself: a copied cookie opens the pages
-// but does not reveal the token used elsewhere (NATS, deploy scripts).
+// cookieName holds the sign-in cookie: "<issued unix seconds>.<mac>", the mac
+// an HMAC of the issue time under a key drawn at random when the process
+// starts (mixed with HEALTH_TOKEN). So a cookie
+//   - expires: it opens the pages for cookieMaxAge after sign-in at most;
+//   - reveals nothing about the token and cannot be used to test guesses of
+//     it offline: the key never leaves the process;
+//   - dies with the process: after a restart (or on another web dyno) the
+//     operator signs in again, the price of keeping the key out of reach.
 const cookieName = "blacksky_health"
+
+// cookieMaxAge bounds how long one sign-in lasts.
+const cookieMaxAge = 7 * 24 * time.Hour
+
+// cookieSkew is how far ahead of our clock an issue time may be (a clock
+// stepped back after sign-in).
+const cookieSkew = time.Minute
 
 // access is the outcome of checking a request's credentials.
 type access int
@@ -42,7 +56,7 @@ const (
 // The token is never read from the URL: Heroku's router logs query strings.
 type auth struct {
 	token      string
-	cookie     string // expected cookie value
+	key        []byte // cookie MAC key: HMAC(random per process, token)
 	production bool
 	// heroku: requests come through Heroku's router, which says who the
 	// client is (X-Forwarded-For) and how it connected (X-Forwarded-Proto).
@@ -61,16 +75,44 @@ type guesser struct {
 
 func newAuth(token string, production, heroku bool, now func() time.Time) *auth {
 	a := &auth{token: token, production: production, heroku: heroku, now: now, guessers: map[string]*guesser{}}
-	if token != "" {
-		a.cookie = cookieValue(token)
-	}
+	secret := make([]byte, 32)
+	_, _ = rand.Read(secret) // crypto/rand.Read never fails (Go 1.24+)
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(token))
+	a.key = m.Sum(nil)
 	return a
 }
 
-func cookieValue(token string) string {
-	mac := hmac.New(sha256.New, []byte(token))
-	mac.Write([]byte("blacksky-health-signin-v1"))
-	return hex.EncodeToString(mac.Sum(nil))
+func (a *auth) mac(label, value string) string {
+	m := hmac.New(sha256.New, a.key)
+	m.Write([]byte(label + "\x00" + value))
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// issue returns a new sign-in cookie value.
+func (a *auth) issue() string {
+	at := strconv.FormatInt(a.now().Unix(), 10)
+	return at + "." + a.mac("blacksky-health-signin-v2", at)
+}
+
+// validCookie checks the MAC and the age of a sign-in cookie value.
+func (a *auth) validCookie(v string) bool {
+	at, mac, ok := strings.Cut(v, ".")
+	if !ok || !equal(mac, a.mac("blacksky-health-signin-v2", at)) {
+		return false
+	}
+	sec, err := strconv.ParseInt(at, 10, 64)
+	if err != nil {
+		return false
+	}
+	age := a.now().Sub(time.Unix(sec, 0))
+	return age < cookieMaxAge && age > -cookieSkew
+}
+
+// csrf is the token /signout wants with the cookie it ends: a page of ours
+// carries it, another site cannot read it.
+func (a *auth) csrf(cookie string) string {
+	return a.mac("blacksky-health-signout", cookie)[:32]
 }
 
 // open reports whether the protected pages need no token (development only).
@@ -93,7 +135,7 @@ func (a *auth) check(r *http.Request) access {
 	}
 	if c, err := r.Cookie(cookieName); err == nil && c.Value != "" {
 		sent = true
-		if equal(c.Value, a.cookie) {
+		if a.validCookie(c.Value) {
 			return accessGranted
 		}
 	}
@@ -203,9 +245,9 @@ func (a *auth) plainHTTP(r *http.Request) bool {
 func (a *auth) setCookie(w http.ResponseWriter, r *http.Request) {
 	http.SetCookie(w, &http.Cookie{
 		Name:     cookieName,
-		Value:    a.cookie,
+		Value:    a.issue(),
 		Path:     "/",
-		MaxAge:   int((30 * 24 * time.Hour).Seconds()),
+		MaxAge:   int(cookieMaxAge.Seconds()),
 		HttpOnly: true,
 		Secure:   a.secure(r),
 		SameSite: http.SameSiteStrictMode,

@@ -190,7 +190,7 @@ func TestStatusAccess(t *testing.T) {
 	at := b.clock.Now().Add(-time.Minute).UTC()
 	b.send(t, b.subj.BackupDone(), "backup", bus.BackupDone{Event: bus.Event{At: at}, SnapshotID: 42, Reason: "scheduled",
 		Bytes: 123456, StoredBytes: 65432, DurationMS: 321})
-	signedIn := map[string]string{"Cookie": cookieName + "=" + cookieValue(testToken)}
+	signedIn := map[string]string{"Cookie": cookieName + "=" + b.svc.auth.issue()}
 
 	tests := []struct {
 		name     string
@@ -354,7 +354,9 @@ func TestPairAccessAndSignIn(t *testing.T) {
 	if code, _, _ := b.get(t, "/pair", map[string]string{"Cookie": c.String()}); code != 200 {
 		t.Errorf("GET /pair with the cookie = %d", code)
 	}
-	_, _, resp = do(t, http.MethodPost, b.url+"/signout", nil, map[string]string{"Cookie": c.String()})
+	_, page, _ := b.get(t, "/pair", map[string]string{"Cookie": c.String()})
+	_, _, resp = do(t, http.MethodPost, b.url+"/signout", strings.NewReader(url.Values{"csrf": {csrfOf(t, page)}}.Encode()),
+		map[string]string{"Cookie": c.String(), "Content-Type": "application/x-www-form-urlencoded"})
 	if cs := resp.Cookies(); len(cs) != 1 || cs[0].MaxAge >= 0 {
 		t.Errorf("sign-out cookies = %v", cs)
 	}

@@ -1,22 +1,7 @@
 package health
 
-import "strings"
+import "github.com/blacksky-md/blacksky/shared/logging"
 
-// MaskJID shows enough of a WhatsApp JID for an operator to recognise the
-// linked number, never the whole of it: "15551234567:12@s.whatsapp.net" gives
-// "1555****567". The device suffix and server are dropped.
-func MaskJID(jid string) string {
-	user, _, _ := strings.Cut(jid, "@")
-	user, _, _ = strings.Cut(user, ":") // device number
-	user, _, _ = strings.Cut(user, ".") // agent (old form user.agent:device)
-	switch n := len(user); {
-	case n == 0:
-		return ""
-	case n >= 9:
-		return user[:4] + "****" + user[n-3:]
-	case n >= 5:
-		return user[:2] + "****" + user[n-2:]
-	default:
-		return "****"
-	}
-}
+// MaskJID is logging.MaskJID: /status and the pair page mask JIDs as the
+// logs do.
+func MaskJID(jid string) string { return logging.MaskJID(jid) }

@@ -108,10 +108,15 @@ func (s *Service) pairPage(w http.ResponseWriter, r *http.Request) {
 	if !s.guard(w, r, "/pair", true) {
 		return
 	}
+	csrf := ""
+	if c, err := r.Cookie(cookieName); err == nil && c.Value != "" {
+		csrf = s.auth.csrf(c.Value)
+	}
 	s.render(w, http.StatusOK, "pair.html", map[string]any{
 		"Doc":      s.pairDoc(),
 		"Session":  s.opts.Session,
 		"HasToken": s.opts.Token != "",
+		"CSRF":     csrf,
 	})
 }
 

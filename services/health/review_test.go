@@ -167,7 +167,7 @@ func TestNewDoesNotWaitForTheBus(t *testing.T) {
 // is read, and the cookie is always Secure.
 func TestHerokuSendsPlainHTTPToHTTPS(t *testing.T) {
 	t.Parallel()
-	b := setup(t, func(o *Options) { o.Heroku = true })
+	b := setup(t, func(o *Options) { o.Heroku = true; o.PublicURL = "https://my-bot.herokuapp.com" })
 	plain := func(method, path string, hdr map[string]string) (int, *http.Response) {
 		t.Helper()
 		var body *strings.Reader
@@ -180,7 +180,7 @@ func TestHerokuSendsPlainHTTPToHTTPS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		req.Host = "my-bot.herokuapp.com"
+		req.Host = "evil.example"
 		req.Header.Set("X-Forwarded-Proto", "http")
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		for k, v := range hdr {

@@ -63,7 +63,7 @@ func TestRiverUI(t *testing.T) {
 	if code != 200 || !strings.Contains(strings.ToLower(body), "<html") {
 		t.Fatalf("GET /riverui/ with token = %d: %.300s", code, body)
 	}
-	code, body, _ = b.get(t, "/riverui/api/jobs?state=available", map[string]string{"Cookie": cookieName + "=" + cookieValue(testToken)})
+	code, body, _ = b.get(t, "/riverui/api/jobs?state=available", map[string]string{"Cookie": cookieName + "=" + b.svc.auth.issue()})
 	if code != 200 || !strings.Contains(body, "health_test_snapshot") {
 		t.Fatalf("GET /riverui/api/jobs = %d: %.500s", code, body)
 	}

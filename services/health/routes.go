@@ -82,19 +82,24 @@ func (s *Service) healthz(w http.ResponseWriter, _ *http.Request) {
 }
 
 // httpsOnly sends a request that reached Heroku's router over plain http to
-// the same URL over https (308 keeps the method and body), before any token
-// is checked or cookie set.
+// the same path over https on HEROKU_APP_URL's host (308 keeps the method and
+// body), before any token is checked or cookie set. The request's own Host
+// is never used: whoever sends it chooses it.
 func (s *Service) httpsOnly(h http.HandlerFunc) http.HandlerFunc {
+	host := ""
+	if u, err := url.Parse(s.opts.PublicURL); err == nil {
+		host = u.Host
+	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		if !s.auth.plainHTTP(r) {
 			h(w, r)
 			return
 		}
-		if r.Host == "" {
-			http.Error(w, "use https", http.StatusBadRequest)
+		if host == "" {
+			http.Error(w, "use https (set HEROKU_APP_URL to be redirected)", http.StatusBadRequest)
 			return
 		}
-		u := url.URL{Scheme: "https", Host: r.Host, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
+		u := url.URL{Scheme: "https", Host: host, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
 		http.Redirect(w, r, u.String(), http.StatusPermanentRedirect)
 	}
 }
@@ -220,7 +225,20 @@ func (s *Service) signIn(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// signOut ends the sign-in of the cookie sent, when the form carries that
+// cookie's CSRF token (the pair page's sign-out button does): another site
+// cannot sign the operator out.
 func (s *Service) signOut(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 8<<10)
+	if err := r.ParseForm(); err != nil {
+		http.Error(w, "bad form", http.StatusBadRequest)
+		return
+	}
+	if c, err := r.Cookie(cookieName); err == nil && c.Value != "" &&
+		!equal(r.PostForm.Get("csrf"), s.auth.csrf(c.Value)) {
+		http.Error(w, "sign-out refused: use the Sign out button of the pair page", http.StatusForbidden)
+		return
+	}
 	s.auth.clearCookie(w, r)
 	http.Redirect(w, r, "/pair", http.StatusSeeOther)
 }

@@ -40,7 +40,10 @@ type Options struct {
 	// Heroku: requests come through Heroku's router. Its X-Forwarded-For
 	// names the client (for the wrong-token budget) and X-Forwarded-Proto:
 	// http sends the private pages to https; the cookie is always Secure.
-	Heroku    bool
+	Heroku bool
+	// PublicURL is HEROKU_APP_URL: the https redirect on Heroku goes to its
+	// host, never to the Host a request names. Empty: plain http is refused.
+	PublicURL string
 	PairPhone string
 	// HealthCheck is ENABLE_HEALTH_CHECK: heartbeat-based readiness and the
 	// keep-awake ping. Off, /readyz only fails on a known bad WhatsApp state.
@@ -53,6 +56,11 @@ type Options struct {
 
 	HeartbeatInterval time.Duration // zero: bus.HeartbeatInterval
 	ShutdownGrace     time.Duration // zero: 5 s for in-flight requests
+	// ReadTimeout and WriteTimeout bound one request (zero: 30 s and 60 s):
+	// a client that sends or reads slowly cannot hold a connection open. The
+	// pair page polls with short requests; River UI's API calls are short.
+	ReadTimeout  time.Duration
+	WriteTimeout time.Duration
 
 	RiverUI Mount // nil: /riverui/ answers 404
 	// Secrets are hidden from every string /status shows, a last line of
@@ -95,6 +103,8 @@ func New(opts Options) (*Service, error) {
 	}
 	opts.KeepAwakeInterval = cmp.Or(opts.KeepAwakeInterval, 25*time.Minute)
 	opts.ShutdownGrace = cmp.Or(opts.ShutdownGrace, 5*time.Second)
+	opts.ReadTimeout = cmp.Or(opts.ReadTimeout, 30*time.Second)
+	opts.WriteTimeout = cmp.Or(opts.WriteTimeout, 60*time.Second)
 	opts.Version = cmp.Or(opts.Version, "dev")
 
 	s := &Service{
@@ -171,7 +181,9 @@ func (s *Service) Run(ctx context.Context) error {
 
 	srv := &http.Server{
 		Handler:           s.handler,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: min(10*time.Second, s.opts.ReadTimeout),
+		ReadTimeout:       s.opts.ReadTimeout,
+		WriteTimeout:      s.opts.WriteTimeout,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}

@@ -28,11 +28,36 @@ const StateDisconnected = "disconnected"
 // StateUnknown is the WhatsApp state before the gateway has said anything.
 const StateUnknown = "unknown"
 
-// beat is the last heartbeat of one instance of a service.
+// beat is the last heartbeat of one instance of a service. Only the fields
+// health reads are kept, never the sender's details: whatever a heartbeat
+// carries, an instance costs a bounded few hundred bytes.
 type beat struct {
-	hb   bus.Heartbeat
-	seen time.Time // our clock at reception: other processes' clocks may drift
+	instance string
+	state    string
+	standby  bool
+	seen     time.Time // our clock at reception: other processes' clocks may drift
 }
+
+// Limits on what the bus can make health hold. Anything that can publish on
+// the bus can send heartbeats: these keep memory and /status bounded
+// whatever it sends.
+const (
+	// maxHeartbeatBytes refuses a heartbeat larger than any of ours (a
+	// gateway's, the largest, carries a QR code: under 1 KB).
+	maxHeartbeatBytes = 8 << 10
+	// maxInstances per service: a gateway and a standby, a few dyno
+	// restarts within forgetAfter. Past it the least recently seen goes.
+	maxInstances = 8
+	// maxNameLen bounds an instance name and a state word.
+	maxNameLen = 64
+	// maxTextLen bounds free text kept from events (disconnect reasons,
+	// backup errors) and codes (a QR code is about 250 characters).
+	maxTextLen = 512
+	// maxFutureSkew: an event stamped further ahead of our clock is refused.
+	// Its time orders it against others (a heartbeat never undoes a newer
+	// event), so a forged far-future time would freeze the state for good.
+	maxFutureSkew = 5 * time.Second
+)
 
 // waState is what we know of the WhatsApp connection. JID and codes are kept
 // whole here and masked or withheld on the way out.
@@ -83,8 +108,7 @@ type Tracker struct {
 	backup  backupState
 }
 
-// forgetAfter drops an instance that has not beaten for this long, so
-// restarts (new Heroku dyno names) do not pile up in /status.
+// forgetAfter drops an instance that has not beaten for this long.
 const forgetAfter = 10 * time.Minute
 
 // NewTracker returns a tracker; interval is the heartbeat interval (zero:
@@ -144,11 +168,13 @@ func (t *Tracker) Subscribe(nc *nats.Conn, subj bus.Subjects) ([]*nats.Subscript
 // confirm the subscriptions.
 const subscribeFlushTimeout = time.Second
 
-// HandleHeartbeat records one P.heartbeat.<service> payload.
+// HandleHeartbeat records one P.heartbeat.<service> payload. Only our own
+// services are kept (health lists nothing a sender made up), with at most
+// maxInstances instances each.
 func (t *Tracker) HandleHeartbeat(data []byte) {
-	var hb bus.Heartbeat
-	if err := json.Unmarshal(data, &hb); err != nil || hb.Service == "" {
-		t.log.Debug("ignoring a bad heartbeat", "err", err)
+	hb, why := t.decodeHeartbeat(data)
+	if why != "" {
+		t.log.Debug("ignoring a heartbeat", "why", why)
 		t.count("heartbeat")
 		return
 	}
@@ -156,22 +182,64 @@ func (t *Tracker) HandleHeartbeat(data []byte) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.handled["heartbeat."+hb.Service]++
+	t.forgetLocked(now)
 	inst := t.beats[hb.Service]
 	if inst == nil {
 		inst = map[string]*beat{}
 		t.beats[hb.Service] = inst
 	}
-	inst[hb.Instance] = &beat{hb: hb, seen: now}
-	for name, b := range inst {
-		if now.Sub(b.seen) > forgetAfter {
-			delete(inst, name)
+	if _, ok := inst[hb.Instance]; !ok && len(inst) >= maxInstances {
+		var oldest *beat
+		for _, b := range inst {
+			if oldest == nil || b.seen.Before(oldest.seen) {
+				oldest = b
+			}
 		}
+		delete(inst, oldest.instance)
 	}
+	inst[hb.Instance] = &beat{instance: hb.Instance, state: hb.State, standby: isStandby(hb), seen: now}
 	switch hb.Service {
 	case bus.ServiceGateway:
 		t.gatewayBeatLocked(hb, now)
 	case bus.ServiceBackup:
 		t.backupBeatLocked(hb)
+	}
+}
+
+// decodeHeartbeat reads a heartbeat and says why it is refused ("" when not).
+func (t *Tracker) decodeHeartbeat(data []byte) (bus.Heartbeat, string) {
+	var hb bus.Heartbeat
+	if len(data) > maxHeartbeatBytes {
+		return hb, fmt.Sprintf("%d bytes, over the %d-byte limit", len(data), maxHeartbeatBytes)
+	}
+	if err := json.Unmarshal(data, &hb); err != nil {
+		return hb, err.Error()
+	}
+	switch {
+	case !slices.Contains(knownServices, hb.Service):
+		return hb, "not one of our services"
+	case len(hb.Instance) > maxNameLen || len(hb.State) > maxNameLen:
+		return hb, "instance or state name too long"
+	case t.future(hb.At):
+		return hb, "stamped in the future"
+	}
+	return hb, ""
+}
+
+// future reports whether a sender's time is too far ahead of our clock.
+func (t *Tracker) future(at time.Time) bool {
+	return at.After(t.clock.Now().Add(maxFutureSkew))
+}
+
+// forgetLocked drops instances that have not beaten for forgetAfter, so
+// restarts (new Heroku dyno names) do not pile up in /status.
+func (t *Tracker) forgetLocked(now time.Time) {
+	for _, inst := range t.beats {
+		for name, b := range inst {
+			if now.Sub(b.seen) > forgetAfter {
+				delete(inst, name)
+			}
+		}
 	}
 }
 
@@ -198,14 +266,14 @@ func (t *Tracker) gatewayBeatLocked(hb bus.Heartbeat, now time.Time) {
 	t.wa.srcAt = hb.At
 	t.setStateLocked(state, now)
 	if d.JID != "" {
-		t.wa.jid, t.wa.paired = d.JID, true
+		t.wa.jid, t.wa.paired = clip(d.JID), true
 	}
 	if d.ConnectedSince != nil {
 		t.wa.connectedSince = d.ConnectedSince
 	}
 	t.wa.reconnects = d.Reconnects
 	if d.LastDisconnect != "" && d.LastDisconnect != t.wa.lastDisconnect {
-		t.wa.lastDisconnect = d.LastDisconnect
+		t.wa.lastDisconnect = clip(d.LastDisconnect)
 		at := hb.At
 		t.wa.lastDiscAt = &at
 	}
@@ -213,7 +281,7 @@ func (t *Tracker) gatewayBeatLocked(hb bus.Heartbeat, now time.Time) {
 		if d.QRCode != "" {
 			t.setQRLocked(d.QRCode, d.QRExpiresAt)
 		}
-		if d.PairCode != "" {
+		if d.PairCode != "" && len(d.PairCode) <= maxNameLen {
 			t.wa.pairCode = d.PairCode
 		}
 	}
@@ -223,7 +291,7 @@ func (t *Tracker) gatewayBeatLocked(hb bus.Heartbeat, now time.Time) {
 // freshly and is not in standby.
 func (t *Tracker) activeGatewayLocked(now time.Time, instance string) bool {
 	for name, b := range t.beats[bus.ServiceGateway] {
-		if name != instance && now.Sub(b.seen) < t.staleAge && !isStandby(b.hb) {
+		if name != instance && now.Sub(b.seen) < t.staleAge && !b.standby {
 			return true
 		}
 	}
@@ -248,11 +316,19 @@ func (t *Tracker) backupBeatLocked(hb bus.Heartbeat) {
 		t.log.Debug("ignoring bad backup heartbeat details", "err", err)
 		return
 	}
+	// These times order snapshots and errors too: one far ahead would hide
+	// every real one after it.
+	if d.LastSnapshotAt != nil && t.future(*d.LastSnapshotAt) {
+		d.LastSnapshotID, d.LastSnapshotAt = 0, nil
+	}
+	if d.LastErrorAt != nil && t.future(*d.LastErrorAt) {
+		d.LastError, d.LastErrorAt = "", nil
+	}
 	if d.LastSnapshotID != 0 && (t.backup.lastAt == nil || (d.LastSnapshotAt != nil && !d.LastSnapshotAt.Before(*t.backup.lastAt))) {
 		t.backup.lastID, t.backup.lastAt, t.backup.lastBytes = d.LastSnapshotID, d.LastSnapshotAt, d.LastSnapshotBytes
 	}
 	if d.LastError != "" && (t.backup.lastErrAt == nil || (d.LastErrorAt != nil && d.LastErrorAt.After(*t.backup.lastErrAt))) {
-		t.backup.lastErr, t.backup.lastErrAt = d.LastError, d.LastErrorAt
+		t.backup.lastErr, t.backup.lastErrAt = clip(d.LastError), d.LastErrorAt
 	}
 }
 
@@ -267,6 +343,10 @@ func (t *Tracker) HandleConn(kind string, data []byte) {
 	if ev.Kind == "" {
 		ev.Kind = kind
 	}
+	if t.future(ev.At) {
+		t.log.Debug("ignoring a conn event stamped in the future", "kind", kind)
+		return
+	}
 	if t.metrics != nil {
 		t.metrics.connEvent(ev.Kind)
 	}
@@ -280,8 +360,9 @@ func (t *Tracker) HandleConn(kind string, data []byte) {
 	if at.After(t.wa.srcAt) {
 		t.wa.srcAt = at
 	}
+	ev.Reason, ev.JID = clip(ev.Reason), clip(ev.JID)
 	disconnect := func(why string) {
-		t.wa.lastDisconnect = why
+		t.wa.lastDisconnect = clip(why)
 		t.wa.lastDiscAt = &at
 	}
 	switch ev.Kind {
@@ -303,7 +384,9 @@ func (t *Tracker) HandleConn(kind string, data []byte) {
 		t.setQRLocked(ev.Code, ev.ExpiresAt)
 	case bus.ConnPairCode:
 		t.setStateLocked(bus.StatePairing, now)
-		t.wa.pairCode = ev.Code
+		if len(ev.Code) <= maxNameLen {
+			t.wa.pairCode = ev.Code
+		}
 	case bus.ConnPaired:
 		// whatsmeow reconnects after a successful pairing; "connected" follows.
 		t.setStateLocked(bus.StateConnecting, now)
@@ -318,7 +401,7 @@ func (t *Tracker) HandleConn(kind string, data []byte) {
 		disconnect("keepalive timeout")
 	case bus.ConnTemporaryBan:
 		t.setStateLocked(bus.StateBanned, now)
-		disconnect(strings.TrimSpace("temporary ban " + ev.Code))
+		disconnect(strings.TrimSpace("temporary ban " + clip(ev.Code)))
 	case bus.ConnClientOutdated:
 		t.setStateLocked(bus.StateOutdated, now)
 		disconnect("client outdated")
@@ -363,8 +446,16 @@ func (t *Tracker) setStateLocked(state string, now time.Time) {
 	}
 }
 
+// clip bounds text kept from the bus.
+func clip(s string) string {
+	if len(s) > maxTextLen {
+		return s[:maxTextLen]
+	}
+	return s
+}
+
 func (t *Tracker) setQRLocked(code string, expires *time.Time) {
-	if code == "" || code == t.wa.qr {
+	if code == "" || code == t.wa.qr || len(code) > maxTextLen {
 		return
 	}
 	t.wa.qr, t.wa.qrExpires = code, expires
@@ -401,7 +492,7 @@ func (t *Tracker) HandleBackupDone(data []byte) {
 	if at.IsZero() {
 		at = t.clock.Now().UTC()
 	}
-	t.backup.lastID, t.backup.lastAt, t.backup.lastBytes, t.backup.lastReason = ev.SnapshotID, &at, ev.Bytes, ev.Reason
+	t.backup.lastID, t.backup.lastAt, t.backup.lastBytes, t.backup.lastReason = ev.SnapshotID, &at, ev.Bytes, clip(ev.Reason)
 }
 
 // HandleBackupFailed records a P.backup.failed event.
@@ -421,7 +512,7 @@ func (t *Tracker) HandleBackupFailed(data []byte) {
 	if at.IsZero() {
 		at = t.clock.Now().UTC()
 	}
-	t.backup.lastErr, t.backup.lastErrAt = ev.Error, &at
+	t.backup.lastErr, t.backup.lastErrAt = clip(ev.Error), &at
 }
 
 // ServiceView is one service as /status shows it.
@@ -443,7 +534,7 @@ func (t *Tracker) serviceLocked(name string, now time.Time) ServiceView {
 		if now.Sub(b.seen) < t.staleAge {
 			r += 2
 		}
-		if !isStandby(b.hb) {
+		if !b.standby {
 			r++
 		}
 		return r
@@ -463,7 +554,7 @@ func (t *Tracker) serviceLocked(name string, now time.Time) ServiceView {
 		return ServiceView{Name: name, State: StateMissing}
 	}
 	age := now.Sub(best.seen)
-	return ServiceView{Name: name, State: best.hb.State, Instance: best.hb.Instance, Age: age,
+	return ServiceView{Name: name, State: best.state, Instance: best.instance, Age: age,
 		Fresh: age < t.staleAge, Seen: true, Others: others}
 }
 
@@ -475,8 +566,8 @@ func (t *Tracker) Service(name string) ServiceView {
 	return t.serviceLocked(name, now)
 }
 
-// Services returns every service that has beaten, plus those named in want,
-// sorted by name.
+// Services returns every one of our services that has beaten, plus those
+// named in want, sorted by name.
 func (t *Tracker) Services(want ...string) []ServiceView {
 	now := t.clock.Now()
 	t.mu.RLock()

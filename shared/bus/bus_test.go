@@ -62,10 +62,14 @@ func TestDecodeBackupRequest(t *testing.T) {
 		{`{"reason":`, "", "bad JSON"},
 		{`[1]`, "", "JSON object"},
 		{`"manual"`, "", "JSON object"},
-		{`{"reason":"a b"}`, "", "only a-z"},
+		{`{"reason":"scheduled"}`, "scheduled", ""},
+		{`{"reason":"a b"}`, "", "one of manual, scheduled, restore-point"},
+		{`{"reason":"reason-7"}`, "", "one of"},
+		{`{"reason":"shutdown"}`, "", "one of"},
+		{`{"reason":"paired"}`, "", "one of"},
 		{`{"reason":5}`, "", "bad JSON"},
 		{`{} {}`, "", "after the object"},
-		{`{"reason":"` + strings.Repeat("a", 40) + `"}`, "", "at most 32"},
+		{`{"reason":"` + strings.Repeat("a", 40) + `"}`, "", "one of"},
 	}
 	for _, tt := range tests {
 		r, err := bus.DecodeBackupRequest([]byte(tt.body))

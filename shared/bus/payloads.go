@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -216,7 +218,8 @@ func decodeStrict(data []byte, v any) error {
 	return nil
 }
 
-// BackupReasons a request may name; other reasons are internal.
+// Snapshot reasons. A request on the bus may name only RequestReasons; the
+// others are the backup service's own.
 const (
 	ReasonManual       = "manual"
 	ReasonScheduled    = "scheduled"
@@ -225,8 +228,13 @@ const (
 	ReasonRestorePoint = "restore-point"
 )
 
+// RequestReasons are the reasons a P.backup.request may name. The set is
+// fixed: every reason recorded is one an operator can read, and metrics
+// labels stay bounded.
+var RequestReasons = []string{ReasonManual, ReasonScheduled, ReasonRestorePoint}
+
 // DecodeBackupRequest reads a P.backup.request body. An empty body means a
-// manual snapshot; a reason is a short word of [a-z0-9_-].
+// manual snapshot; a reason is one of RequestReasons.
 func DecodeBackupRequest(data []byte) (BackupRequest, error) {
 	var r BackupRequest
 	if len(bytes.TrimSpace(data)) == 0 {
@@ -238,13 +246,12 @@ func DecodeBackupRequest(data []byte) (BackupRequest, error) {
 	if r.Reason == "" {
 		r.Reason = ReasonManual
 	}
-	if len(r.Reason) > 32 {
-		return BackupRequest{}, errors.New("reason: at most 32 characters")
-	}
-	for _, c := range r.Reason {
-		if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
-			return BackupRequest{}, fmt.Errorf("reason: only a-z, 0-9, '-' and '_' allowed, got %q", r.Reason)
+	if !slices.Contains(RequestReasons, r.Reason) {
+		shown := r.Reason
+		if len(shown) > 32 {
+			shown = shown[:32] + "..."
 		}
+		return BackupRequest{}, fmt.Errorf("reason: one of %s, got %q", strings.Join(RequestReasons, ", "), shown)
 	}
 	return r, nil
 }

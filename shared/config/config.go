@@ -101,6 +101,9 @@ func IsError(err error) bool {
 	return errors.As(err, &e)
 }
 
+// MinHealthTokenLen is the shortest HEALTH_TOKEN production accepts.
+const MinHealthTokenLen = 16
+
 // Getenv is os.Getenv's shape, injected so tests need no process environment.
 type Getenv func(string) string
 
@@ -167,6 +170,10 @@ func Load(getenv Getenv) (*Config, error) {
 	c.AllowPlaintextBackups = p.boolean("ALLOW_PLAINTEXT_BACKUPS")
 	c.EnableMemoryOptimization = p.boolean("ENABLE_MEMORY_OPTIMIZATION")
 	c.HealthToken = p.str("HEALTH_TOKEN")
+	if c.Production && c.HealthToken != "" && len(c.HealthToken) < MinHealthTokenLen {
+		// A short token falls to guessing, even at one wrong try a second.
+		p.fail("HEALTH_TOKEN", fmt.Sprintf("at least %d characters in production (openssl rand -hex 32)", MinHealthTokenLen), c.HealthToken)
+	}
 	c.PairPhone = p.phone("PAIR_PHONE")
 
 	c.ReconnectMin = p.duration("RECONNECT_MIN", time.Millisecond)
@@ -435,26 +442,69 @@ func RedactURL(raw string) string {
 // Secrets returns the secret values of c, so tests and redaction can check
 // that none of them leaks.
 func (c *Config) Secrets() []string {
+	return secrets(c.NATSToken, c.HealthToken, c.DatabaseURL, c.NATSURL, c.SessionEncryptionKey, "")
+}
+
+// EnvSecrets returns the secret values in the environment without checking
+// them, for what is printed when Load itself failed: the error at exit is
+// redacted against them too.
+func EnvSecrets(getenv Getenv) []string {
+	get := func(name string) string { return strings.TrimSpace(getenv(name)) }
+	key, _ := ParseKey(get("SESSION_ENCRYPTION_KEY"))
+	return secrets(get("NATS_TOKEN"), get("HEALTH_TOKEN"), get("DATABASE_URL"), get("NATS_URL"), key,
+		get("SESSION_ENCRYPTION_KEY"))
+}
+
+func secrets(natsToken, healthToken, databaseURL, natsURL string, key []byte, rawKey string) []string {
 	var out []string
-	for _, s := range []string{c.NATSToken, c.HealthToken} {
+	for _, s := range []string{natsToken, healthToken, rawKey} {
 		if s != "" {
 			out = append(out, s)
 		}
 	}
-	for _, raw := range []string{c.DatabaseURL, c.NATSURL} {
-		if u, err := url.Parse(raw); err == nil && u.User != nil {
-			// A password equal to the user name (compose's local default)
-			// protects nothing, and redacting it would mangle every table
-			// name that contains it.
-			if pw, ok := u.User.Password(); ok && pw != "" && pw != u.User.Username() {
-				out = append(out, pw)
-			} else if name := u.User.Username(); name != "" && raw == c.NATSURL {
-				out = append(out, name) // nats://TOKEN@host: the user part is the token
-			}
+	out = append(out, urlSecrets(databaseURL, false)...)
+	// NATS_URL may list several servers, comma-separated, each with its own
+	// credentials.
+	for _, one := range strings.Split(natsURL, ",") {
+		out = append(out, urlSecrets(strings.TrimSpace(one), true)...)
+	}
+	if len(key) > 0 {
+		out = append(out, hex.EncodeToString(key), base64.StdEncoding.EncodeToString(key))
+	}
+	return out
+}
+
+// urlSecrets returns the password of a URL, or for NATS the token in its
+// user part (nats://TOKEN@host). The user part is read by hand: a URL that
+// does not parse (a bad port) is quoted whole by the error that says so.
+func urlSecrets(raw string, nats bool) []string {
+	_, rest, ok := strings.Cut(raw, "://")
+	if !ok {
+		return nil
+	}
+	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+		rest = rest[:i]
+	}
+	at := strings.LastIndex(rest, "@")
+	if at < 0 {
+		return nil
+	}
+	name, pw, hasPW := strings.Cut(rest[:at], ":")
+	var out []string
+	add := func(v string) {
+		out = append(out, v)
+		if dec, err := url.PathUnescape(v); err == nil && dec != v {
+			out = append(out, dec)
 		}
 	}
-	if len(c.SessionEncryptionKey) > 0 {
-		out = append(out, hex.EncodeToString(c.SessionEncryptionKey), base64.StdEncoding.EncodeToString(c.SessionEncryptionKey))
+	switch {
+	// A password equal to the user name (compose's local default) protects
+	// nothing, and redacting it would mangle every table name that contains
+	// it.
+	case hasPW && pw != "" && pw != name:
+		add(pw)
+	case !hasPW && name != "" && nats:
+		add(name)
 	}
 	return out
 }

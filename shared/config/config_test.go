@@ -276,3 +276,49 @@ func TestEnvironmentName(t *testing.T) {
 		}
 	}
 }
+
+// NATS_URL may list several servers: each one's credentials are secrets,
+// also when one of them does not parse.
+func TestSecretsSplitsANATSServerList(t *testing.T) {
+	for _, raw := range []string{
+		"nats://u:pass-one@h1:4222,nats://u:pass-two@h2:4222",
+		"nats://u:pass-one@h1:4222, nats://u:pass-two@h2:zz",
+	} {
+		c, err := config.Load(env("NATS_URL", raw))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, got := range [][]string{c.Secrets(), config.EnvSecrets(env("NATS_URL", raw))} {
+			joined := strings.Join(got, " ")
+			for _, want := range []string{"pass-one", "pass-two"} {
+				if !strings.Contains(joined, want) {
+					t.Errorf("NATS_URL %q: secrets %q miss %q", raw, got, want)
+				}
+			}
+		}
+	}
+}
+
+// In production a short HEALTH_TOKEN is refused (exit 2 naming it); none at
+// all keeps the pages closed, which is allowed.
+func TestProductionRefusesAShortHealthToken(t *testing.T) {
+	for _, tc := range []struct {
+		env, token string
+		ok         bool
+	}{
+		{"production", "short-token", false},
+		{"production", strings.Repeat("x", 15), false},
+		{"production", strings.Repeat("x", 16), true},
+		{"production", "", true},
+		{"development", "short", true},
+	} {
+		_, err := config.Load(env("NODE_ENV", tc.env, "HEALTH_TOKEN", tc.token))
+		if tc.ok != (err == nil) {
+			t.Errorf("%s with a %d-character HEALTH_TOKEN: %v", tc.env, len(tc.token), err)
+			continue
+		}
+		if err != nil && (!config.IsError(err) || !strings.Contains(err.Error(), "HEALTH_TOKEN") || strings.Contains(err.Error(), tc.token)) {
+			t.Errorf("error %q: want a config error naming HEALTH_TOKEN, not showing it", err)
+		}
+	}
+}

@@ -55,3 +55,16 @@ func TestDurationsReadable(t *testing.T) {
 		}
 	}
 }
+
+func TestMaskJIDsInText(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"paired 15551234567:12@s.whatsapp.net on android", "paired 1555****567@s.whatsapp.net on android"},
+		{"from 15551234567@c.us and 987654321098765@lid", "from 1555****567@c.us and 9876****765@lid"},
+		{"group 120363025246125486@g.us stays", "group 120363025246125486@g.us stays"},
+		{"no jid here, user@example.com", "no jid here, user@example.com"},
+	} {
+		if got := logging.MaskJIDs(tc.in); got != tc.want {
+			t.Errorf("MaskJIDs(%q) = %q; want %q", tc.in, got, tc.want)
+		}
+	}
+}

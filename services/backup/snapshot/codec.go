@@ -22,9 +22,10 @@ import (
 // FormatV1 is the value stored in blacksky_snapshots.format for payloads written by this package.
 const FormatV1 = "bsnap/1"
 
-// MaxPlainSize bounds the declared size of a session database in a payload. A real whatsmeow store is tens of MB;
-// the bound only stops a hostile or corrupt header from making Decode allocate without limit.
-const MaxPlainSize = 4 << 30
+// MaxPlainSize bounds the declared size of a session database in a payload, so a hostile or corrupt header cannot
+// make Decode allocate more than this. A real whatsmeow store is a few MB to tens of MB (the largest we measured,
+// 113 MB, was a synthetic one); 256 MB leaves room and still fits next to the bot on a 512 MB dyno.
+const MaxPlainSize = 256 << 20
 
 // KeySize is the length of SESSION_ENCRYPTION_KEY once decoded.
 const KeySize = 32
@@ -153,7 +154,7 @@ func Encode(plain []byte, key []byte) ([]byte, Meta, error) {
 
 // Decode verifies and returns the plain bytes. It never returns partial data: on any problem the result is nil and
 // the error wraps ErrCorrupt, ErrWrongKey, ErrNeedKey or ErrBadKey. A plaintext payload decodes whether or not a
-// key is given (Meta.Encrypted tells the caller, whose policy it is to accept it).
+// key is given: a caller that refuses plaintext under a key reads PeekMeta first, so it refuses before inflating.
 func Decode(payload []byte, key []byte) ([]byte, Meta, error) {
 	h, err := parseHeader(payload)
 	if err != nil {

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"modernc.org/sqlite"
+
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 )
 
 // backuper is the part of modernc's driver connection we use: the SQLite online backup API.
@@ -22,7 +24,6 @@ type backuper interface {
 // dsn builds a modernc URI for path. Read-only connections never write the store, but may create the -shm and -wal
 // files SQLite needs to read a WAL database; they never checkpoint or delete the WAL.
 func dsn(path string, readOnly bool, pragmas ...string) string {
-	u := url.URL{Scheme: "file", Opaque: (&url.URL{Path: path}).EscapedPath()}
 	q := url.Values{}
 	if readOnly {
 		q.Set("mode", "ro")
@@ -31,8 +32,7 @@ func dsn(path string, readOnly bool, pragmas ...string) string {
 	for _, p := range pragmas {
 		q.Add("_pragma", p)
 	}
-	u.RawQuery = q.Encode()
-	return u.String()
+	return sqlitefile.URI(path, q)
 }
 
 // openRO opens the database file at path read-only, with one connection. It refuses a missing file rather than let

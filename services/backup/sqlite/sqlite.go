@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/internal/sqltext"
 	"github.com/riverqueue/river/riverdriver/riversqlite"
@@ -27,8 +28,11 @@ type Store struct {
 // Open opens (creating) the database at path: WAL, a busy timeout, and one
 // connection, since SQLite has one writer and River shares the pool.
 func Open(ctx context.Context, path string) (*Store, error) {
-	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() +
-		"?_pragma=journal_mode(WAL)&_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)"
+	// It holds snapshots (plaintext without a key) and the lease: owner only.
+	if err := sqlitefile.Prepare(path); err != nil {
+		return nil, fmt.Errorf("sqlite: %w", err)
+	}
+	dsn := sqlitefile.URI(path, url.Values{"_pragma": {"journal_mode(WAL)", "busy_timeout(10000)", "foreign_keys(1)", "synchronous(NORMAL)"}})
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite %s: %w", path, err)

@@ -6,6 +6,8 @@ import (
 	"log/slog"
 
 	waLog "go.mau.fi/whatsmeow/util/log"
+
+	"github.com/blacksky-md/blacksky/shared/logging"
 )
 
 // slogLogger adapts slog to whatsmeow's five-method logger.
@@ -24,7 +26,9 @@ func (s slogLogger) logf(level slog.Level, msg string, args []any) {
 	if !s.l.Enabled(ctx, level) {
 		return // spare the Sprintf of whatsmeow's chatty debug lines
 	}
-	s.l.Log(ctx, level, fmt.Sprintf(msg, args...), "module", s.module)
+	// whatsmeow names accounts by JID; logs go to drains, so mask them as
+	// ours are masked.
+	s.l.Log(ctx, level, logging.MaskJIDs(fmt.Sprintf(msg, args...)), "module", s.module)
 }
 
 func (s slogLogger) Errorf(msg string, args ...any) { s.logf(slog.LevelError, msg, args) }

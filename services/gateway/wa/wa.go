@@ -10,11 +10,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync/atomic"
 
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/mdp/qrterminal/v3"
 	"go.mau.fi/whatsmeow"
@@ -56,7 +57,7 @@ type Client struct {
 // (sqlstore refuses to start without them), WAL so a snapshot can read while
 // whatsmeow writes, and a busy timeout instead of SQLITE_BUSY errors.
 func DSN(path string) string {
-	return "file:" + path + "?_pragma=foreign_keys(1)&_pragma=journal_mode(WAL)&_pragma=busy_timeout(10000)"
+	return sqlitefile.URI(path, url.Values{"_pragma": {"foreign_keys(1)", "journal_mode(WAL)", "busy_timeout(10000)"}})
 }
 
 // Open opens (creating if needed) the device store and a client over its
@@ -65,11 +66,12 @@ func Open(ctx context.Context, o Options) (*Client, error) {
 	if o.Path == "" {
 		return nil, errors.New("wa: no session path")
 	}
-	if strings.ContainsAny(o.Path, "?#") {
-		return nil, fmt.Errorf("wa: session path %q must not contain '?' or '#'", o.Path)
-	}
 	if err := os.MkdirAll(filepath.Dir(o.Path), 0o700); err != nil {
 		return nil, fmt.Errorf("wa: create data dir: %w", err)
+	}
+	// The store holds the device's keys: owner only, WAL and shm included.
+	if err := sqlitefile.Prepare(o.Path); err != nil {
+		return nil, fmt.Errorf("wa: session store: %w", err)
 	}
 	log := o.Log
 	if log == nil {

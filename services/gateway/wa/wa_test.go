@@ -6,9 +6,11 @@ import (
 	"database/sql"
 	"encoding/json"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -260,11 +262,36 @@ func putLinkedDevice(t *testing.T, path string) {
 	}
 }
 
-func TestOpenRejectsBadPath(t *testing.T) {
-	for _, p := range []string{"", "/tmp/x?mode=ro", "/tmp/a#b"} {
-		if _, err := Open(t.Context(), Options{Path: p}); err == nil {
-			t.Errorf("Open(%q) succeeded", p)
+func TestOpenRejectsAnEmptyPath(t *testing.T) {
+	if _, err := Open(t.Context(), Options{Path: ""}); err == nil {
+		t.Error("Open with no path succeeded")
+	}
+}
+
+// The session store is created where DATA_DIR says, "%41", "?" and "#"
+// included, and it, its WAL and its shared memory are readable by their
+// owner only, whatever the umask: they hold the device's keys.
+func TestOpenKeepsThePathExactAndTheFilesPrivate(t *testing.T) {
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	dir := filepath.Join(t.TempDir(), "data%41?mode=ro#x")
+	path := filepath.Join(dir, "session.db")
+	c, err := Open(t.Context(), Options{Path: path, Log: discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatalf("%v: the store was not created at its path", err)
 		}
+		if st.Mode().Perm() != 0o600 {
+			t.Errorf("%s is %o; want 600", filepath.Base(p), st.Mode().Perm())
+		}
+	}
+	if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 {
+		t.Errorf("data folder: %v, %v; want 700", st.Mode().Perm(), err)
 	}
 }
 
@@ -275,7 +302,16 @@ func TestLoggerAdapter(t *testing.T) {
 	l.Infof("shown %d", 2)
 	l.Warnf("warned %s", "x")
 	l.Errorf("failed: %v", "y")
+	l.Infof("Successfully paired %s (LID %s)", "15551234567:12@s.whatsapp.net", "123456789012345@lid")
 	out := buf.String()
+	for _, whole := range []string{"15551234567", "123456789012345"} {
+		if strings.Contains(out, whole) {
+			t.Errorf("whatsmeow's log line shows the JID %s unmasked:\n%s", whole, out)
+		}
+	}
+	if !strings.Contains(out, "1555****567@s.whatsapp.net") || !strings.Contains(out, "1234****345@lid") {
+		t.Errorf("masked JIDs missing:\n%s", out)
+	}
 	for _, want := range []string{`msg="shown 2"`, "level=WARN", `msg="failed: y"`, "module=whatsmeow/Client"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blacksky-md/blacksky/internal/wastore"
+	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
+	"github.com/blacksky-md/blacksky/services/backup/sqlite"
+)
+
+// restore --force does not replace the store under a running instance: it
+// refuses while another instance holds the session lease, unless told with
+// --ignore-lease, and holds the lease itself while it writes.
+func TestRestoreForceRespectsTheSessionLease(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	env := map[string]string{"SESSION_ID": "Lease Test", "DATA_DIR": dir, "LOG_LEVEL": "warn"}
+	sessionPath := filepath.Join(dir, "session.db")
+	if err := wastore.Create(ctx, sessionPath, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	plain, err := snapshot.ReadConsistent(ctx, sessionPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, meta, err := snapshot.Encode(plain, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (backup.Local{Dir: filepath.Join(dir, "backups")}).Write(payload, time.Now(), "manual", meta.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "blacksky.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if err := st.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.1", time.Now(), time.Hour); err != nil || !ok {
+		t.Fatalf("lease for the running instance: %v, %v", ok, err)
+	}
+
+	code, _, errOut := runMain(t, ctx, env, "restore", "--force")
+	if code != 1 || !strings.Contains(errOut, `"web.1" holds the session lease`) || !strings.Contains(errOut, "--ignore-lease") {
+		t.Fatalf("restore --force under a held lease: exit %d, %q; want a refusal naming the holder", code, errOut)
+	}
+	if _, err := os.Stat(sessionPath + ".replaced"); !os.IsNotExist(err) {
+		t.Fatalf("the refused restore touched the store: %v", err)
+	}
+
+	code, out, errOut := runMain(t, ctx, env, "restore", "--force", "--ignore-lease")
+	if code != 0 || !strings.Contains(out, `"restored":true`) || !strings.Contains(errOut, "another instance holds the session lease") {
+		t.Fatalf("restore --force --ignore-lease: exit %d, %q, %q; want a restore with a warning", code, out, errOut)
+	}
+
+	// Once the instance is gone, --force alone works, and leaves the lease free.
+	if err := st.ReleaseLease(ctx, "Lease Test", "web.1"); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errOut := runMain(t, ctx, env, "restore", "--force"); code != 0 || !strings.Contains(out, `"restored":true`) {
+		t.Fatalf("restore --force with the lease free: exit %d, %q, %q", code, out, errOut)
+	}
+	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.2", time.Now(), time.Minute); err != nil || !ok {
+		t.Fatalf("the restore left the lease taken: %v, %v", ok, err)
+	}
+}
