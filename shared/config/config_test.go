@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -244,5 +245,19 @@ func TestPasswordEqualToUserIsNotASecret(t *testing.T) {
 	}
 	if s := c.Secrets(); len(s) != 0 {
 		t.Fatalf("Secrets() = %q", s)
+	}
+}
+
+func TestSandboxIsRefusedInProduction(t *testing.T) {
+	c, err := config.Load(env("WHATSAPP_SANDBOX", "true", "SANDBOX_SEED", "abc"))
+	if err != nil || !c.WhatsAppSandbox || c.SandboxSeed != "abc" {
+		t.Fatalf("development sandbox: %+v %v", c, err)
+	}
+	for _, prod := range [][]string{{"NODE_ENV", "production"}, {"BLACKSKY_ENV", "production"}} {
+		_, err := config.Load(env("WHATSAPP_SANDBOX", "yes", prod[0], prod[1]))
+		var ce *config.Error
+		if !errors.As(err, &ce) || ce.Var != "WHATSAPP_SANDBOX" {
+			t.Errorf("%s=production with the sandbox: %v, want an error naming WHATSAPP_SANDBOX", prod[0], err)
+		}
 	}
 }

@@ -39,8 +39,8 @@ type rig struct {
 	cancel context.CancelFunc
 	done   chan error
 	// wrap, when set, stands between the gateway and the client.
-	wrap func(*sandbox.Client) gateway.Conn
-	cfg  gateway.Config
+	wrap   func(*sandbox.Client) gateway.Conn
+	cfg    gateway.Config
 	stopFn func()
 }
 

@@ -286,7 +286,7 @@ func (s *Server) recordSent(ctx context.Context, m Sent) error {
 	if err != nil {
 		return fmt.Errorf("sandbox: record send: %w", err)
 	}
-	if f := s.onSent.Load(); f != nil {
+	if f := s.onSent.Load(); f != nil && *f != nil {
 		(*f)(m)
 	}
 	return nil

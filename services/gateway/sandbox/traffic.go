@@ -278,4 +278,3 @@ func (c *Client) wait(s *socket, next time.Time) {
 	case <-tc:
 	}
 }
-
