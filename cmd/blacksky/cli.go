@@ -72,6 +72,7 @@ commands:
   backup-now   ask for a snapshot and print the reply [--reason R] [--timeout D]
   snapshots    list stored snapshots, newest first
   restore      write a snapshot into the session path [--id N] [--force]
+  sandbox      drive the WhatsApp sandbox: link | inject | fault | outbox
   healthcheck  exit 0 if /healthz answers 200 [--url U]
   version      print version, commit and Go version
 `
@@ -99,6 +100,8 @@ func (m *Main) Run(ctx context.Context, args []string) error {
 		return m.cmdSnapshots(ctx, args)
 	case "restore":
 		return m.cmdRestore(ctx, args)
+	case "sandbox":
+		return m.cmdSandbox(ctx, args)
 	case "healthcheck":
 		return m.cmdHealthcheck(ctx, args)
 	case "version":
