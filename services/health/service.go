@@ -55,6 +55,9 @@ type Options struct {
 	ShutdownGrace     time.Duration // zero: 5 s for in-flight requests
 
 	RiverUI Mount // nil: /riverui/ answers 404
+	// Sandbox is WHATSAPP_SANDBOX: shown on /status, /metrics and /pair,
+	// which then offers a "link now" button.
+	Sandbox bool
 	// Secrets are hidden from every string /status shows, a last line of
 	// defence against an error message that quotes one.
 	Secrets []string
@@ -112,6 +115,7 @@ func New(opts Options) (*Service, error) {
 	s.tracker = NewTracker(opts.Clock, opts.HeartbeatInterval, opts.Log)
 	s.metrics = newMetrics(s.tracker, s.req)
 	s.tracker.metrics = s.metrics
+	registerSandboxMetric(s.metrics, opts.Sandbox)
 	s.handler = s.routes()
 	subs, err := s.tracker.Subscribe(opts.NC, s.subj)
 	if err != nil {
