@@ -28,7 +28,7 @@ var t0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 // rig is the real gateway over the sandbox, on a fake clock and an
 // in-process bus.
 type rig struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	clock  *clockwork.FakeClock
 	srv    *sandbox.Server
@@ -44,14 +44,14 @@ type rig struct {
 	stopFn func()
 }
 
-func logger(t *testing.T) *slog.Logger {
+func logger(t testing.TB) *slog.Logger {
 	if os.Getenv("SANDBOX_TEST_LOG") == "" {
 		return slog.New(slog.DiscardHandler)
 	}
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-func newRig(t *testing.T, dir string, opts ...func(*rig)) *rig {
+func newRig(t testing.TB, dir string, opts ...func(*rig)) *rig {
 	t.Helper()
 	r := &rig{t: t, dir: dir, clock: clockwork.NewFakeClockAt(t0)}
 	r.cfg = gateway.Config{
@@ -201,7 +201,7 @@ type recorder struct {
 	cursor int
 }
 
-func newRecorder(t *testing.T, nc *nats.Conn, subj bus.Subjects) *recorder {
+func newRecorder(t testing.TB, nc *nats.Conn, subj bus.Subjects) *recorder {
 	t.Helper()
 	r := &recorder{}
 	sub, err := nc.Subscribe(subj.ConnAll(), func(m *nats.Msg) {
@@ -240,7 +240,7 @@ func (r *recorder) msgIns() []bus.MsgIn {
 }
 
 // next waits for the next connection event and checks its kind.
-func (r *recorder) next(t *testing.T, kind string) bus.ConnEvent {
+func (r *recorder) next(t testing.TB, kind string) bus.ConnEvent {
 	t.Helper()
 	var got bus.ConnEvent
 	testwait.For(t, 10*time.Second, "conn."+kind, func() bool {

@@ -592,3 +592,26 @@ func TestSeedRepeatsIDsAndCodes(t *testing.T) {
 		t.Errorf("same seed, different runs: %q %v vs %q %v", qr1, ids1, qr2, ids2)
 	}
 }
+
+func TestRateSpreadsAFloodOverTime(t *testing.T) {
+	r := newRig(t, t.TempDir())
+	r.linked()
+	ids := r.inject(sandbox.Inject{From: "15550000077", Content: sandbox.Content{Text: "tick"}, Count: 4, Rate: 1})
+	r.msgIn(ids[0])
+	if n := len(r.rec.msgIns()); n != 1 {
+		t.Fatalf("%d messages before a second passed, want 1", n)
+	}
+	for i := 1; i < 4; i++ {
+		r.advanceUntil(100*time.Millisecond, "message "+ids[i], func() bool { return len(r.rec.msgIns()) > i })
+		if n := len(r.rec.msgIns()); n != i+1 {
+			t.Fatalf("after %d s: %d messages, want %d", i, n, i+1)
+		}
+		if got := r.clock.Since(t0); got < time.Duration(i)*time.Second {
+			t.Fatalf("message %d came %s after the inject, want %ds", i+1, got, i)
+		}
+	}
+	m := r.msgIn(ids...)
+	if !m[ids[3]].Timestamp.Equal(t0.Add(3 * time.Second)) {
+		t.Errorf("the 4th message's timestamp %s, want the inject's time plus 3 s", m[ids[3]].Timestamp)
+	}
+}
