@@ -184,17 +184,30 @@ func (w *busWatch) msgIn(ids ...string) map[string]bus.MsgIn {
 
 func (w *busWatch) link() string {
 	w.t.Helper()
-	w.next(bus.ConnQR)
+	// The first QR code may come before this watcher subscribed: ask until
+	// the sandbox has one on offer.
 	var rep bus.SandboxLinkReply
-	w.request(w.subj.SandboxLink(), bus.SandboxLinkRequest{}, &rep)
-	if !rep.OK {
-		w.t.Fatalf("link: %s", rep.Error)
-	}
+	waitFor(w.t, 30*time.Second, "the sandbox to accept the link", func() bool {
+		rep = bus.SandboxLinkReply{}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		err := bus.Request(ctx, w.nc, w.subj.SandboxLink(), bus.SandboxLinkRequest{}, &rep)
+		return err == nil && rep.OK
+	})
 	if e := w.next(bus.ConnPaired); e.JID != rep.JID {
 		w.t.Fatalf("paired as %q, linked %q", e.JID, rep.JID)
 	}
 	w.next(bus.ConnConnected)
 	return rep.JID
+}
+
+func mustAtoi(t *testing.T, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 func countRows(t *testing.T, path, table string) int {
@@ -375,8 +388,10 @@ func TestSandboxBinary(t *testing.T) {
 	e2 := e.with("DATA_DIR", disk2, "PORT", strconv.Itoa(freePort(t)), "NATS_LISTEN", "127.0.0.1:"+strconv.Itoa(freePort(t)))
 	p2 := start(t, bin, "run (sandbox, empty disk)", e2, "run")
 	w2 := watchBus(t, e2, p2)
-	if c := w2.next(bus.ConnConnected); c.JID != jid {
-		t.Fatalf("after the empty-disk restart connected as %q, want %q", c.JID, jid)
+	// The connect may come before the watcher subscribed: ask /status.
+	waitState(t, p2, mustAtoi(t, e2["PORT"]), e2["HEALTH_TOKEN"], func(g, _ string) bool { return g == bus.StateConnected })
+	if got := deviceJID(t, filepath.Join(disk2, "session.db")); got != jid {
+		t.Fatalf("after the empty-disk restart the store holds %q, want %q", got, jid)
 	}
 	for _, c := range w2.conns() {
 		if c.Kind == bus.ConnQR {
@@ -405,9 +420,11 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 	p := start(t, bin, "run (sandbox)", e, "run")
 	w := watchBus(t, e, p)
 	jid := w.link()
-	w.fault(bus.SandboxFaultRequest{Kind: "dial_hang"})
-	w.next(bus.ConnDisconnected)
-	w.next(bus.ConnConnecting)
+	// A ban (kept in the server file) holds the messages back, in this
+	// process and for a few seconds after the restart: time for the test to
+	// listen before they are delivered.
+	w.fault(bus.SandboxFaultRequest{Kind: "temporary_ban", Expire: "8s"})
+	w.next(bus.ConnTemporaryBan)
 	ids := w.inject(bus.SandboxInjectRequest{From: "4915100000003", Text: "queued", Count: 4})
 	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -419,10 +436,10 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 
 	p2 := start(t, bin, "run (sandbox, after SIGKILL)", e, "run")
 	w2 := watchBus(t, e, p2)
+	w2.msgIn(ids...)
 	if c := w2.next(bus.ConnConnected); c.JID != jid {
 		t.Fatalf("after SIGKILL connected as %q, want %q", c.JID, jid)
 	}
-	w2.msgIn(ids...)
 	testwait.Every(t, 10*time.Second, 100*time.Millisecond, "the outbox answering", func() bool {
 		_, _, code := runCode(t, bin, e, "sandbox", "outbox")
 		return code == 0
