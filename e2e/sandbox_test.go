@@ -253,7 +253,7 @@ func TestSandboxBinary(t *testing.T) {
 	run(t, bin, e, "migrate")
 	p := start(t, bin, "run (sandbox)", e, "run")
 	w := watchBus(t, e, p)
-	jid := w.link()
+	first := w.link()
 
 	// Shown clearly: log, /status, /metrics.
 	base := "http://127.0.0.1:" + e["PORT"]
@@ -360,7 +360,10 @@ func TestSandboxBinary(t *testing.T) {
 	w.fault(bus.SandboxFaultRequest{Kind: "logged_out"})
 	w.next(bus.ConnLoggedOut)
 	w.next(bus.ConnReconnecting)
-	jid = w.link() // a fresh device, linked again
+	jid := w.link() // a fresh device, linked again
+	if jid == first {
+		t.Errorf("linked again as the same device %s", jid)
+	}
 	grown := filepath.Join(disk1, "session.db")
 	ids = w.inject(bus.SandboxInjectRequest{From: "4915100000001", Text: "after relink", Count: 5})
 	w.msgIn(ids...)

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"go.mau.fi/whatsmeow/types/events"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
@@ -613,5 +614,88 @@ func TestRateSpreadsAFloodOverTime(t *testing.T) {
 	m := r.msgIn(ids...)
 	if !m[ids[3]].Timestamp.Equal(t0.Add(3 * time.Second)) {
 		t.Errorf("the 4th message's timestamp %s, want the inject's time plus 3 s", m[ids[3]].Timestamp)
+	}
+}
+
+func TestPairingCodeLinksThePairPhoneNumber(t *testing.T) {
+	r := newRig(t, t.TempDir(), func(r *rig) { r.cfg.PairPhone = "15557654321" })
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnQR)
+	code := r.rec.next(t, bus.ConnPairCode)
+	if len(code.Code) != 9 || code.Code[4] != '-' {
+		t.Errorf("pairing code %q, want XXXX-XXXX", code.Code)
+	}
+	jid, err := r.srv.Link(t.Context(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if jid.User != "15557654321" {
+		t.Errorf("linked %s, want PAIR_PHONE's number", jid)
+	}
+	r.rec.next(t, bus.ConnPaired)
+	r.rec.next(t, bus.ConnConnected)
+}
+
+func TestLinkWorksUntilTheLastQRCodeExpires(t *testing.T) {
+	dir := t.TempDir()
+	clock := clockwork.NewFakeClockAt(t0)
+	srv, err := sandbox.OpenServer(t.Context(), sandbox.ServerOptions{Path: filepath.Join(dir, "sandbox.db"), Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if _, err := srv.Link(t.Context(), ""); !sandbox.IsBadRequest(err) {
+		t.Errorf("link with no client: %v, want a refusal", err)
+	}
+	c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(dir, "session.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	qr := make(chan struct{}, 1)
+	c.OnEvent(func(evt any) {
+		if _, ok := evt.(*events.QR); ok {
+			qr <- struct{}{}
+		}
+	})
+	if err := c.Connect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	<-qr
+	clock.Advance(60*time.Second + 5*20*time.Second - time.Second)
+	if _, err := srv.Link(t.Context(), "15550001234"); err != nil {
+		t.Fatalf("link while the last code is live: %v", err)
+	}
+	if _, err := srv.Link(t.Context(), ""); err == nil || !strings.Contains(err.Error(), "already linked") {
+		t.Errorf("second link: %v", err)
+	}
+}
+
+func TestLinkIsRefusedAfterTheLastQRCode(t *testing.T) {
+	dir := t.TempDir()
+	clock := clockwork.NewFakeClockAt(t0)
+	srv, err := sandbox.OpenServer(t.Context(), sandbox.ServerOptions{Path: filepath.Join(dir, "sandbox.db"), Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(dir, "session.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	qr := make(chan struct{}, 1)
+	c.OnEvent(func(evt any) {
+		if _, ok := evt.(*events.QR); ok {
+			qr <- struct{}{}
+		}
+	})
+	if err := c.Connect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	<-qr
+	clock.Advance(60*time.Second + 5*20*time.Second)
+	if _, err := srv.Link(t.Context(), ""); err == nil || !strings.Contains(err.Error(), "expired") {
+		t.Errorf("link after the last code expired: %v", err)
 	}
 }
