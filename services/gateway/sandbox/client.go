@@ -285,6 +285,17 @@ func (c *Client) qrCodes(dev *store.Device) []string {
 // qrValidFor is how long the codes of one QR event stay scannable.
 const qrValidFor = firstQRTTL + (qrCodes-1)*nextQRTTL
 
+// goOn starts f as one of s's goroutines, unless s has closed already: a
+// goroutine is added only while s is the open socket, so never after
+// closeSocket began waiting for them.
+func (c *Client) goOn(s *socket, f func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sock == s {
+		s.wg.Go(f)
+	}
+}
+
 // closeSocket ends s; wait says whether to wait for its goroutines (never
 // from one of them).
 func (c *Client) closeSocket(s *socket, wait bool) {

@@ -82,7 +82,7 @@ func (c *Client) link(ctx context.Context, phone string) (types.JID, error) {
 	}
 	c.log.Info("sandbox: device linked", "jid", jid.String())
 	c.dispatch(&events.PairSuccess{ID: jid, LID: lid, Platform: "android"})
-	sock.wg.Go(func() { c.login(sock, dev) })
+	c.goOn(sock, func() { c.login(sock, dev) })
 	return jid, nil
 }
 
@@ -285,7 +285,7 @@ func (c *Client) keepaliveOutage(d time.Duration) error {
 	c.mu.Unlock()
 	clock := c.srv.clock
 	start := clock.Now()
-	s.wg.Go(func() {
+	c.goOn(s, func() {
 		defer func() {
 			c.mu.Lock()
 			s.outage = false

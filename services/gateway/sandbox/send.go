@@ -24,7 +24,11 @@ var (
 func (c *Client) SendText(ctx context.Context, to types.JID, text string) (gateway.Sent, error) {
 	c.mu.Lock()
 	s, dev := c.sock, c.dev
-	loggedIn := s != nil && s.loggedIn
+	loggedIn := s != nil && s.loggedIn && dev.ID != nil
+	var own types.JID
+	if loggedIn {
+		own = *dev.ID
+	}
 	c.mu.Unlock()
 	if !loggedIn {
 		return gateway.Sent{}, fmt.Errorf("send message: %w", whatsmeow.ErrNotConnected)
@@ -45,7 +49,7 @@ func (c *Client) SendText(ctx context.Context, to types.JID, text string) (gatew
 	}
 	if to.Server == types.GroupServer {
 		rec := c.srv.seed.bytes("sender-key", senderKeyBase)
-		if err := dev.SenderKeys.PutSenderKey(ctx, to.String(), dev.ID.SignalAddress().String(), rec); err != nil {
+		if err := dev.SenderKeys.PutSenderKey(ctx, to.String(), own.SignalAddress().String(), rec); err != nil {
 			return gateway.Sent{}, fmt.Errorf("send message: store sender key: %w", err)
 		}
 	} else if err := c.session(ctx, dev, to, false); err != nil {
