@@ -35,6 +35,7 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./shared/bus
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./services/backup/...
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./services/health/...
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./services/gateway/sandbox/
 
 # A short pass of every fuzz target.
 fuzz:

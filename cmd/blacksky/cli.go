@@ -71,7 +71,8 @@ var commands = []struct{ name, brief, about string }{
 	{"migrate", "", "create or upgrade every table (Heroku's release phase runs it)"},
 	{"backup-now", "[--reason R] [--timeout D]", "ask the running backup service for a snapshot and print the reply"},
 	{"snapshots", "", "list stored snapshots, newest first"},
-	{"restore", "[--id N] [--force]", "write a snapshot into the session path"},
+	{"restore", "[--id N] [--force] [--ignore-lease]", "write a snapshot into the session path"},
+	{"sandbox", "link | inject | fault KIND | outbox", "drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true)"},
 	{"healthcheck", "[--url U] [--timeout D]", "exit 0 if /healthz answers 200"},
 	{"version", "", "print version, commit and Go version"},
 }
@@ -127,6 +128,8 @@ func (m *Main) dispatch(ctx context.Context, cmd string, args []string) error {
 		return m.cmdSnapshots(ctx, args)
 	case "restore":
 		return m.cmdRestore(ctx, args)
+	case "sandbox":
+		return m.cmdSandbox(ctx, args)
 	case "healthcheck":
 		return m.cmdHealthcheck(ctx, args)
 	case "version":

@@ -14,8 +14,9 @@ import (
 )
 
 // newGateway builds the gateway service on nc: the whatsmeow adapter over
-// $DATA_DIR/session.db, opened only once the supervisor says so (after the
-// restore when backup is enabled).
+// $DATA_DIR/session.db (or, with WHATSAPP_SANDBOX, the sandbox over the same
+// store), opened only once the supervisor says so (after the restore when
+// backup is enabled).
 func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 	cfg := a.cfg
 	log := a.log.With("service", "gateway")
@@ -26,7 +27,15 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 			Log:     log.With("component", "whatsmeow"),
 		})
 	}
-	return gateway.New(gateway.Config{
+	var sb *sandboxGateway
+	if cfg.WhatsAppSandbox {
+		srv, sbOpen, ctl, err := a.openSandbox(nc)
+		if err != nil {
+			return nil, err
+		}
+		open, sb = sbOpen, &sandboxGateway{srv: srv, ctl: ctl}
+	}
+	g := gateway.New(gateway.Config{
 		Session:       cfg.SessionID,
 		Instance:      a.instance,
 		OwnerNumber:   cfg.OwnerNumber,
@@ -47,7 +56,12 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		// After client_outdated: WhatsApp's current web version, from its
 		// web page (timeout below the gateway's VersionFetchTimeout).
 		Versions: wa.WebVersion{HTTP: &http.Client{Timeout: 20 * time.Second}},
-	}), nil
+	})
+	if sb != nil {
+		sb.gw = g
+		return sb, nil
+	}
+	return g, nil
 }
 
 // terminalQR draws QR codes on f only in development or when f is a

@@ -33,6 +33,7 @@ func (a *app) newHealth(nc *nats.Conn, ln net.Listener) (runner, error) {
 		PublicURL:         a.cfg.HerokuAppURL,
 		PairPhone:         a.cfg.PairPhone,
 		HealthCheck:       a.cfg.EnableHealthCheck,
+		Sandbox:           a.cfg.WhatsAppSandbox,
 		BackupEnabled:     a.cfg.EnableSessionBackup,
 		KeepAwakeURL:      a.cfg.HerokuAppURL,
 		KeepAwakeInterval: a.cfg.KeepAwakeInterval,

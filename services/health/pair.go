@@ -32,13 +32,14 @@ type PairDoc struct {
 	PairPhone    string     `json:"pair_phone,omitempty"` // masked
 	LinkedAs     string     `json:"linked_as,omitempty"`  // masked JID
 	GatewayAgeMS *int64     `json:"gateway_age_ms,omitempty"`
-	Open         bool       `json:"open"` // no token needed (development)
+	Open         bool       `json:"open"`              // no token needed (development)
+	Sandbox      bool       `json:"sandbox,omitempty"` // WHATSAPP_SANDBOX: "link now" instead of a scan
 }
 
 func (s *Service) pairDoc() PairDoc {
 	gw := s.tracker.Service(bus.ServiceGateway)
 	wa := s.tracker.WhatsApp()
-	d := PairDoc{State: wa.State, Open: s.auth.open()}
+	d := PairDoc{State: wa.State, Open: s.auth.open(), Sandbox: s.opts.Sandbox}
 	if s.opts.PairPhone != "" {
 		d.PairPhone = MaskJID(s.opts.PairPhone)
 	}

@@ -26,6 +26,7 @@ func (s *Service) routes() http.Handler {
 	private("GET /pair", "pair", s.pairPage)
 	private("GET /pair/state", "pair_state", s.pairState)
 	private("GET /pair/qr.png", "pair_qr", s.pairQR)
+	private("POST /pair/link", "pair_link", s.pairLink)
 	private("POST /signin", "signin", s.signIn)
 	private("POST /signout", "signout", s.signOut)
 	handle("GET /assets/{file}", "assets", s.asset)

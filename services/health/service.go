@@ -63,6 +63,9 @@ type Options struct {
 	WriteTimeout time.Duration
 
 	RiverUI Mount // nil: /riverui/ answers 404
+	// Sandbox is WHATSAPP_SANDBOX: shown on /status, /metrics and /pair,
+	// which then offers a "link now" button.
+	Sandbox bool
 	// Secrets are hidden from every string /status shows, a last line of
 	// defence against an error message that quotes one.
 	Secrets []string
@@ -122,6 +125,7 @@ func New(opts Options) (*Service, error) {
 	s.tracker = NewTracker(opts.Clock, opts.HeartbeatInterval, opts.Log)
 	s.metrics = newMetrics(s.tracker, s.req)
 	s.tracker.metrics = s.metrics
+	registerSandboxMetric(s.metrics, opts.Sandbox)
 	s.handler = s.routes()
 	subs, err := s.tracker.Subscribe(opts.NC, s.subj)
 	if err != nil {

@@ -29,7 +29,8 @@ const (
 type StatusDoc struct {
 	Session   string                `json:"session"`
 	Version   string                `json:"version"`
-	State     string                `json:"state"` // ok, degraded or not_ready
+	Sandbox   bool                  `json:"sandbox,omitempty"` // WHATSAPP_SANDBOX: not WhatsApp
+	State     string                `json:"state"`             // ok, degraded or not_ready
 	Ready     bool                  `json:"ready"`
 	Reasons   []string              `json:"reasons,omitempty"`
 	UptimeS   int64                 `json:"uptime_s"`
@@ -113,6 +114,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	d := StatusDoc{
 		Session:  s.opts.Session,
 		Version:  s.opts.Version,
+		Sandbox:  s.opts.Sandbox,
 		Ready:    ready,
 		Reasons:  s.redactAll(reasons),
 		UptimeS:  int64(now.Sub(s.started) / time.Second),

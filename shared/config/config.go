@@ -53,6 +53,8 @@ type Config struct {
 	EnableMemoryOptimization bool
 	HealthToken              string // secret
 	PairPhone                string // digits only
+	WhatsAppSandbox          bool
+	SandboxSeed              string
 
 	ReconnectMin    time.Duration
 	ReconnectMax    time.Duration
@@ -175,6 +177,14 @@ func Load(getenv Getenv) (*Config, error) {
 		p.fail("HEALTH_TOKEN", fmt.Sprintf("at least %d characters in production (openssl rand -hex 32)", MinHealthTokenLen), c.HealthToken)
 	}
 	c.PairPhone = p.phone("PAIR_PHONE")
+	c.WhatsAppSandbox = p.boolean("WHATSAPP_SANDBOX")
+	c.SandboxSeed = p.str("SANDBOX_SEED")
+	if c.WhatsAppSandbox && c.Production {
+		p.fail("WHATSAPP_SANDBOX", "false in production (NODE_ENV or BLACKSKY_ENV is production): the sandbox is not WhatsApp", "true")
+	}
+	if len(c.SandboxSeed) > 256 {
+		p.fail("SANDBOX_SEED", "at most 256 characters", c.SandboxSeed[:16]+"...")
+	}
 
 	c.ReconnectMin = p.duration("RECONNECT_MIN", time.Millisecond)
 	c.ReconnectMax = p.duration("RECONNECT_MAX", time.Millisecond)

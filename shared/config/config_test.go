@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -319,6 +320,20 @@ func TestProductionRefusesAShortHealthToken(t *testing.T) {
 		}
 		if err != nil && (!config.IsError(err) || !strings.Contains(err.Error(), "HEALTH_TOKEN") || strings.Contains(err.Error(), tc.token)) {
 			t.Errorf("error %q: want a config error naming HEALTH_TOKEN, not showing it", err)
+		}
+	}
+}
+
+func TestSandboxIsRefusedInProduction(t *testing.T) {
+	c, err := config.Load(env("WHATSAPP_SANDBOX", "true", "SANDBOX_SEED", "abc"))
+	if err != nil || !c.WhatsAppSandbox || c.SandboxSeed != "abc" {
+		t.Fatalf("development sandbox: %+v %v", c, err)
+	}
+	for _, prod := range [][]string{{"NODE_ENV", "production"}, {"BLACKSKY_ENV", "production"}} {
+		_, err := config.Load(env("WHATSAPP_SANDBOX", "yes", prod[0], prod[1]))
+		var ce *config.Error
+		if !errors.As(err, &ce) || ce.Var != "WHATSAPP_SANDBOX" {
+			t.Errorf("%s=production with the sandbox: %v, want an error naming WHATSAPP_SANDBOX", prod[0], err)
 		}
 	}
 }

@@ -41,6 +41,8 @@ var Vars = []Var{
 	{Name: "ENABLE_MEMORY_OPTIMIZATION", Default: "true", Description: "Set Go's soft memory limit to 90% of the container's memory limit when GOMEMLIMIT is unset."},
 	{Name: "HEALTH_TOKEN", Default: "", Description: "Opens /pair, /riverui/ and the detailed /status (Bearer header or sign-in form). Unset: open to anyone in development, 403 in production.", Secret: true, Generate: "secret"},
 	{Name: "PAIR_PHONE", Default: "", Description: "Link by pairing code on this phone number instead of by QR."},
+	{Name: "WHATSAPP_SANDBOX", Default: "false", Description: "Run against the built-in WhatsApp sandbox instead of WhatsApp, for building bots offline and for tests (docs/sandbox.md). Refused in production."},
+	{Name: "SANDBOX_SEED", Default: "", Description: "Seed of the sandbox's ids, keys and timing, so runs repeat. Empty: the seed stored in DATA_DIR/sandbox.db, or a new one."},
 	{Name: "RECONNECT_MIN", Default: "1s", Description: "Lower bound of the WhatsApp reconnect backoff."},
 	{Name: "RECONNECT_MAX", Default: "5m", Description: "Upper bound of the WhatsApp reconnect backoff."},
 	{Name: "SEND_RATE", Default: "20/m", Description: "Outbound message rate limit: N/s, N/m or N/h."},

@@ -42,4 +42,21 @@
       .finally(function () { setTimeout(poll, 1500); });
   }
   setTimeout(poll, 1500);
+
+  // Sandbox mode: "link now" asks the sandbox to link, as a scan would.
+  var link = $("link-now");
+  if (link) {
+    link.addEventListener("click", function () {
+      link.disabled = true;
+      fetch("/pair/link", { method: "POST", credentials: "same-origin", cache: "no-store",
+        headers: { "X-Blacksky-Action": "link" } })
+        .then(function (r) { return r.json(); })
+        .then(function (d) {
+          $("link-result").textContent = d.ok ? "Linked as " + d.linked_as + "." : (d.error || "link failed");
+          if (d.ok) { $("linked-as").textContent = d.linked_as; }
+        })
+        .catch(function () { $("link-result").textContent = "The link request failed; try again."; })
+        .finally(function () { link.disabled = false; });
+    });
+  }
 })();

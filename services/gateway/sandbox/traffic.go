@@ -1,0 +1,280 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"go.mau.fi/whatsmeow"
+	"go.mau.fi/whatsmeow/store"
+	"go.mau.fi/whatsmeow/types"
+	"go.mau.fi/whatsmeow/types/events"
+	"go.mau.fi/whatsmeow/util/keys"
+)
+
+// What the store sees, done through whatsmeow's own store interfaces on the
+// device (sqlstore underneath), in the order whatsmeow does it:
+//
+//   - a message from a contact the device has no session with is a pre-key
+//     message: the contact's identity is stored, one of the device's
+//     uploaded pre-keys is used up (the server hands it out once; the
+//     device removes it), and a session row appears;
+//   - every message (in or out) moves that contact's session row (the
+//     ratchet); a group message also rewrites the sender key row;
+//   - when the server holds fewer than whatsmeow.MinPreKeyCount pre-keys,
+//     the device generates and uploads whatsmeow.WantedPreKeyCount more;
+//   - app state versions move at login and every appStateEvery messages.
+//
+// Session and sender key rows are opaque bytes of the size libsignal
+// records have (growing as the ratchet turns, bounded): the sandbox does
+// not run the Signal protocol, so they are not valid libsignal records.
+
+const (
+	appStateEvery = 50
+	// sessionBase and sessionStep shape the session row: a base state plus
+	// one archived chain every sessionTurn messages, at most sessionMaxTurns.
+	sessionBase     = 420
+	sessionStep     = 160
+	sessionTurn     = 4
+	sessionMaxTurns = 40
+	senderKeyBase   = 180
+)
+
+var appStateNames = []string{"critical_block", "critical_unblock_low", "regular", "regular_high", "regular_low"}
+
+// afterLink is what whatsmeow stores right after pairing: the LID mapping,
+// pre-keys uploaded, app state sync keys and the first versions.
+func (c *Client) afterLink(ctx context.Context, dev *store.Device) error {
+	if err := dev.LIDs.PutLIDMapping(ctx, dev.LID, dev.ID.ToNonAD()); err != nil {
+		return fmt.Errorf("lid mapping: %w", err)
+	}
+	if err := c.refillPreKeys(ctx, dev, true); err != nil {
+		return err
+	}
+	for i := range 3 {
+		k := store.AppStateSyncKey{
+			Data:        c.srv.seed.bytes("app-state-key", 32),
+			Fingerprint: c.srv.seed.bytes("app-state-fp", 20),
+			Timestamp:   c.srv.clock.Now().UnixMilli() + int64(i),
+		}
+		if err := dev.AppStateKeys.PutAppStateSyncKey(ctx, c.srv.seed.bytes("app-state-key-id", 6), k); err != nil {
+			return fmt.Errorf("app state sync key: %w", err)
+		}
+	}
+	for _, name := range appStateNames {
+		if err := c.moveAppState(ctx, dev, name, 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// onLogin: pre-keys topped up when the server runs low, one app state
+// collection synced.
+func (c *Client) onLogin(ctx context.Context, dev *store.Device) error {
+	if err := c.refillPreKeys(ctx, dev, false); err != nil {
+		return err
+	}
+	return c.moveAppState(ctx, dev, "regular_low", 1)
+}
+
+// refillPreKeys uploads a batch when the server holds fewer than
+// whatsmeow.MinPreKeyCount (always, when force).
+func (c *Client) refillPreKeys(ctx context.Context, dev *store.Device, force bool) error {
+	n, err := c.srv.serverPreKeys(ctx, *dev.ID)
+	if err != nil {
+		return fmt.Errorf("server pre-keys: %w", err)
+	}
+	if !force && n >= whatsmeow.MinPreKeyCount {
+		return nil
+	}
+	batch, err := dev.PreKeys.GetOrGenPreKeys(ctx, whatsmeow.WantedPreKeyCount)
+	if err != nil {
+		return fmt.Errorf("generate pre-keys: %w", err)
+	}
+	if len(batch) == 0 {
+		return nil
+	}
+	ids := make([]uint32, len(batch))
+	for i, k := range batch {
+		ids[i] = k.KeyID
+	}
+	if err := c.srv.uploadedPreKeys(ctx, *dev.ID, ids); err != nil {
+		return fmt.Errorf("upload pre-keys: %w", err)
+	}
+	if err := dev.PreKeys.MarkPreKeysAsUploaded(ctx, batch[len(batch)-1].KeyID); err != nil {
+		return fmt.Errorf("mark pre-keys uploaded: %w", err)
+	}
+	return nil
+}
+
+// moveAppState bumps a collection's version with mutations new MACs.
+func (c *Client) moveAppState(ctx context.Context, dev *store.Device, name string, mutations int) error {
+	v, _, err := dev.AppState.GetAppStateVersion(ctx, name)
+	if err != nil {
+		return fmt.Errorf("app state version: %w", err)
+	}
+	var hash [128]byte
+	copy(hash[:], c.srv.seed.bytes("app-state-hash", 128))
+	if err := dev.AppState.PutAppStateVersion(ctx, name, v+1, hash); err != nil {
+		return fmt.Errorf("app state version: %w", err)
+	}
+	if mutations == 0 {
+		return nil
+	}
+	macs := make([]store.AppStateMutationMAC, mutations)
+	for i := range macs {
+		macs[i] = store.AppStateMutationMAC{IndexMAC: c.srv.seed.bytes("index-mac", 32), ValueMAC: c.srv.seed.bytes("value-mac", 32)}
+	}
+	if err := dev.AppState.PutAppStateMutationMACs(ctx, name, v+1, macs); err != nil {
+		return fmt.Errorf("app state mutations: %w", err)
+	}
+	return nil
+}
+
+// contactIdentity is a contact's identity public key, the same for the
+// same seed and number in every run.
+func (c *Client) contactIdentity(peer types.JID) [32]byte {
+	var priv [32]byte
+	copy(priv[:], fill(c.srv.seed.keyed("contact-identity:"+peer.User), 32))
+	return *keys.NewKeyPairFromPrivateKey(priv).Pub
+}
+
+// session moves the device's session with peer; incoming says whether the
+// first message came from peer (a pre-key message using up one of ours).
+func (c *Client) session(ctx context.Context, dev *store.Device, peer types.JID, incoming bool) error {
+	addr := peer.SignalAddress().String()
+	old, err := dev.Sessions.GetSession(ctx, addr)
+	if err != nil {
+		return fmt.Errorf("read session: %w", err)
+	}
+	var count uint32
+	if len(old) >= 4 {
+		count = binary.BigEndian.Uint32(old)
+	} else {
+		if incoming {
+			id, ok, err := c.srv.takePreKey(ctx, *dev.ID)
+			if err != nil {
+				return err
+			}
+			if ok {
+				if err := dev.PreKeys.RemovePreKey(ctx, id); err != nil {
+					return fmt.Errorf("use pre-key: %w", err)
+				}
+			}
+			if err := c.refillPreKeys(ctx, dev, false); err != nil {
+				return err
+			}
+		}
+		if err := dev.Identities.PutIdentity(ctx, addr, c.contactIdentity(peer)); err != nil {
+			return fmt.Errorf("store identity: %w", err)
+		}
+	}
+	count++
+	turns := min(int(count/sessionTurn), sessionMaxTurns)
+	rec := c.srv.seed.bytes("session", sessionBase+turns*sessionStep)
+	binary.BigEndian.PutUint32(rec, count)
+	if err := dev.Sessions.PutSession(ctx, addr, rec); err != nil {
+		return fmt.Errorf("store session: %w", err)
+	}
+	return nil
+}
+
+// receive applies to the store what decrypting p does, then builds its
+// event.
+func (c *Client) receive(ctx context.Context, dev *store.Device, p *pending) (*events.Message, error) {
+	evt, err := buildMessage(p)
+	if err != nil {
+		return nil, err
+	}
+	info := evt.Info
+	if err := c.session(ctx, dev, info.Sender, true); err != nil {
+		return nil, err
+	}
+	if info.IsGroup {
+		rec := c.srv.seed.bytes("sender-key", senderKeyBase)
+		if err := dev.SenderKeys.PutSenderKey(ctx, info.Chat.String(), info.Sender.SignalAddress().String(), rec); err != nil {
+			return nil, fmt.Errorf("store sender key: %w", err)
+		}
+	}
+	if info.PushName != "" {
+		if _, _, err := dev.Contacts.PutPushName(ctx, info.Sender, info.PushName); err != nil {
+			return nil, fmt.Errorf("store push name: %w", err)
+		}
+	}
+	if secret := evt.Message.GetMessageContextInfo().GetMessageSecret(); secret != nil {
+		if err := dev.MsgSecrets.PutMessageSecret(ctx, info.Chat, info.Sender, info.ID, secret); err != nil {
+			return nil, fmt.Errorf("store message secret: %w", err)
+		}
+	}
+	c.mu.Lock()
+	c.received++
+	churn := c.received%appStateEvery == 0
+	c.mu.Unlock()
+	if churn {
+		if err := c.moveAppState(ctx, dev, "regular_high", 3); err != nil {
+			return nil, err
+		}
+	}
+	return evt, nil
+}
+
+// deliver hands queued messages to the handler until s closes, oldest due
+// first, each once per socket; a message is acknowledged when the handler
+// has returned (reported success) while s is still the open socket.
+// Unacknowledged ones come again on the next socket.
+func (c *Client) deliver(s *socket, dev *store.Device) {
+	ctx := s.ctx
+	afterAt, afterSeq := int64(-1<<63), int64(0)
+	for ctx.Err() == nil {
+		now := c.srv.clock.Now()
+		p, next, err := c.srv.nextPending(ctx, afterAt, afterSeq, now)
+		if err != nil {
+			if ctx.Err() == nil {
+				c.log.Warn("sandbox: read the queue", "err", err)
+			}
+			next = now.Add(time.Second)
+		}
+		if p == nil {
+			c.wait(s, next)
+			continue
+		}
+		afterAt, afterSeq = p.deliverAt.UnixNano(), p.seq
+		evt, err := c.receive(ctx, dev, p)
+		if err != nil {
+			if ctx.Err() == nil {
+				c.log.Warn("sandbox: receive message", "id", p.id, "err", err)
+			}
+			continue
+		}
+		if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
+			c.log.Warn("sandbox: count delivery", "err", err)
+		}
+		ok := c.dispatch(evt)
+		c.mu.Lock()
+		current := c.sock == s
+		c.mu.Unlock()
+		if !ok || !current {
+			continue // no ack: WhatsApp sends it again after a reconnect
+		}
+		if err := c.srv.ack(context.WithoutCancel(ctx), p.seq); err != nil {
+			c.log.Warn("sandbox: ack", "err", err)
+		}
+	}
+}
+
+// wait sleeps until next (if set), a wake-up or the socket's end.
+func (c *Client) wait(s *socket, next time.Time) {
+	var tc <-chan time.Time
+	if !next.IsZero() {
+		t := c.srv.clock.NewTimer(next.Sub(c.srv.clock.Now()))
+		defer t.Stop()
+		tc = t.Chan()
+	}
+	select {
+	case <-s.ctx.Done():
+	case <-s.wakeC:
+	case <-tc:
+	}
+}
