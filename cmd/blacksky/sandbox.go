@@ -13,10 +13,11 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-const sandboxUsage = `usage: blacksky sandbox <command> [flags]
+const sandboxUsage = `usage: blacksky sandbox link | inject | fault KIND | outbox [flags]
 
-Drives the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true),
-over the bus as backup-now does (NATS_URL, or NATS_LISTEN of the gateway).
+drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true).
+It reaches the process over the bus as backup-now does (NATS_URL, else
+$DATA_DIR/bus.json, else NATS_LISTEN).
 
 commands:
   link     [--phone N]                        link the device now, as if the QR code was scanned
@@ -30,7 +31,11 @@ commands:
 
 // cmdSandbox sends one request to P.sandbox.* and prints the reply.
 func (m *Main) cmdSandbox(ctx context.Context, args []string) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+		fmt.Fprint(m.Stdout, sandboxUsage)
+		return nil
+	}
+	if len(args) == 0 {
 		fmt.Fprint(m.Stderr, sandboxUsage)
 		return &UsageError{Msg: "sandbox: a command is required (link, inject, fault, outbox)"}
 	}

@@ -20,6 +20,7 @@ var commandFlags = map[string][]string{
 	"backup-now":  {"-reason", "-timeout"},
 	"restore":     {"-id", "-force"},
 	"healthcheck": {"-url", "-timeout"},
+	"sandbox":     {"--phone", "--from", "--count", "--rate"},
 }
 
 func TestEveryCommandHasHelp(t *testing.T) {
