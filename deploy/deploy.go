@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 )
 
@@ -23,7 +24,44 @@ var Generated = []struct {
 	{".env.example", EnvExample},
 	{"app.json", AppJSON},
 	{"docs/environment.md", EnvironmentDoc},
+	{"deploy/nats-server.conf", NATSServerConf},
 }
+
+// NATSServerConf is the sample configuration of an external nats-server
+// (NATS_URL) with the same roles as the embedded one, from shared/bus.
+func NATSServerConf() ([]byte, error) {
+	auth, err := bus.ServerConfig(false)
+	if err != nil {
+		return nil, err
+	}
+	return []byte(natsConfHeader + auth), nil
+}
+
+const natsConfHeader = `# nats-server configuration for an external NATS_URL, with the roles of
+# BLACKSKY-MD's embedded bus: each of our services may publish only its own
+# subjects, and the bots' credential may read events and send commands but
+# never speak for WhatsApp (conn.*), a service (heartbeat.*) or the session
+# (session.*). Without such a configuration the bus trusts every client.
+#
+#   NATS_TOKEN=... NATS_INTERNAL_SECRET=... nats-server -c nats-server.conf
+#
+# nats-server reads both passwords from its environment: give it the same
+# values as BLACKSKY-MD. Our services connect as users gateway, backup and
+# health with NATS_INTERNAL_SECRET. Bots connect as user "bot" with
+# NATS_TOKEN as the password (nats://bot:TOKEN@host:4222): a nats-server
+# cannot attach permissions to a bare token. For the sandbox
+# (WHATSAPP_SANDBOX), add "blacksky.*.sandbox.link", "blacksky.*.sandbox.inject"
+# and "blacksky.*.sandbox.fault" to the bot's publish list.
+#
+# Add TLS (tls { cert_file, key_file }) when clients reach it over the
+# internet: passwords travel with every connection.
+#
+# Generated from shared/bus/roles.go by: go run ./deploy/gen (do not edit).
+
+port: 4222
+
+`
+
 
 // ComposeFixed are the variables docker-compose.yml sets itself, per
 // service, because the topology depends on them: .env cannot change them.

@@ -35,12 +35,18 @@ type Main struct {
 	// Ready, when set, is called once a long-running role has bound its
 	// ports and started its services (tests wait on it instead of sleeping).
 	Ready func(info ReadyInfo)
+	// DefaultNATSListen, when set, replaces NATS_LISTEN's default
+	// (127.0.0.1:4222) while the variable is unset: tests choose the port.
+	DefaultNATSListen string
 }
 
 // ReadyInfo tells a test where a started role listens.
 type ReadyInfo struct {
 	HTTPAddr string // health service, when started
 	NATSURL  string // embedded NATS for other processes, when listening
+	// NATSToken is the bots' credential the embedded bus accepts
+	// (NATS_TOKEN or the generated one).
+	NATSToken string
 }
 
 // UsageError is a bad command line: exit code 2.
@@ -140,6 +146,8 @@ type app struct {
 	instance string
 	stdout   io.Writer
 	role     string
+	// natsListen is NATS_LISTEN or the default (Main.DefaultNATSListen).
+	natsListen string
 }
 
 // setup loads the config and builds the logger for a role.
@@ -154,12 +162,13 @@ func (m *Main) setup(role string) (*app, error) {
 		clock = clockwork.NewRealClock()
 	}
 	return &app{
-		cfg:      cfg,
-		log:      log.With("role", role),
-		clock:    clock,
-		instance: m.instance(role),
-		stdout:   m.Stdout,
-		role:     role,
+		cfg:        cfg,
+		log:        log.With("role", role),
+		clock:      clock,
+		instance:   m.instance(role),
+		stdout:     m.Stdout,
+		role:       role,
+		natsListen: m.natsListen(cfg),
 	}, nil
 }
 

@@ -33,8 +33,12 @@ type Config struct {
 	DatabaseMaxConns int
 
 	NATSURL    string // secret when it carries credentials
-	NATSListen string // empty: the command's default applies
-	NATSToken  string // secret
+	NATSListen string
+	// NATSListenSet: NATS_LISTEN was given, so a taken port is an error
+	// instead of a reason to pick a free one.
+	NATSListenSet      bool
+	NATSToken          string // secret
+	NATSInternalSecret string // secret
 
 	Production bool
 	Heroku     bool
@@ -126,7 +130,16 @@ func Load(getenv Getenv) (*Config, error) {
 	c.DatabaseMaxConns = p.intRange("DATABASE_MAX_CONNS", 1, 1000)
 	c.NATSURL = p.str("NATS_URL")
 	c.NATSListen = p.str("NATS_LISTEN")
+	c.NATSListenSet = strings.TrimSpace(getenv("NATS_LISTEN")) != ""
 	c.NATSToken = p.str("NATS_TOKEN")
+	c.NATSInternalSecret = p.str("NATS_INTERNAL_SECRET")
+	switch {
+	case c.NATSInternalSecret == "":
+	case len(c.NATSInternalSecret) < 16:
+		p.fail("NATS_INTERNAL_SECRET", "at least 16 characters (generate with: openssl rand -hex 32)", c.NATSInternalSecret)
+	case c.NATSInternalSecret == c.NATSToken:
+		p.fail("NATS_INTERNAL_SECRET", "a secret other than NATS_TOKEN (bots hold NATS_TOKEN)", c.NATSInternalSecret)
+	}
 
 	env := p.str("BLACKSKY_ENV")
 	if env == "" {
@@ -174,7 +187,7 @@ func Load(getenv Getenv) (*Config, error) {
 		p.fail("LOG_FORMAT", "text or json", c.LogFormat)
 	}
 
-	if p.err == nil && c.NATSListen != "" {
+	if p.err == nil && c.NATSListenSet {
 		if err := ValidateListen(c.NATSListen, c.NATSToken); err != nil {
 			return nil, err
 		}
@@ -420,7 +433,7 @@ func RedactURL(raw string) string {
 // that none of them leaks.
 func (c *Config) Secrets() []string {
 	var out []string
-	for _, s := range []string{c.NATSToken, c.HealthToken} {
+	for _, s := range []string{c.NATSToken, c.NATSInternalSecret, c.HealthToken} {
 		if s != "" {
 			out = append(out, s)
 		}
