@@ -62,7 +62,6 @@ port: 4222
 
 `
 
-
 // ComposeFixed are the variables docker-compose.yml sets itself, per
 // service, because the topology depends on them: .env cannot change them.
 var ComposeFixed = map[string]map[string]string{
@@ -82,9 +81,10 @@ var ComposeDefaults = map[string]string{
 }
 
 // ComposeRequired are the variables docker compose refuses to start
-// without (`${VAR:?...}`): NATS listens on 0.0.0.0 inside the network, and
+// without (`${VAR:?...}`): NATS listens on 0.0.0.0 inside the network, its
+// three processes share the internal secret of the bus' roles, and
 // production needs an encryption key for snapshots and a token for /pair.
-var ComposeRequired = []string{"NATS_TOKEN", "SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN"}
+var ComposeRequired = []string{"NATS_TOKEN", "NATS_INTERNAL_SECRET", "SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN"}
 
 // HerokuOmitted are variables app.json must not set, with the reason.
 var HerokuOmitted = map[string]string{

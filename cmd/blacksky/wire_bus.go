@@ -123,10 +123,9 @@ func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
 // holds 4222): a free loopback port is taken instead. A taken NATS_LISTEN
 // that the operator chose is an error naming it.
 func (a *app) startBus() (*bus.Server, error) {
-	opts := bus.ServerOptions{Listen: a.natsListen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret,
-		// Sandbox: set from WHATSAPP_SANDBOX once the sandbox lands (the
-		// bots' credential may then publish sandbox.link/inject/fault).
-	}
+	// Sandbox stays off until WHATSAPP_SANDBOX is parsed by config: the
+	// bots' credential may then also publish sandbox.link/inject/fault.
+	opts := bus.ServerOptions{Listen: a.natsListen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret}
 	srv, err := bus.StartServer(opts)
 	var le *bus.ListenError
 	if errors.As(err, &le) {
@@ -162,7 +161,9 @@ func (a *app) natsCommand(url string, generated bool) string {
 	}
 	withToken := strings.Replace(url, "nats://", "nats://"+token+"@", 1)
 	subject := bus.NewSubjects(a.cfg.SessionID).ConnAll()
-	return fmt.Sprintf(`nats --server "%s" sub '%s'`, withToken, subject)
+	// No double quotes: the log's text format would escape them, and the
+	// line must paste as it is (the token is hex, safe unquoted).
+	return fmt.Sprintf(`nats --server %s sub '%s'`, withToken, subject)
 }
 
 func shellQuote(s string) string {
