@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -142,6 +143,26 @@ func TestBackupNowFindsTheDefaultRun(t *testing.T) {
 		"backup-now", "--timeout", "5s")
 	if code != 1 || !strings.Contains(errOut, "nats://127.0.0.1:1") || !strings.Contains(errOut, "NATS_LISTEN") {
 		t.Fatalf("backup-now with no bus: exit %d, %q", code, errOut)
+	}
+
+	// A bus.json left by a crash (its process gone) is not followed, even
+	// when something answers at its address, and the error says why.
+	other, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: f.Token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Shutdown()
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.WriteBusFile(dataDir, bus.BusFile{URL: other.ClientURL(), Token: f.Token, PID: dead.Process.Pid}); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut = runMain(t, context.Background(), map[string]string{"DATA_DIR": dataDir, "NATS_LISTEN": "127.0.0.1:1"},
+		"backup-now", "--timeout", "5s")
+	if code != 1 || !strings.Contains(errOut, "nats://127.0.0.1:1") || !strings.Contains(errOut, "stale") {
+		t.Fatalf("backup-now with a stale bus.json: exit %d, %q", code, errOut)
 	}
 }
 

@@ -199,8 +199,10 @@ func (a *app) busURL() (url, from, token string) {
 	switch {
 	case err == nil:
 		return f.URL, a.busFilePath(), f.Token
+	case errors.Is(err, bus.ErrStaleBusFile):
+		return "nats://" + a.natsListen, fmt.Sprintf("NATS_LISTEN; %s is stale: process %d is gone", a.busFilePath(), f.PID), ""
 	case !errors.Is(err, os.ErrNotExist):
-		a.log.Debug("ignoring bus.json", "err", err)
+		return "nats://" + a.natsListen, "NATS_LISTEN; " + err.Error(), ""
 	}
 	return "nats://" + a.natsListen, "NATS_LISTEN", ""
 }
