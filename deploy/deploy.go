@@ -88,6 +88,7 @@ var ComposeRequired = []string{"NATS_TOKEN", "NATS_INTERNAL_SECRET", "SESSION_EN
 
 // HerokuOmitted are variables app.json must not set, with the reason.
 var HerokuOmitted = map[string]string{
+	"NATS_LISTEN":  "left unset, so the bus stays on loopback inside the dyno and takes a free port if 4222 is taken",
 	"DATABASE_URL": "set by the heroku-postgresql add-on",
 	"PORT":         "set by Heroku on every dyno",
 }
