@@ -13,9 +13,6 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// defaultNATSListen is NATS_LISTEN's default; see config.Vars.
-const defaultNATSListen = "127.0.0.1:4222"
-
 // natsListen is where an embedded bus listens: NATS_LISTEN when set, else
 // the default (which tests replace through Main.DefaultNATSListen).
 func (m *Main) natsListen(cfg *config.Config) string {
@@ -105,7 +102,8 @@ func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
 	if srv.TokenGenerated() {
 		f.Token = srv.BotToken()
 	}
-	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err == nil {
+	err = os.MkdirAll(a.cfg.DataDir, 0o700)
+	if err == nil {
 		err = bus.WriteBusFile(a.cfg.DataDir, f)
 	}
 	if err != nil {

@@ -2,13 +2,16 @@ package bus_test
 
 import (
 	"errors"
+	"log/slog"
 	"os"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/logging"
 	"github.com/nats-io/nats-server/v2/server"
@@ -358,4 +361,45 @@ func TestOnlyServicesAnswerRequests(t *testing.T) {
 	if err != nil || string(reply.Data) != `{"ok":true}` {
 		t.Fatalf("bot's msg.send: %v, %v", reply, err)
 	}
+}
+
+// TestRefusedServiceCredentialIsLogged: a service whose secret differs from
+// the bus's keeps retrying (split processes start in any order) and says
+// at once why it cannot join.
+func TestRefusedServiceCredentialIsLogged(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: testToken, InternalSecret: testSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown()
+	var logs syncBuffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	nc, err := bus.ConnectWith(srv.ClientURL(), bus.RoleCredential(bus.RoleBackup, "another-secret-of-16+"), "backup", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	testwait.For(t, 10*time.Second, "the refusal in the log", func() bool {
+		return strings.Contains(logs.String(), "refuses this process's credential")
+	})
+	if nc.IsConnected() {
+		t.Fatal("connected with a wrong secret")
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

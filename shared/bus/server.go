@@ -12,6 +12,7 @@ import (
 	neturl "net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -217,7 +218,27 @@ func StripUserinfo(urls string) string {
 }
 
 func connect(url, name string, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
+	var mu sync.Mutex
+	lastRetryErr := ""
 	opts := append([]nats.Option{
+		// A connection that keeps retrying says why once per cause, not
+		// at every attempt: a refused credential never fixes itself.
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err == nil {
+				return
+			}
+			mu.Lock()
+			same := err.Error() == lastRetryErr
+			lastRetryErr = err.Error()
+			mu.Unlock()
+			switch {
+			case same:
+			case errors.Is(err, nats.ErrAuthorization) || strings.Contains(strings.ToLower(err.Error()), "authorization violation"):
+				log.Error("nats refuses this process's credential; retrying (check NATS_INTERNAL_SECRET, or NATS_TOKEN for a bot)", "err", redactErr(err, url))
+			default:
+				log.Warn("nats not reachable yet; retrying", "err", redactErr(err, url))
+			}
+		}),
 		nats.Name(name),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
