@@ -70,18 +70,18 @@ func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
 		if a.cfg.NATSInternalSecret == "" {
 			a.log.Warn("NATS_URL without NATS_INTERNAL_SECRET: our services connect with NATS_TOKEN, so the bus "+
 				"cannot tell them from any bot holding it; configure the server from deploy/nats-server.conf and set NATS_INTERNAL_SECRET",
-				"url", config.RedactURL(a.cfg.NATSURL))
+				"url", bus.StripUserinfo(a.cfg.NATSURL))
 			cred = func(bus.Role) bus.Credential { return bus.BotCredential(a.cfg.NATSToken) }
 		}
 		for _, r := range roles {
 			nc, err := bus.ConnectWith(a.cfg.NATSURL, cred(r), "blacksky-"+string(r), a.log)
 			if err != nil {
 				h.close()
-				return nil, fmt.Errorf("NATS_URL %s: %w", config.RedactURL(a.cfg.NATSURL), err)
+				return nil, fmt.Errorf("NATS_URL %s: %w", bus.StripUserinfo(a.cfg.NATSURL), err)
 			}
 			h.conns[r] = nc
 		}
-		a.log.Info("nats: external server", "url", config.RedactURL(a.cfg.NATSURL))
+		a.log.Info("nats: external server", "url", bus.StripUserinfo(a.cfg.NATSURL))
 		return h, nil
 	}
 	srv, err := a.startBus()
@@ -180,9 +180,9 @@ func (a *app) serviceBus(role bus.Role) (*busHandle, error) {
 	url, from, _ := a.busURL()
 	nc, err := bus.ConnectWith(url, bus.RoleCredential(role, a.cfg.NATSInternalSecret), "blacksky-"+string(role), a.log)
 	if err != nil {
-		return nil, fmt.Errorf("nats at %s (from %s): %w", config.RedactURL(url), from, err)
+		return nil, fmt.Errorf("nats at %s (from %s): %w", bus.StripUserinfo(url), from, err)
 	}
-	a.log.Info("nats: connecting", "url", config.RedactURL(url), "from", from)
+	a.log.Info("nats: connecting", "url", bus.StripUserinfo(url), "from", from)
 	return &busHandle{conns: map[bus.Role]*nats.Conn{role: nc}}, nil
 }
 

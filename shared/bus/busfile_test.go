@@ -73,3 +73,39 @@ func TestRemoveBusFileKeepsAnotherProcesssFile(t *testing.T) {
 		t.Fatalf("own bus.json kept: %v", err)
 	}
 }
+
+func TestStripUserinfo(t *testing.T) {
+	tests := map[string]string{
+		"nats://127.0.0.1:4222":                       "nats://127.0.0.1:4222",
+		"nats://tok@h:4222":                           "nats://h:4222",
+		"nats://u:p%40ss@h:4222":                      "nats://h:4222",
+		"tls://u:pw@a:4222, nats://tok2@b:4222":       "tls://a:4222,nats://b:4222",
+		"nats://u:p@ss@h:4222/x?y=z":                  "nats://h:4222/x?y=z",
+		"nats://tok@h1,nats://h2,nats://u:pass@h3:1/": "nats://h1,nats://h2,nats://h3:1/",
+		"tok@h:4222":                                  "h:4222",
+	}
+	for in, want := range tests {
+		if got := bus.StripUserinfo(in); got != want {
+			t.Errorf("StripUserinfo(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// FuzzReadBusFile: whatever lies in DATA_DIR/bus.json, reading it never
+// panics, and a file it accepts names an address.
+func FuzzReadBusFile(f *testing.F) {
+	f.Add([]byte(`{"url":"nats://127.0.0.1:4222","token":"t","pid":0}`))
+	f.Add([]byte(`{"url":""}`))
+	f.Add([]byte(`not json`))
+	f.Add([]byte(`{"url":"nats://h","pid":-5}`))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if err := os.WriteFile(filepath.Join(dir, bus.BusFileName), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		bf, err := bus.ReadBusFile(dir)
+		if err == nil && bf.URL == "" {
+			t.Fatalf("accepted %q without an address", data)
+		}
+	})
+}

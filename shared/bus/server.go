@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	neturl "net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -203,16 +202,24 @@ func Dial(url string, cred Credential, name string, timeout time.Duration, log *
 }
 
 // StripUserinfo removes user names, passwords and tokens from a NATS URL
-// or a comma-separated list of them.
+// or a comma-separated list of them, parsable or not, so the result can be
+// logged or used with credentials of another kind.
 func StripUserinfo(urls string) string {
 	parts := strings.Split(urls, ",")
 	for i, p := range parts {
 		p = strings.TrimSpace(p)
-		if u, err := neturl.Parse(p); err == nil && u.User != nil {
-			u.User = nil
-			p = u.String()
+		rest, scheme := p, ""
+		if j := strings.Index(p, "://"); j >= 0 {
+			scheme, rest = p[:j+3], p[j+3:]
 		}
-		parts[i] = p
+		authority := rest
+		if j := strings.IndexAny(rest, "/?#"); j >= 0 {
+			authority = rest[:j]
+		}
+		if j := strings.LastIndex(authority, "@"); j >= 0 {
+			rest = rest[j+1:]
+		}
+		parts[i] = scheme + rest
 	}
 	return strings.Join(parts, ",")
 }
