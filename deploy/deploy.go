@@ -50,8 +50,9 @@ const natsConfHeader = `# nats-server configuration for an external NATS_URL, wi
 # health with NATS_INTERNAL_SECRET. Bots connect as user "bot" with
 # NATS_TOKEN as the password (nats://bot:TOKEN@host:4222): a nats-server
 # cannot attach permissions to a bare token. For the sandbox
-# (WHATSAPP_SANDBOX), add "blacksky.*.sandbox.link", "blacksky.*.sandbox.inject"
-# and "blacksky.*.sandbox.fault" to the bot's publish list.
+# (WHATSAPP_SANDBOX), add "blacksky.*.sandbox.link", "blacksky.*.sandbox.inject",
+# "blacksky.*.sandbox.fault" and "blacksky.*.sandbox.outbox" to the bot's
+# publish list.
 #
 # Add TLS (tls { cert_file, key_file }) when clients reach it over the
 # internet: passwords travel with every connection.

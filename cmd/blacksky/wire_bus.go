@@ -121,8 +121,9 @@ func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
 // holds 4222): a free loopback port is taken instead. A taken NATS_LISTEN
 // that the operator chose is an error naming it.
 func (a *app) startBus() (*bus.Server, error) {
-	// Sandbox stays off until WHATSAPP_SANDBOX is parsed by config: the
-	// bots' credential may then also publish sandbox.link/inject/fault.
+	// Sandbox (the bots' credential may also publish sandbox.link, inject,
+	// fault and outbox) stays off until config parses WHATSAPP_SANDBOX:
+	// then Sandbox: a.cfg.WhatsAppSandbox.
 	opts := bus.ServerOptions{Listen: a.natsListen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret}
 	srv, err := bus.StartServer(opts)
 	var le *bus.ListenError

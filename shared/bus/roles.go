@@ -70,11 +70,14 @@ var grants = map[Role]grant{
 		respond: true, // backup.request and session.restore replies
 	},
 	RoleHealth: {
-		publish: []string{"heartbeat." + ServiceHealth},
+		publish: []string{
+			"heartbeat." + ServiceHealth,
+			"sandbox.link", // /pair's "link now" button, in sandbox mode
+		},
 	},
 	RoleBot: {
 		publish:        []string{"msg.send", "backup.request"},
-		sandboxPublish: []string{"sandbox.link", "sandbox.inject", "sandbox.fault"},
+		sandboxPublish: []string{"sandbox.link", "sandbox.inject", "sandbox.fault", "sandbox.outbox"},
 		// Events only: a bot that could subscribe to a command subject
 		// (session.restore, msg.send) would receive the requests and could
 		// answer them in place of our services.
