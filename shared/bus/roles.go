@@ -59,7 +59,7 @@ var grants = map[Role]grant{
 	RoleGateway: {
 		publish: []string{
 			"conn.*", "msg.in", "heartbeat." + ServiceGateway,
-			"session.restore", // request to backup, at start
+			"session.restore", "session.restore.*", // request to (its own instance's) backup
 			"backup.request",  // the owner's .backup command
 			"sandbox.out",     // every send the sandbox records
 		},
