@@ -146,8 +146,6 @@ type app struct {
 	instance string
 	stdout   io.Writer
 	role     string
-	// natsListen is NATS_LISTEN or the default (Main.DefaultNATSListen).
-	natsListen string
 }
 
 // setup loads the config and builds the logger for a role.
@@ -162,13 +160,12 @@ func (m *Main) setup(role string) (*app, error) {
 		clock = clockwork.NewRealClock()
 	}
 	return &app{
-		cfg:        cfg,
-		log:        log.With("role", role),
-		clock:      clock,
-		instance:   m.instance(role),
-		stdout:     m.Stdout,
-		role:       role,
-		natsListen: m.natsListen(cfg),
+		cfg:      cfg,
+		log:      log.With("role", role),
+		clock:    clock,
+		instance: m.instance(role),
+		stdout:   m.Stdout,
+		role:     role,
 	}, nil
 }
 

@@ -155,7 +155,7 @@ func (m *Main) cmdRun(ctx context.Context, args []string) error {
 	if a.cfg.EnableSessionBackup {
 		roles = append(roles, bus.RoleBackup)
 	}
-	bh, err := a.busFor(roles...)
+	bh, err := a.busFor(m.natsListen(a.cfg), roles...)
 	if err != nil {
 		ln.Close()
 		return err
@@ -197,7 +197,7 @@ func (m *Main) cmdGateway(ctx context.Context, args []string) error {
 		return err
 	}
 	m.memoryLimit(a)
-	bh, err := a.busFor(bus.RoleGateway)
+	bh, err := a.busFor(m.natsListen(a.cfg), bus.RoleGateway)
 	if err != nil {
 		return err
 	}

@@ -63,7 +63,7 @@ func (h *busHandle) close() {
 // its own role: to an external NATS_URL, or to the embedded server, which
 // listens on NATS_LISTEN (a free loopback port when the default is taken)
 // and is announced in $DATA_DIR/bus.json for the CLI.
-func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
+func (a *app) busFor(listen string, roles ...bus.Role) (*busHandle, error) {
 	h := &busHandle{conns: map[bus.Role]*nats.Conn{}}
 	if a.cfg.NATSURL != "" {
 		cred := func(r bus.Role) bus.Credential { return bus.RoleCredential(r, a.cfg.NATSInternalSecret) }
@@ -84,7 +84,7 @@ func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
 		a.log.Info("nats: external server", "url", bus.StripUserinfo(a.cfg.NATSURL))
 		return h, nil
 	}
-	srv, err := a.startBus()
+	srv, err := a.startBus(listen)
 	if err != nil {
 		return nil, err
 	}
@@ -120,23 +120,23 @@ func (a *app) busFor(roles ...bus.Role) (*busHandle, error) {
 // is no reason to stop (another bus, such as a system NATS server, often
 // holds 4222): a free loopback port is taken instead. A taken NATS_LISTEN
 // that the operator chose is an error naming it.
-func (a *app) startBus() (*bus.Server, error) {
+func (a *app) startBus(listen string) (*bus.Server, error) {
 	// Sandbox (the bots' credential may also publish sandbox.link, inject,
 	// fault and outbox) stays off until config parses WHATSAPP_SANDBOX:
 	// then Sandbox: a.cfg.WhatsAppSandbox.
-	opts := bus.ServerOptions{Listen: a.natsListen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret}
+	opts := bus.ServerOptions{Listen: listen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret}
 	srv, err := bus.StartServer(opts)
 	var le *bus.ListenError
 	if errors.As(err, &le) {
 		if a.cfg.NATSListenSet {
 			return nil, fmt.Errorf("NATS_LISTEN %s: %w (another process listens there: choose another address, or unset NATS_LISTEN to use a free loopback port)", le.Addr, le.Err)
 		}
-		host, _, _ := net.SplitHostPort(a.natsListen)
+		host, _, _ := net.SplitHostPort(listen)
 		opts.Listen = net.JoinHostPort(host, "0")
 		srv, err = bus.StartServer(opts)
 		if err == nil {
 			a.log.Warn("nats: the default NATS_LISTEN address is taken; listening on a free port instead (see bus.json)",
-				"taken", a.natsListen, "url", srv.ClientURL())
+				"taken", listen, "url", srv.ClientURL())
 		}
 	}
 	if err != nil {
@@ -199,11 +199,11 @@ func (a *app) busURL() (url, from, token string) {
 	case err == nil:
 		return f.URL, a.busFilePath(), f.Token
 	case errors.Is(err, bus.ErrStaleBusFile):
-		return "nats://" + a.natsListen, fmt.Sprintf("NATS_LISTEN; %s is stale: process %d is gone", a.busFilePath(), f.PID), ""
+		return "nats://" + a.cfg.NATSListen, fmt.Sprintf("NATS_LISTEN; %s is stale: process %d is gone", a.busFilePath(), f.PID), ""
 	case !errors.Is(err, os.ErrNotExist):
-		return "nats://" + a.natsListen, "NATS_LISTEN; " + err.Error(), ""
+		return "nats://" + a.cfg.NATSListen, "NATS_LISTEN; " + err.Error(), ""
 	}
-	return "nats://" + a.natsListen, "NATS_LISTEN", ""
+	return "nats://" + a.cfg.NATSListen, "NATS_LISTEN", ""
 }
 
 // clientBus connects a command-line client (backup-now and every command
