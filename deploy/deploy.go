@@ -89,7 +89,7 @@ var ComposeRequired = []string{"NATS_TOKEN", "NATS_INTERNAL_SECRET", "SESSION_EN
 
 // HerokuOmitted are variables app.json must not set, with the reason.
 var HerokuOmitted = map[string]string{
-	"NATS_LISTEN":  "left unset, so the bus stays on loopback inside the dyno and takes a free port if 4222 is taken",
+	"NATS_LISTEN":  "the default keeps the bus on loopback inside the dyno, on a free port if 4222 is taken",
 	"DATABASE_URL": "set by the heroku-postgresql add-on",
 	"PORT":         "set by Heroku on every dyno",
 }
@@ -365,7 +365,7 @@ message naming the variable and what it accepts (never the value of a secret).
 		}
 	}
 	omitted := slices.Sorted(maps.Keys(HerokuOmitted))
-	fmt.Fprintf(&b, "- Heroku (`app.json`) sets %s, generates %s (64 hex characters each), and leaves %s to Heroku (%s).\n",
+	fmt.Fprintf(&b, "- Heroku (`app.json`) sets %s, generates %s (64 hex characters each), and leaves %s unset (%s).\n",
 		joinCode(pairs(HerokuValues)), joinCode(generated), joinCode(omitted), heroOmitReasons(omitted))
 	return []byte(b.String()), nil
 }
