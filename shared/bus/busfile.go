@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -69,7 +70,20 @@ func WriteBusFile(dir string, f BusFile) error {
 // ErrStaleBusFile.
 func ReadBusFile(dir string) (BusFile, error) {
 	var f BusFile
-	data, err := os.ReadFile(filepath.Join(dir, BusFileName))
+	path := filepath.Join(dir, BusFileName)
+	fh, err := os.Open(path)
+	if err != nil {
+		return f, err
+	}
+	defer fh.Close()
+	fi, err := fh.Stat()
+	if err != nil {
+		return f, err
+	}
+	if err := checkOwner(fi); err != nil {
+		return f, fmt.Errorf("%s: not trusted: %w", path, err)
+	}
+	data, err := io.ReadAll(io.LimitReader(fh, 64<<10))
 	if err != nil {
 		return f, err
 	}

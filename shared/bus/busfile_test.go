@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,4 +109,19 @@ func FuzzReadBusFile(f *testing.F) {
 			t.Fatalf("accepted %q without an address", data)
 		}
 	})
+}
+
+// A bus.json that others could have written is not trusted: it could send
+// this user's token to another server.
+func TestBusFileWritableByOthersIsRefused(t *testing.T) {
+	dir := t.TempDir()
+	if err := bus.WriteBusFile(dir, bus.BusFile{URL: "nats://127.0.0.1:4567", PID: os.Getpid()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(dir, bus.BusFileName), 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.ReadBusFile(dir); err == nil || !strings.Contains(err.Error(), "not trusted") {
+		t.Fatalf("bus.json writable by others: err = %v, want refused", err)
+	}
 }

@@ -60,8 +60,8 @@ var grants = map[Role]grant{
 		publish: []string{
 			"conn.*", "msg.in", "heartbeat." + ServiceGateway,
 			"session.restore", "session.restore.*", // request to (its own instance's) backup
-			"backup.request",  // the owner's .backup command
-			"sandbox.out",     // every send the sandbox records
+			"backup.request", // the owner's .backup command
+			"sandbox.out",    // every send the sandbox records
 		},
 		respond: true, // msg.send, sandbox.* replies
 	},
