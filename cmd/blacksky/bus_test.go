@@ -14,8 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 )
 
@@ -98,19 +100,15 @@ func TestBackupNowFindsTheDefaultRun(t *testing.T) {
 	}
 
 	// The CLI of the same user: the environment names no bus at all.
-	var out string
+	var out, errOut string
 	var code int
-	var errOut string
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	testwait.For(t, 30*time.Second, "backup-now to get an answer", func() bool {
 		code, out, errOut = runMain(t, context.Background(), map[string]string{"SESSION_ID": "Bus File", "DATA_DIR": dataDir},
 			"backup-now", "--timeout", "20s")
 		// The backup service may not serve backup.request yet at the very
-		// start; anything else is a failure.
-		if code == 0 || !strings.Contains(errOut, "no backup service") || time.Now().After(deadline) {
-			break
-		}
-	}
+		// start; anything else is a result.
+		return code == 0 || !strings.Contains(errOut, "no backup service")
+	})
 	var rep bus.BackupReply
 	if code != 0 || json.Unmarshal([]byte(out), &rep) != nil || !rep.OK {
 		t.Fatalf("backup-now beside the default run: exit %d, %q, %q", code, out, errOut)
@@ -208,4 +206,110 @@ func TestTakenExplicitNATSListenFails(t *testing.T) {
 func portOf(addr string) string {
 	_, p, _ := net.SplitHostPort(addr)
 	return p
+}
+
+// TestRunOnTheSampleServerConfig: `blacksky run` against an external
+// nats-server configured from deploy/nats-server.conf, as docs/heroku.md
+// says: every service joins as its role (their heartbeats arrive, backup
+// may answer a bot's backup.request), and a bot cannot speak for them.
+func TestRunOnTheSampleServerConfig(t *testing.T) {
+	const token, secret = "sample-conf-bots-token", "sample-conf-internal-secret"
+	t.Setenv("NATS_TOKEN", token)
+	t.Setenv("NATS_INTERNAL_SECRET", secret)
+	opts, err := server.ProcessConfigFile("../../deploy/nats-server.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.Host, opts.Port, opts.NoLog, opts.NoSigs = "127.0.0.1", -1, true, true
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Start()
+	defer ns.Shutdown()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	dataDir := t.TempDir()
+	if err := wastore.Create(context.Background(), filepath.Join(dataDir, "session.db"), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{"SESSION_ID": "Sample Conf", "DATA_DIR": dataDir, "PORT": "0", "NATS_URL": ns.ClientURL(),
+		"NATS_TOKEN": token, "NATS_INTERNAL_SECRET": secret, "RECONNECT_MIN": "20ms", "RECONNECT_MAX": "200ms", "SHUTDOWN_TIMEOUT": "20s"}
+	_, logs, stop := startDefault(t, env, "", "run")
+	if strings.Contains(logs.String(), "trusts") || strings.Contains(logs.String(), "cannot tell them") {
+		t.Fatalf("warned about an untrusted bus although roles are configured:\n%s", logs.String())
+	}
+
+	// A bot, as the file's header says: user "bot", NATS_TOKEN as password.
+	bot, err := bus.Dial(ns.ClientURL(), bus.Credential{User: "bot", Password: token}, "bot", 5*time.Second, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bot.Close()
+	subj := bus.NewSubjects("Sample Conf")
+	beats := make(chan *nats.Msg, 64)
+	if _, err := bot.ChanSubscribe(subj.HeartbeatAll(), beats); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	deadline := time.After(3 * bus.HeartbeatInterval)
+	for len(seen) < 3 {
+		select {
+		case m := <-beats:
+			seen[bus.Kind(m.Subject)] = true
+		case <-deadline:
+			t.Fatalf("heartbeats seen from %v, want gateway, backup and health\n%s", seen, logs.String())
+		}
+	}
+	var rep bus.BackupReply
+	var reqErr error
+	testwait.For(t, 30*time.Second, "backup to serve backup.request", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		reqErr = bus.Request(ctx, bot, subj.BackupRequest(), bus.BackupRequest{Reason: bus.ReasonManual}, &rep)
+		return !errors.Is(reqErr, nats.ErrNoResponders)
+	})
+	if reqErr != nil || !rep.OK {
+		t.Fatalf("backup.request as a bot: %+v, %v\n%s", rep, reqErr, logs.String())
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+}
+
+// TestRunOnAnUnconfiguredServerWarns: an external NATS_URL without
+// NATS_INTERNAL_SECRET still works as before (our services connect with
+// NATS_TOKEN), and the log says that such a bus trusts everyone.
+func TestRunOnAnUnconfiguredServerWarns(t *testing.T) {
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true, Authorization: "plain-token"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Start()
+	defer ns.Shutdown()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	env := map[string]string{"SESSION_ID": "Plain", "DATA_DIR": t.TempDir(), "PORT": "0", "NATS_URL": ns.ClientURL(),
+		"NATS_TOKEN": "plain-token", "ENABLE_SESSION_BACKUP": "false"}
+	_, logs, stop := startDefault(t, env, "", "run")
+	if !strings.Contains(logs.String(), "without NATS_INTERNAL_SECRET") || !strings.Contains(logs.String(), "deploy/nats-server.conf") {
+		t.Fatalf("no warning about a bus that trusts everyone:\n%s", logs.String())
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+}
+
+// TestSplitRolesNeedTheInternalSecret: backup and health in their own
+// processes cannot join a bus with roles without it: exit 2, named.
+func TestSplitRolesNeedTheInternalSecret(t *testing.T) {
+	for _, role := range []string{"backup", "health"} {
+		env := map[string]string{"DATA_DIR": t.TempDir(), "PORT": "0", "NATS_URL": "nats://127.0.0.1:1", "NATS_TOKEN": "a-token"}
+		code, _, errOut := runMain(t, context.Background(), env, role)
+		if code != 2 || !strings.Contains(errOut, "NATS_INTERNAL_SECRET") {
+			t.Fatalf("%s without NATS_INTERNAL_SECRET: exit %d, %q", role, code, errOut)
+		}
+	}
 }
