@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 )
 
@@ -23,7 +24,44 @@ var Generated = []struct {
 	{".env.example", EnvExample},
 	{"app.json", AppJSON},
 	{"docs/environment.md", EnvironmentDoc},
+	{"deploy/nats-server.conf", NATSServerConf},
 }
+
+// NATSServerConf is the sample configuration of an external nats-server
+// (NATS_URL) with the same roles as the embedded one, from shared/bus.
+func NATSServerConf() ([]byte, error) {
+	auth, err := bus.ServerConfig(false)
+	if err != nil {
+		return nil, err
+	}
+	return []byte(natsConfHeader + auth), nil
+}
+
+const natsConfHeader = `# nats-server configuration for an external NATS_URL, with the roles of
+# BLACKSKY-MD's embedded bus: each of our services may publish only its own
+# subjects, and the bots' credential may read events and send commands but
+# never speak for WhatsApp (conn.*), a service (heartbeat.*) or the session
+# (session.*). Without such a configuration the bus trusts every client.
+#
+#   NATS_TOKEN=... NATS_INTERNAL_SECRET=... nats-server -c nats-server.conf
+#
+# nats-server reads both passwords from its environment: give it the same
+# values as BLACKSKY-MD. Our services connect as users gateway, backup and
+# health with NATS_INTERNAL_SECRET. Bots connect as user "bot" with
+# NATS_TOKEN as the password (nats://bot:TOKEN@host:4222): a nats-server
+# cannot attach permissions to a bare token. For the sandbox
+# (WHATSAPP_SANDBOX), add "blacksky.*.sandbox.link", "blacksky.*.sandbox.inject",
+# "blacksky.*.sandbox.fault" and "blacksky.*.sandbox.outbox" to the bot's
+# publish list.
+#
+# Add TLS (tls { cert_file, key_file }) when clients reach it over the
+# internet: passwords travel with every connection.
+#
+# Generated from shared/bus/roles.go by: go run ./deploy/gen (do not edit).
+
+port: 4222
+
+`
 
 // ComposeFixed are the variables docker-compose.yml sets itself, per
 // service, because the topology depends on them: .env cannot change them.
@@ -43,10 +81,11 @@ var ComposeDefaults = map[string]string{
 }
 
 // ComposeRequired are the variables docker compose refuses to start
-// without (`${VAR:?...}`): NATS listens on 0.0.0.0 inside the network,
+// without (`${VAR:?...}`): NATS listens on 0.0.0.0 inside the network, its
+// three processes share the internal secret of the bus' roles,
 // production needs an encryption key for snapshots and a token for /pair, and
 // the database holds the snapshots (plaintext without a key) and the lease.
-var ComposeRequired = []string{"NATS_TOKEN", "SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN", "POSTGRES_PASSWORD"}
+var ComposeRequired = []string{"NATS_TOKEN", "NATS_INTERNAL_SECRET", "SESSION_ENCRYPTION_KEY", "HEALTH_TOKEN", "POSTGRES_PASSWORD"}
 
 // ComposeOnlyVars are variables of .env that only docker-compose.yml reads,
 // not the binary.
@@ -70,6 +109,7 @@ func lookupVar(name string) (config.Var, bool) {
 
 // HerokuOmitted are variables app.json must not set, with the reason.
 var HerokuOmitted = map[string]string{
+	"NATS_LISTEN":  "the default keeps the bus on loopback inside the dyno, on a free port if 4222 is taken",
 	"DATABASE_URL": "set by the heroku-postgresql add-on",
 	"PORT":         "set by Heroku on every dyno",
 }
@@ -345,7 +385,7 @@ message naming the variable and what it accepts (never the value of a secret).
 		}
 	}
 	omitted := slices.Sorted(maps.Keys(HerokuOmitted))
-	fmt.Fprintf(&b, "- Heroku (`app.json`) sets %s, generates %s (64 hex characters each), and leaves %s to Heroku (%s).\n",
+	fmt.Fprintf(&b, "- Heroku (`app.json`) sets %s, generates %s (64 hex characters each), and leaves %s unset (%s).\n",
 		joinCode(pairs(HerokuValues)), joinCode(generated), joinCode(omitted), heroOmitReasons(omitted))
 	return []byte(b.String()), nil
 }

@@ -568,7 +568,8 @@ func TestSplitTopology(t *testing.T) {
 	session := "E2E-" + randomHex(t, 4)
 	subj := bus.NewSubjects(session)
 	natsToken, healthToken, key := randomHex(t, 32), randomHex(t, 32), randomHex(t, 32)
-	secrets := []string{natsToken, healthToken, key}
+	internalSecret := randomHex(t, 32)
+	secrets := []string{natsToken, healthToken, key, internalSecret}
 	// The processes connect as a role with a password, as under compose.
 	procDB, dbPassword := passwordRole(t, db)
 	if dbPassword != "" {
@@ -583,7 +584,7 @@ func TestSplitTopology(t *testing.T) {
 	// four secrets; then what differs outside Docker: loopback instead of
 	// the compose network, temporary folders, the test database, free ports.
 	svcs := composeTopology(t, map[string]string{
-		"NATS_TOKEN": natsToken, "HEALTH_TOKEN": healthToken, "SESSION_ENCRYPTION_KEY": key,
+		"NATS_TOKEN": natsToken, "NATS_INTERNAL_SECRET": internalSecret, "HEALTH_TOKEN": healthToken, "SESSION_ENCRYPTION_KEY": key,
 		"POSTGRES_PASSWORD": randomHex(t, 32), // the compose database's; DATABASE_URL is replaced below
 	})
 	local := func(name, dir string, port int) env {

@@ -56,7 +56,8 @@ func TestBackupCommandUsageErrors(t *testing.T) {
 	}
 	// Production without a key refuses to start: plaintext sessions at rest
 	// only when asked for.
-	prod := map[string]string{"DATA_DIR": t.TempDir(), "NODE_ENV": "production", "NATS_URL": "nats://127.0.0.1:1"}
+	prod := map[string]string{"DATA_DIR": t.TempDir(), "NODE_ENV": "production", "NATS_URL": "nats://127.0.0.1:1",
+		"NATS_INTERNAL_SECRET": "backup-usage-internal-secret"}
 	code, _, errOut := runMain(t, context.Background(), prod, "backup")
 	if code != 2 || !strings.Contains(errOut, "SESSION_ENCRYPTION_KEY") || !strings.Contains(errOut, "ALLOW_PLAINTEXT_BACKUPS") {
 		t.Fatalf("backup in production without a key: exit %d, %q", code, errOut)
@@ -68,7 +69,8 @@ func TestBackupCommandUsageErrors(t *testing.T) {
 func TestBackupCommands(t *testing.T) {
 	db := testdb.Postgres(t)
 	const token = "backup-cmd-test-token"
-	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: token})
+	const secret = "backup-cmd-internal-secret"
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: token, InternalSecret: secret})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +78,7 @@ func TestBackupCommands(t *testing.T) {
 	envFor := func(dataDir string) map[string]string {
 		return map[string]string{
 			"SESSION_ID": "Cmd Test", "DATA_DIR": dataDir, "DATABASE_URL": db.URL, "NATS_URL": srv.ClientURL(),
-			"NATS_TOKEN": token, "SHUTDOWN_TIMEOUT": "20s", "LOG_LEVEL": "warn",
+			"NATS_TOKEN": token, "NATS_INTERNAL_SECRET": secret, "SHUTDOWN_TIMEOUT": "20s", "LOG_LEVEL": "warn",
 		}
 	}
 	ctx := context.Background()

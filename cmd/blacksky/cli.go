@@ -35,12 +35,18 @@ type Main struct {
 	// Ready, when set, is called once a long-running role has bound its
 	// ports and started its services (tests wait on it instead of sleeping).
 	Ready func(info ReadyInfo)
+	// DefaultNATSListen, when set, replaces NATS_LISTEN's default
+	// (127.0.0.1:4222) while the variable is unset: tests choose the port.
+	DefaultNATSListen string
 }
 
 // ReadyInfo tells a test where a started role listens.
 type ReadyInfo struct {
 	HTTPAddr string // health service, when started
 	NATSURL  string // embedded NATS for other processes, when listening
+	// NATSToken is the bots' credential the embedded bus accepts
+	// (NATS_TOKEN or the generated one).
+	NATSToken string
 }
 
 // UsageError is a bad command line: exit code 2.

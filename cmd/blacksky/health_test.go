@@ -69,7 +69,7 @@ func TestHealthcheck(t *testing.T) {
 // TestHealthRole runs `blacksky health` against NATS on a TCP port, as
 // docker compose does, and reads its endpoints.
 func TestHealthRole(t *testing.T) {
-	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: "role-test-token"})
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: "role-test-token", InternalSecret: "role-test-internal-secret"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +82,7 @@ func TestHealthRole(t *testing.T) {
 	ln.Close() // the role binds it again itself
 
 	env := map[string]string{
-		"PORT": strconv.Itoa(port), "NATS_URL": srv.ClientURL(), "NATS_TOKEN": "role-test-token",
+		"PORT": strconv.Itoa(port), "NATS_URL": srv.ClientURL(), "NATS_TOKEN": "role-test-token", "NATS_INTERNAL_SECRET": "role-test-internal-secret",
 		"HEALTH_TOKEN": "role-health-token", "SESSION_ID": "Role Test",
 	}
 	ready := make(chan ReadyInfo, 1)
@@ -198,7 +198,7 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 	ln.Close() // the role binds it again itself
 
 	env := map[string]string{
-		"PORT": strconv.Itoa(port), "NATS_URL": natsURL, "HEALTH_TOKEN": "role-health-token",
+		"PORT": strconv.Itoa(port), "NATS_URL": natsURL, "HEALTH_TOKEN": "role-health-token", "NATS_INTERNAL_SECRET": "role-test-internal-secret",
 		"SESSION_ID": "Heroku Test", "DYNO": "web.1", "HEROKU_APP_URL": "https://my-bot.herokuapp.com",
 	}
 	ready := make(chan ReadyInfo, 1)

@@ -15,7 +15,6 @@ import (
 	"github.com/KimMachineGun/automemlimit/memlimit"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
-	"github.com/nats-io/nats.go"
 )
 
 // runner is a service: Run blocks until ctx ends and its own graceful stop
@@ -40,47 +39,6 @@ func (m *Main) memoryLimit(a *app) {
 		return
 	}
 	a.log.Info("go memory limit set from the container", "limit_bytes", limit)
-}
-
-// busFor gives a role its NATS connection: an external NATS_URL, or the
-// embedded server (listening on listen, or in-process only when empty).
-func (a *app) busFor(listen string) (*nats.Conn, *bus.Server, error) {
-	if a.cfg.NATSURL != "" {
-		nc, err := bus.Connect(a.cfg.NATSURL, a.cfg.NATSToken, "blacksky-"+a.role, a.log)
-		return nc, nil, err
-	}
-	if listen != "" {
-		if err := config.ValidateListen(listen, a.cfg.NATSToken); err != nil {
-			return nil, nil, err
-		}
-	}
-	srv, err := bus.StartServer(bus.ServerOptions{Listen: listen, Token: a.cfg.NATSToken})
-	if err != nil {
-		return nil, nil, err
-	}
-	nc, err := srv.Connect("blacksky-"+a.role, a.log)
-	if err != nil {
-		srv.Shutdown()
-		return nil, nil, err
-	}
-	if u := srv.ClientURL(); u != "" {
-		a.log.Info("embedded nats listening", "url", u, "token", a.cfg.NATSToken != "")
-	} else {
-		a.log.Info("embedded nats in-process")
-	}
-	return nc, srv, nil
-}
-
-// clientBus is the connection of a role that does not embed the server.
-func (a *app) clientBus() (*nats.Conn, error) {
-	url := a.cfg.NATSURL
-	if url == "" {
-		url = "nats://127.0.0.1:4222"
-		if a.cfg.NATSListen != "" {
-			url = "nats://" + a.cfg.NATSListen
-		}
-	}
-	return bus.Connect(url, a.cfg.NATSToken, "blacksky-"+a.role, a.log)
 }
 
 // stage is one service in the shutdown order.
@@ -209,39 +167,39 @@ func (m *Main) cmdRun(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	nc, srv, err := a.busFor(a.cfg.NATSListen)
+	roles := []bus.Role{bus.RoleHealth, bus.RoleGateway}
+	if a.cfg.EnableSessionBackup {
+		roles = append(roles, bus.RoleBackup)
+	}
+	bh, err := a.busFor(m.natsListen(a.cfg), roles...)
 	if err != nil {
 		ln.Close()
 		return err
 	}
-	defer closeBus(nc, srv)
+	defer bh.close()
 
 	sup := newSupervisor(a.log)
-	h, err := a.newHealth(nc, ln)
+	h, err := a.newHealth(bh.conn(bus.RoleHealth), ln)
 	if err != nil {
 		ln.Close()
 		return err
 	}
 	sup.start("health", h)
 	if a.cfg.EnableSessionBackup {
-		b, err := a.newBackup(nc)
+		b, err := a.newBackup(bh.conn(bus.RoleBackup))
 		if err != nil {
 			sup.wait(canceled(), a.cfg.ShutdownTimeout)
 			return err
 		}
 		sup.start("backup", b)
 	}
-	g, err := a.newGateway(nc)
+	g, err := a.newGateway(bh.conn(bus.RoleGateway))
 	if err != nil {
 		sup.wait(canceled(), a.cfg.ShutdownTimeout)
 		return err
 	}
 	sup.start("gateway", g)
-	natsURL := ""
-	if srv != nil {
-		natsURL = srv.ClientURL()
-	}
-	m.ready(ReadyInfo{HTTPAddr: ln.Addr().String(), NATSURL: natsURL})
+	m.ready(bh.readyInfo(ln.Addr().String()))
 	return sup.wait(ctx, a.cfg.ShutdownTimeout)
 }
 
@@ -255,26 +213,22 @@ func (m *Main) cmdGateway(ctx context.Context, args []string) error {
 		return err
 	}
 	m.memoryLimit(a)
-	listen := a.cfg.NATSListen
-	if listen == "" {
-		listen = "127.0.0.1:4222"
-	}
-	nc, srv, err := a.busFor(listen)
+	bh, err := a.busFor(m.natsListen(a.cfg), bus.RoleGateway)
 	if err != nil {
 		return err
 	}
-	defer closeBus(nc, srv)
-	g, err := a.newGateway(nc)
+	defer bh.close()
+	if bh.srv != nil && a.cfg.NATSInternalSecret == "" {
+		a.log.Warn("NATS_INTERNAL_SECRET is not set: a generated one guards the bus, so backup and health " +
+			"processes cannot join it; set the same NATS_INTERNAL_SECRET in every process")
+	}
+	g, err := a.newGateway(bh.conn(bus.RoleGateway))
 	if err != nil {
 		return err
 	}
 	sup := newSupervisor(a.log)
 	sup.start("gateway", g)
-	natsURL := ""
-	if srv != nil {
-		natsURL = srv.ClientURL()
-	}
-	m.ready(ReadyInfo{NATSURL: natsURL})
+	m.ready(bh.readyInfo(""))
 	return sup.wait(ctx, a.cfg.ShutdownTimeout)
 }
 
@@ -291,12 +245,12 @@ func (m *Main) cmdBackup(ctx context.Context, args []string) error {
 		return err
 	}
 	m.memoryLimit(a)
-	nc, err := a.clientBus()
+	bh, err := a.serviceBus(bus.RoleBackup)
 	if err != nil {
 		return err
 	}
-	defer closeBus(nc, nil)
-	b, err := a.newBackup(nc)
+	defer bh.close()
+	b, err := a.newBackup(bh.conn(bus.RoleBackup))
 	if err != nil {
 		return err
 	}
@@ -320,13 +274,13 @@ func (m *Main) cmdHealth(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	nc, err := a.clientBus()
+	bh, err := a.serviceBus(bus.RoleHealth)
 	if err != nil {
 		ln.Close()
 		return err
 	}
-	defer closeBus(nc, nil)
-	h, err := a.newHealth(nc, ln)
+	defer bh.close()
+	h, err := a.newHealth(bh.conn(bus.RoleHealth), ln)
 	if err != nil {
 		ln.Close()
 		return err
@@ -340,18 +294,6 @@ func (m *Main) cmdHealth(ctx context.Context, args []string) error {
 func (m *Main) ready(info ReadyInfo) {
 	if m.Ready != nil {
 		m.Ready(info)
-	}
-}
-
-func closeBus(nc *nats.Conn, srv *bus.Server) {
-	if nc != nil {
-		// Deliver what the services published last (conn.stopped, the final
-		// heartbeat) before the connection goes.
-		_ = nc.FlushTimeout(2 * time.Second)
-		nc.Close()
-	}
-	if srv != nil {
-		srv.Shutdown()
 	}
 }
 

@@ -35,10 +35,12 @@ func BenchmarkEventDelivery(b *testing.B) {
 	}
 }
 
+const benchSecret = "bench-internal-secret"
+
 func benchConns(b *testing.B, transport string) (pub, sub *nats.Conn) {
 	b.Helper()
 	log := slog.New(slog.DiscardHandler)
-	opts := bus.ServerOptions{}
+	opts := bus.ServerOptions{Token: "bench-bots-token", InternalSecret: benchSecret}
 	if transport == "tcp" {
 		opts.Listen = "127.0.0.1:0"
 	}
@@ -47,13 +49,19 @@ func benchConns(b *testing.B, transport string) (pub, sub *nats.Conn) {
 		b.Fatal(err)
 	}
 	b.Cleanup(srv.Shutdown)
-	connect := func(name string) *nats.Conn {
+	// As in production: the gateway publishes, a bot listens, both
+	// checked against their permissions.
+	connect := func(role bus.Role) *nats.Conn {
 		var nc *nats.Conn
 		var err error
 		if transport == "tcp" {
-			nc, err = bus.Connect(srv.ClientURL(), "", name, log)
+			cred := bus.BotCredential(srv.BotToken())
+			if role != bus.RoleBot {
+				cred = bus.RoleCredential(role, benchSecret)
+			}
+			nc, err = bus.ConnectWith(srv.ClientURL(), cred, string(role), log)
 		} else {
-			nc, err = srv.Connect(name, log)
+			nc, err = srv.ConnectAs(role, string(role), log)
 		}
 		if err != nil {
 			b.Fatal(err)
@@ -61,7 +69,7 @@ func benchConns(b *testing.B, transport string) (pub, sub *nats.Conn) {
 		b.Cleanup(nc.Close)
 		return nc
 	}
-	return connect("bench-pub"), connect("bench-sub")
+	return connect(bus.RoleGateway), connect(bus.RoleBot)
 }
 
 func benchDelivery(b *testing.B, pub, subConn *nats.Conn, window int) {

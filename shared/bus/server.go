@@ -2,6 +2,8 @@ package bus
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -20,27 +23,50 @@ type ServerOptions struct {
 	// Listen is host:port for other processes; empty means in-process only
 	// (no TCP port at all). Port 0 or -1 picks a free port (tests).
 	Listen string
-	// Token, when set, is required from every client.
+	// Token is the bots' credential (NATS_TOKEN). Empty with a Listen
+	// address: one is generated (see Server.BotToken). A bus on TCP never
+	// accepts a client without a credential, loopback included.
 	Token string
+	// InternalSecret authenticates our own services' roles
+	// (NATS_INTERNAL_SECRET); empty: one is generated, which only this
+	// process knows.
+	InternalSecret string
+	// Sandbox lets the bots' credential publish the sandbox's control
+	// subjects (WHATSAPP_SANDBOX).
+	Sandbox bool
 	// MaxPayload in bytes; 0 keeps the NATS default of 1 MB.
 	MaxPayload int32
 }
 
 // Server is the embedded NATS server.
 type Server struct {
-	ns    *server.Server
-	token string
+	ns             *server.Server
+	token          string
+	tokenGenerated bool
+	internalSecret string
+	trusted        string
 }
 
 // StartServer starts the embedded server and waits until it accepts clients.
 func StartServer(opts ServerOptions) (*Server, error) {
+	s := &Server{token: opts.Token, internalSecret: opts.InternalSecret, trusted: randomSecret()}
+	if s.token == "" && opts.Listen != "" {
+		s.token, s.tokenGenerated = randomSecret(), true
+	}
+	if s.internalSecret == "" {
+		s.internalSecret = randomSecret()
+	}
+	auth, err := newAuthenticator(s.token, s.internalSecret, s.trusted, opts.Sandbox)
+	if err != nil {
+		return nil, err
+	}
 	o := &server.Options{
-		ServerName:    "blacksky",
-		NoSigs:        true, // the process owns SIGTERM, not the server
-		NoLog:         true,
-		Authorization: opts.Token,
-		MaxPayload:    opts.MaxPayload,
-		MaxPending:    64 << 20,
+		ServerName:                 "blacksky",
+		NoSigs:                     true, // the process owns SIGTERM, not the server
+		NoLog:                      true,
+		CustomClientAuthentication: auth,
+		MaxPayload:                 opts.MaxPayload,
+		MaxPending:                 64 << 20,
 	}
 	if opts.Listen == "" {
 		o.DontListen = true
@@ -57,6 +83,15 @@ func StartServer(opts ServerOptions) (*Server, error) {
 			port = server.RANDOM_PORT
 		}
 		o.Host, o.Port = host, port
+		// nats-server only logs a failed bind and never becomes ready; a
+		// bind of our own names the cause at once.
+		if port != server.RANDOM_PORT {
+			ln, err := net.Listen("tcp", opts.Listen)
+			if err != nil {
+				return nil, &ListenError{Addr: opts.Listen, Err: err}
+			}
+			ln.Close()
+		}
 	}
 	ns, err := server.NewServer(o)
 	if err != nil {
@@ -65,9 +100,28 @@ func StartServer(opts ServerOptions) (*Server, error) {
 	ns.Start()
 	if !ns.ReadyForConnections(10 * time.Second) {
 		ns.Shutdown()
-		return nil, errors.New("nats server: not ready after 10s (is the port taken?)")
+		if opts.Listen != "" {
+			return nil, &ListenError{Addr: opts.Listen, Err: errors.New("the embedded NATS server did not start listening within 10s (is the port taken?)")}
+		}
+		return nil, errors.New("nats server: not ready after 10s")
 	}
-	return &Server{ns: ns, token: opts.Token}, nil
+	s.ns = ns
+	return s, nil
+}
+
+// ListenError is a listen address the embedded server could not bind.
+type ListenError struct {
+	Addr string
+	Err  error
+}
+
+func (e *ListenError) Error() string { return fmt.Sprintf("listen on %s: %v", e.Addr, e.Err) }
+func (e *ListenError) Unwrap() error { return e.Err }
+
+func randomSecret() string {
+	var b [32]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // ClientURL is the TCP address other processes use; empty when in-process only.
@@ -78,14 +132,32 @@ func (s *Server) ClientURL() string {
 	return s.ns.ClientURL()
 }
 
-// Connect returns an in-process client connection (no TCP).
-func (s *Server) Connect(name string, log *slog.Logger) (*nats.Conn, error) {
-	opts := []nats.Option{nats.InProcessServer(s.ns)}
-	if s.token != "" {
-		opts = append(opts, nats.Token(s.token))
+// BotToken is the bots' credential this server accepts: ServerOptions.Token
+// or the generated one; empty on an in-process-only bus without a token.
+func (s *Server) BotToken() string { return s.token }
+
+// TokenGenerated reports whether BotToken was generated at start.
+func (s *Server) TokenGenerated() bool { return s.tokenGenerated }
+
+// ConnectAs returns an in-process client connection (no TCP) with role's
+// permissions.
+func (s *Server) ConnectAs(role Role, name string, log *slog.Logger) (*nats.Conn, error) {
+	cred := RoleCredential(role, s.internalSecret)
+	if role == RoleBot {
+		cred = BotCredential(s.token)
 	}
-	return connect("", name, log, opts...)
+	return connect("", name, log, append(cred.options(), nats.InProcessServer(s.ns))...)
 }
+
+// Connect returns an in-process client connection without any restriction,
+// for tests and tools inside this process; services use ConnectAs.
+func (s *Server) Connect(name string, log *slog.Logger) (*nats.Conn, error) {
+	return connect("", name, log, nats.InProcessServer(s.ns), nats.UserInfo(trustedUser, s.trusted))
+}
+
+// InProcessConn is a raw in-process connection to the server
+// (nats.InProcessServer); it must still authenticate.
+func (s *Server) InProcessConn() (net.Conn, error) { return s.ns.InProcessConn() }
 
 // Shutdown stops the server and waits for it.
 func (s *Server) Shutdown() {
@@ -93,19 +165,87 @@ func (s *Server) Shutdown() {
 	s.ns.WaitForShutdown()
 }
 
+func (c Credential) options() []nats.Option {
+	var opts []nats.Option
+	if c.User != "" {
+		opts = append(opts, nats.UserInfo(c.User, c.Password))
+	}
+	if c.Token != "" {
+		opts = append(opts, nats.Token(c.Token))
+	}
+	return opts
+}
+
 // Connect joins an external or another process's NATS at url. It keeps
 // retrying in the background when the server is not up yet, so a split
 // deployment may start its processes in any order.
 func Connect(url, token, name string, log *slog.Logger) (*nats.Conn, error) {
-	opts := []nats.Option{nats.RetryOnFailedConnect(true)}
-	if token != "" {
-		opts = append(opts, nats.Token(token))
+	return ConnectWith(url, BotCredential(token), name, log)
+}
+
+// ConnectWith is Connect with any credential. A role's user and password
+// replace credentials written into url, which would otherwise win.
+func ConnectWith(url string, cred Credential, name string, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
+	if cred.User != "" && cred.User != string(RoleBot) {
+		url = StripUserinfo(url)
 	}
-	return connect(url, name, log, opts...)
+	opts := append([]nats.Option{nats.RetryOnFailedConnect(true)}, cred.options()...)
+	return connect(url, name, log, append(opts, extra...)...)
+}
+
+// Dial connects once, without retrying in the background: a command-line
+// client wants to hear at once that nothing answers, or that its
+// credential is refused.
+func Dial(url string, cred Credential, name string, timeout time.Duration, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
+	opts := append(cred.options(), nats.Timeout(timeout))
+	return connect(url, name, log, append(opts, extra...)...)
+}
+
+// StripUserinfo removes user names, passwords and tokens from a NATS URL
+// or a comma-separated list of them, parsable or not, so the result can be
+// logged or used with credentials of another kind.
+func StripUserinfo(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, p := range parts {
+		p = strings.TrimSpace(p)
+		rest, scheme := p, ""
+		if j := strings.Index(p, "://"); j >= 0 {
+			scheme, rest = p[:j+3], p[j+3:]
+		}
+		authority := rest
+		if j := strings.IndexAny(rest, "/?#"); j >= 0 {
+			authority = rest[:j]
+		}
+		if j := strings.LastIndex(authority, "@"); j >= 0 {
+			rest = rest[j+1:]
+		}
+		parts[i] = scheme + rest
+	}
+	return strings.Join(parts, ",")
 }
 
 func connect(url, name string, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
+	var mu sync.Mutex
+	lastRetryErr := ""
 	opts := append([]nats.Option{
+		// A connection that keeps retrying says why once per cause, not
+		// at every attempt: a refused credential never fixes itself.
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err == nil {
+				return
+			}
+			mu.Lock()
+			same := err.Error() == lastRetryErr
+			lastRetryErr = err.Error()
+			mu.Unlock()
+			switch {
+			case same:
+			case errors.Is(err, nats.ErrAuthorization) || strings.Contains(strings.ToLower(err.Error()), "authorization violation"):
+				log.Error("nats refuses this process's credential; retrying (check NATS_INTERNAL_SECRET, or NATS_TOKEN for a bot)", "err", redactErr(err, url))
+			default:
+				log.Warn("nats not reachable yet; retrying", "err", redactErr(err, url))
+			}
+		}),
 		nats.Name(name),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),

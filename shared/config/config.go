@@ -33,8 +33,12 @@ type Config struct {
 	DatabaseMaxConns int
 
 	NATSURL    string // secret when it carries credentials
-	NATSListen string // empty: the command's default applies
-	NATSToken  string // secret
+	NATSListen string
+	// NATSListenSet: NATS_LISTEN was given, so a taken port is an error
+	// instead of a reason to pick a free one.
+	NATSListenSet      bool
+	NATSToken          string // secret
+	NATSInternalSecret string // secret
 
 	Env        string // EnvDevelopment, EnvProduction or EnvTest
 	Production bool   // Env is EnvProduction: see CONTRACT "What production changes"
@@ -139,7 +143,16 @@ func Load(getenv Getenv) (*Config, error) {
 	c.DatabaseMaxConns = p.intRange("DATABASE_MAX_CONNS", 1, 1000)
 	c.NATSURL = p.str("NATS_URL")
 	c.NATSListen = p.str("NATS_LISTEN")
+	c.NATSListenSet = strings.TrimSpace(getenv("NATS_LISTEN")) != ""
 	c.NATSToken = p.str("NATS_TOKEN")
+	c.NATSInternalSecret = p.str("NATS_INTERNAL_SECRET")
+	switch {
+	case c.NATSInternalSecret == "":
+	case len(c.NATSInternalSecret) < 16:
+		p.fail("NATS_INTERNAL_SECRET", "at least 16 characters (generate with: openssl rand -hex 32)", c.NATSInternalSecret)
+	case c.NATSInternalSecret == c.NATSToken:
+		p.fail("NATS_INTERNAL_SECRET", "a secret other than NATS_TOKEN (bots hold NATS_TOKEN)", c.NATSInternalSecret)
+	}
 
 	envVar := "BLACKSKY_ENV"
 	c.Env = strings.ToLower(p.str(envVar))
@@ -207,7 +220,7 @@ func Load(getenv Getenv) (*Config, error) {
 		p.fail("LOG_FORMAT", "text or json", c.LogFormat)
 	}
 
-	if p.err == nil && c.NATSListen != "" {
+	if p.err == nil && c.NATSListenSet {
 		if err := ValidateListen(c.NATSListen, c.NATSToken); err != nil {
 			return nil, err
 		}
@@ -452,7 +465,7 @@ func RedactURL(raw string) string {
 // Secrets returns the secret values of c, so tests and redaction can check
 // that none of them leaks.
 func (c *Config) Secrets() []string {
-	return secrets(c.NATSToken, c.HealthToken, c.DatabaseURL, c.NATSURL, c.SessionEncryptionKey, "")
+	return secrets(c.NATSToken, c.NATSInternalSecret, c.HealthToken, c.DatabaseURL, c.NATSURL, c.SessionEncryptionKey, "")
 }
 
 // EnvSecrets returns the secret values in the environment without checking
@@ -461,13 +474,13 @@ func (c *Config) Secrets() []string {
 func EnvSecrets(getenv Getenv) []string {
 	get := func(name string) string { return strings.TrimSpace(getenv(name)) }
 	key, _ := ParseKey(get("SESSION_ENCRYPTION_KEY"))
-	return secrets(get("NATS_TOKEN"), get("HEALTH_TOKEN"), get("DATABASE_URL"), get("NATS_URL"), key,
+	return secrets(get("NATS_TOKEN"), get("NATS_INTERNAL_SECRET"), get("HEALTH_TOKEN"), get("DATABASE_URL"), get("NATS_URL"), key,
 		get("SESSION_ENCRYPTION_KEY"))
 }
 
-func secrets(natsToken, healthToken, databaseURL, natsURL string, key []byte, rawKey string) []string {
+func secrets(natsToken, internalSecret, healthToken, databaseURL, natsURL string, key []byte, rawKey string) []string {
 	var out []string
-	for _, s := range []string{natsToken, healthToken, rawKey} {
+	for _, s := range []string{natsToken, internalSecret, healthToken, rawKey} {
 		if s != "" {
 			out = append(out, s)
 		}

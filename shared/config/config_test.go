@@ -45,6 +45,8 @@ func TestDefaultsMatchContract(t *testing.T) {
 		{"SEND_RATE", c.SendRate, config.Rate{N: 20, Per: time.Minute}},
 		{"SHUTDOWN_TIMEOUT", c.ShutdownTimeout, 25 * time.Second},
 		{"LOG_FORMAT", c.LogFormat, "text"},
+		{"NATS_LISTEN", c.NATSListen, "127.0.0.1:4222"},
+		{"NATS_LISTEN given", c.NATSListenSet, false},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -87,7 +89,8 @@ func TestValues(t *testing.T) {
 		{"BLACKSKY_ENV wins", env("NODE_ENV", "production", "BLACKSKY_ENV", "development"), func(c *config.Config) bool { return !c.Production }},
 		{"hex key", env("SESSION_ENCRYPTION_KEY", strings.Repeat("ab", 32)), func(c *config.Config) bool { return len(c.SessionEncryptionKey) == 32 }},
 		{"base64 key", env("SESSION_ENCRYPTION_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="), func(c *config.Config) bool { return c.SessionEncryptionKey[31] == 31 }},
-		{"loopback listen without token", env("NATS_LISTEN", "127.0.0.1:4222"), func(c *config.Config) bool { return c.NATSListen == "127.0.0.1:4222" }},
+		{"loopback listen without token", env("NATS_LISTEN", "127.0.0.1:4222"), func(c *config.Config) bool { return c.NATSListen == "127.0.0.1:4222" && c.NATSListenSet }},
+		{"internal secret", env("NATS_INTERNAL_SECRET", "0123456789abcdef"), func(c *config.Config) bool { return c.NATSInternalSecret == "0123456789abcdef" }},
 		{"open listen with token", env("NATS_LISTEN", "0.0.0.0:4222", "NATS_TOKEN", "s3cret-token"), func(c *config.Config) bool { return c.NATSToken == "s3cret-token" }},
 		{"owner with dashes", env("OWNER_NUMBER", "+44 7700-900123"), func(c *config.Config) bool { return c.OwnerNumber == "447700900123" }},
 	}
@@ -134,6 +137,8 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{env("HEROKU_APP_URL", "my-bot"), "HEROKU_APP_URL", "http(s) URL"},
 		{env("NATS_LISTEN", "0.0.0.0:4222"), "NATS_TOKEN", "not a loopback address"},
 		{env("NATS_LISTEN", "nowhere"), "NATS_LISTEN", "host:port"},
+		{env("NATS_INTERNAL_SECRET", "short"), "NATS_INTERNAL_SECRET", "at least 16"},
+		{env("NATS_INTERNAL_SECRET", secretKey, "NATS_TOKEN", secretKey), "NATS_INTERNAL_SECRET", "other than NATS_TOKEN"},
 		{env("SESSION_ENCRYPTION_KEY", secretKey), "SESSION_ENCRYPTION_KEY", "not shown"},
 		{env("PREFIX", "a b"), "PREFIX", "non-space"},
 		{env("DATABASE_URL", "mysql://root:pw@db/app"), "DATABASE_URL", "not shown"},
@@ -194,12 +199,12 @@ func TestRedactURL(t *testing.T) {
 func TestSecretsListsEverySecret(t *testing.T) {
 	key := strings.Repeat("0f", 32)
 	c, err := config.Load(env("DATABASE_URL", "postgres://u:dbpass@h/db", "NATS_TOKEN", "natstoken", "NATS_URL", "nats://urltoken@gw:4222",
-		"HEALTH_TOKEN", "healthtoken", "SESSION_ENCRYPTION_KEY", key))
+		"HEALTH_TOKEN", "healthtoken", "SESSION_ENCRYPTION_KEY", key, "NATS_INTERNAL_SECRET", "internal-secret-16"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := strings.Join(c.Secrets(), " ")
-	for _, want := range []string{"dbpass", "natstoken", "urltoken", "healthtoken", key} {
+	for _, want := range []string{"dbpass", "natstoken", "urltoken", "healthtoken", key, "internal-secret-16"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("Secrets() misses %q", want)
 		}
