@@ -44,12 +44,21 @@ type NewSnapshot struct {
 // the session lease.
 var ErrLeaseLost = errors.New("not stored: this instance no longer holds the session lease")
 
-// Lease says who holds a session and until when.
+// Lease says who holds a session and until when. Version counts every take
+// and renewal; with Holder and RenewedAt it identifies one state of the row.
 type Lease struct {
 	SessionID  string
 	Holder     string
 	AcquiredAt time.Time
+	RenewedAt  time.Time
 	ExpiresAt  time.Time
+	Version    int64
+}
+
+// Same reports whether l and o are the same state of a lease row: nobody
+// took or renewed it in between.
+func (l Lease) Same(o Lease) bool {
+	return l.Holder == o.Holder && l.Version == o.Version && l.RenewedAt.Equal(o.RenewedAt)
 }
 
 // TxHook runs inside the transaction that inserts a snapshot; tx is the
@@ -80,9 +89,12 @@ type Store interface {
 	Prune(ctx context.Context, session string, keep int) (int64, error)
 
 	// AcquireLease takes or renews the lease for holder until now+ttl when it
-	// is free, expired or already holder's. It always returns the lease as it
-	// stands after the attempt, and whether holder has it.
-	AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (Lease, bool, error)
+	// is free or already holder's, or, when stale is not the zero Lease, when
+	// the row is still exactly stale (Lease.Same): the caller watched it stay
+	// so for a whole TTL (see the package's lease rule). An expiry alone
+	// frees nothing. It always returns the lease as it stands after the
+	// attempt (Holder empty: none), and whether holder has it.
+	AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale Lease) (Lease, bool, error)
 	// ReleaseLease frees the lease if holder has it.
 	ReleaseLease(ctx context.Context, session, holder string) error
 
@@ -91,6 +103,15 @@ type Store interface {
 	// Ping checks the database answers.
 	Ping(ctx context.Context) error
 	Close()
+}
+
+// LeaseWatcher is a Store that hears of a released lease at once
+// (PostgreSQL LISTEN/NOTIFY), so a standby takes over without waiting for
+// its next poll.
+type LeaseWatcher interface {
+	// WatchLeases calls released each time a lease of session is released,
+	// until ctx ends or the connection fails (the error says which).
+	WatchLeases(ctx context.Context, session string, released func()) error
 }
 
 // Latest returns the newest snapshot of session, or nil when none: the head

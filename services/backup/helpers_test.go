@@ -77,6 +77,7 @@ type instance struct {
 	done    chan error
 	dataDir string
 	name    string
+	unit    string // the instance id its gateway would use
 }
 
 type instOpts struct {
@@ -140,7 +141,7 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	in := &instance{t: t, cfg: cfg, svc: svc, nc: nc, subj: bus.NewSubjects(session), clock: clock, cancel: cancel,
-		done: make(chan error, 1), dataDir: o.dataDir, name: o.name}
+		done: make(chan error, 1), dataDir: o.dataDir, name: o.name, unit: bus.InstanceToken(o.name)}
 	go func() { in.done <- svc.Run(ctx) }()
 	t.Cleanup(func() { in.stop() })
 	if !o.noWait {
@@ -171,7 +172,7 @@ func (in *instance) restoreReply(d time.Duration) bus.RestoreReply {
 	var err error
 	// Run subscribes in its own goroutine: no responders means not yet.
 	testwait.For(in.t, d, in.name+": a session.restore responder", func() bool {
-		err = bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+		err = bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep)
 		return !errors.Is(err, nats.ErrNoResponders)
 	})
 	if err != nil {
@@ -244,4 +245,21 @@ func (w testWriter) Write(p []byte) (int, error) {
 	}
 	w.t.Log(string(p))
 	return len(p), nil
+}
+
+// steal takes the session's lease from whoever holds it, as a standby does
+// after watching the row unchanged for a TTL.
+func steal(t testing.TB, st backup.Store, holder string) {
+	t.Helper()
+	testwait.For(t, 10*time.Second, holder+" to take the lease", func() bool {
+		seen, _, err := st.AcquireLease(context.Background(), session, holder, time.Now(), time.Hour, backup.Lease{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, ok, err := st.AcquireLease(context.Background(), session, holder, time.Now(), time.Hour, seen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	})
 }

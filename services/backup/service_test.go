@@ -381,7 +381,7 @@ func TestLeaseHandover(t *testing.T) {
 			// While a holds the lease, b does not answer the restore question.
 			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 			var rep bus.RestoreReply
-			err := bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep)
+			err := bus.Request(ctx, b.nc, b.subj.SessionRestoreFor(b.unit), struct{}{}, &rep)
 			cancel()
 			if err == nil {
 				t.Fatalf("standby instance answered restore: %+v", rep)
@@ -396,7 +396,7 @@ func TestLeaseHandover(t *testing.T) {
 				b.clock.Advance(time.Second)
 				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 				defer cancel()
-				return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
+				return bus.Request(ctx, b.nc, b.subj.SessionRestoreFor(b.unit), struct{}{}, &rep) == nil
 			})
 			if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase {
 				t.Fatalf("b restore = %+v", rep)
@@ -405,7 +405,7 @@ func TestLeaseHandover(t *testing.T) {
 			if err != nil || maxN != last {
 				t.Fatalf("b restored writes up to %d (%v); a's last write was %d", maxN, err, last)
 			}
-			lease, held, err := db.mustOpen(t).AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute)
+			lease, held, err := db.mustOpen(t).AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute, backup.Lease{})
 			if err != nil || held || lease.Holder != "dyno-b" {
 				t.Fatalf("lease = %+v held=%v err=%v; want dyno-b", lease, held, err)
 			}
@@ -451,7 +451,7 @@ func TestShutdownSnapshotAndRelease(t *testing.T) {
 	if _, maxN, _ := wastore.Writes(context.Background(), restored); maxN != last {
 		t.Fatalf("shutdown snapshot holds writes up to %d; want %d", maxN, last)
 	}
-	if _, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute); !held || err != nil {
+	if _, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
 		t.Fatalf("lease not released: %v %v", held, err)
 	}
 }
@@ -499,27 +499,26 @@ func TestPlaintextRefusedInProduction(t *testing.T) {
 	}
 }
 
-// A holder that died without releasing: the standby instance takes over once
-// the lease expires on its clock.
-func TestLeaseExpiryTakeover(t *testing.T) {
+// A holder that died without releasing: the standby takes over once it has
+// watched the lease row stay the same for a whole lease TTL, whatever expiry
+// the row names (a crash takeover within the TTL, not the old minute).
+func TestCrashTakeoverAfterOneTTLUnchanged(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	st := db.mustOpen(t)
-	// The fake clocks start at the same instant; the dead holder's lease ends
-	// a minute after it.
 	now := clockStart()
-	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now, time.Minute); !ok || err != nil {
+	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now, time.Hour, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("seed lease: %v %v", ok, err)
 	}
-	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: 5 * time.Second})
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: time.Second})
 	var rep bus.RestoreReply
-	testwait.For(t, 20*time.Second, "takeover after expiry", func() bool {
-		b.clock.Advance(5 * time.Second)
+	testwait.For(t, 20*time.Second, "takeover", func() bool {
+		b.clock.Advance(time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
-		return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
+		return bus.Request(ctx, b.nc, b.subj.SessionRestoreFor(b.unit), struct{}{}, &rep) == nil
 	})
-	if elapsed := b.clock.Since(now); elapsed < time.Minute {
-		t.Fatalf("took over after %s of fake time; the lease ran for a minute", elapsed)
+	if elapsed := b.clock.Since(now); elapsed < backup.DefaultLeaseTTL || elapsed > 15*time.Second {
+		t.Fatalf("took over after %s of fake time; want one lease TTL (%s) of watching, and at most 15 s", elapsed, backup.DefaultLeaseTTL)
 	}
 	if !rep.OK || rep.Source != bus.SourceNone {
 		t.Fatalf("restore = %+v", rep)
@@ -582,7 +581,7 @@ func TestEmptyDiskWaitsForDatabase(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	var rep bus.RestoreReply
-	err := bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+	err := bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep)
 	cancel()
 	if err == nil {
 		t.Fatalf("answered %+v while the database was down and the disk empty", rep)
@@ -592,7 +591,7 @@ func TestEmptyDiskWaitsForDatabase(t *testing.T) {
 		in.clock.Advance(10 * time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
-		return bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep) == nil
+		return bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep) == nil
 	})
 	if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase || rep.SnapshotID < want.Snapshot.ID {
 		t.Fatalf("restore = %+v; want snapshot %d or newer from the database", rep, want.Snapshot.ID)
@@ -647,19 +646,20 @@ func TestCrashMidSnapshotLeavesNoRow(t *testing.T) {
 				t.Fatalf("reply = %+v; want the crash", rep)
 			}
 			st := db.mustOpen(t)
-			if rows, _ := st.List(context.Background(), session, 10); len(rows) != 0 {
-				t.Fatalf("crashed snapshot left rows: %+v", rows)
-			}
-			// The job was not completed: River retries it (attempt 2).
+			// The store is in the database once the database answers again:
+			// River retries the job (attempt 2), or the catch-up of the
+			// local fallback gets there first. Either way it is a new row:
+			// the crashed insert left none behind (it would show as
+			// "unchanged" here).
 			select {
 			case m := <-done:
 				var ev bus.BackupDone
 				_ = jsonUnmarshal(m.Data, &ev)
-				if ev.JobID != rep.JobID || ev.SnapshotID == 0 {
-					t.Fatalf("retry done = %s; want job %d", m.Data, rep.JobID)
+				if ev.SnapshotID == 0 || ev.Unchanged {
+					t.Fatalf("after the crash: %s; want a new row", m.Data)
 				}
 			case <-time.After(20 * time.Second):
-				t.Fatal("the crashed job was not retried")
+				t.Fatal("the crashed snapshot never reached the database")
 			}
 			if rows, _ := st.List(context.Background(), session, 10); len(rows) != 1 {
 				t.Fatalf("after the retry: %d rows; want 1", len(rows))
@@ -809,7 +809,7 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 	if rows, _ := st.List(context.Background(), session, 10); len(rows) != 1 {
 		t.Fatalf("%d rows; want only the first", len(rows))
 	}
-	if l, held, _ := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute); held || l.Holder != "dyno-a" {
+	if l, held, _ := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "dyno-a" {
 		t.Fatalf("lease = %+v (next held %v); want dyno-a's, left to expire", l, held)
 	}
 }
@@ -827,9 +827,7 @@ func TestLeaseLostStopsDatabaseSnapshots(t *testing.T) {
 	defer ssub.Unsubscribe()
 	// Another instance takes the lease (as if ours had expired).
 	st := db.mustOpen(t)
-	if _, ok, err := st.AcquireLease(context.Background(), session, "thief", clockStart().Add(time.Hour), time.Hour); !ok || err != nil {
-		t.Fatalf("steal: %v %v", ok, err)
-	}
+	steal(t, st, "thief")
 	var ev bus.ConnEvent
 	testwait.For(t, 10*time.Second, "conn.standby after the renewal found the thief", func() bool {
 		in.clock.Advance(20 * time.Second) // the renewal tick
@@ -873,11 +871,11 @@ func TestConnStoppedTakesSnapshot(t *testing.T) {
 	}
 }
 
-func (f *failingStore) AcquireLease(ctx context.Context, s, h string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+func (f *failingStore) AcquireLease(ctx context.Context, s, h string, now time.Time, ttl time.Duration, stale backup.Lease) (backup.Lease, bool, error) {
 	if f.down.Load() {
 		return backup.Lease{}, false, errDown
 	}
-	return f.Store.AcquireLease(ctx, s, h, now, ttl)
+	return f.Store.AcquireLease(ctx, s, h, now, ttl, stale)
 }
 
 // Renewals failing for longer than the TTL: the lease may now be another

@@ -186,8 +186,13 @@ const (
 // Config is the gateway's part of the environment. Zero durations take the
 // defaults above.
 type Config struct {
-	Session       string // SESSION_ID
-	Instance      string // heartbeat instance name
+	Session  string // SESSION_ID
+	Instance string // heartbeat instance name
+	// Unit is the instance id this gateway shares with its backup: it asks
+	// P.session.restore.<Unit> and acts only on a restore answer and a
+	// conn.standby that carry it (another instance's backup on a shared bus
+	// says nothing about our session). Empty: Instance, made subject-safe.
+	Unit          string
 	OwnerNumber   string // digits; empty disables owner commands and alerts
 	Prefix        string // owner command prefix
 	PairPhone     string // digits; pair by code instead of QR
@@ -226,6 +231,7 @@ func (c Config) withDefaults() Config {
 	c.SendTimeout = cmp.Or(c.SendTimeout, DefaultSendTimeout)
 	c.LivenessInterval = cmp.Or(c.LivenessInterval, DefaultLivenessInterval)
 	c.Prefix = cmp.Or(c.Prefix, ".")
+	c.Unit = cmp.Or(c.Unit, bus.InstanceToken(c.Instance), "gateway")
 	return c
 }
 

@@ -312,7 +312,7 @@ func start(t *testing.T, opts ...option) *harness {
 	t.Helper()
 	cfg := Config{
 		Session:      "Test-Bot",
-		Instance:     "test-1",
+		Instance:     testUnit,
 		OwnerNumber:  "15550001111",
 		Prefix:       ".",
 		ReconnectMin: time.Second,
@@ -387,7 +387,7 @@ func (h *harness) shutdown() {
 // would, until the test ends.
 func (h *harness) serveRestore(respond nats.MsgHandler) {
 	h.t.Helper()
-	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), respond)
+	sub, err := h.nc.Subscribe(h.subj.SessionRestoreFor(testUnit), respond)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -517,3 +517,6 @@ func testLog(t *testing.T) *slog.Logger {
 	}
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
+
+// testUnit is the harness gateway's instance (and so its unit).
+const testUnit = "test-1"
