@@ -30,12 +30,17 @@ func (a *app) openStore(ctx context.Context) (backup.Store, error) {
 
 // newBackup builds the backup service on nc.
 func (a *app) newBackup(nc *nats.Conn) (runner, error) {
+	unit, err := a.unit()
+	if err != nil {
+		return nil, err
+	}
 	svc, err := backup.New(backup.Options{
 		Config:   a.cfg,
 		NC:       nc,
 		Log:      a.log,
 		Clock:    a.clock,
 		Instance: a.instance,
+		Unit:     unit,
 		Open:     a.openStore,
 	})
 	if err != nil {
@@ -117,8 +122,25 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	if !rep.OK {
 		return fmt.Errorf("backup-now: %s", rep.Error)
 	}
+	if rep.Stored != bus.StoredDatabase {
+		return errLocalOnly
+	}
 	return nil
 }
+
+// errLocalOnly is a snapshot taken but kept on the backup's disk only: the
+// database did not answer. A new dyno or container would not restore it.
+var errLocalOnly = &exitError{code: 3, msg: "backup-now: the snapshot is in the local fallback only (the database did not answer): " +
+	"a new dyno or container would not restore it; it reaches the database once the database answers again"}
+
+// exitError is an error with its own exit code (ExitCode).
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return e.msg }
+func (e *exitError) ExitCode() int { return e.code }
 
 // cmdSnapshots lists stored snapshots, newest first.
 func (m *Main) cmdSnapshots(ctx context.Context, args []string) error {

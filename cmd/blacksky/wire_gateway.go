@@ -23,9 +23,14 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 			Log:     log.With("component", "whatsmeow"),
 		})
 	}
+	unit, err := a.unit()
+	if err != nil {
+		return nil, err
+	}
 	return gateway.New(gateway.Config{
 		Session:       cfg.SessionID,
 		Instance:      a.instance,
+		Unit:          unit,
 		OwnerNumber:   cfg.OwnerNumber,
 		Prefix:        cfg.Prefix,
 		PairPhone:     cfg.PairPhone,
