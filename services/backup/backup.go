@@ -1,6 +1,38 @@
 // Package backup keeps the WhatsApp session safe: River snapshot jobs into
 // PostgreSQL or SQLite, restore before the gateway opens its store, and one
 // lease per session so two instances never share it.
+//
+// # The lease rule
+//
+// One row per session in blacksky_leases names its holder; every take and
+// renewal counts its version up. The holder renews every TTL/3 (TTL is
+// DefaultLeaseTTL, 10 s) and releases the row at a clean stop, once its
+// shutdown snapshot is in the database (or when its gateway never opened the
+// store: a refused or unfinished restore).
+//
+// A standby reads the row every 500 ms, and at once when PostgreSQL notifies
+// a release. It takes the lease when the row is gone, or when it has itself
+// watched the very same row (holder, version, renewal time) for a whole TTL
+// with every one of its reads answered; the take is a compare-and-swap on
+// that row, so a renewal that lands first wins. Expiry times are never
+// compared across machines. A database outage seen by the standby starts
+// its watch over: after an outage for everyone, the live holder renews
+// within TTL/3 of the database's return, long before any standby has
+// watched for a TTL, so a holder that was only cut off from the database
+// keeps the session and ships what it stored locally meanwhile; it is never
+// replaced by a standby that would restore an older store. A dead holder is
+// replaced about one TTL after its last renewal.
+//
+// The holder's half: while it cannot renew it keeps its socket (guarantee 4:
+// the bot stays online without its database), unless a standby backup of
+// another instance reports, on a shared bus, that it reaches the database
+// while the holder has not renewed for half a TTL. Then that standby may take
+// the lease at the end of the TTL, and the holder fences itself first: its
+// gateway closes the socket (conn.standby for its own instance) and database
+// snapshots stop. It takes up again, without a restore, if its own row is
+// still its own when the database answers; otherwise it restores what the
+// new holder stored, like any standby. Snapshot inserts check the lease in
+// their own transaction, so a holder that lost the lease never stores one.
 package backup
 
 import (

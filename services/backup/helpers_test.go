@@ -90,6 +90,8 @@ type instOpts struct {
 	leaseTTL time.Duration
 	retry    time.Duration
 	logTo    func([]byte) // also receives every log line
+	clock    *clockwork.FakeClock // nil: its own
+	bus      *bus.Server          // nil: its own (a dyno's embedded NATS)
 }
 
 const session = "Test-Session"
@@ -118,11 +120,13 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := bus.StartServer(bus.ServerOptions{})
-	if err != nil {
-		t.Fatal(err)
+	srv := o.bus
+	if srv == nil {
+		if srv, err = bus.StartServer(bus.ServerOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Shutdown)
 	}
-	t.Cleanup(srv.Shutdown)
 	log := logging.New(testWriter{t: t, also: o.logTo}, logging.Options{Level: cfg.LogLevel, Format: "text", Secrets: cfg.Secrets()})
 	nc, err := srv.Connect("test-"+o.name, log)
 	if err != nil {
@@ -133,7 +137,10 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	if open == nil {
 		open = db.open
 	}
-	clock := clockwork.NewFakeClock()
+	clock := o.clock
+	if clock == nil {
+		clock = clockwork.NewFakeClock()
+	}
 	svc, err := backup.New(backup.Options{Config: cfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
 		Instance: o.name, Open: open, DBWait: o.dbWait, LeaseTTL: o.leaseTTL, StandbyRetry: o.retry, QueuePollInterval: 50 * time.Millisecond})
 	if err != nil {

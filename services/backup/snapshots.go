@@ -331,7 +331,10 @@ func (s *Service) setState() {
 	}
 }
 
-func (s *Service) beat() (string, any) {
+func (s *Service) beat() (string, any) { return s.Status() }
+
+// Status is the state and details the next heartbeat reports.
+func (s *Service) Status() (string, bus.BackupDetails) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	d := bus.BackupDetails{DatabaseOK: s.dbOK, LeaseHeld: s.leaseHeldLocked(), LastError: s.lastErr, LastErrorAt: s.lastErrAt}
