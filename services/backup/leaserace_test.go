@@ -95,6 +95,10 @@ func TestDatabaseOutageDuringOverlapKeepsTheHolder(t *testing.T) {
 		t.Fatalf("backup during the outage = %+v; want ok, stored local", rep)
 	}
 	localSHA := rep.Snapshot.SHA256
+	// Health follows the failed call at once, not at the next renewal.
+	if st, d := a.svc.Status(); st != bus.StateDegraded || d.DatabaseOK {
+		t.Fatalf("dyno-a after a failed database call: %s, database ok %v; want degraded", st, d.DatabaseOK)
+	}
 	for elapsed := time.Duration(0); elapsed < outage; elapsed += 500 * time.Millisecond {
 		clock.Advance(500 * time.Millisecond)
 		if dbOK(a) && elapsed > 2*time.Second {
@@ -116,6 +120,11 @@ func TestDatabaseOutageDuringOverlapKeepsTheHolder(t *testing.T) {
 			t.Fatalf("lease holder %q right after the outage; want dyno-a", holder)
 		}
 		return v > before
+	})
+	testwait.For(t, 10*time.Second, "dyno-a ok again", func() bool {
+		clock.Advance(100 * time.Millisecond)
+		st, d := a.svc.Status()
+		return st == bus.StateOK && d.DatabaseOK
 	})
 	// Three TTLs of both running: the standby keeps watching a live row.
 	for range 3 * int(backup.DefaultLeaseTTL/(500*time.Millisecond)) {

@@ -906,3 +906,33 @@ func TestLeaseExpiresWhileDatabaseDown(t *testing.T) {
 		t.Fatalf("local fallback: %+v; want the snapshot there", files)
 	}
 }
+
+// A process whose gateway never opened the store (here: restore refused for
+// the wrong key) frees the lease at exit: the next start must not wait for
+// it to go stale.
+func TestRefusedRestoreReleasesTheLeaseAtExit(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir, env: map[string]string{"SESSION_ENCRYPTION_KEY": randHex(32)}})
+	if rep := in.backupNow("manual"); !rep.OK {
+		t.Fatalf("backup: %+v", rep)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	wrong := start(t, db, instOpts{name: "wrong-key", env: map[string]string{"SESSION_ENCRYPTION_KEY": randHex(32)}})
+	if rep := wrong.restoreReply(time.Second); rep.OK {
+		t.Fatalf("restore with the wrong key = %+v", rep)
+	}
+	st := db.mustOpen(t)
+	if l, held, _ := st.AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "wrong-key" {
+		t.Fatalf("lease = %+v; want held by wrong-key while it runs", l)
+	}
+	if err := wrong.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if l, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
+		t.Fatalf("lease after the refused instance stopped = %+v, %v; want free", l, err)
+	}
+}
