@@ -89,7 +89,7 @@ type instOpts struct {
 	noWait   bool // do not wait for the restore to be done
 	leaseTTL time.Duration
 	retry    time.Duration
-	logTo    func([]byte) // also receives every log line
+	logTo    func([]byte)         // also receives every log line
 	clock    *clockwork.FakeClock // nil: its own
 	bus      *bus.Server          // nil: its own (a dyno's embedded NATS)
 }
