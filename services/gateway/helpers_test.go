@@ -303,6 +303,7 @@ type harness struct {
 	stop  context.CancelFunc
 	shown []string
 	qrMu  sync.Mutex
+	logs  *logBuffer // every line at info and above
 }
 
 type option func(*Config, *fakeConn)
@@ -319,7 +320,7 @@ func start(t *testing.T, opts ...option) *harness {
 		ReconnectMax: 10 * time.Second,
 		SendRate:     rate.Inf, // tests of SEND_RATE set their own
 	}
-	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4)}
+	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4), logs: &logBuffer{}}
 	for _, o := range opts {
 		o(&cfg, h.conn)
 	}
@@ -344,7 +345,8 @@ func start(t *testing.T, opts ...option) *harness {
 			h.opens <- struct{}{}
 			return h.conn, nil
 		},
-		Log:    testLog(t),
+		Log: slog.New(slog.NewMultiHandler(testLog(t).Handler(),
+			slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))),
 		Clock:  h.clock,
 		Jitter: func() float64 { return 0.5 },
 		ShowQR: func(code string) {
@@ -520,3 +522,21 @@ func testLog(t *testing.T) *slog.Logger {
 
 // testUnit is the harness gateway's instance (and so its unit).
 const testUnit = "test-1"
+
+// logBuffer keeps what a gateway logged, for tests of what it says.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -92,4 +93,31 @@ func TestRestoreRequestReachesOwnInstanceOnly(t *testing.T) {
 	if len(other) != 0 {
 		t.Fatalf("another instance's backup got %d restore requests", len(other))
 	}
+}
+
+// In one process the gateway asks before its backup has subscribed: a
+// normal start asks again quickly and says nothing about it at info level.
+// Only a backup that stays away is worth a line.
+func TestBackupSubscribingLateIsNotNews(t *testing.T) {
+	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
+	// No responder yet: the first requests find none.
+	h.advanceUntil(noResponderRetry, "a few unanswered attempts", func() bool { return h.gw.attempt() >= 3 })
+	h.serveRestore(func(m *nats.Msg) {
+		_ = bus.Respond(m, bus.RestoreReply{Instance: testUnit, OK: true, Source: bus.SourceExisting})
+	})
+	testwait.For(t, 5*time.Second, "the store to open", func() bool {
+		h.advance(noResponderRetry)
+		return len(h.opens) > 0
+	})
+	if strings.Contains(h.logs.String(), "not answering the restore request") {
+		t.Fatalf("a normal start logged:\n%s", h.logs.String())
+	}
+}
+
+// A backup that does not come within the grace is reported.
+func TestBackupAbsentIsReported(t *testing.T) {
+	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
+	h.advanceUntil(time.Second, "the report", func() bool {
+		return strings.Contains(h.logs.String(), "not answering the restore request")
+	})
 }
