@@ -89,8 +89,10 @@ func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-dyno.done
+	killedAt := time.Now()
 
-	// The next dyno: an empty disk, the same database.
+	// The next dyno: an empty disk, the same database. The killed one's
+	// lease is still there: it is taken over after one lease TTL.
 	disk2 := t.TempDir()
 	port2 := freePort(t)
 	next := start(t, bin, "web.1 (next)", herokuEnv(t, pg.URL, disk2, port2, generated), "run")
@@ -102,6 +104,11 @@ func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
 		_, err := os.Stat(restored)
 		return err == nil
 	})
+	if took := time.Since(killedAt); took > 15*time.Second {
+		t.Errorf("the next dyno restored %s after the kill; want a crash takeover within 15 s", took)
+	} else {
+		t.Logf("crash takeover: restored %s after the kill", took.Round(100*time.Millisecond))
+	}
 	if got := marks(t, restored); got != want {
 		t.Fatalf("the next dyno restored %d writes, want %d: the backup answered from the local fallback never reached the database", got, want)
 	}

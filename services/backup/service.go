@@ -263,6 +263,9 @@ func (s *Service) Run(ctx context.Context) error {
 			s.log.Info("session lease renewed after fencing; nobody held it meanwhile: the store on disk stays")
 			rep = bus.RestoreReply{OK: true, Source: bus.SourceExisting, Instance: s.unit}
 		default:
+			s.mu.Lock()
+			s.unshippedRead = 0 // another instance's store replaces ours
+			s.mu.Unlock()
 			rep = s.restoreAfterLeaseLoss(ctx, store)
 		}
 		if ctx.Err() != nil {
