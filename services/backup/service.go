@@ -298,8 +298,8 @@ func (s *Service) Run(ctx context.Context) error {
 		if first {
 			for subj, h := range map[string]nats.MsgHandler{
 				s.subj.BackupRequest():       s.onBackupRequest,
-				s.subj.Conn(bus.ConnPaired):  func(*nats.Msg) { s.request(bus.ReasonPaired, nil) },
-				s.subj.Conn(bus.ConnStopped): func(*nats.Msg) { s.request(bus.ReasonShutdown, nil) },
+				s.subj.Conn(bus.ConnPaired):  s.ownGateway(func() { s.request(bus.ReasonPaired, nil) }),
+				s.subj.Conn(bus.ConnStopped): s.ownGateway(func() { s.request(bus.ReasonShutdown, nil) }),
 			} {
 				sub, err := s.opts.NC.Subscribe(subj, h)
 				if err != nil {
@@ -343,6 +343,18 @@ func (s *Service) onHeartbeatMsg(m *nats.Msg) {
 		return
 	}
 	s.onBackupHeartbeat(hb, d)
+}
+
+// ownGateway runs f for a connection event of our own instance's gateway:
+// on a shared bus, another instance's paired or stopped is not about the
+// store we snapshot.
+func (s *Service) ownGateway(f func()) nats.MsgHandler {
+	return func(m *nats.Msg) {
+		var ev bus.ConnEvent
+		if json.Unmarshal(m.Data, &ev) == nil && ev.Instance == s.unit {
+			f()
+		}
+	}
 }
 
 // epochState is what P.session.restore answers for one lease epoch.

@@ -238,7 +238,7 @@ func TestPairedEventTakesSnapshot(t *testing.T) {
 	done := make(chan *nats.Msg, 4)
 	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
 	defer sub.Unsubscribe()
-	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnPaired), bus.ConnEvent{Kind: bus.ConnPaired, JID: "1@s.whatsapp.net"}); err != nil {
+	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnPaired), bus.ConnEvent{Kind: bus.ConnPaired, JID: "1@s.whatsapp.net", Instance: in.unit}); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -856,7 +856,7 @@ func TestConnStoppedTakesSnapshot(t *testing.T) {
 	done := make(chan *nats.Msg, 4)
 	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
 	defer sub.Unsubscribe()
-	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), bus.ConnEvent{Kind: bus.ConnStopped}); err != nil {
+	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), bus.ConnEvent{Kind: bus.ConnStopped, Instance: in.unit}); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -934,5 +934,32 @@ func TestRefusedRestoreReleasesTheLeaseAtExit(t *testing.T) {
 	}
 	if l, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
 		t.Fatalf("lease after the refused instance stopped = %+v, %v; want free", l, err)
+	}
+}
+
+// On a shared bus, another instance's gateway stopping is not about our
+// store: no snapshot for it.
+func TestConnStoppedOfAnotherInstanceIgnored(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	done := make(chan *nats.Msg, 4)
+	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
+	defer sub.Unsubscribe()
+	for _, ev := range []bus.ConnEvent{{Kind: bus.ConnStopped, Instance: "web-1-other"}, {Kind: bus.ConnStopped}} {
+		if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Our own request after them: the first snapshot to finish must be its.
+	if rep := in.backupNow("manual"); !rep.OK {
+		t.Fatalf("backup: %+v", rep)
+	}
+	m := <-done
+	var ev bus.BackupDone
+	_ = jsonUnmarshal(m.Data, &ev)
+	if ev.Reason != "manual" || len(done) != 0 {
+		t.Fatalf("snapshots: %s and %d more; want only the manual one", m.Data, len(done))
 	}
 }

@@ -487,9 +487,11 @@ func (g *Gateway) State() string {
 	return g.st.state
 }
 
-// publish stamps and publishes a connection event.
+// publish stamps and publishes a connection event, naming our instance: on
+// a shared bus, only our own backup acts on our paired and stopped.
 func (g *Gateway) publish(e bus.ConnEvent) {
 	e.Stamp(g.cfg.Session, g.clock.Now())
+	e.Instance = g.cfg.Unit
 	if err := bus.Publish(g.nc, g.subj.Conn(e.Kind), e); err != nil {
 		g.log.Warn("publish connection event", "kind", e.Kind, "err", err)
 	}
