@@ -252,3 +252,37 @@ func TestHolderCutOffFencesBeforeTheStandbyTakesOver(t *testing.T) {
 	}
 	t.Logf("cut off at 0, fenced at +%s, taken over at +%s", fencedAt.Sub(cutAt), tookAt.Sub(cutAt))
 }
+
+// A clean release is taken over within a second, on SQLite (polling) as on
+// PostgreSQL (NOTIFY, and polling).
+func TestStandbyTakesOverWithinASecondOfRelease(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			db := newDatabase(t, kind)
+			clock := clockwork.NewFakeClock()
+			dirA := t.TempDir()
+			newStore(t, dirA, 128<<10)
+			a := start(t, db, instOpts{dataDir: dirA, name: "dyno-a", clock: clock})
+			b := start(t, db, instOpts{name: "dyno-b", noWait: true, clock: clock})
+			testwait.For(t, 10*time.Second, "dyno-b in standby", func() bool {
+				clock.Advance(100 * time.Millisecond)
+				st, _ := b.svc.Status()
+				return st == bus.StateStandby
+			})
+			if err := a.stop(); err != nil {
+				t.Fatal(err)
+			}
+			releasedAt := clock.Now()
+			testwait.For(t, 10*time.Second, "dyno-b to hold the lease", func() bool {
+				if _, d := b.svc.Status(); d.LeaseHeld {
+					return true
+				}
+				clock.Advance(50 * time.Millisecond)
+				return false
+			})
+			if took := clock.Since(releasedAt); took > time.Second {
+				t.Fatalf("dyno-b took the lease %s after the release; want within 1 s", took)
+			}
+		})
+	}
+}

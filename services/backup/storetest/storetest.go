@@ -32,6 +32,7 @@ func Run(t *testing.T, open Open) {
 		{"SessionsApart", testSessionsApart},
 		{"LeaseExclusive", testLeaseExclusive},
 		{"LeaseRace", testLeaseRace},
+		{"WatchedTakeoverRacesRenewal", testWatchedTakeoverRacesRenewal},
 		{"InsertNeedsLease", testInsertNeedsLease},
 	}
 	for _, tc := range tests {
@@ -280,6 +281,36 @@ func testLeaseRace(t *testing.T, s backup.Store) {
 	}
 	if len(winners) != 1 {
 		t.Fatalf("winners = %v; want exactly one", winners)
+	}
+}
+
+// testWatchedTakeoverRacesRenewal: a standby's take of the row it watched
+// and the holder's renewal land at the same time: exactly one wins, and a
+// holder that lost never renews the lease back.
+func testWatchedTakeoverRacesRenewal(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	for i := range 20 {
+		session := fmt.Sprintf("race-%d", i)
+		watched, ok, err := s.AcquireLease(ctx, session, "holder", t0, time.Minute, backup.Lease{})
+		if err != nil || !ok {
+			t.Fatalf("acquire: %v %v", ok, err)
+		}
+		var wg sync.WaitGroup
+		var renewed, took bool
+		var rerr, terr error
+		wg.Go(func() {
+			_, renewed, rerr = s.AcquireLease(ctx, session, "holder", t0.Add(time.Second), time.Minute, backup.Lease{})
+		})
+		wg.Go(func() {
+			_, took, terr = s.AcquireLease(ctx, session, "standby", t0.Add(time.Second), time.Minute, watched)
+		})
+		wg.Wait()
+		if rerr != nil || terr != nil {
+			t.Fatalf("renew: %v, take: %v", rerr, terr)
+		}
+		if renewed == took {
+			t.Fatalf("round %d: renewed %v and took %v; want exactly one", i, renewed, took)
+		}
 	}
 }
 
