@@ -782,6 +782,7 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 	db := newDatabase(t, "postgres")
 	dir := t.TempDir()
 	path := newStore(t, dir, 256<<10)
+	var logs syncBuf
 	var down atomic.Bool
 	open := func(ctx context.Context) (backup.Store, error) {
 		st, err := db.open(ctx)
@@ -790,7 +791,8 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 		}
 		return &failingStore{Store: st, down: &down}, nil
 	}
-	in := start(t, db, instOpts{dataDir: dir, open: open, name: "dyno-a"})
+	// On Heroku, where the dyno's disk is wiped next.
+	in := start(t, db, instOpts{dataDir: dir, open: open, name: "dyno-a", env: map[string]string{"HEROKU": "true"}, logTo: logs.write})
 	first := in.backupNow("manual")
 	write(t, path, 3)
 	down.Store(true)
@@ -812,6 +814,27 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 	if l, held, _ := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "dyno-a" {
 		t.Fatalf("lease = %+v (next held %v); want dyno-a's, left to expire", l, held)
 	}
+	if !strings.Contains(logs.String(), "level=ERROR") || !strings.Contains(logs.String(), "SHUTDOWN SNAPSHOT NOT IN THE DATABASE") {
+		t.Fatal("on Heroku, a shutdown snapshot kept on the disk only was not logged as an error")
+	}
+}
+
+// syncBuf collects log lines from several goroutines.
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) write(p []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // The lease taken by another instance at runtime: conn.standby tells the
