@@ -10,7 +10,7 @@ import (
 // FuzzInstanceToken: whatever an instance id is made from (a DYNO name, a
 // HOSTNAME, a file in DATA_DIR), its token is one subject-safe NATS token
 // that CheckInstance accepts, and a valid id is its own token.
-func Fuzzbus.InstanceToken(f *testing.F) {
+func FuzzInstanceToken(f *testing.F) {
 	for _, s := range []string{"web.1-ab12cd34", "host-run-42-00ff", "i-0123456789abcdef", "", "a b*c>d", "ünïcode", strings.Repeat("x", 200), "a.b.c"} {
 		f.Add(s)
 	}
