@@ -25,11 +25,12 @@
 //
 // The holder's half: while it cannot renew it keeps its socket (guarantee 4:
 // the bot stays online without its database), unless a standby backup of
-// another instance reports, on a shared bus, that it reaches the database
-// while the holder has not renewed for half a TTL. Then that standby may take
-// the lease at the end of the TTL, and the holder fences itself first: its
-// gateway closes the socket (conn.standby for its own instance) and database
-// snapshots stop. It takes up again, without a restore, if its own row is
+// another instance reports on a shared bus (its heartbeat's lease_holder and
+// lease_watch_ms, beaten at once when the watch reaches half a TTL) that it
+// has seen the holder's row unchanged for half a TTL, counting answered reads
+// only. Then that standby takes the lease at a whole TTL, and the holder
+// fences itself first: its gateway closes the socket (conn.standby for its
+// own instance) and database snapshots stop. It takes up again, without a restore, if its own row is
 // still its own when the database answers; otherwise it restores what the
 // new holder stored, like any standby. Snapshot inserts check the lease in
 // their own transaction, so a holder that lost the lease never stores one.

@@ -42,7 +42,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 	released := make(chan struct{}, 1)
 	wctx, stopWatch := context.WithCancel(ctx)
 	var watchWG sync.WaitGroup
-	defer func() { stopWatch(); watchWG.Wait() }()
+	defer func() { stopWatch(); watchWG.Wait(); s.watching("", time.Time{}, time.Time{}) }()
 	if w, ok := st.(LeaseWatcher); ok {
 		watchWG.Go(func() { s.watchReleases(wctx, w, released) })
 	}
@@ -71,18 +71,16 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 		switch {
 		case err != nil:
 			watchedSince = time.Time{} // the rule: an unanswered read starts the watch over
+			s.watching("", time.Time{}, time.Time{})
 			s.noteErr(fmt.Errorf("take lease: %w", err))
 			if failingSince.IsZero() {
 				failingSince = s.clock.Now()
 			}
-			s.mu.Lock()
-			s.dbOK = false
+			state := bus.StateDegraded
 			if otherSeen {
-				s.state = bus.StateStandby
-			} else {
-				s.state = bus.StateDegraded
+				state = bus.StateStandby
 			}
-			s.mu.Unlock()
+			s.setStandbyState(state, false)
 			if !otherSeen && s.clock.Since(failingSince) >= s.opts.DBWait && s.hasLocalState() {
 				return err
 			}
@@ -90,6 +88,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			wait = delay
 			delay = min(delay*2, 5*time.Second)
 		case ok:
+			s.watching("", time.Time{}, time.Time{})
 			s.holdLease(lease, sent)
 			s.noteDB(true)
 			if stale.Holder != "" {
@@ -101,11 +100,10 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			return nil
 		default:
 			failingSince, delay = time.Time{}, time.Second
-			s.mu.Lock()
-			s.state, s.dbOK = bus.StateStandby, true
-			s.mu.Unlock()
+			s.setStandbyState(bus.StateStandby, true)
 			if lease.Holder == "" { // released between two statements: read again now
 				watchedSince = time.Time{}
+				s.watching("", time.Time{}, time.Time{})
 				wait = 0
 				break
 			}
@@ -113,6 +111,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			if watchedSince.IsZero() || !lease.Same(watched) {
 				watched, watchedSince = lease, s.clock.Now()
 			}
+			s.watching(lease.Holder, watchedSince, s.clock.Now())
 			if !logged {
 				s.log.Warn("another instance holds the session; standby until it releases the lease, or stops renewing it for a whole lease TTL",
 					"holder", lease.Holder, "ttl", s.opts.LeaseTTL)
@@ -219,6 +218,11 @@ func (s *Service) renewLoop(ctx context.Context) {
 			if wasOK {
 				s.log.Warn("lease renewal failed", "err", err)
 			}
+			s.mu.Lock()
+			if s.failingSince.IsZero() {
+				s.failingSince = sent
+			}
+			s.mu.Unlock()
 			s.noteDB(false)
 			if s.shouldFence() {
 				s.leaseLost("", "fenced: the database is unreachable from here while a standby instance reaches it")
@@ -234,6 +238,9 @@ func (s *Service) renewLoop(ctx context.Context) {
 			continue
 		}
 		s.holdLease(lease, sent)
+		s.mu.Lock()
+		s.failingSince = time.Time{}
+		s.mu.Unlock()
 		s.noteDB(true)
 		if !wasHeld {
 			s.log.Info("session lease held again")
@@ -264,31 +271,47 @@ func (s *Service) kickRenewal() {
 	}
 }
 
-// shouldFence is the holder's half of the lease rule: it cannot renew, and
-// for at least half a TTL; and a standby of another instance has said since
-// the renewals began failing that it reaches the database, so it may take the
-// lease once a TTL has passed. Without that word (a database outage for
-// everyone, or no shared bus), the holder keeps its socket: nobody can take
-// the lease while nobody reaches the database.
+// shouldFence is the holder's half of the lease rule: its renewals fail,
+// and a standby backup of another instance has said since our last renewal
+// that it has seen our row unchanged for half a TTL with the database
+// answering it: it takes the lease at a whole TTL. Without that word (a
+// database outage for everyone, or no shared bus), the holder keeps its
+// socket: nobody takes the lease while nobody reaches the database.
 func (s *Service) shouldFence() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.leaseHeld || s.renewedAt.IsZero() {
-		return false
-	}
-	failingFor := s.clock.Since(s.renewedAt)
-	return failingFor >= s.opts.LeaseTTL/2 && s.contenderAt.After(s.renewedAt)
+	return s.leaseHeld && !s.failingSince.IsZero() && s.contenderAt.After(s.renewedAt)
 }
 
-// onBackupHeartbeat notes a standby backup of another instance that
-// reaches the database (see shouldFence).
+// onBackupHeartbeat follows the standby backups of other instances that
+// watch our lease (see shouldFence): the last word counts.
 func (s *Service) onBackupHeartbeat(hb bus.Heartbeat, d bus.BackupDetails) {
-	if hb.Instance == s.opts.Instance || hb.State != bus.StateStandby || !d.DatabaseOK {
+	if hb.Instance == s.opts.Instance || hb.State != bus.StateStandby || d.LeaseHolder != s.opts.Instance {
 		return
 	}
 	s.mu.Lock()
-	s.contenderAt = s.clock.Now()
+	defer s.mu.Unlock()
+	if d.DatabaseOK && time.Duration(d.LeaseWatchMS)*time.Millisecond >= s.opts.LeaseTTL/2 {
+		s.contenderAt = s.clock.Now()
+	} else {
+		s.contenderAt = time.Time{}
+	}
+}
+
+// watching records the standby's watch of the holder's row for the
+// heartbeat: unchanged from since to seen, the last answered read (zero
+// since: none). Only that span counts, never the time since: a read that
+// hangs proves nothing. It beats at once when the span reaches half a TTL,
+// so a holder cut off from the database hears of it in time.
+func (s *Service) watching(holder string, since, seen time.Time) {
+	s.mu.Lock()
+	half := !since.IsZero() && seen.Sub(since) >= s.opts.LeaseTTL/2
+	changed := half != s.watchHalf
+	s.watchHolder, s.watchSince, s.watchSeen, s.watchHalf = holder, since, seen, half
 	s.mu.Unlock()
+	if changed {
+		s.kickBeat()
+	}
 }
 
 // leaseLost ends the epoch: another instance holds the lease (holder), or

@@ -74,6 +74,7 @@ type Service struct {
 	sessionPath string
 	unit        string
 	kick        chan struct{} // wakes the renewal loop
+	beatKick    chan struct{} // publishes a heartbeat now
 	shipping    atomic.Bool   // a catch-up snapshot to the database runs
 	// jobKey keeps this process's coalescing keys apart from a previous
 	// process with the same instance name (a Heroku dyno keeps its name across
@@ -101,8 +102,15 @@ type Service struct {
 	leaseSince time.Time // the lease row's acquired_at while ours: unchanged means we never lost it
 	kept       bool      // the last take found leaseSince unchanged
 	// contenderAt is when a standby backup of another instance last said it
-	// reaches the database (the holder's fencing rule).
+	// has watched our lease row unchanged for half a TTL (the fencing rule).
 	contenderAt time.Time
+	// The standby's watch of the holder's row, for the heartbeat.
+	watchHolder string
+	watchSince  time.Time
+	watchSeen   time.Time
+	watchHalf   bool // the watch has reached half a TTL (announced)
+	// failingSince is when the first renewal since the last success failed.
+	failingSince time.Time
 	// unshippedRead is the read number of the newest snapshot that reached
 	// the local fallback only (0: none): the database needs it once back.
 	unshippedRead int64
@@ -172,6 +180,7 @@ func New(opts Options) (*Service, error) {
 		jobKey:      opts.Instance + "/" + nonce(),
 		unit:        opts.Unit,
 		kick:        make(chan struct{}, 1),
+		beatKick:    make(chan struct{}, 1),
 		epoch:       &epochState{},
 		snapSem:     make(chan struct{}, 1),
 		stopping:    make(chan struct{}),
@@ -203,7 +212,7 @@ func (s *Service) Run(ctx context.Context) error {
 	go func() {
 		defer close(hbDone)
 		hb := &bus.Heartbeater{NC: s.opts.NC, Subjects: s.subj, Session: s.cfg.SessionID, Service: bus.ServiceBackup,
-			Instance: s.opts.Instance, Clock: s.clock, Beat: s.beat}
+			Instance: s.opts.Instance, Clock: s.clock, Beat: s.beat, Kick: s.beatKick}
 		_ = hb.Run(hbCtx)
 	}()
 	defer func() { hbStop(); <-hbDone }()

@@ -10,9 +10,33 @@ import (
 // call, not only the lease renewals.
 func (s *Service) noteDB(ok bool) {
 	s.mu.Lock()
+	changed := s.dbOK != ok
 	s.dbOK = ok
 	s.mu.Unlock()
 	s.setState()
+	if changed {
+		s.kickBeat()
+	}
+}
+
+// setStandbyState sets the state while waiting for the lease.
+func (s *Service) setStandbyState(state string, dbOK bool) {
+	s.mu.Lock()
+	changed := s.state != state || s.dbOK != dbOK
+	s.state, s.dbOK = state, dbOK
+	s.mu.Unlock()
+	if changed {
+		s.kickBeat()
+	}
+}
+
+// kickBeat publishes a heartbeat now: health, and a holder watching for
+// standbys, hear of a change at once.
+func (s *Service) kickBeat() {
+	select {
+	case s.beatKick <- struct{}{}:
+	default:
+	}
 }
 
 func (s *Service) noteErr(err error) {
@@ -32,10 +56,17 @@ func (s *Service) setState() {
 	if !s.epoch.done {
 		return // starting or standby until restore is done
 	}
+	was := s.state
 	if s.store == nil || !s.dbOK || !s.leaseHeldLocked() || !s.epoch.reply.OK {
 		s.state = bus.StateDegraded
 	} else {
 		s.state = bus.StateOK
+	}
+	if s.state != was {
+		select {
+		case s.beatKick <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -52,6 +83,9 @@ func (s *Service) Status() (string, bus.BackupDetails) {
 		d.Database = "postgres"
 	} else {
 		d.Database = "sqlite"
+	}
+	if !s.watchSince.IsZero() {
+		d.LeaseHolder, d.LeaseWatchMS = s.watchHolder, s.watchSeen.Sub(s.watchSince).Milliseconds()
 	}
 	if s.lastSnap != nil {
 		d.LastSnapshotID, d.LastSnapshotAt, d.LastSnapshotBytes = s.lastSnap.ID, s.lastSnapAt, s.lastSnap.Bytes

@@ -98,6 +98,12 @@ type BackupDetails struct {
 	LastSnapshotBytes int64      `json:"last_snapshot_bytes,omitempty"`
 	LastError         string     `json:"last_error,omitempty"`
 	LastErrorAt       *time.Time `json:"last_error_at,omitempty"`
+	// While standby: the lease's holder, and for how long this backup has
+	// seen its row unchanged with the database answering (it takes the
+	// lease at one lease TTL; a holder that cannot renew fences itself when
+	// it hears of half of it).
+	LeaseHolder  string `json:"lease_holder,omitempty"`
+	LeaseWatchMS int64  `json:"lease_watch_ms,omitempty"`
 }
 
 // HealthDetails are the health service's heartbeat details.
