@@ -24,6 +24,9 @@ const (
 	probeInterval = 500 * time.Millisecond
 	// standbyAnnounce spaces the conn.standby events of a waiting standby.
 	standbyAnnounce = 5 * time.Second
+	// standbyReadTimeout bounds a standby's read of the lease row: a hung
+	// read must soon count as unanswered (health, and the watch).
+	standbyReadTimeout = 2 * time.Second
 )
 
 // acquireLease blocks until this instance holds the lease: while another
@@ -50,22 +53,32 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 	var (
 		watched      Lease     // the row as it was when the watch began
 		watchedSince time.Time // zero: no watch running
+		answeredAt   time.Time // the last answered read
 		announced    time.Time
 		failingSince time.Time
 		logged       bool
 	)
 	delay := time.Second
 	for {
+		// Reads must follow each other closely for the watch to count: after
+		// a gap (this process stalled) nobody saw whether the database
+		// answered the holder meanwhile.
+		if !answeredAt.IsZero() && s.clock.Since(answeredAt) > s.opts.StandbyRetry*4+standbyReadTimeout {
+			watchedSince = time.Time{}
+		}
 		var stale Lease
 		if !watchedSince.IsZero() && s.clock.Since(watchedSince) >= s.opts.LeaseTTL {
 			stale = watched
 		}
 		sent := s.clock.Now()
-		cctx, cancel := withTimeout(ctx, s.clock, dbCallTimeout)
+		cctx, cancel := withTimeout(ctx, s.clock, standbyReadTimeout)
 		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, sent, s.opts.LeaseTTL, stale)
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if err == nil {
+			answeredAt = s.clock.Now()
 		}
 		wait := s.opts.StandbyRetry
 		switch {

@@ -307,3 +307,37 @@ func TestStandbyTakesOverWithinASecondOfRelease(t *testing.T) {
 		})
 	}
 }
+
+// A standby that stalls (its reads stop for a while, as a paused process
+// or a frozen VM) has seen nothing meanwhile: its watch starts over, and it
+// does not take a lease whose holder may have been kept from renewing by an
+// outage it never saw.
+func TestStandbyThatStalledWatchesAgain(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	st := db.mustOpen(t)
+	now := clockStart()
+	if _, ok, err := st.AcquireLease(context.Background(), session, "quiet-holder", now, time.Hour, backup.Lease{}); !ok || err != nil {
+		t.Fatalf("seed lease: %v %v", ok, err)
+	}
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true})
+	testwait.For(t, 10*time.Second, "dyno-b watching for a while", func() bool {
+		b.clock.Advance(100 * time.Millisecond)
+		_, d := b.svc.Status()
+		return d.LeaseHolder == "quiet-holder" && d.LeaseWatchMS >= 1000
+	})
+	// One jump of more than a TTL: a stall. The read after it must not take.
+	b.clock.Advance(backup.DefaultLeaseTTL + time.Second)
+	testwait.For(t, 10*time.Second, "a read after the stall", func() bool {
+		_, d := b.svc.Status()
+		return d.LeaseHolder == "quiet-holder" && d.LeaseWatchMS == 0
+	})
+	if _, d := b.svc.Status(); d.LeaseHeld {
+		t.Fatal("dyno-b took the lease right after a stall")
+	}
+	// Watching again, a whole TTL of answered reads: now it takes it.
+	testwait.For(t, 20*time.Second, "dyno-b to take the lease", func() bool {
+		b.clock.Advance(250 * time.Millisecond)
+		_, d := b.svc.Status()
+		return d.LeaseHeld
+	})
+}
