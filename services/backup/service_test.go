@@ -986,3 +986,29 @@ func TestConnStoppedOfAnotherInstanceIgnored(t *testing.T) {
 		t.Fatalf("snapshots: %s and %d more; want only the manual one", m.Data, len(done))
 	}
 }
+
+// Stopped before the restore was done (the database failing the restore's
+// reads): the gateway never opened the store, so the lease is freed at exit.
+func TestStoppedBeforeRestoreReleasesTheLease(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	f := newFaults()
+	f.set("List", -1, nil)
+	in := start(t, db, instOpts{name: "early-stop", open: openFaulty(db, f), noWait: true})
+	testwait.For(t, 10*time.Second, "the restore to fail on the database", func() bool {
+		if f.count("List") >= 2 {
+			return true
+		}
+		in.clock.Advance(time.Second)
+		return false
+	})
+	st := db.mustOpen(t)
+	if l, held, _ := st.AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "early-stop" {
+		t.Fatalf("lease = %+v; want held by early-stop while it waits for the database", l)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if l, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
+		t.Fatalf("lease after a stop before the restore = %+v, %v; want free", l, err)
+	}
+}
