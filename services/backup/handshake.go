@@ -86,9 +86,7 @@ func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restor
 			return s.restoreReply(res, err)
 		}
 		s.noteErr(err)
-		s.mu.Lock()
-		s.state, s.dbOK = bus.StateDegraded, false
-		s.mu.Unlock()
+		s.setWaitingState(bus.StateDegraded, false)
 		if localFallback && !s.clock.Now().Before(deadline) && s.hasLocalState() {
 			s.log.Warn("database keeps failing during restore; using the local fallback", "err", err)
 			res, err = do(s.restorer(nil))

@@ -93,7 +93,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			if otherSeen {
 				state = bus.StateStandby
 			}
-			s.setStandbyState(state, false)
+			s.setWaitingState(state, false)
 			if !otherSeen && s.clock.Since(failingSince) >= s.opts.DBWait && s.hasLocalState() {
 				return err
 			}
@@ -113,7 +113,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			return nil
 		default:
 			failingSince, delay = time.Time{}, time.Second
-			s.setStandbyState(bus.StateStandby, true)
+			s.setWaitingState(bus.StateStandby, true)
 			if lease.Holder == "" { // released between two statements: read again now
 				watchedSince = time.Time{}
 				s.watching("", time.Time{}, time.Time{})

@@ -418,9 +418,7 @@ func (s *Service) openStore(ctx context.Context) Store {
 		if ctx.Err() != nil {
 			return nil
 		}
-		s.mu.Lock()
-		s.state, s.dbOK = bus.StateDegraded, false
-		s.mu.Unlock()
+		s.setWaitingState(bus.StateDegraded, false)
 		if !s.clock.Now().Add(delay).Before(deadline) {
 			if s.hasLocalState() {
 				s.log.Warn("database unreachable; degraded: restore and snapshots use the local fallback", "err", err)

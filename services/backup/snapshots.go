@@ -265,6 +265,8 @@ func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete 
 	defer pcancel()
 	if n, err := st.Prune(pctx, s.cfg.SessionID, s.cfg.BackupRetention); err != nil {
 		s.log.Warn("prune snapshots failed", "err", err)
+		s.noteDB(false)
+		s.kickRenewal()
 	} else if n > 0 {
 		s.log.Debug("pruned snapshots", "deleted", n)
 	}

@@ -19,8 +19,9 @@ func (s *Service) noteDB(ok bool) {
 	}
 }
 
-// setStandbyState sets the state while waiting for the lease.
-func (s *Service) setStandbyState(state string, dbOK bool) {
+// setWaitingState sets the state while no epoch runs (waiting for the
+// database, the lease or the restore), beating at once on a change.
+func (s *Service) setWaitingState(state string, dbOK bool) {
 	s.mu.Lock()
 	changed := s.state != state || s.dbOK != dbOK
 	s.state, s.dbOK = state, dbOK
