@@ -187,7 +187,7 @@ type RestoreReply struct {
 	Error      string `json:"error,omitempty"`
 	// Instance is the answering backup's instance: a gateway takes the
 	// answer of its own instance only.
-	Instance string `json:"instance"`
+	Instance string `json:"instance,omitempty"`
 }
 
 // MsgIn is P.msg.in.
