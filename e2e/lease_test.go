@@ -285,6 +285,9 @@ func TestPrebootOverlapOnSharedNATS(t *testing.T) {
 	}
 
 	oldDyno.stop(t, 30*time.Second)
+	if strings.Contains(oldDyno.out.String(), "lost the session lease") {
+		t.Fatal("the old dyno's gateway closed its socket for a lost lease during the overlap")
+	}
 	if s := w.statesOf(bus.ServiceGateway, oldGateway); has(s, bus.StateStandby) || strings.Count(strings.Join(s, ","), bus.StateWaitingRestore) > 1 {
 		t.Fatalf("the old dyno's gateway went through %v: it took the new dyno's standby for its own", s)
 	}
