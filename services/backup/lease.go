@@ -24,9 +24,9 @@ const (
 	probeInterval = 500 * time.Millisecond
 	// standbyAnnounce spaces the conn.standby events of a waiting standby.
 	standbyAnnounce = 5 * time.Second
-	// standbyReadTimeout bounds a standby's read of the lease row: a hung
-	// read must soon count as unanswered (health, and the watch).
-	standbyReadTimeout = 2 * time.Second
+	// watchGapSlack: a standby's reads answered further apart than four
+	// StandbyRetry and this start its watch over (see acquireLease).
+	watchGapSlack = 2 * time.Second
 )
 
 // acquireLease blocks until this instance holds the lease: while another
@@ -63,7 +63,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 		// Reads must follow each other closely for the watch to count: after
 		// a gap (this process stalled) nobody saw whether the database
 		// answered the holder meanwhile.
-		if !answeredAt.IsZero() && s.clock.Since(answeredAt) > s.opts.StandbyRetry*4+standbyReadTimeout {
+		if !answeredAt.IsZero() && s.clock.Since(answeredAt) > s.opts.StandbyRetry*4+watchGapSlack {
 			watchedSince = time.Time{}
 		}
 		var stale Lease
@@ -71,7 +71,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			stale = watched
 		}
 		sent := s.clock.Now()
-		cctx, cancel := withTimeout(ctx, s.clock, standbyReadTimeout)
+		cctx, cancel := withTimeout(ctx, s.clock, dbCallTimeout)
 		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, sent, s.opts.LeaseTTL, stale)
 		cancel()
 		if ctx.Err() != nil {

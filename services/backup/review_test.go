@@ -254,7 +254,11 @@ func TestStandbySurvivesDatabaseErrors(t *testing.T) {
 	newStore(t, dir, 128<<10) // local state: the old code went live on it
 	f := newFaults()
 	in := start(t, db, instOpts{dataDir: dir, open: openFaulty(db, f), dbWait: time.Second, noWait: true, name: "dyno-b"})
-	testwait.For(t, 10*time.Second, "the first lease attempt", func() bool { return f.count("AcquireLease") >= 1 })
+	// The first attempt answered: dyno-b has seen dyno-a's lease.
+	testwait.For(t, 10*time.Second, "the first lease attempt", func() bool {
+		_, d := in.svc.Status()
+		return d.LeaseHolder == "dyno-a"
+	})
 	f.set("AcquireLease", -1, nil)
 	// Every attempt fails: standby must keep retrying, not give up and go live.
 	retried := f.count("AcquireLease") + 10
