@@ -10,18 +10,19 @@
 // shutdown snapshot is in the database (or when its gateway never opened the
 // store: a refused or unfinished restore).
 //
-// A standby reads the row every 500 ms, and at once when PostgreSQL notifies
-// a release. It takes the lease when the row is gone, or when it has itself
+// A standby reads the row every 500 ms, and at once when PostgreSQL notifies a
+// release. It takes the lease when the row is gone, or when it has itself
 // watched the very same row (holder, version, renewal time) for a whole TTL
-// with every one of its reads answered; the take is a compare-and-swap on
-// that row, so a renewal that lands first wins. Expiry times are never
-// compared across machines. A database outage seen by the standby starts
-// its watch over: after an outage for everyone, the live holder renews
-// within TTL/3 of the database's return, long before any standby has
-// watched for a TTL, so a holder that was only cut off from the database
-// keeps the session and ships what it stored locally meanwhile; it is never
-// replaced by a standby that would restore an older store. A dead holder is
-// replaced about one TTL after its last renewal.
+// with every one of its reads answered and none more than 4*StandbyRetry+2 s
+// after the one before (a stalled standby saw nothing); the take is a compare-
+// and-swap on that row, so a renewal that lands first wins. Expiry times are
+// never compared across machines. A database outage seen by the standby starts
+// its watch over: after an outage for everyone, the live holder renews within
+// TTL/3 of the database's return, long before any standby has watched for a
+// TTL, so a holder that was only cut off from the database keeps the session
+// and ships what it stored locally meanwhile; it is never replaced by a
+// standby that would restore an older store. A dead holder is replaced about
+// one TTL after its last renewal.
 //
 // The holder's half: while it cannot renew it keeps its socket (guarantee 4:
 // the bot stays online without its database), unless a standby backup of
@@ -29,11 +30,15 @@
 // lease_watch_ms, beaten at once when the watch reaches half a TTL) that it
 // has seen the holder's row unchanged for half a TTL, counting answered reads
 // only. Then that standby takes the lease at a whole TTL, and the holder
-// fences itself first: its gateway closes the socket (conn.standby for its
-// own instance) and database snapshots stop. It takes up again, without a restore, if its own row is
-// still its own when the database answers; otherwise it restores what the
-// new holder stored, like any standby. Snapshot inserts check the lease in
-// their own transaction, so a holder that lost the lease never stores one.
+// fences itself first: its gateway closes the socket (conn.standby for its own
+// instance) and database snapshots stop. (A holder cut off alone with no
+// shared bus cannot hear it: the standby takes over after the TTL, WhatsApp
+// ends the older stream with stream_replaced, and the holder's next renewal
+// finds the lease gone. Its snapshots were refused all along: inserts check
+// the lease.) It takes up again, without a restore, if its own row is still
+// its own when the database answers; otherwise it restores what the new holder
+// stored, like any standby. Snapshot inserts check the lease in their own
+// transaction, so a holder that lost the lease never stores one.
 package backup
 
 import (
