@@ -19,9 +19,9 @@
 // never compared across machines. A database outage seen by the standby starts
 // its watch over: after an outage for everyone, the live holder renews within
 // TTL/3 of the database's return, long before any standby has watched for a
-// TTL, so a holder that was only cut off from the database keeps the session
-// and ships what it stored locally meanwhile; it is never replaced by a
-// standby that would restore an older store. A dead holder is replaced about
+// TTL, so the live holder keeps the session and ships what it stored locally
+// meanwhile; it is never replaced by a standby that would restore an older
+// store. A dead holder is replaced about
 // one TTL after its last renewal.
 //
 // The holder's half: while it cannot renew it keeps its socket (guarantee 4:
