@@ -76,7 +76,7 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 		{"the attacker's QR code", subj.Conn(bus.ConnQR), `{"session":"x","at":"2026-01-01T00:00:00Z","kind":"qr","code":"2@attacker-device"}`},
 		{"a heartbeat from the year 2100", subj.Heartbeat(bus.ServiceGateway), `{"session":"x","at":"2100-01-01T00:00:00Z","service":"gateway","instance":"forged","state":"connected"}`},
 		{"a lease loss", subj.Conn(bus.ConnStandby), ``},
-		{"a restore request", subj.SessionRestore(), `{}`},
+		{"a restore request", subj.SessionRestoreFor("any-instance"), `{}`},
 	}
 	for _, fg := range forgeries {
 		if err := nc.Publish(fg.subject, []byte(fg.body)); err != nil {
@@ -84,7 +84,7 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 		}
 	}
 	// To answer the restore request in backup's place, a bot must hear it.
-	if _, err := nc.Subscribe(subj.SessionRestore(), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
+	if _, err := nc.Subscribe(subj.SessionRestoreFor("*"), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
 		t.Fatal(err)
 	}
 	// What the bot may do still works, and its reply comes after every
@@ -108,8 +108,8 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 		`Publish to "` + subj.Conn(bus.ConnQR) + `"`,
 		`Publish to "` + subj.Heartbeat(bus.ServiceGateway) + `"`,
 		`Publish to "` + subj.Conn(bus.ConnStandby) + `"`,
-		`Publish to "` + subj.SessionRestore() + `"`,
-		`Subscription to "` + subj.SessionRestore() + `"`,
+		`Publish to "` + subj.SessionRestoreFor("any-instance") + `"`,
+		`Subscription to "` + subj.SessionRestoreFor("*") + `"`,
 	}
 	waitFor(t, 10*time.Second, "a permissions violation for each forgery", func() bool {
 		mu.Lock()

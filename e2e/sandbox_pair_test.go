@@ -26,7 +26,7 @@ func TestSandboxPairPageLinkNow(t *testing.T) {
 	bin := buildBinary(t)
 	e := sandboxEnv(t, t.TempDir(), "")
 	p := start(t, bin, "run (sandbox)", e, "run")
-	w := watchBus(t, e, p)
+	w := watchSandbox(t, e, p)
 
 	alloc, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
 		chromedp.ExecPath(chromium), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU,

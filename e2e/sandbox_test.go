@@ -43,9 +43,9 @@ func sandboxEnv(t *testing.T, dataDir, dbURL string) env {
 	return e
 }
 
-// busWatch is the test's own connection to a running process's bus and
+// sandboxWatch is the test's own connection to a running process's bus and
 // everything published under the session's prefix.
-type busWatch struct {
+type sandboxWatch struct {
 	t    *testing.T
 	nc   *nats.Conn
 	subj bus.Subjects
@@ -54,9 +54,9 @@ type busWatch struct {
 	seen int // conn events consumed by next
 }
 
-func watchBus(t *testing.T, e env, p *proc) *busWatch {
+func watchSandbox(t *testing.T, e env, p *proc) *sandboxWatch {
 	t.Helper()
-	w := &busWatch{t: t, subj: bus.NewSubjects(e["SESSION_ID"])}
+	w := &sandboxWatch{t: t, subj: bus.NewSubjects(e["SESSION_ID"])}
 	waitFor(t, 20*time.Second, "the bus of "+p.name, func() bool {
 		if !p.running() {
 			t.Fatalf("%s exited: %v", p.name, p.err)
@@ -88,7 +88,7 @@ func watchBus(t *testing.T, e env, p *proc) *busWatch {
 	return w
 }
 
-func (w *busWatch) conns() []bus.ConnEvent {
+func (w *sandboxWatch) conns() []bus.ConnEvent {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var out []bus.ConnEvent
@@ -104,7 +104,7 @@ func (w *busWatch) conns() []bus.ConnEvent {
 
 // next waits for a connection event of kind after the last one consumed,
 // skipping others (a real clock's heartbeats and retries interleave).
-func (w *busWatch) next(kind string) bus.ConnEvent {
+func (w *sandboxWatch) next(kind string) bus.ConnEvent {
 	w.t.Helper()
 	var got bus.ConnEvent
 	waitFor(w.t, 30*time.Second, "conn."+kind, func() bool {
@@ -120,7 +120,7 @@ func (w *busWatch) next(kind string) bus.ConnEvent {
 	return got
 }
 
-func on[T any](w *busWatch, subject string) []T {
+func on[T any](w *sandboxWatch, subject string) []T {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var out []T
@@ -136,7 +136,7 @@ func on[T any](w *busWatch, subject string) []T {
 }
 
 // request sends a request to subject and decodes the reply.
-func (w *busWatch) request(subject string, body, out any) {
+func (w *sandboxWatch) request(subject string, body, out any) {
 	w.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -145,7 +145,7 @@ func (w *busWatch) request(subject string, body, out any) {
 	}
 }
 
-func (w *busWatch) fault(f bus.SandboxFaultRequest) {
+func (w *sandboxWatch) fault(f bus.SandboxFaultRequest) {
 	w.t.Helper()
 	var rep bus.SandboxFaultReply
 	w.request(w.subj.SandboxFault(), f, &rep)
@@ -154,7 +154,7 @@ func (w *busWatch) fault(f bus.SandboxFaultRequest) {
 	}
 }
 
-func (w *busWatch) inject(in bus.SandboxInjectRequest) []string {
+func (w *sandboxWatch) inject(in bus.SandboxInjectRequest) []string {
 	w.t.Helper()
 	var rep bus.SandboxInjectReply
 	w.request(w.subj.SandboxInject(), in, &rep)
@@ -165,7 +165,7 @@ func (w *busWatch) inject(in bus.SandboxInjectRequest) []string {
 }
 
 // msgIn waits for the messages with ids on P.msg.in.
-func (w *busWatch) msgIn(ids ...string) map[string]bus.MsgIn {
+func (w *sandboxWatch) msgIn(ids ...string) map[string]bus.MsgIn {
 	w.t.Helper()
 	got := map[string]bus.MsgIn{}
 	waitFor(w.t, 30*time.Second, "msg.in of "+strings.Join(ids, ","), func() bool {
@@ -182,7 +182,7 @@ func (w *busWatch) msgIn(ids ...string) map[string]bus.MsgIn {
 	return got
 }
 
-func (w *busWatch) link() string {
+func (w *sandboxWatch) link() string {
 	w.t.Helper()
 	// The first QR code may come before this watcher subscribed: ask until
 	// the sandbox has one on offer.
@@ -252,7 +252,7 @@ func TestSandboxBinary(t *testing.T) {
 	secrets := []string{e["NATS_TOKEN"], e["HEALTH_TOKEN"], e["SESSION_ENCRYPTION_KEY"]}
 	run(t, bin, e, "migrate")
 	p := start(t, bin, "run (sandbox)", e, "run")
-	w := watchBus(t, e, p)
+	w := watchSandbox(t, e, p)
 	first := w.link()
 
 	// Shown clearly: log, /status, /metrics.
@@ -390,7 +390,7 @@ func TestSandboxBinary(t *testing.T) {
 	disk2 := t.TempDir()
 	e2 := e.with("DATA_DIR", disk2, "PORT", strconv.Itoa(freePort(t)), "NATS_LISTEN", "127.0.0.1:"+strconv.Itoa(freePort(t)))
 	p2 := start(t, bin, "run (sandbox, empty disk)", e2, "run")
-	w2 := watchBus(t, e2, p2)
+	w2 := watchSandbox(t, e2, p2)
 	// The connect may come before the watcher subscribed: ask /status.
 	waitState(t, p2, mustAtoi(t, e2["PORT"]), e2["HEALTH_TOKEN"], func(g, _ string) bool { return g == bus.StateConnected })
 	if got := deviceJID(t, filepath.Join(disk2, "session.db")); got != jid {
@@ -421,7 +421,7 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 	disk := t.TempDir()
 	e := sandboxEnv(t, disk, "")
 	p := start(t, bin, "run (sandbox)", e, "run")
-	w := watchBus(t, e, p)
+	w := watchSandbox(t, e, p)
 	jid := w.link()
 	// A ban (kept in the server file) holds the messages back, in this
 	// process and for a few seconds after the restart: time for the test to
@@ -438,7 +438,7 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 	}
 
 	p2 := start(t, bin, "run (sandbox, after SIGKILL)", e, "run")
-	w2 := watchBus(t, e, p2)
+	w2 := watchSandbox(t, e, p2)
 	w2.msgIn(ids...)
 	if c := w2.next(bus.ConnConnected); c.JID != jid {
 		t.Fatalf("after SIGKILL connected as %q, want %q", c.JID, jid)

@@ -57,9 +57,12 @@ func (e *UsageError) Error() string { return e.Msg }
 // ExitCode maps an error from Main.Run to the contract's exit codes.
 func ExitCode(err error) int {
 	var u *UsageError
+	var coded interface{ ExitCode() int }
 	switch {
 	case err == nil:
 		return 0
+	case errors.As(err, &coded):
+		return coded.ExitCode()
 	case config.IsError(err), errors.As(err, &u):
 		return 2
 	default:

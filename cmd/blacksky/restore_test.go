@@ -44,11 +44,29 @@ func TestRestoreForceRespectsTheSessionLease(t *testing.T) {
 	if err := st.Migrate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.1", time.Now(), time.Hour); err != nil || !ok {
+	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.1", time.Now(), time.Hour, backup.Lease{}); err != nil || !ok {
 		t.Fatalf("lease for the running instance: %v, %v", ok, err)
 	}
 
+	// The instance is alive: it keeps renewing while the restore watches.
+	renewCtx, stopRenewing := context.WithCancel(ctx)
+	renewed := make(chan struct{})
+	go func() {
+		defer close(renewed)
+		tick := time.NewTicker(200 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-renewCtx.Done():
+				return
+			case <-tick.C:
+				_, _, _ = st.AcquireLease(renewCtx, "Lease Test", "web.1", time.Now(), time.Hour, backup.Lease{})
+			}
+		}
+	}()
 	code, _, errOut := runMain(t, ctx, env, "restore", "--force")
+	stopRenewing()
+	<-renewed
 	if code != 1 || !strings.Contains(errOut, `"web.1" holds the session lease`) || !strings.Contains(errOut, "--ignore-lease") {
 		t.Fatalf("restore --force under a held lease: exit %d, %q; want a refusal naming the holder", code, errOut)
 	}
@@ -68,7 +86,7 @@ func TestRestoreForceRespectsTheSessionLease(t *testing.T) {
 	if code, out, errOut := runMain(t, ctx, env, "restore", "--force"); code != 0 || !strings.Contains(out, `"restored":true`) {
 		t.Fatalf("restore --force with the lease free: exit %d, %q, %q", code, out, errOut)
 	}
-	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.2", time.Now(), time.Minute); err != nil || !ok {
+	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.2", time.Now(), time.Minute, backup.Lease{}); err != nil || !ok {
 		t.Fatalf("the restore left the lease taken: %v, %v", ok, err)
 	}
 }

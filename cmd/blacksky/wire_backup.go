@@ -31,12 +31,17 @@ func (a *app) openStore(ctx context.Context) (backup.Store, error) {
 
 // newBackup builds the backup service on nc.
 func (a *app) newBackup(nc *nats.Conn) (runner, error) {
+	unit, err := a.unit()
+	if err != nil {
+		return nil, err
+	}
 	svc, err := backup.New(backup.Options{
 		Config:   a.cfg,
 		NC:       nc,
 		Log:      a.log,
 		Clock:    a.clock,
 		Instance: a.instance,
+		Unit:     unit,
 		Open:     a.openStore,
 	})
 	if err != nil {
@@ -118,8 +123,25 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	if !rep.OK {
 		return fmt.Errorf("backup-now: %s", rep.Error)
 	}
+	if rep.Stored != bus.StoredDatabase {
+		return errLocalOnly
+	}
 	return nil
 }
+
+// errLocalOnly is a snapshot taken but kept on the backup's disk only: the
+// database did not answer. A new dyno or container would not restore it.
+var errLocalOnly = &exitError{code: 3, msg: "backup-now: the snapshot is in the local fallback only (the database did not answer): " +
+	"a new dyno or container would not restore it; it reaches the database once the database answers again"}
+
+// exitError is an error with its own exit code (ExitCode).
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return e.msg }
+func (e *exitError) ExitCode() int { return e.code }
 
 // cmdSnapshots lists stored snapshots, newest first.
 func (m *Main) cmdSnapshots(ctx context.Context, args []string) error {
@@ -261,9 +283,25 @@ const restoreLeaseTTL = 10 * time.Minute
 // next snapshot). ignore overrides the refusal, loudly.
 func (a *app) holdLeaseForRestore(ctx context.Context, st backup.Store, ignore bool) (release func(), err error) {
 	holder := "restore-cli:" + a.instance
-	lease, ok, err := st.AcquireLease(ctx, a.cfg.SessionID, holder, a.clock.Now(), restoreLeaseTTL)
+	take := func(stale backup.Lease) (backup.Lease, bool, error) {
+		lease, ok, err := st.AcquireLease(ctx, a.cfg.SessionID, holder, a.clock.Now(), restoreLeaseTTL, stale)
+		if err != nil {
+			return lease, false, fmt.Errorf("restore: check the session lease: %w", err)
+		}
+		return lease, ok, nil
+	}
+	lease, ok, err := take(backup.Lease{})
 	if err != nil {
-		return nil, fmt.Errorf("restore: check the session lease: %w", err)
+		return nil, err
+	}
+	if !ok && !ignore {
+		// An expiry alone frees nothing (backup's lease rule): the row of a
+		// crashed instance is taken only after watching it unchanged for a
+		// whole TTL, as a standby would.
+		lease, ok, err = a.watchLease(ctx, lease, take)
+		if err != nil {
+			return nil, err
+		}
 	}
 	if ok {
 		return func() {
@@ -275,14 +313,45 @@ func (a *app) holdLeaseForRestore(ctx context.Context, st backup.Store, ignore b
 		}, nil
 	}
 	if !ignore {
-		return nil, fmt.Errorf("restore: instance %q holds the session lease until %s: it is running with the store open. "+
-			"Stop it first; pass --ignore-lease only if it is dead (the lease also expires by itself then)",
-			lease.Holder, lease.ExpiresAt.Format(time.RFC3339))
+		return nil, fmt.Errorf("restore: instance %q holds the session lease and renewed it while we watched: it is running with the store open. "+
+			"Stop it first; pass --ignore-lease only if it is dead", lease.Holder)
 	}
 	a.log.Warn("restore: replacing the session store although another instance holds the session lease (--ignore-lease): "+
 		"if it is alive it keeps writing the old store, its next snapshot overwrites this restore, and WhatsApp may log the device out",
 		"holder", lease.Holder, "until", lease.ExpiresAt)
 	return func() {}, nil
+}
+
+// watchLease watches a lease row held by another instance for one
+// backup.DefaultLeaseTTL: unchanged all along, the holder is gone and the row
+// is taken; renewed meanwhile, the holder is alive and ok is false.
+func (a *app) watchLease(ctx context.Context, seen backup.Lease, take func(stale backup.Lease) (backup.Lease, bool, error)) (backup.Lease, bool, error) {
+	a.log.Info("restore: another instance holds the session lease; watching it to see whether it is alive",
+		"holder", seen.Holder, "for", backup.DefaultLeaseTTL)
+	start := a.clock.Now()
+	tick := a.clock.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return seen, false, ctx.Err()
+		case <-tick.Chan():
+		}
+		stale := backup.Lease{}
+		if a.clock.Since(start) >= backup.DefaultLeaseTTL {
+			stale = seen
+		}
+		now, ok, err := take(stale)
+		if err != nil || ok {
+			return now, ok, err
+		}
+		if now.Holder == "" {
+			continue // released meanwhile: the next take gets it
+		}
+		if !now.Same(seen) {
+			return now, false, nil
+		}
+	}
 }
 
 // waitConnected waits up to d for nc to reach its server.

@@ -27,6 +27,10 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 			Log:     log.With("component", "whatsmeow"),
 		})
 	}
+	unit, err := a.unit()
+	if err != nil {
+		return nil, err
+	}
 	var sb *sandboxGateway
 	if cfg.WhatsAppSandbox {
 		srv, sbOpen, ctl, err := a.openSandbox(nc)
@@ -38,6 +42,7 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 	g := gateway.New(gateway.Config{
 		Session:       cfg.SessionID,
 		Instance:      a.instance,
+		Unit:          unit,
 		OwnerNumber:   cfg.OwnerNumber,
 		Prefix:        cfg.Prefix,
 		PairPhone:     cfg.PairPhone,

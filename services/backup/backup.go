@@ -1,6 +1,44 @@
 // Package backup keeps the WhatsApp session safe: River snapshot jobs into
 // PostgreSQL or SQLite, restore before the gateway opens its store, and one
 // lease per session so two instances never share it.
+//
+// # The lease rule
+//
+// One row per session in blacksky_leases names its holder; every take and
+// renewal counts its version up. The holder renews every TTL/3 (TTL is
+// DefaultLeaseTTL, 10 s) and releases the row at a clean stop, once its
+// shutdown snapshot is in the database (or when its gateway never opened the
+// store: a refused or unfinished restore).
+//
+// A standby reads the row every 500 ms, and at once when PostgreSQL notifies a
+// release. It takes the lease when the row is gone, or when it has itself
+// watched the very same row (holder, version, renewal time) for a whole TTL
+// with every one of its reads answered and none more than 4*StandbyRetry+2 s
+// after the one before (a stalled standby saw nothing); the take is a compare-
+// and-swap on that row, so a renewal that lands first wins. Expiry times are
+// never compared across machines. A database outage seen by the standby starts
+// its watch over: after an outage for everyone, the live holder renews within
+// TTL/3 of the database's return, long before any standby has watched for a
+// TTL, so the live holder keeps the session and ships what it stored locally
+// meanwhile; it is never replaced by a standby that would restore an older
+// store. A dead holder is replaced about
+// one TTL after its last renewal.
+//
+// The holder's half: while it cannot renew it keeps its socket (guarantee 4:
+// the bot stays online without its database), unless a standby backup of
+// another instance reports on a shared bus (its heartbeat's lease_holder and
+// lease_watch_ms, beaten at once when the watch reaches half a TTL) that it
+// has seen the holder's row unchanged for half a TTL, counting answered reads
+// only. Then that standby takes the lease at a whole TTL, and the holder
+// fences itself first: its gateway closes the socket (conn.standby for its own
+// instance) and database snapshots stop. (A holder cut off alone with no
+// shared bus cannot hear it: the standby takes over after the TTL, WhatsApp
+// ends the older stream with stream_replaced, and the holder's next renewal
+// finds the lease gone. Its snapshots were refused all along: inserts check
+// the lease.) It takes up again, without a restore, if its own row is still
+// its own when the database answers; otherwise it restores what the new holder
+// stored, like any standby. Snapshot inserts check the lease in their own
+// transaction, so a holder that lost the lease never stores one.
 package backup
 
 import (
@@ -44,12 +82,21 @@ type NewSnapshot struct {
 // the session lease.
 var ErrLeaseLost = errors.New("not stored: this instance no longer holds the session lease")
 
-// Lease says who holds a session and until when.
+// Lease says who holds a session and until when. Version counts every take
+// and renewal; with Holder and RenewedAt it identifies one state of the row.
 type Lease struct {
 	SessionID  string
 	Holder     string
 	AcquiredAt time.Time
+	RenewedAt  time.Time
 	ExpiresAt  time.Time
+	Version    int64
+}
+
+// Same reports whether l and o are the same state of a lease row: nobody
+// took or renewed it in between.
+func (l Lease) Same(o Lease) bool {
+	return l.Holder == o.Holder && l.Version == o.Version && l.RenewedAt.Equal(o.RenewedAt)
 }
 
 // TxHook runs inside the transaction that inserts a snapshot; tx is the
@@ -80,9 +127,12 @@ type Store interface {
 	Prune(ctx context.Context, session string, keep int) (int64, error)
 
 	// AcquireLease takes or renews the lease for holder until now+ttl when it
-	// is free, expired or already holder's. It always returns the lease as it
-	// stands after the attempt, and whether holder has it.
-	AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (Lease, bool, error)
+	// is free or already holder's, or, when stale is not the zero Lease, when
+	// the row is still exactly stale (Lease.Same): the caller watched it stay
+	// so for a whole TTL (see the package's lease rule). An expiry alone
+	// frees nothing. It always returns the lease as it stands after the
+	// attempt (Holder empty: none), and whether holder has it.
+	AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale Lease) (Lease, bool, error)
 	// ReleaseLease frees the lease if holder has it.
 	ReleaseLease(ctx context.Context, session, holder string) error
 
@@ -91,6 +141,15 @@ type Store interface {
 	// Ping checks the database answers.
 	Ping(ctx context.Context) error
 	Close()
+}
+
+// LeaseWatcher is a Store that hears of a released lease at once
+// (PostgreSQL LISTEN/NOTIFY), so a standby takes over without waiting for
+// its next poll.
+type LeaseWatcher interface {
+	// WatchLeases calls released each time a lease of session is released,
+	// until ctx ends or the connection fails (the error says which).
+	WatchLeases(ctx context.Context, session string, released func()) error
 }
 
 // Latest returns the newest snapshot of session, or nil when none: the head

@@ -10,6 +10,7 @@ import (
 type outcome struct {
 	Ref    bus.SnapshotRef
 	Stored int64
+	Where  string // bus.StoredDatabase or bus.StoredLocal: where the snapshot is kept
 	JobID  int64
 	Err    error
 }

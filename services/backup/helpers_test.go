@@ -77,6 +77,7 @@ type instance struct {
 	done    chan error
 	dataDir string
 	name    string
+	unit    string // the instance id its gateway would use
 }
 
 type instOpts struct {
@@ -88,7 +89,9 @@ type instOpts struct {
 	noWait   bool // do not wait for the restore to be done
 	leaseTTL time.Duration
 	retry    time.Duration
-	logTo    func([]byte) // also receives every log line
+	logTo    func([]byte)         // also receives every log line
+	clock    *clockwork.FakeClock // nil: its own
+	bus      *bus.Server          // nil: its own (a dyno's embedded NATS)
 }
 
 const session = "Test-Session"
@@ -117,11 +120,13 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := bus.StartServer(bus.ServerOptions{})
-	if err != nil {
-		t.Fatal(err)
+	srv := o.bus
+	if srv == nil {
+		if srv, err = bus.StartServer(bus.ServerOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Shutdown)
 	}
-	t.Cleanup(srv.Shutdown)
 	log := logging.New(testWriter{t: t, also: o.logTo}, logging.Options{Level: cfg.LogLevel, Format: "text", Secrets: cfg.Secrets()})
 	nc, err := srv.Connect("test-"+o.name, log)
 	if err != nil {
@@ -132,7 +137,10 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	if open == nil {
 		open = db.open
 	}
-	clock := clockwork.NewFakeClock()
+	clock := o.clock
+	if clock == nil {
+		clock = clockwork.NewFakeClock()
+	}
 	svc, err := backup.New(backup.Options{Config: cfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
 		Instance: o.name, Open: open, DBWait: o.dbWait, LeaseTTL: o.leaseTTL, StandbyRetry: o.retry, QueuePollInterval: 50 * time.Millisecond})
 	if err != nil {
@@ -140,7 +148,7 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	in := &instance{t: t, cfg: cfg, svc: svc, nc: nc, subj: bus.NewSubjects(session), clock: clock, cancel: cancel,
-		done: make(chan error, 1), dataDir: o.dataDir, name: o.name}
+		done: make(chan error, 1), dataDir: o.dataDir, name: o.name, unit: bus.InstanceToken(o.name)}
 	go func() { in.done <- svc.Run(ctx) }()
 	t.Cleanup(func() { in.stop() })
 	if !o.noWait {
@@ -171,7 +179,7 @@ func (in *instance) restoreReply(d time.Duration) bus.RestoreReply {
 	var err error
 	// Run subscribes in its own goroutine: no responders means not yet.
 	testwait.For(in.t, d, in.name+": a session.restore responder", func() bool {
-		err = bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+		err = bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep)
 		return !errors.Is(err, nats.ErrNoResponders)
 	})
 	if err != nil {
@@ -244,4 +252,21 @@ func (w testWriter) Write(p []byte) (int, error) {
 	}
 	w.t.Log(string(p))
 	return len(p), nil
+}
+
+// steal takes the session's lease from whoever holds it, as a standby does
+// after watching the row unchanged for a TTL.
+func steal(t testing.TB, st backup.Store, holder string) {
+	t.Helper()
+	testwait.For(t, 10*time.Second, holder+" to take the lease", func() bool {
+		seen, _, err := st.AcquireLease(context.Background(), session, holder, time.Now(), time.Hour, backup.Lease{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, ok, err := st.AcquireLease(context.Background(), session, holder, time.Now(), time.Hour, seen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	})
 }

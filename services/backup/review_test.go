@@ -91,11 +91,11 @@ func (s *faultStore) Payload(ctx context.Context, id int64) ([]byte, error) {
 	return s.Store.Payload(ctx, id)
 }
 
-func (s *faultStore) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+func (s *faultStore) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale backup.Lease) (backup.Lease, bool, error) {
 	if err := s.f.check(ctx, "AcquireLease"); err != nil {
 		return backup.Lease{}, false, err
 	}
-	return s.Store.AcquireLease(ctx, session, holder, now, ttl)
+	return s.Store.AcquireLease(ctx, session, holder, now, ttl, stale)
 }
 
 func (s *faultStore) ReleaseLease(ctx context.Context, session, holder string) error {
@@ -148,7 +148,7 @@ func (in *instance) noAnswer(d time.Duration, why string) {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	var rep bus.RestoreReply
-	if err := bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep); err == nil {
+	if err := bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep); err == nil {
 		in.t.Fatalf("%s: answered %+v; want no answer (%s)", in.name, rep, why)
 	}
 }
@@ -162,7 +162,7 @@ func (in *instance) advanceUntilAnswer(step time.Duration) bus.RestoreReply {
 		in.clock.Advance(step)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
-		return bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep) == nil
+		return bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep) == nil
 	})
 	return rep
 }
@@ -247,14 +247,18 @@ func TestRestoreOnStartRetriesDatabase(t *testing.T) {
 func TestStandbySurvivesDatabaseErrors(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	st := db.mustOpen(t)
-	if _, ok, err := st.AcquireLease(context.Background(), session, "dyno-a", clockStart(), time.Hour); !ok || err != nil {
+	if _, ok, err := st.AcquireLease(context.Background(), session, "dyno-a", clockStart(), time.Hour, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("seed lease: %v %v", ok, err)
 	}
 	dir := t.TempDir()
 	newStore(t, dir, 128<<10) // local state: the old code went live on it
 	f := newFaults()
 	in := start(t, db, instOpts{dataDir: dir, open: openFaulty(db, f), dbWait: time.Second, noWait: true, name: "dyno-b"})
-	testwait.For(t, 10*time.Second, "the first lease attempt", func() bool { return f.count("AcquireLease") >= 1 })
+	// The first attempt answered: dyno-b has seen dyno-a's lease.
+	testwait.For(t, 10*time.Second, "the first lease attempt", func() bool {
+		_, d := in.svc.Status()
+		return d.LeaseHolder == "dyno-a"
+	})
 	f.set("AcquireLease", -1, nil)
 	// Every attempt fails: standby must keep retrying, not give up and go live.
 	retried := f.count("AcquireLease") + 10
@@ -270,7 +274,7 @@ func TestStandbySurvivesDatabaseErrors(t *testing.T) {
 	if rep := in.advanceUntilAnswer(time.Second); !rep.OK {
 		t.Fatalf("restore = %+v", rep)
 	}
-	if l, held, _ := st.AcquireLease(context.Background(), session, "probe", clockStart(), time.Minute); held || l.Holder != "dyno-b" {
+	if l, held, _ := st.AcquireLease(context.Background(), session, "probe", clockStart(), time.Minute, backup.Lease{}); held || l.Holder != "dyno-b" {
 		t.Fatalf("lease = %+v; want dyno-b's", l)
 	}
 }
@@ -290,9 +294,7 @@ func TestLeaseLostThenRegainedRestoresNewest(t *testing.T) {
 	ssub, _ := in.nc.ChanSubscribe(in.subj.Conn(bus.ConnStandby), standby)
 	defer ssub.Unsubscribe()
 	st := db.mustOpen(t)
-	if _, ok, err := st.AcquireLease(context.Background(), session, "thief", clockStart().Add(time.Hour), time.Hour); !ok || err != nil {
-		t.Fatalf("steal: %v %v", ok, err)
-	}
+	steal(t, st, "thief")
 	testwait.For(t, 10*time.Second, "conn.standby", func() bool {
 		in.clock.Advance(20 * time.Second)
 		select {

@@ -238,7 +238,7 @@ func TestPairedEventTakesSnapshot(t *testing.T) {
 	done := make(chan *nats.Msg, 4)
 	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
 	defer sub.Unsubscribe()
-	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnPaired), bus.ConnEvent{Kind: bus.ConnPaired, JID: "1@s.whatsapp.net"}); err != nil {
+	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnPaired), bus.ConnEvent{Kind: bus.ConnPaired, JID: "1@s.whatsapp.net", Instance: in.unit}); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -381,7 +381,7 @@ func TestLeaseHandover(t *testing.T) {
 			// While a holds the lease, b does not answer the restore question.
 			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 			var rep bus.RestoreReply
-			err := bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep)
+			err := bus.Request(ctx, b.nc, b.subj.SessionRestoreFor(b.unit), struct{}{}, &rep)
 			cancel()
 			if err == nil {
 				t.Fatalf("standby instance answered restore: %+v", rep)
@@ -396,7 +396,7 @@ func TestLeaseHandover(t *testing.T) {
 				b.clock.Advance(time.Second)
 				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 				defer cancel()
-				return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
+				return bus.Request(ctx, b.nc, b.subj.SessionRestoreFor(b.unit), struct{}{}, &rep) == nil
 			})
 			if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase {
 				t.Fatalf("b restore = %+v", rep)
@@ -405,7 +405,7 @@ func TestLeaseHandover(t *testing.T) {
 			if err != nil || maxN != last {
 				t.Fatalf("b restored writes up to %d (%v); a's last write was %d", maxN, err, last)
 			}
-			lease, held, err := db.mustOpen(t).AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute)
+			lease, held, err := db.mustOpen(t).AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute, backup.Lease{})
 			if err != nil || held || lease.Holder != "dyno-b" {
 				t.Fatalf("lease = %+v held=%v err=%v; want dyno-b", lease, held, err)
 			}
@@ -451,7 +451,7 @@ func TestShutdownSnapshotAndRelease(t *testing.T) {
 	if _, maxN, _ := wastore.Writes(context.Background(), restored); maxN != last {
 		t.Fatalf("shutdown snapshot holds writes up to %d; want %d", maxN, last)
 	}
-	if _, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute); !held || err != nil {
+	if _, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
 		t.Fatalf("lease not released: %v %v", held, err)
 	}
 }
@@ -499,27 +499,26 @@ func TestPlaintextRefusedInProduction(t *testing.T) {
 	}
 }
 
-// A holder that died without releasing: the standby instance takes over once
-// the lease expires on its clock.
-func TestLeaseExpiryTakeover(t *testing.T) {
+// A holder that died without releasing: the standby takes over once it has
+// watched the lease row stay the same for a whole lease TTL, whatever expiry
+// the row names (a crash takeover within the TTL, not the old minute).
+func TestCrashTakeoverAfterOneTTLUnchanged(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	st := db.mustOpen(t)
-	// The fake clocks start at the same instant; the dead holder's lease ends
-	// a minute after it.
 	now := clockStart()
-	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now, time.Minute); !ok || err != nil {
+	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now, time.Hour, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("seed lease: %v %v", ok, err)
 	}
-	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: 5 * time.Second})
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: time.Second})
 	var rep bus.RestoreReply
-	testwait.For(t, 20*time.Second, "takeover after expiry", func() bool {
-		b.clock.Advance(5 * time.Second)
+	testwait.For(t, 20*time.Second, "takeover", func() bool {
+		b.clock.Advance(time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
-		return bus.Request(ctx, b.nc, b.subj.SessionRestore(), struct{}{}, &rep) == nil
+		return bus.Request(ctx, b.nc, b.subj.SessionRestoreFor(b.unit), struct{}{}, &rep) == nil
 	})
-	if elapsed := b.clock.Since(now); elapsed < time.Minute {
-		t.Fatalf("took over after %s of fake time; the lease ran for a minute", elapsed)
+	if elapsed := b.clock.Since(now); elapsed < backup.DefaultLeaseTTL || elapsed > 15*time.Second {
+		t.Fatalf("took over after %s of fake time; want one lease TTL (%s) of watching, and at most 15 s", elapsed, backup.DefaultLeaseTTL)
 	}
 	if !rep.OK || rep.Source != bus.SourceNone {
 		t.Fatalf("restore = %+v", rep)
@@ -582,7 +581,7 @@ func TestEmptyDiskWaitsForDatabase(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	var rep bus.RestoreReply
-	err := bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep)
+	err := bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep)
 	cancel()
 	if err == nil {
 		t.Fatalf("answered %+v while the database was down and the disk empty", rep)
@@ -592,7 +591,7 @@ func TestEmptyDiskWaitsForDatabase(t *testing.T) {
 		in.clock.Advance(10 * time.Second)
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
-		return bus.Request(ctx, in.nc, in.subj.SessionRestore(), struct{}{}, &rep) == nil
+		return bus.Request(ctx, in.nc, in.subj.SessionRestoreFor(in.unit), struct{}{}, &rep) == nil
 	})
 	if !rep.OK || !rep.Restored || rep.Source != bus.SourceDatabase || rep.SnapshotID < want.Snapshot.ID {
 		t.Fatalf("restore = %+v; want snapshot %d or newer from the database", rep, want.Snapshot.ID)
@@ -647,19 +646,20 @@ func TestCrashMidSnapshotLeavesNoRow(t *testing.T) {
 				t.Fatalf("reply = %+v; want the crash", rep)
 			}
 			st := db.mustOpen(t)
-			if rows, _ := st.List(context.Background(), session, 10); len(rows) != 0 {
-				t.Fatalf("crashed snapshot left rows: %+v", rows)
-			}
-			// The job was not completed: River retries it (attempt 2).
+			// The store is in the database once the database answers again:
+			// River retries the job (attempt 2), or the catch-up of the
+			// local fallback gets there first. Either way it is a new row:
+			// the crashed insert left none behind (it would show as
+			// "unchanged" here).
 			select {
 			case m := <-done:
 				var ev bus.BackupDone
 				_ = jsonUnmarshal(m.Data, &ev)
-				if ev.JobID != rep.JobID || ev.SnapshotID == 0 {
-					t.Fatalf("retry done = %s; want job %d", m.Data, rep.JobID)
+				if ev.SnapshotID == 0 || ev.Unchanged {
+					t.Fatalf("after the crash: %s; want a new row", m.Data)
 				}
 			case <-time.After(20 * time.Second):
-				t.Fatal("the crashed job was not retried")
+				t.Fatal("the crashed snapshot never reached the database")
 			}
 			if rows, _ := st.List(context.Background(), session, 10); len(rows) != 1 {
 				t.Fatalf("after the retry: %d rows; want 1", len(rows))
@@ -782,6 +782,7 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 	db := newDatabase(t, "postgres")
 	dir := t.TempDir()
 	path := newStore(t, dir, 256<<10)
+	var logs syncBuf
 	var down atomic.Bool
 	open := func(ctx context.Context) (backup.Store, error) {
 		st, err := db.open(ctx)
@@ -790,7 +791,8 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 		}
 		return &failingStore{Store: st, down: &down}, nil
 	}
-	in := start(t, db, instOpts{dataDir: dir, open: open, name: "dyno-a"})
+	// On Heroku, where the dyno's disk is wiped next.
+	in := start(t, db, instOpts{dataDir: dir, open: open, name: "dyno-a", env: map[string]string{"HEROKU": "true"}, logTo: logs.write})
 	first := in.backupNow("manual")
 	write(t, path, 3)
 	down.Store(true)
@@ -809,9 +811,30 @@ func TestShutdownWithDatabaseDownWritesLocal(t *testing.T) {
 	if rows, _ := st.List(context.Background(), session, 10); len(rows) != 1 {
 		t.Fatalf("%d rows; want only the first", len(rows))
 	}
-	if l, held, _ := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute); held || l.Holder != "dyno-a" {
+	if l, held, _ := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "dyno-a" {
 		t.Fatalf("lease = %+v (next held %v); want dyno-a's, left to expire", l, held)
 	}
+	if !strings.Contains(logs.String(), "level=ERROR") || !strings.Contains(logs.String(), "SHUTDOWN SNAPSHOT NOT IN THE DATABASE") {
+		t.Fatal("on Heroku, a shutdown snapshot kept on the disk only was not logged as an error")
+	}
+}
+
+// syncBuf collects log lines from several goroutines.
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) write(p []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // The lease taken by another instance at runtime: conn.standby tells the
@@ -827,9 +850,7 @@ func TestLeaseLostStopsDatabaseSnapshots(t *testing.T) {
 	defer ssub.Unsubscribe()
 	// Another instance takes the lease (as if ours had expired).
 	st := db.mustOpen(t)
-	if _, ok, err := st.AcquireLease(context.Background(), session, "thief", clockStart().Add(time.Hour), time.Hour); !ok || err != nil {
-		t.Fatalf("steal: %v %v", ok, err)
-	}
+	steal(t, st, "thief")
 	var ev bus.ConnEvent
 	testwait.For(t, 10*time.Second, "conn.standby after the renewal found the thief", func() bool {
 		in.clock.Advance(20 * time.Second) // the renewal tick
@@ -858,7 +879,7 @@ func TestConnStoppedTakesSnapshot(t *testing.T) {
 	done := make(chan *nats.Msg, 4)
 	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
 	defer sub.Unsubscribe()
-	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), bus.ConnEvent{Kind: bus.ConnStopped}); err != nil {
+	if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), bus.ConnEvent{Kind: bus.ConnStopped, Instance: in.unit}); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -873,11 +894,11 @@ func TestConnStoppedTakesSnapshot(t *testing.T) {
 	}
 }
 
-func (f *failingStore) AcquireLease(ctx context.Context, s, h string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+func (f *failingStore) AcquireLease(ctx context.Context, s, h string, now time.Time, ttl time.Duration, stale backup.Lease) (backup.Lease, bool, error) {
 	if f.down.Load() {
 		return backup.Lease{}, false, errDown
 	}
-	return f.Store.AcquireLease(ctx, s, h, now, ttl)
+	return f.Store.AcquireLease(ctx, s, h, now, ttl, stale)
 }
 
 // Renewals failing for longer than the TTL: the lease may now be another
@@ -906,5 +927,88 @@ func TestLeaseExpiresWhileDatabaseDown(t *testing.T) {
 	// The snapshot still reached the local fallback.
 	if files, _ := (backup.Local{Dir: dir + "/backups"}).List(); len(files) != 1 {
 		t.Fatalf("local fallback: %+v; want the snapshot there", files)
+	}
+}
+
+// A process whose gateway never opened the store (here: restore refused for
+// the wrong key) frees the lease at exit: the next start must not wait for
+// it to go stale.
+func TestRefusedRestoreReleasesTheLeaseAtExit(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir, env: map[string]string{"SESSION_ENCRYPTION_KEY": randHex(32)}})
+	if rep := in.backupNow("manual"); !rep.OK {
+		t.Fatalf("backup: %+v", rep)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	wrong := start(t, db, instOpts{name: "wrong-key", env: map[string]string{"SESSION_ENCRYPTION_KEY": randHex(32)}})
+	if rep := wrong.restoreReply(time.Second); rep.OK {
+		t.Fatalf("restore with the wrong key = %+v", rep)
+	}
+	st := db.mustOpen(t)
+	if l, held, _ := st.AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "wrong-key" {
+		t.Fatalf("lease = %+v; want held by wrong-key while it runs", l)
+	}
+	if err := wrong.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if l, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
+		t.Fatalf("lease after the refused instance stopped = %+v, %v; want free", l, err)
+	}
+}
+
+// On a shared bus, another instance's gateway stopping is not about our
+// store: no snapshot for it.
+func TestConnStoppedOfAnotherInstanceIgnored(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	in := start(t, db, instOpts{dataDir: dir})
+	done := make(chan *nats.Msg, 4)
+	sub, _ := in.nc.ChanSubscribe(in.subj.BackupDone(), done)
+	defer sub.Unsubscribe()
+	for _, ev := range []bus.ConnEvent{{Kind: bus.ConnStopped, Instance: "web-1-other"}, {Kind: bus.ConnStopped}} {
+		if err := bus.Publish(in.nc, in.subj.Conn(bus.ConnStopped), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Our own request after them: the first snapshot to finish must be its.
+	if rep := in.backupNow("manual"); !rep.OK {
+		t.Fatalf("backup: %+v", rep)
+	}
+	m := <-done
+	var ev bus.BackupDone
+	_ = jsonUnmarshal(m.Data, &ev)
+	if ev.Reason != "manual" || len(done) != 0 {
+		t.Fatalf("snapshots: %s and %d more; want only the manual one", m.Data, len(done))
+	}
+}
+
+// Stopped before the restore was done (the database failing the restore's
+// reads): the gateway never opened the store, so the lease is freed at exit.
+func TestStoppedBeforeRestoreReleasesTheLease(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	f := newFaults()
+	f.set("List", -1, nil)
+	in := start(t, db, instOpts{name: "early-stop", open: openFaulty(db, f), noWait: true})
+	testwait.For(t, 10*time.Second, "the restore to fail on the database", func() bool {
+		if f.count("List") >= 2 {
+			return true
+		}
+		in.clock.Advance(time.Second)
+		return false
+	})
+	st := db.mustOpen(t)
+	if l, held, _ := st.AcquireLease(context.Background(), session, "probe", time.Now(), time.Minute, backup.Lease{}); held || l.Holder != "early-stop" {
+		t.Fatalf("lease = %+v; want held by early-stop while it waits for the database", l)
+	}
+	if err := in.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if l, held, err := st.AcquireLease(context.Background(), session, "next", time.Now(), time.Minute, backup.Lease{}); !held || err != nil {
+		t.Fatalf("lease after a stop before the restore = %+v, %v; want free", l, err)
 	}
 }

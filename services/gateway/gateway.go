@@ -201,8 +201,13 @@ const (
 // Config is the gateway's part of the environment. Zero durations take the
 // defaults above.
 type Config struct {
-	Session       string // SESSION_ID
-	Instance      string // heartbeat instance name
+	Session  string // SESSION_ID
+	Instance string // heartbeat instance name
+	// Unit is the instance id this gateway shares with its backup: it asks
+	// P.session.restore.<Unit> and acts only on a restore answer and a
+	// conn.standby that carry it (another instance's backup on a shared bus
+	// says nothing about our session). Empty: Instance, made subject-safe.
+	Unit          string
 	OwnerNumber   string // digits; empty disables owner commands and alerts
 	Prefix        string // owner command prefix
 	PairPhone     string // digits; pair by code instead of QR
@@ -248,6 +253,7 @@ func (c Config) withDefaults() Config {
 	c.LivenessInterval = cmp.Or(c.LivenessInterval, DefaultLivenessInterval)
 	c.PairHintEvery = cmp.Or(c.PairHintEvery, DefaultPairHintEvery)
 	c.Prefix = cmp.Or(c.Prefix, ".")
+	c.Unit = cmp.Or(c.Unit, bus.InstanceToken(c.Instance), "gateway")
 	return c
 }
 
@@ -511,9 +517,11 @@ func (g *Gateway) State() string {
 	return g.st.state
 }
 
-// publish stamps and publishes a connection event.
+// publish stamps and publishes a connection event, naming our instance: on
+// a shared bus, only our own backup acts on our paired and stopped.
 func (g *Gateway) publish(e bus.ConnEvent) {
 	e.Stamp(g.cfg.Session, g.clock.Now())
+	e.Instance = g.cfg.Unit
 	if err := bus.Publish(g.nc, g.subj.Conn(e.Kind), e); err != nil {
 		g.log.Warn("publish connection event", "kind", e.Kind, "err", err)
 	}

@@ -352,7 +352,7 @@ func TestQRPairingFlow(t *testing.T) {
 	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
 	// Backup answers the restore; the store is opened only then.
 	h.serveRestore(func(m *nats.Msg) {
-		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceNone})
+		_ = bus.Respond(m, bus.RestoreReply{Instance: testUnit, OK: true, Source: bus.SourceNone})
 	})
 	// The first restore request may have gone out before the responder
 	// subscribed: step the fake clock until the store opens.
@@ -460,8 +460,8 @@ func TestRestoreBeforeOpen(t *testing.T) {
 		return ok && hb.State == bus.StateWaitingRestore
 	})
 	replies := make(chan bus.RestoreReply, 2)
-	replies <- bus.RestoreReply{OK: false, Error: "lease held by another instance"}
-	replies <- bus.RestoreReply{OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 9}
+	replies <- bus.RestoreReply{Instance: testUnit, OK: false, Error: "lease held by another instance"}
+	replies <- bus.RestoreReply{Instance: testUnit, OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 9}
 	asked := make(chan struct{}, 8)
 	h.serveRestore(func(m *nats.Msg) {
 		if string(m.Data) != "{}" {
@@ -471,7 +471,7 @@ func TestRestoreBeforeOpen(t *testing.T) {
 		_ = bus.Respond(m, <-replies)
 	})
 	// Backup reports another instance holding the lease: so does our heartbeat.
-	standby := bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease held"}
+	standby := bus.ConnEvent{Instance: testUnit, Kind: bus.ConnStandby, Reason: "lease held"}
 	standby.Stamp("Test-Bot", h.clock.Now())
 	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), standby); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -304,25 +303,7 @@ type harness struct {
 	stop  context.CancelFunc
 	shown []string
 	qrMu  sync.Mutex
-	logs  lockedBuffer // every log line, at info and above
-}
-
-// lockedBuffer collects log lines from the gateway's goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	logs  *logBuffer // every line at info and above
 }
 
 type option func(*Config, *fakeConn)
@@ -339,14 +320,14 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 	t.Helper()
 	cfg := Config{
 		Session:      "Test-Bot",
-		Instance:     "test-1",
+		Instance:     testUnit,
 		OwnerNumber:  "15550001111",
 		Prefix:       ".",
 		ReconnectMin: time.Second,
 		ReconnectMax: 10 * time.Second,
 		SendRate:     rate.Inf, // tests of SEND_RATE set their own
 	}
-	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4)}
+	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4), logs: &logBuffer{}}
 	for _, o := range opts {
 		o(&cfg, h.conn)
 	}
@@ -371,7 +352,8 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 			h.opens <- struct{}{}
 			return h.conn, nil
 		},
-		Log:    slog.New(slog.NewMultiHandler(testLog(t).Handler(), slog.NewTextHandler(&h.logs, nil))),
+		Log: slog.New(slog.NewMultiHandler(testLog(t).Handler(),
+			slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))),
 		Clock:  h.clock,
 		Jitter: func() float64 { return 0.5 },
 		ShowQR: func(code string) {
@@ -418,7 +400,7 @@ func (h *harness) shutdown() {
 // would, until the test ends.
 func (h *harness) serveRestore(respond nats.MsgHandler) {
 	h.t.Helper()
-	sub, err := h.nc.Subscribe(h.subj.SessionRestore(), respond)
+	sub, err := h.nc.Subscribe(h.subj.SessionRestoreFor(testUnit), respond)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -547,4 +529,25 @@ func testLog(t *testing.T) *slog.Logger {
 		return discard()
 	}
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// testUnit is the harness gateway's instance (and so its unit).
+const testUnit = "test-1"
+
+// logBuffer keeps what a gateway logged, for tests of what it says.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

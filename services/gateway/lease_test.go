@@ -25,14 +25,14 @@ func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
 			return // backup in standby holds the request
 		}
 		restores.Add(1)
-		_ = bus.Respond(m, bus.RestoreReply{OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 7})
+		_ = bus.Respond(m, bus.RestoreReply{Instance: testUnit, OK: true, Restored: true, Source: bus.SourceDatabase, SnapshotID: 7})
 	})
 	h.advanceUntilOpen(t)
 	h.connected()
 
 	// Backup loses the lease: from now on it holds restore requests.
 	allow.Store(false)
-	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), bus.ConnEvent{Kind: bus.ConnStandby, Reason: "lease lost to another instance"}); err != nil {
+	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), bus.ConnEvent{Instance: testUnit, Kind: bus.ConnStandby, Reason: "lease lost to another instance"}); err != nil {
 		t.Fatal(err)
 	}
 	testwait.For(t, 5*time.Second, "socket and store closed", func() bool {

@@ -115,7 +115,7 @@ func TestOwnerCommands(t *testing.T) {
 func TestOwnerBackupAndStatus(t *testing.T) {
 	h := start(t, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
 	h.serveRestore(func(m *nats.Msg) {
-		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceExisting})
+		_ = bus.Respond(m, bus.RestoreReply{Instance: testUnit, OK: true, Source: bus.SourceExisting})
 	})
 	h.advanceUntilOpen(t)
 	h.connected()

@@ -32,7 +32,7 @@ func TestRestoreHandshakeStandby(t *testing.T) {
 				c.ReconnectMax = 5 * time.Minute
 			})
 			reqs := make(chan *nats.Msg, 64)
-			sub, err := h.nc.ChanSubscribe(h.subj.SessionRestore(), reqs)
+			sub, err := h.nc.ChanSubscribe(h.subj.SessionRestoreFor(testUnit), reqs)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -55,7 +55,7 @@ func TestRestoreHandshakeStandby(t *testing.T) {
 			failures := h.gw.attempt()
 			for i := 1; i < tt.requests; i++ {
 				if tt.refuse {
-					if err := bus.Respond(m, bus.RestoreReply{OK: false, Error: "lease held by another instance"}); err != nil {
+					if err := bus.Respond(m, bus.RestoreReply{Instance: testUnit, OK: false, Error: "lease held by another instance"}); err != nil {
 						t.Fatal(err)
 					}
 					// The backoff timer is armed once the attempt is counted.
@@ -77,7 +77,7 @@ func TestRestoreHandshakeStandby(t *testing.T) {
 					t.Fatal("store opened before the restore was answered")
 				}
 			}
-			if err := bus.Respond(m, bus.RestoreReply{OK: true, Restored: true, Source: bus.SourceDatabase}); err != nil {
+			if err := bus.Respond(m, bus.RestoreReply{Instance: testUnit, OK: true, Restored: true, Source: bus.SourceDatabase}); err != nil {
 				t.Fatal(err)
 			}
 			select {

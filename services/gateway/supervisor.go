@@ -3,6 +3,7 @@ package gateway
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -73,7 +74,10 @@ func (g *Gateway) session(ctx context.Context) error {
 	// the socket.
 	leaseLost := make(chan struct{}, 1)
 	if g.cfg.BackupEnabled {
-		sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(*nats.Msg) {
+		sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(m *nats.Msg) {
+			if !g.ownStandby(m) {
+				return
+			}
 			select {
 			case leaseLost <- struct{}{}:
 			default:
@@ -144,7 +148,10 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 	// While backup holds us back because another instance has the lease, it
 	// says so on conn.standby; our heartbeat then says standby too, so
 	// health does not mistake this instance for the one in charge.
-	sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(*nats.Msg) {
+	sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(m *nats.Msg) {
+		if !g.ownStandby(m) {
+			return
+		}
 		g.mu.Lock()
 		defer g.mu.Unlock()
 		if g.st.state == bus.StateWaitingRestore {
@@ -161,16 +168,22 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 		Max:    min(g.cfg.ReconnectMax, RestoreMaxBackoff),
 		Jitter: g.backoff.Jitter,
 	}
+	began := g.clock.Now()
+	quietNoResponders := true
 	for n := 1; ; {
 		rctx, cancel := g.clockTimeout(ctx, g.cfg.RestoreTimeout)
 		var reply bus.RestoreReply
-		err := bus.Request(rctx, g.nc, g.subj.SessionRestore(), struct{}{}, &reply)
+		err := bus.Request(rctx, g.nc, g.subj.SessionRestoreFor(g.cfg.Unit), struct{}{}, &reply)
 		timedOut := errors.Is(context.Cause(rctx), errTimeout)
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		delay := bo.Delay(n)
 		switch {
+		case err == nil && reply.Instance != g.cfg.Unit:
+			// Not our backup's answer: it says nothing about our session.
+			g.log.Warn("session restore answered by another instance; ignored", "instance", reply.Instance, "attempt", n)
 		case err == nil && reply.OK:
 			g.log.Info("session restore answered", "restored", reply.Restored, "source", reply.Source, "snapshot_id", reply.SnapshotID)
 			g.mu.Lock()
@@ -184,6 +197,14 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 		case err == nil:
 			g.log.Warn("session restore refused; retrying", "err", reply.Error, "attempt", n)
 		case errors.Is(err, nats.ErrNoResponders):
+			// At start the backup service subscribes a moment after we ask
+			// (in one process too): only a wait longer than that is news.
+			if quietNoResponders && g.clock.Since(began) < noResponderGrace {
+				g.log.Debug("backup service not subscribed yet; asking again", "attempt", n)
+				delay = min(delay, noResponderRetry)
+				break
+			}
+			quietNoResponders = false
 			g.log.Info("backup service not answering the restore request yet; retrying", "attempt", n)
 		default:
 			g.log.Warn("session restore request failed; retrying", "err", err, "attempt", n)
@@ -191,7 +212,7 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 		g.mu.Lock()
 		g.st.attempt = n
 		g.mu.Unlock()
-		t := g.clock.NewTimer(bo.Delay(n))
+		t := g.clock.NewTimer(delay)
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -200,6 +221,26 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 		}
 		n++
 	}
+}
+
+// A gateway that starts with its backup asks before the backup has
+// subscribed: it asks again every noResponderRetry, and says so only after
+// noResponderGrace.
+const (
+	noResponderRetry = 50 * time.Millisecond
+	noResponderGrace = 10 * time.Second
+)
+
+// ownStandby reports whether a conn.standby comes from this instance's
+// backup; another instance's (a preboot's standby dyno on a shared NATS)
+// is about that instance only.
+func (g *Gateway) ownStandby(m *nats.Msg) bool {
+	var ev bus.ConnEvent
+	if json.Unmarshal(m.Data, &ev) != nil || ev.Instance != g.cfg.Unit {
+		g.log.Debug("conn.standby of another instance ignored", "instance", ev.Instance)
+		return false
+	}
+	return true
 }
 
 // errTimeout is the cause of a context from clockTimeout that ran out.

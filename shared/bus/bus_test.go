@@ -28,14 +28,14 @@ func TestSubjects(t *testing.T) {
 	}
 	s := bus.NewSubjects("BLACKSKY-MD")
 	want := map[string]string{
-		s.Conn(bus.ConnReconnecting): "blacksky.blacksky-md.conn.reconnecting",
-		s.Heartbeat("gateway"):       "blacksky.blacksky-md.heartbeat.gateway",
-		s.BackupRequest():            "blacksky.blacksky-md.backup.request",
-		s.BackupDone():               "blacksky.blacksky-md.backup.done",
-		s.BackupFailed():             "blacksky.blacksky-md.backup.failed",
-		s.SessionRestore():           "blacksky.blacksky-md.session.restore",
-		s.MsgIn():                    "blacksky.blacksky-md.msg.in",
-		s.MsgSend():                  "blacksky.blacksky-md.msg.send",
+		s.Conn(bus.ConnReconnecting):      "blacksky.blacksky-md.conn.reconnecting",
+		s.Heartbeat("gateway"):            "blacksky.blacksky-md.heartbeat.gateway",
+		s.BackupRequest():                 "blacksky.blacksky-md.backup.request",
+		s.BackupDone():                    "blacksky.blacksky-md.backup.done",
+		s.BackupFailed():                  "blacksky.blacksky-md.backup.failed",
+		s.SessionRestoreFor("web-1-ab12"): "blacksky.blacksky-md.session.restore.web-1-ab12",
+		s.MsgIn():                         "blacksky.blacksky-md.msg.in",
+		s.MsgSend():                       "blacksky.blacksky-md.msg.send",
 	}
 	for got, w := range want {
 		if got != w {

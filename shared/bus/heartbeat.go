@@ -24,6 +24,9 @@ type Heartbeater struct {
 	Clock    clockwork.Clock
 	Interval time.Duration // zero: HeartbeatInterval
 	Beat     Beat
+	// Kick, when set, beats at once on every receive: a service whose state
+	// changed need not wait for the next interval.
+	Kick <-chan struct{}
 }
 
 // Run beats once at once, then on every tick until ctx ends.
@@ -52,6 +55,7 @@ func (h *Heartbeater) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.Chan():
+		case <-h.Kick:
 		}
 	}
 }

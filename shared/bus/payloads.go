@@ -33,6 +33,9 @@ type ConnEvent struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 	JID       string     `json:"jid,omitempty"`
 	Reason    string     `json:"reason,omitempty"`
+	// Instance is set on standby: the instance whose backup says it, so only
+	// that instance's gateway acts on it.
+	Instance string `json:"instance,omitempty"`
 }
 
 // Heartbeat is P.heartbeat.<service>, published every HeartbeatInterval.
@@ -97,6 +100,12 @@ type BackupDetails struct {
 	LastSnapshotBytes int64      `json:"last_snapshot_bytes,omitempty"`
 	LastError         string     `json:"last_error,omitempty"`
 	LastErrorAt       *time.Time `json:"last_error_at,omitempty"`
+	// While standby: the lease's holder, and for how long this backup has
+	// seen its row unchanged with the database answering (it takes the
+	// lease at one lease TTL; a holder that cannot renew fences itself when
+	// it hears of half of it).
+	LeaseHolder  string `json:"lease_holder,omitempty"`
+	LeaseWatchMS int64  `json:"lease_watch_ms,omitempty"`
 }
 
 // HealthDetails are the health service's heartbeat details.
@@ -129,8 +138,18 @@ type BackupReply struct {
 	OK       bool         `json:"ok"`
 	JobID    int64        `json:"job_id,omitempty"`
 	Snapshot *SnapshotRef `json:"snapshot,omitempty"`
-	Error    string       `json:"error,omitempty"`
+	// Stored says where the snapshot is kept when ok: StoredDatabase (a new
+	// dyno restores it) or StoredLocal (this disk only: the database did
+	// not answer).
+	Stored string `json:"stored,omitempty"`
+	Error  string `json:"error,omitempty"`
 }
+
+// Where a snapshot is kept (BackupReply.Stored).
+const (
+	StoredDatabase = "database"
+	StoredLocal    = "local"
+)
 
 // BackupDone is P.backup.done.
 type BackupDone struct {
@@ -168,6 +187,9 @@ type RestoreReply struct {
 	Source     string `json:"source,omitempty"`
 	SnapshotID int64  `json:"snapshot_id,omitempty"`
 	Error      string `json:"error,omitempty"`
+	// Instance is the answering backup's instance: a gateway takes the
+	// answer of its own instance only.
+	Instance string `json:"instance,omitempty"`
 }
 
 // MsgIn is P.msg.in.

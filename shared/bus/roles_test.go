@@ -350,13 +350,13 @@ func TestOnlyServicesAnswerRequests(t *testing.T) {
 
 	// health hears session.restore but may not answer it: the gateway's
 	// request gets no reply.
-	if _, err := health.Subscribe(subj.SessionRestore(), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
+	if _, err := health.Subscribe(subj.SessionRestoreFor("i1"), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
 		t.Fatal(err)
 	}
 	if err := health.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := gateway.Request(subj.SessionRestore(), nil, 500*time.Millisecond); !errors.Is(err, nats.ErrTimeout) {
+	if _, err := gateway.Request(subj.SessionRestoreFor("i1"), nil, 500*time.Millisecond); !errors.Is(err, nats.ErrTimeout) {
 		t.Fatalf("restore request answered by health: err = %v, want a timeout", err)
 	}
 

@@ -4,6 +4,7 @@
 package bus
 
 import (
+	"fmt"
 	"strings"
 )
 
@@ -30,6 +31,34 @@ func SessionToken(sessionID string) string {
 		}
 	}
 	return b.String()
+}
+
+// InstanceToken is the subject-safe form of an instance id: every character
+// outside [A-Za-z0-9_-] becomes '-', and it is cut to MaxInstanceLen.
+func InstanceToken(id string) string {
+	var b strings.Builder
+	for _, r := range id {
+		if (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') || (r >= '0' && r <= '9') || r == '_' || r == '-' {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('-')
+		}
+		if b.Len() >= MaxInstanceLen {
+			break
+		}
+	}
+	return b.String()
+}
+
+// MaxInstanceLen bounds an instance id.
+const MaxInstanceLen = 64
+
+// CheckInstance refuses an instance id that is empty or not subject-safe.
+func CheckInstance(id string) error {
+	if id == "" || len(id) > MaxInstanceLen || InstanceToken(id) != id {
+		return fmt.Errorf("instance id %q: want 1 to %d characters of [A-Za-z0-9_-]", id, MaxInstanceLen)
+	}
+	return nil
 }
 
 // Connection event kinds (P.conn.<kind>).
@@ -87,8 +116,11 @@ func (s Subjects) BackupDone() string { return s.Prefix + ".backup.done" }
 // BackupFailed is P.backup.failed.
 func (s Subjects) BackupFailed() string { return s.Prefix + ".backup.failed" }
 
-// SessionRestore is P.session.restore.
-func (s Subjects) SessionRestore() string { return s.Prefix + ".session.restore" }
+// SessionRestoreFor is P.session.restore.<instance>: a gateway asks its own
+// instance's backup only (see InstanceToken).
+func (s Subjects) SessionRestoreFor(instance string) string {
+	return s.Prefix + ".session.restore." + instance
+}
 
 // MsgIn is P.msg.in.
 func (s Subjects) MsgIn() string { return s.Prefix + ".msg.in" }

@@ -196,29 +196,67 @@ func (s *Store) Prune(ctx context.Context, session string, keep int) (int64, err
 }
 
 // AcquireLease takes or renews the lease.
-func (s *Store) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
-	if _, err := s.pool.Exec(ctx, sqltext.AcquireLease, session, holder, now.UnixMilli(), now.Add(ttl).UnixMilli()); err != nil {
+func (s *Store) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale backup.Lease) (backup.Lease, bool, error) {
+	if _, err := s.pool.Exec(ctx, sqltext.AcquireLease, session, holder, now.UnixMilli(), now.Add(ttl).UnixMilli(),
+		stale.Holder, stale.Version, stale.RenewedAt.UnixMilli()); err != nil {
 		return backup.Lease{}, false, fmt.Errorf("acquire lease: %w", err)
 	}
 	l := backup.Lease{SessionID: session}
-	var acq, exp int64
-	err := s.pool.QueryRow(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &exp)
+	var acq, ren, exp int64
+	err := s.pool.QueryRow(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &ren, &exp, &l.Version)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return l, false, nil // released between the two statements: try again
 	}
 	if err != nil {
 		return backup.Lease{}, false, fmt.Errorf("read lease: %w", err)
 	}
-	l.AcquiredAt, l.ExpiresAt = time.UnixMilli(acq).UTC(), time.UnixMilli(exp).UTC()
-	return l, l.Holder == holder && l.ExpiresAt.After(now), nil
+	l.AcquiredAt, l.RenewedAt, l.ExpiresAt = time.UnixMilli(acq).UTC(), time.UnixMilli(ren).UTC(), time.UnixMilli(exp).UTC()
+	return l, l.Holder == holder, nil
 }
 
-// ReleaseLease frees holder's lease.
+// ReleaseLease frees holder's lease and tells listeners (WatchLeases) in the
+// same transaction.
 func (s *Store) ReleaseLease(ctx context.Context, session, holder string) error {
-	if _, err := s.pool.Exec(ctx, sqltext.ReleaseLease, session, holder); err != nil {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, sqltext.ReleaseLease, session, holder)
+		if err != nil || tag.RowsAffected() == 0 {
+			return err
+		}
+		_, err = tx.Exec(ctx, sqltext.NotifyLease, session)
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("release lease: %w", err)
 	}
 	return nil
+}
+
+var _ backup.LeaseWatcher = (*Store)(nil)
+
+// WatchLeases listens on one pooled connection for released leases.
+func (s *Store) WatchLeases(ctx context.Context, session string, released func()) error {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("listen for lease releases: %w", err)
+	}
+	// A connection that LISTENs must not go back to the pool as it is.
+	pc := conn.Hijack()
+	defer pc.Close(context.WithoutCancel(ctx))
+	if _, err := pc.Exec(ctx, "LISTEN "+sqltext.LeaseChannel); err != nil {
+		return fmt.Errorf("listen for lease releases: %w", err)
+	}
+	for {
+		n, err := pc.WaitForNotification(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("listen for lease releases: %w", err)
+		}
+		if n.Payload == session {
+			released()
+		}
+	}
 }
 
 // NewQueue builds River on this pool.

@@ -198,20 +198,21 @@ func (s *Store) Prune(ctx context.Context, session string, keep int) (int64, err
 }
 
 // AcquireLease takes or renews the lease.
-func (s *Store) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration) (backup.Lease, bool, error) {
+func (s *Store) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale backup.Lease) (backup.Lease, bool, error) {
 	l := backup.Lease{SessionID: session}
-	var acq, exp int64
+	var acq, ren, exp int64
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		if _, err := tx.ExecContext(ctx, sqltext.AcquireLease, session, holder, now.UnixMilli(), now.Add(ttl).UnixMilli()); err != nil {
+		if _, err := tx.ExecContext(ctx, sqltext.AcquireLease, session, holder, now.UnixMilli(), now.Add(ttl).UnixMilli(),
+			stale.Holder, stale.Version, stale.RenewedAt.UnixMilli()); err != nil {
 			return err
 		}
-		return tx.QueryRowContext(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &exp)
+		return tx.QueryRowContext(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &ren, &exp, &l.Version)
 	})
 	if err != nil {
 		return backup.Lease{}, false, fmt.Errorf("acquire lease: %w", err)
 	}
-	l.AcquiredAt, l.ExpiresAt = time.UnixMilli(acq).UTC(), time.UnixMilli(exp).UTC()
-	return l, l.Holder == holder && l.ExpiresAt.After(now), nil
+	l.AcquiredAt, l.RenewedAt, l.ExpiresAt = time.UnixMilli(acq).UTC(), time.UnixMilli(ren).UTC(), time.UnixMilli(exp).UTC()
+	return l, l.Holder == holder, nil
 }
 
 // ReleaseLease frees holder's lease.

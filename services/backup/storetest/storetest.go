@@ -32,6 +32,7 @@ func Run(t *testing.T, open Open) {
 		{"SessionsApart", testSessionsApart},
 		{"LeaseExclusive", testLeaseExclusive},
 		{"LeaseRace", testLeaseRace},
+		{"WatchedTakeoverRacesRenewal", testWatchedTakeoverRacesRenewal},
 		{"InsertNeedsLease", testInsertNeedsLease},
 	}
 	for _, tc := range tests {
@@ -199,39 +200,51 @@ func testSessionsApart(t *testing.T, s backup.Store) {
 func testLeaseExclusive(t *testing.T, s backup.Store) {
 	ctx := context.Background()
 	ttl := time.Minute
-	l, ok, err := s.AcquireLease(ctx, "s", "one", t0, ttl)
-	if err != nil || !ok || l.Holder != "one" || !l.ExpiresAt.Equal(t0.Add(ttl).Truncate(time.Millisecond)) {
+	none := backup.Lease{}
+	l, ok, err := s.AcquireLease(ctx, "s", "one", t0, ttl, none)
+	if err != nil || !ok || l.Holder != "one" || l.Version != 1 || !l.ExpiresAt.Equal(t0.Add(ttl).Truncate(time.Millisecond)) {
 		t.Fatalf("first acquire = %+v %v %v", l, ok, err)
 	}
-	l, ok, err = s.AcquireLease(ctx, "s", "two", t0.Add(30*time.Second), ttl)
-	if err != nil || ok || l.Holder != "one" {
-		t.Fatalf("second holder got %+v %v %v; want refused, held by one", l, ok, err)
+	seen, ok, err := s.AcquireLease(ctx, "s", "two", t0.Add(30*time.Second), ttl, none)
+	if err != nil || ok || !seen.Same(l) {
+		t.Fatalf("second holder got %+v %v %v; want refused, the row unchanged (%+v)", seen, ok, err, l)
 	}
-	// Renewal by the holder moves the expiry but keeps the acquisition time.
-	l, ok, err = s.AcquireLease(ctx, "s", "one", t0.Add(40*time.Second), ttl)
-	if err != nil || !ok || !l.AcquiredAt.Equal(t0.Truncate(time.Millisecond)) || !l.ExpiresAt.Equal(t0.Add(100*time.Second).Truncate(time.Millisecond)) {
+	// Renewal by the holder moves the expiry, counts the version up and
+	// keeps the acquisition time.
+	l, ok, err = s.AcquireLease(ctx, "s", "one", t0.Add(40*time.Second), ttl, none)
+	if err != nil || !ok || l.Version != 2 || !l.AcquiredAt.Equal(t0.Truncate(time.Millisecond)) ||
+		!l.RenewedAt.Equal(t0.Add(40*time.Second).Truncate(time.Millisecond)) ||
+		!l.ExpiresAt.Equal(t0.Add(100*time.Second).Truncate(time.Millisecond)) {
 		t.Fatalf("renew = %+v %v %v", l, ok, err)
 	}
-	// Expired: another holder takes over.
-	l, ok, err = s.AcquireLease(ctx, "s", "two", t0.Add(101*time.Second), ttl)
-	if err != nil || !ok || l.Holder != "two" {
-		t.Fatalf("takeover after expiry = %+v %v %v", l, ok, err)
+	// Expired by the clock, but nobody watched it stay unchanged: still one's.
+	if got, ok, err := s.AcquireLease(ctx, "s", "two", t0.Add(time.Hour), ttl, none); err != nil || ok || got.Holder != "one" {
+		t.Fatalf("expiry alone freed the lease: %+v %v %v", got, ok, err)
+	}
+	// A stale observation (the row before the renewal) takes nothing.
+	if got, ok, err := s.AcquireLease(ctx, "s", "two", t0.Add(time.Hour), ttl, seen); err != nil || ok || got.Holder != "one" {
+		t.Fatalf("an outdated observation took the lease: %+v %v %v", got, ok, err)
+	}
+	// The row exactly as watched: two takes it.
+	l, ok, err = s.AcquireLease(ctx, "s", "two", t0.Add(time.Hour), ttl, l)
+	if err != nil || !ok || l.Holder != "two" || l.Version != 3 || !l.AcquiredAt.Equal(t0.Add(time.Hour).Truncate(time.Millisecond)) {
+		t.Fatalf("takeover of the watched row = %+v %v %v", l, ok, err)
 	}
 	// Release by a non-holder does nothing; by the holder frees it.
 	if err := s.ReleaseLease(ctx, "s", "one"); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok, _ := s.AcquireLease(ctx, "s", "one", t0.Add(102*time.Second), ttl); ok {
+	if _, ok, _ := s.AcquireLease(ctx, "s", "one", t0.Add(time.Hour), ttl, none); ok {
 		t.Fatal("release by a non-holder freed the lease")
 	}
 	if err := s.ReleaseLease(ctx, "s", "two"); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok, err := s.AcquireLease(ctx, "s", "one", t0.Add(103*time.Second), ttl); !ok || err != nil {
-		t.Fatalf("acquire after release = %v %v", ok, err)
+	if l, ok, err := s.AcquireLease(ctx, "s", "one", t0.Add(time.Hour), ttl, none); !ok || err != nil || l.Version != 1 {
+		t.Fatalf("acquire after release = %+v %v %v", l, ok, err)
 	}
 	// Another session's lease is independent.
-	if _, ok, err := s.AcquireLease(ctx, "other", "two", t0.Add(103*time.Second), ttl); !ok || err != nil {
+	if _, ok, err := s.AcquireLease(ctx, "other", "two", t0.Add(time.Hour), ttl, none); !ok || err != nil {
 		t.Fatalf("other session = %v %v", ok, err)
 	}
 }
@@ -246,7 +259,7 @@ func testLeaseRace(t *testing.T, s backup.Store) {
 	for i := range n {
 		wg.Go(func() {
 			holder := fmt.Sprintf("h%d", i)
-			_, ok, err := s.AcquireLease(ctx, "race", holder, t0, time.Minute)
+			_, ok, err := s.AcquireLease(ctx, "race", holder, t0, time.Minute, backup.Lease{})
 			if err != nil {
 				errs <- err
 				return
@@ -271,14 +284,44 @@ func testLeaseRace(t *testing.T, s backup.Store) {
 	}
 }
 
+// testWatchedTakeoverRacesRenewal: a standby's take of the row it watched
+// and the holder's renewal land at the same time: exactly one wins, and a
+// holder that lost never renews the lease back.
+func testWatchedTakeoverRacesRenewal(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	for i := range 20 {
+		session := fmt.Sprintf("race-%d", i)
+		watched, ok, err := s.AcquireLease(ctx, session, "holder", t0, time.Minute, backup.Lease{})
+		if err != nil || !ok {
+			t.Fatalf("acquire: %v %v", ok, err)
+		}
+		var wg sync.WaitGroup
+		var renewed, took bool
+		var rerr, terr error
+		wg.Go(func() {
+			_, renewed, rerr = s.AcquireLease(ctx, session, "holder", t0.Add(time.Second), time.Minute, backup.Lease{})
+		})
+		wg.Go(func() {
+			_, took, terr = s.AcquireLease(ctx, session, "standby", t0.Add(time.Second), time.Minute, watched)
+		})
+		wg.Wait()
+		if rerr != nil || terr != nil {
+			t.Fatalf("renew: %v, take: %v", rerr, terr)
+		}
+		if renewed == took {
+			t.Fatalf("round %d: renewed %v and took %v; want exactly one", i, renewed, took)
+		}
+	}
+}
+
 // An insert with a LeaseHolder stores a row only while that holder has the
 // lease unexpired, checked in the insert's own transaction.
 func testInsertNeedsLease(t *testing.T, s backup.Store) {
 	ctx := context.Background()
-	if _, ok, err := s.AcquireLease(ctx, "s", "me", t0, time.Minute); !ok || err != nil {
+	if _, ok, err := s.AcquireLease(ctx, "s", "me", t0, time.Minute, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("acquire: %v %v", ok, err)
 	}
-	if _, ok, err := s.AcquireLease(ctx, "other", "thief", t0, time.Minute); !ok || err != nil {
+	if _, ok, err := s.AcquireLease(ctx, "other", "thief", t0, time.Minute, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("acquire other: %v %v", ok, err)
 	}
 	tests := []struct {

@@ -52,7 +52,13 @@ var PostgresMigrations = []Migration{
 			expires_at_ms BIGINT NOT NULL
 		)`,
 	}},
+	{Version: 2, Name: "lease version", SQL: []string{leaseVersion}},
 }
+
+// leaseVersion counts every take and renewal of a lease: a standby tells a
+// live holder from a dead one by watching it change (see AcquireLease).
+// Rows written before it start at 1.
+const leaseVersion = `ALTER TABLE blacksky_leases ADD COLUMN version BIGINT NOT NULL DEFAULT 1`
 
 // SQLiteMigrations are our tables on SQLite.
 var SQLiteMigrations = []Migration{
@@ -77,6 +83,7 @@ var SQLiteMigrations = []Migration{
 			expires_at_ms BIGINT NOT NULL
 		)`,
 	}},
+	{Version: 2, Name: "lease version", SQL: []string{leaseVersion}},
 }
 
 const snapshotCols = `id, session_id, created_at, reason, sha256, size_bytes, stored_bytes, format`
@@ -97,17 +104,23 @@ const SnapshotPayload = `SELECT payload FROM blacksky_snapshots WHERE id = $1`
 const PruneSnapshots = `DELETE FROM blacksky_snapshots WHERE session_id = $1 AND id NOT IN
 	(SELECT id FROM blacksky_snapshots WHERE session_id = $1 ORDER BY id DESC LIMIT $2)`
 
-// AcquireLease takes the lease when it is free, expired ($3 is now) or
-// already the holder's; otherwise it changes nothing.
-const AcquireLease = `INSERT INTO blacksky_leases (session_id, holder, acquired_at_ms, renewed_at_ms, expires_at_ms)
-	VALUES ($1, $2, $3, $3, $4)
+// AcquireLease takes or renews the lease ($3 is now, $4 the new expiry)
+// when it is free or already the holder's, or when it is exactly the row a
+// standby observed unchanged for a whole TTL: holder $5, version $6, renewed
+// at $7 (the renewal time too, so a holder of an older release, which does
+// not count versions, is still seen renewing). Expiry alone never frees a
+// lease. Every take and renewal counts the version up.
+const AcquireLease = `INSERT INTO blacksky_leases (session_id, holder, acquired_at_ms, renewed_at_ms, expires_at_ms, version)
+	VALUES ($1, $2, $3, $3, $4, 1)
 	ON CONFLICT (session_id) DO UPDATE SET
 		holder = excluded.holder,
 		acquired_at_ms = CASE WHEN blacksky_leases.holder = excluded.holder
 			THEN blacksky_leases.acquired_at_ms ELSE excluded.acquired_at_ms END,
 		renewed_at_ms = excluded.renewed_at_ms,
-		expires_at_ms = excluded.expires_at_ms
-	WHERE blacksky_leases.holder = excluded.holder OR blacksky_leases.expires_at_ms <= excluded.renewed_at_ms`
+		expires_at_ms = excluded.expires_at_ms,
+		version = blacksky_leases.version + 1
+	WHERE blacksky_leases.holder = excluded.holder
+		OR (blacksky_leases.holder = $5 AND blacksky_leases.version = $6 AND blacksky_leases.renewed_at_ms = $7)`
 
 // HoldLease is the lease condition of a snapshot insert: it matches (and,
 // in PostgreSQL, locks until commit, so a takeover waits for it) the lease
@@ -116,7 +129,14 @@ const HoldLease = `UPDATE blacksky_leases SET renewed_at_ms = renewed_at_ms
 	WHERE session_id = $1 AND holder = $2 AND expires_at_ms > $3`
 
 // GetLease reads the lease as it stands.
-const GetLease = `SELECT holder, acquired_at_ms, expires_at_ms FROM blacksky_leases WHERE session_id = $1`
+const GetLease = `SELECT holder, acquired_at_ms, renewed_at_ms, expires_at_ms, version FROM blacksky_leases WHERE session_id = $1`
+
+// LeaseChannel is the PostgreSQL NOTIFY channel of lease releases; the
+// payload is the session id.
+const LeaseChannel = "blacksky_lease"
+
+// NotifyLease tells PostgreSQL listeners that session's lease changed.
+const NotifyLease = `SELECT pg_notify('` + LeaseChannel + `', $1)`
 
 // ReleaseLease frees the holder's lease.
 const ReleaseLease = `DELETE FROM blacksky_leases WHERE session_id = $1 AND holder = $2`

@@ -1,0 +1,142 @@
+package backup
+
+import (
+	"context"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats.go"
+)
+
+// The restore handshake: the gateway of our instance asks on
+// P.session.restore.<instance>; each lease epoch answers once its restore is
+// done, and holds the requests that come before.
+
+// epochState is what P.session.restore answers for one lease epoch.
+type epochState struct {
+	done    bool
+	reply   bus.RestoreReply
+	pending []*nats.Msg // requests waiting for the restore
+}
+
+// maxPendingRestore bounds the requests kept while a restore runs: a
+// gateway retrying on a timeout has given up on the older ones.
+const maxPendingRestore = 32
+
+// markReady records the restore's answer and answers everyone waiting.
+func (s *Service) markReady(rep bus.RestoreReply) {
+	rep.Instance = s.unit
+	s.mu.Lock()
+	ep := s.epoch
+	ep.done, ep.reply = true, rep
+	s.inStandby = false
+	pending := ep.pending
+	ep.pending = nil
+	s.mu.Unlock()
+	s.setState()
+	for _, m := range pending {
+		_ = bus.Respond(m, rep)
+	}
+}
+
+func (s *Service) answerPending(rep bus.RestoreReply) {
+	rep.Instance = s.unit
+	s.mu.Lock()
+	pending := s.epoch.pending
+	s.epoch.pending = nil
+	s.mu.Unlock()
+	for _, m := range pending {
+		_ = bus.Respond(m, rep)
+	}
+}
+
+// restoreOnStart restores if needed and returns the P.session.restore
+// answer. A database failure is not a verdict on the snapshots: it retries
+// the database (degraded, no answer yet) and falls back to the local
+// snapshots only when the database stays down for DBWait and there is local
+// state. On an empty disk, answering "nothing to restore" would start the
+// gateway unlinked while the session sits in the database (guarantee 1).
+func (s *Service) restoreOnStart(ctx context.Context, st Store) bus.RestoreReply {
+	return s.restoreRetrying(ctx, st, func(r *Restorer) (RestoreResult, error) { return r.RestoreOnStart(ctx) }, true)
+}
+
+// restoreAfterLeaseLoss restores the newest database snapshot once the
+// lease is ours again: another instance used the session meanwhile, so the
+// store on disk (and the local fallback) is older than the one it left.
+func (s *Service) restoreAfterLeaseLoss(ctx context.Context, st Store) bus.RestoreReply {
+	if st == nil {
+		return bus.RestoreReply{OK: false, Error: "restore after a lost lease needs the database"}
+	}
+	return s.restoreRetrying(ctx, st, func(r *Restorer) (RestoreResult, error) {
+		r.DatabaseOnly = true
+		res, err := r.Restore(ctx, 0)
+		if err == nil && !res.Restored {
+			res.Source = bus.SourceExisting
+		}
+		return res, err
+	}, false)
+}
+
+func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restorer) (RestoreResult, error), localFallback bool) bus.RestoreReply {
+	deadline := s.clock.Now().Add(s.opts.DBWait)
+	delay := time.Second
+	for {
+		res, err := do(s.restorer(st))
+		if err == nil || st == nil || !IsDBError(err) {
+			return s.restoreReply(res, err)
+		}
+		s.noteErr(err)
+		s.setWaitingState(bus.StateDegraded, false)
+		if localFallback && !s.clock.Now().Before(deadline) && s.hasLocalState() {
+			s.log.Warn("database keeps failing during restore; using the local fallback", "err", err)
+			res, err = do(s.restorer(nil))
+			return s.restoreReply(res, err)
+		}
+		s.log.Warn("database failed during restore; retrying before answering the gateway", "err", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return bus.RestoreReply{OK: false, Error: ErrStopping.Error()}
+		case <-s.clock.After(delay):
+		}
+		delay = min(delay*2, 10*time.Second)
+	}
+}
+
+func (s *Service) restoreReply(res RestoreResult, err error) bus.RestoreReply {
+	if err != nil {
+		s.log.Error("restore failed; the session store was left as it was", "err", err)
+		s.noteErr(err)
+		return bus.RestoreReply{OK: false, Error: err.Error()}
+	}
+	s.log.Info("session store ready", "restored", res.Restored, "source", res.Source, "snapshot_id", res.SnapshotID)
+	return bus.RestoreReply{OK: true, Restored: res.Restored, Source: res.Source, SnapshotID: res.SnapshotID}
+}
+
+// onRestore answers P.session.restore once the restore of the current
+// epoch is done. Waiting requests are kept in a bounded list, not one
+// goroutine each: a gateway retrying every few seconds must not pile them up.
+func (s *Service) onRestore(m *nats.Msg) {
+	if m.Reply == "" {
+		return
+	}
+	s.hmu.Lock()
+	closed := s.closed
+	s.hmu.Unlock()
+	if closed {
+		_ = bus.Respond(m, bus.RestoreReply{OK: false, Error: ErrStopping.Error(), Instance: s.unit})
+		return
+	}
+	s.mu.Lock()
+	ep := s.epoch
+	if !ep.done {
+		if len(ep.pending) >= maxPendingRestore {
+			ep.pending = ep.pending[1:]
+		}
+		ep.pending = append(ep.pending, m)
+		s.mu.Unlock()
+		return
+	}
+	rep := ep.reply
+	s.mu.Unlock()
+	_ = bus.Respond(m, rep)
+}
