@@ -205,7 +205,17 @@ func TestPrebootOverlapOnSharedNATS(t *testing.T) {
 	bin := buildBinary(t)
 	generated := map[string]string{}
 	token := randomHex(t, 24)
-	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: -1, Authorization: token, NoLog: true, NoSigs: true})
+	// The external server as docs/heroku.md configures it: the sample
+	// configuration's roles, reading both secrets from its environment.
+	generated["NATS_INTERNAL_SECRET"] = randomHex(t, 32)
+	t.Setenv("NATS_TOKEN", token)
+	t.Setenv("NATS_INTERNAL_SECRET", generated["NATS_INTERNAL_SECRET"])
+	opts, err := natsserver.ProcessConfigFile("../deploy/nats-server.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.Host, opts.Port, opts.NoLog, opts.NoSigs = "127.0.0.1", -1, true, true
+	ns, err := natsserver.NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +224,7 @@ func TestPrebootOverlapOnSharedNATS(t *testing.T) {
 	if !ns.ReadyForConnections(10 * time.Second) {
 		t.Fatal("nats-server not ready")
 	}
-	nc, err := nats.Connect(ns.ClientURL(), nats.Token(token))
+	nc, err := nats.Connect(ns.ClientURL(), nats.UserInfo("bot", token))
 	if err != nil {
 		t.Fatal(err)
 	}
