@@ -104,7 +104,7 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	msg, err := nc.RequestWithContext(rctx, subj, body)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("backup-now: no backup service answers on %s at %s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)", subj, nc.ConnectedUrlRedacted())
+		return fmt.Errorf("backup-now: no backup service answers on %s at %s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)", subj, bus.StripUserinfo(nc.ConnectedUrl()))
 	case errors.Is(err, context.DeadlineExceeded):
 		return fmt.Errorf("backup-now: no reply within %s", *timeout)
 	case err != nil:
