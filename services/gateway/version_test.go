@@ -152,13 +152,58 @@ func TestClientOutdatedReconnectsWithWhatsAppsCurrentVersion(t *testing.T) {
 		return false
 	})
 
-	// The fetched version refused too, within the hour: stop.
-	h.advance(59 * time.Minute)
+}
+
+// The fetched version is refused before it ever connected: nothing newer
+// is to be had from WhatsApp, so the gateway stops until a redeploy.
+func TestClientOutdatedStopsWhenTheFetchedVersionIsRefused(t *testing.T) {
+	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.200"}
+	h := startWith(t, withVersions(v, nil))
+	h.connected()
 	h.outdated()
+	h.rec.next(t, bus.ConnConnecting)
+	h.outdated() // the fetched version, refused at once
 	if _, n := v.get(); n != 1 {
 		t.Fatalf("fetches = %d, want no second fetch within the hour", n)
 	}
 	h.staysOutdated()
+}
+
+// The fetched version connected, and WhatsApp refuses it later within the
+// hour: not a reason to stop. The next fetch comes at the next allowed time
+// (an hour after the last), by reconnecting then.
+func TestClientOutdatedAfterTheFetchedVersionConnectedFetchesAgainAtTheNextAllowedTime(t *testing.T) {
+	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.200"}
+	h := startWith(t, withVersions(v, nil))
+	h.connected()
+	h.outdated()
+	h.rec.next(t, bus.ConnConnecting)
+	h.conn.emit(&events.Connected{})
+	h.rec.next(t, bus.ConnConnected)
+
+	h.advance(59 * time.Minute)
+	v.set("2.3000.300", nil)
+	h.outdated()
+	r := h.rec.next(t, bus.ConnReconnecting)
+	if r.DelayMS != time.Minute.Milliseconds() {
+		t.Fatalf("retry in %dms, want at the next allowed fetch, in 1m", r.DelayMS)
+	}
+	if _, n := v.get(); n != 1 {
+		t.Fatalf("fetches = %d, want no second fetch within the hour", n)
+	}
+	h.advance(time.Minute - time.Millisecond)
+	h.probe()
+	h.rec.none(t)
+	h.advance(time.Millisecond)
+	h.rec.next(t, bus.ConnConnecting) // with 2.3000.200: WhatsApp says outdated again
+	h.outdated()
+	h.rec.next(t, bus.ConnConnecting) // fetched this time
+	if cur, n := v.get(); cur != "2.3000.300" || n != 2 {
+		t.Fatalf("version %q after %d fetches, want 2.3000.300 after 2", cur, n)
+	}
+	if got := h.gw.State(); got == bus.StateOutdated {
+		t.Fatalf("state = %q: stopped although the fetched version had connected", got)
+	}
 }
 
 func TestClientOutdatedAgainAfterAnHourFetchesAgain(t *testing.T) {
