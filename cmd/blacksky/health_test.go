@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -253,5 +254,25 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("health role did not stop")
+	}
+}
+
+// With PORT=0 the not-linked hint names the port the health service
+// actually listens on, not port 0.
+func TestNotLinkedHintNamesTheBoundPort(t *testing.T) {
+	env := map[string]string{"DATA_DIR": t.TempDir(), "PORT": "0", "ENABLE_SESSION_BACKUP": "false",
+		"RECONNECT_MIN": "1s", "RECONNECT_MAX": "5s", "SHUTDOWN_TIMEOUT": "10s"}
+	info, logs, stop := startDefault(t, env, "127.0.0.1:0", "run")
+	_, port, err := net.SplitHostPort(info.HTTPAddr)
+	if err != nil || port == "0" {
+		t.Fatalf("health listens on %q (%v)", info.HTTPAddr, err)
+	}
+	want := "not linked: open http://localhost:" + port + "/pair"
+	testwait.For(t, 20*time.Second, "the not-linked hint", func() bool { return strings.Contains(logs.String(), want) })
+	if strings.Contains(logs.String(), "localhost:0/") {
+		t.Fatalf("a hint names port 0:\n%s", logs.String())
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
 	}
 }
