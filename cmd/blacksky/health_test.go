@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -10,10 +9,10 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -87,7 +86,7 @@ func TestHealthRole(t *testing.T) {
 		"HEALTH_TOKEN": "role-health-token", "SESSION_ID": "Role Test",
 	}
 	ready := make(chan ReadyInfo, 1)
-	var stderr healthLogBuffer
+	var stderr testlog.Buffer
 	m := &Main{Stdout: io.Discard, Stderr: &stderr, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -162,25 +161,6 @@ func TestHealthRole(t *testing.T) {
 	}
 }
 
-// healthLogBuffer collects a running role's log lines; the test reads it
-// while the role writes.
-type healthLogBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *healthLogBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *healthLogBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestHealthRoleOnHerokuWithNATSDown: `blacksky health` answers /healthz at
 // once while NATS is unreachable, and on Heroku (DYNO set) sends the pair
 // page over plain http to https.
@@ -203,7 +183,7 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 		"SESSION_ID": "Heroku Test", "DYNO": "web.1", "HEROKU_APP_URL": "https://my-bot.herokuapp.com",
 	}
 	ready := make(chan ReadyInfo, 1)
-	var stderr healthLogBuffer
+	var stderr testlog.Buffer
 	m := &Main{Stdout: io.Discard, Stderr: &stderr, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -22,6 +21,7 @@ import (
 	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -304,25 +304,7 @@ type harness struct {
 	stop  context.CancelFunc
 	shown []string
 	qrMu  sync.Mutex
-	logs  lockedBuffer // every log line, at info and above
-}
-
-// lockedBuffer collects log lines from the gateway's goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	logs  testlog.Buffer // every log line, at info and above
 }
 
 type option func(*Config, *fakeConn)
@@ -371,7 +353,7 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 			h.opens <- struct{}{}
 			return h.conn, nil
 		},
-		Log:    slog.New(slog.NewMultiHandler(testLog(t).Handler(), slog.NewTextHandler(&h.logs, nil))),
+		Log:    slog.New(slog.NewMultiHandler(testLog(t).Handler(), h.logs.Logger().Handler())),
 		Clock:  h.clock,
 		Jitter: func() float64 { return 0.5 },
 		ShowQR: func(code string) {

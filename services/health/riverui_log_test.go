@@ -1,12 +1,10 @@
 package health
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -24,6 +22,7 @@ import (
 	"github.com/riverqueue/river/rivermigrate"
 
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 )
 
@@ -103,37 +102,6 @@ func (p *cutProxy) restore() {
 	p.down = false
 }
 
-// lockedBuf is a log written by several goroutines.
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// lines are the log lines at level (text handler's level=...) so far.
-func (l *lockedBuf) lines(level string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []string
-	for _, line := range strings.Split(l.b.String(), "\n") {
-		if strings.Contains(line, "level="+level) {
-			out = append(out, line)
-		}
-	}
-	return out
-}
-
 // With the UI started, its query loop (River UI's query cachers, every
 // ~10 s) and the API calls of a browser log one line when the database goes
 // down and one when it is back; a request River UI merely refuses (a job
@@ -165,8 +133,8 @@ func TestRiverUIDatabaseOutageIsTwoLines(t *testing.T) {
 	q.Set("connect_timeout", "2")
 	u.RawQuery = q.Encode()
 
-	logs := &lockedBuf{}
-	ui, err := NewRiverUI(u.String(), 2, slog.New(slog.NewTextHandler(logs, nil)))
+	logs := &testlog.Buffer{}
+	ui, err := NewRiverUI(u.String(), 2, logs.Logger())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +174,7 @@ func TestRiverUIDatabaseOutageIsTwoLines(t *testing.T) {
 			t.Fatalf("with the database down: %d", code)
 		}
 	}
-	down := append(logs.lines("ERROR"), logs.lines("WARN")...)
+	down := append(logs.Lines("level=ERROR"), logs.Lines("level=WARN")...)
 	if len(down) != 1 || !strings.Contains(down[0], "Error running query") ||
 		!strings.Contains(down[0], "not logged until a database query succeeds again") {
 		t.Fatalf("want one line, the loop's, saying repeats are held back:\n%s", logs.String())
@@ -220,7 +188,7 @@ func TestRiverUIDatabaseOutageIsTwoLines(t *testing.T) {
 		t.Fatalf("with the database back: %d", code)
 	}
 	var back []string
-	for _, l := range logs.lines("INFO") {
+	for _, l := range logs.Lines("level=INFO") {
 		if strings.Contains(l, "the database answers again") {
 			back = append(back, l)
 		}
@@ -234,8 +202,8 @@ func TestRiverUIDatabaseOutageIsTwoLines(t *testing.T) {
 // outage; while it lasts one failure is written, and the next success
 // writes one line more.
 func TestOutageHandlerKeepsOtherLines(t *testing.T) {
-	logs := &lockedBuf{}
-	o := newOutage(slog.New(slog.NewTextHandler(logs, nil)))
+	logs := &testlog.Buffer{}
+	o := newOutage(logs.Logger())
 	log := o.logger().With("service", "riverui")
 	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
 	ctx := context.Background()
@@ -276,7 +244,7 @@ func TestOutageHandlerKeepsOtherLines(t *testing.T) {
 	if !strings.Contains(out, "errors_not_logged=3") || !strings.Contains(out, "errors_not_logged=1") {
 		t.Errorf("the closing lines should count what was held back (3, then 1):\n%s", out)
 	}
-	if got := len(logs.lines("WARN")); got != 2 {
+	if got := len(logs.Lines("level=WARN")); got != 2 {
 		t.Errorf("%d warn lines, want both ordinary ones:\n%s", got, out)
 	}
 	if got := strings.Count(out, "job not found"); got != 2 {
