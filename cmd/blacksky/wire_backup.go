@@ -72,7 +72,7 @@ func (m *Main) cmdMigrate(ctx context.Context, args []string) error {
 // cmdBackupNow asks the running backup service for a snapshot over NATS.
 func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	fs := m.flags("backup-now")
-	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot: "+strings.Join(bus.RequestReasons, ", "))
+	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot: "+strings.Join(bus.RequestReasons(), ", "))
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the snapshot to be committed")
 	if err := parseFlags(fs, args); err != nil {
 		return err
