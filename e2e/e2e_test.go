@@ -31,6 +31,7 @@ import (
 	_ "modernc.org/sqlite" // the pure-Go "sqlite" driver, to touch and read session stores
 
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -110,29 +111,11 @@ func buildBinary(t *testing.T) string {
 	return built.path
 }
 
-// syncBuffer collects a process's output for the failure report.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // proc is one running blacksky process.
 type proc struct {
 	name string
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testlog.Buffer
 	done chan struct{}
 	err  error // set before done closes
 }
@@ -162,7 +145,7 @@ func (e env) list() []string {
 
 func start(t *testing.T, bin, name string, e env, args ...string) *proc {
 	t.Helper()
-	p := &proc{name: name, out: &syncBuffer{}, done: make(chan struct{})}
+	p := &proc{name: name, out: &testlog.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
 	p.cmd.Env = e.list()
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out

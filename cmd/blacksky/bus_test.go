@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -23,10 +24,10 @@ import (
 
 // startDefault runs Main with env and NATS_LISTEN's default replaced by
 // defaultListen, and returns once it is ready.
-func startDefault(t *testing.T, env map[string]string, defaultListen string, args ...string) (ReadyInfo, *healthLogBuffer, func() error) {
+func startDefault(t *testing.T, env map[string]string, defaultListen string, args ...string) (ReadyInfo, *testlog.Buffer, func() error) {
 	t.Helper()
 	ready := make(chan ReadyInfo, 1)
-	logs := &healthLogBuffer{}
+	logs := &testlog.Buffer{}
 	m := &Main{Stdout: io.Discard, Stderr: logs, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }, DefaultNATSListen: defaultListen}
 	ctx, cancel := context.WithCancel(context.Background())

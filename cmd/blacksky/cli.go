@@ -214,7 +214,8 @@ type app struct {
 	stdout   io.Writer
 	role     string
 	// pairURL is where a person links the session: HEROKU_APP_URL, else
-	// http://localhost:$PORT, followed by /pair.
+	// http://localhost:$PORT, followed by /pair. listenHTTP corrects the
+	// port to the one it bound (PORT=0 picks a free one).
 	pairURL string
 }
 
@@ -242,7 +243,7 @@ func (m *Main) setup(role string) (*app, error) {
 		instance: m.instance(role),
 		stdout:   m.Stdout,
 		role:     role,
-		pairURL:  pairURL(cfg),
+		pairURL:  pairURL(cfg, cfg.Port),
 	}
 	if servesHTTP(role) && cfg.Production && cfg.HealthToken == "" {
 		a.log.Warn("HEALTH_TOKEN is not set: in production /pair, /riverui/ and the detailed /status answer 403 until it is (set it to a long random string: openssl rand -hex 32)")
@@ -266,12 +267,13 @@ func writesDataDir(role string, cfg *config.Config) bool {
 // servesHTTP says which commands run the health service.
 func servesHTTP(role string) bool { return role == "run" || role == "health" }
 
-// pairURL is the /pair page as a person reaches it.
-func pairURL(cfg *config.Config) string {
+// pairURL is the /pair page as a person reaches it, with the health
+// service on port.
+func pairURL(cfg *config.Config, port int) string {
 	if cfg.HerokuAppURL != "" {
 		return strings.TrimRight(cfg.HerokuAppURL, "/") + "/pair"
 	}
-	return "http://localhost:" + strconv.Itoa(cfg.Port) + "/pair"
+	return "http://localhost:" + strconv.Itoa(port) + "/pair"
 }
 
 // instance names this process and is the lease holder's identity, so it

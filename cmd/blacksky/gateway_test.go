@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -30,7 +31,7 @@ func TestGatewayRole(t *testing.T) {
 		"RECONNECT_MIN": "10ms", "RECONNECT_MAX": "50ms", "LOG_LEVEL": "debug",
 	}
 	ready := make(chan ReadyInfo, 1)
-	var logs healthLogBuffer
+	var logs testlog.Buffer
 	m := &Main{Stdout: io.Discard, Stderr: &logs, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }}
 	ctx, cancel := context.WithCancel(context.Background())

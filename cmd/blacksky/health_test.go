@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -10,10 +9,11 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -86,7 +86,7 @@ func TestHealthRole(t *testing.T) {
 		"HEALTH_TOKEN": "role-health-token", "SESSION_ID": "Role Test",
 	}
 	ready := make(chan ReadyInfo, 1)
-	var stderr healthLogBuffer
+	var stderr testlog.Buffer
 	m := &Main{Stdout: io.Discard, Stderr: &stderr, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -161,25 +161,6 @@ func TestHealthRole(t *testing.T) {
 	}
 }
 
-// healthLogBuffer collects a running role's log lines; the test reads it
-// while the role writes.
-type healthLogBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *healthLogBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *healthLogBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestHealthRoleOnHerokuWithNATSDown: `blacksky health` answers /healthz at
 // once while NATS is unreachable, and on Heroku (DYNO set) sends the pair
 // page over plain http to https.
@@ -202,7 +183,7 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 		"SESSION_ID": "Heroku Test", "DYNO": "web.1", "HEROKU_APP_URL": "https://my-bot.herokuapp.com",
 	}
 	ready := make(chan ReadyInfo, 1)
-	var stderr healthLogBuffer
+	var stderr testlog.Buffer
 	m := &Main{Stdout: io.Discard, Stderr: &stderr, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -253,5 +234,25 @@ func TestHealthRoleOnHerokuWithNATSDown(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("health role did not stop")
+	}
+}
+
+// With PORT=0 the not-linked hint names the port the health service
+// actually listens on, not port 0.
+func TestNotLinkedHintNamesTheBoundPort(t *testing.T) {
+	env := map[string]string{"DATA_DIR": t.TempDir(), "PORT": "0", "ENABLE_SESSION_BACKUP": "false",
+		"RECONNECT_MIN": "1s", "RECONNECT_MAX": "5s", "SHUTDOWN_TIMEOUT": "10s"}
+	info, logs, stop := startDefault(t, env, "127.0.0.1:0", "run")
+	_, port, err := net.SplitHostPort(info.HTTPAddr)
+	if err != nil || port == "0" {
+		t.Fatalf("health listens on %q (%v)", info.HTTPAddr, err)
+	}
+	want := "not linked: open http://localhost:" + port + "/pair"
+	testwait.For(t, 20*time.Second, "the not-linked hint", func() bool { return strings.Contains(logs.String(), want) })
+	if strings.Contains(logs.String(), "localhost:0/") {
+		t.Fatalf("a hint names port 0:\n%s", logs.String())
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
 	}
 }

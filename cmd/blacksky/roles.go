@@ -146,6 +146,9 @@ func (a *app) listenHTTP() (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on PORT %d: %w", a.cfg.Port, err)
 	}
+	if tcp, ok := ln.Addr().(*net.TCPAddr); ok {
+		a.pairURL = pairURL(a.cfg, tcp.Port)
+	}
 	return ln, nil
 }
 

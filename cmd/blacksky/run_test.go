@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
@@ -26,10 +27,10 @@ import (
 
 // runRole starts the real Main with env and returns once it is ready, with
 // a stop function that cancels it (SIGTERM) and returns its error.
-func runRole(t *testing.T, env map[string]string, args ...string) (ReadyInfo, *healthLogBuffer, func() error) {
+func runRole(t *testing.T, env map[string]string, args ...string) (ReadyInfo, *testlog.Buffer, func() error) {
 	t.Helper()
 	ready := make(chan ReadyInfo, 1)
-	logs := &healthLogBuffer{}
+	logs := &testlog.Buffer{}
 	m := &Main{Stdout: io.Discard, Stderr: logs, Getenv: func(k string) string { return env[k] },
 		Ready: func(info ReadyInfo) { ready <- info }}
 	ctx, cancel := context.WithCancel(context.Background())

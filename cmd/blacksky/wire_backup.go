@@ -77,7 +77,7 @@ func (m *Main) cmdMigrate(ctx context.Context, args []string) error {
 // cmdBackupNow asks the running backup service for a snapshot over NATS.
 func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	fs := m.flags("backup-now")
-	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot: "+strings.Join(bus.RequestReasons, ", "))
+	reason := fs.String("reason", bus.ReasonManual, "reason recorded with the snapshot: "+strings.Join(bus.RequestReasons(), ", "))
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the snapshot to be committed")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -109,7 +109,7 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	msg, err := nc.RequestWithContext(rctx, subj, body)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("backup-now: no backup service answers on %s at %s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)", subj, nc.ConnectedUrlRedacted())
+		return fmt.Errorf("backup-now: no backup service answers on %s at %s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)", subj, bus.StripUserinfo(nc.ConnectedUrl()))
 	case errors.Is(err, context.DeadlineExceeded):
 		return fmt.Errorf("backup-now: no reply within %s", *timeout)
 	case err != nil:

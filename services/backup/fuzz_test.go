@@ -26,8 +26,8 @@ func FuzzBackupRequest(f *testing.F) {
 			}
 			return
 		}
-		if !slices.Contains(bus.RequestReasons, req.Reason) {
-			t.Fatalf("accepted reason %q, not one of %v", req.Reason, bus.RequestReasons)
+		if !slices.Contains(bus.RequestReasons(), req.Reason) {
+			t.Fatalf("accepted reason %q, not one of %v", req.Reason, bus.RequestReasons())
 		}
 		again, err := bus.DecodeBackupRequest(mustJSON(req))
 		if err != nil || again != req {

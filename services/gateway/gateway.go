@@ -313,6 +313,7 @@ type Gateway struct {
 	qrFirst               bool
 	pairAsked             bool
 	verTried              time.Time // last fetch of WhatsApp's web version
+	verConnected          bool      // a connect succeeded since verTried
 	verNote               string    // told to the owner once connected
 }
 

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -303,7 +304,7 @@ type harness struct {
 	stop  context.CancelFunc
 	shown []string
 	qrMu  sync.Mutex
-	logs  *logBuffer // every line at info and above
+	logs  testlog.Buffer // every log line, at info and above
 }
 
 type option func(*Config, *fakeConn)
@@ -327,7 +328,7 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 		ReconnectMax: 10 * time.Second,
 		SendRate:     rate.Inf, // tests of SEND_RATE set their own
 	}
-	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4), logs: &logBuffer{}}
+	h := &harness{t: t, conn: newFakeConn(), clock: clockwork.NewFakeClockAt(t0), opens: make(chan struct{}, 4)}
 	for _, o := range opts {
 		o(&cfg, h.conn)
 	}
@@ -352,8 +353,7 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 			h.opens <- struct{}{}
 			return h.conn, nil
 		},
-		Log: slog.New(slog.NewMultiHandler(testLog(t).Handler(),
-			slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))),
+		Log:    slog.New(slog.NewMultiHandler(testLog(t).Handler(), h.logs.Logger().Handler())),
 		Clock:  h.clock,
 		Jitter: func() float64 { return 0.5 },
 		ShowQR: func(code string) {
@@ -534,20 +534,3 @@ func testLog(t *testing.T) *slog.Logger {
 // testUnit is the harness gateway's instance (and so its unit).
 const testUnit = "test-1"
 
-// logBuffer keeps what a gateway logged, for tests of what it says.
-type logBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}

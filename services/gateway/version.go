@@ -20,11 +20,13 @@ type VersionSource interface {
 
 // refreshVersion reacts to client_outdated (the socket is closed, the state
 // is client_outdated): fetch WhatsApp's current web version and reconnect
-// with it, at most once per VersionRefreshEvery. The version fetched less
-// than that ago being refused, or WhatsApp serving the very version it
-// refuses, stops the retries until a newer build is deployed. A failed fetch
-// is tried again after VersionRefreshEvery, by reconnecting: if WhatsApp
-// still says outdated, the fetch runs again.
+// with it, at most once per VersionRefreshEvery. The fetched version being
+// refused before it ever connected, or WhatsApp serving the very version it
+// refuses, stops the retries until a newer build is deployed. A fetched
+// version that did connect and is refused later, within the hour, is no
+// reason to stop: WhatsApp moved on again, and the next fetch comes at the
+// next allowed time. A failed or postponed fetch is tried again by
+// reconnecting then: if WhatsApp still says outdated, the fetch runs.
 //
 // The fetch runs on the loop, bounded by VersionFetchTimeout: the socket is
 // closed, so nothing waits on the loop but events, which queue meanwhile,
@@ -38,11 +40,18 @@ func (g *Gateway) refreshVersion(ctx context.Context) {
 	now := g.clock.Now()
 	cur := g.versions.Current()
 	if !g.verTried.IsZero() && now.Sub(g.verTried) < VersionRefreshEvery {
-		g.log.Error("WhatsApp rejects this client version, fetched from WhatsApp within the hour, too; not retrying. "+update,
-			"version", cur, "fetched_at", g.verTried)
+		if !g.verConnected {
+			g.log.Error("WhatsApp rejects this client version, fetched from WhatsApp within the hour, too; not retrying. "+update,
+				"version", cur, "fetched_at", g.verTried)
+			return
+		}
+		next := g.verTried.Add(VersionRefreshEvery)
+		g.log.Warn("WhatsApp rejects the version fetched within the hour, after accepting it; fetching again at the next allowed time",
+			"version", cur, "fetched_at", g.verTried, "next_fetch", next)
+		g.scheduleRetry(next.Sub(now), false)
 		return
 	}
-	g.verTried = now
+	g.verTried, g.verConnected = now, false
 	g.log.Warn("WhatsApp rejects this client version; fetching the web version WhatsApp serves now", "version", cur)
 	fctx, cancel := g.clockTimeout(ctx, VersionFetchTimeout)
 	latest, err := g.versions.Latest(fctx)
@@ -69,8 +78,10 @@ func (g *Gateway) refreshVersion(ctx context.Context) {
 	g.connect(ctx)
 }
 
-// versionNote tells the owner, once connected, that the version changed.
+// versionNote runs at every connect: the version presented was accepted.
+// It tells the owner, once, that the version changed.
 func (g *Gateway) versionNote() {
+	g.verConnected = true
 	if g.verNote != "" {
 		g.notifyOwner(g.verNote)
 		g.verNote = ""

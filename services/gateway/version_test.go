@@ -1,10 +1,8 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -72,31 +70,8 @@ func (h *harness) loopSync() {
 	h.rec.next(h.t, bus.ConnKeepaliveRestored)
 }
 
-// logBuf is a log the test reads.
-type logBuf struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuf) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.buf.String(), s)
-}
-
-func withVersions(v *fakeVersions, log *logBuf) func(*Deps) {
-	return func(d *Deps) {
-		d.Versions = v
-		if log != nil {
-			d.Log = slog.New(slog.NewTextHandler(log, nil))
-		}
-	}
+func withVersions(v *fakeVersions) func(*Deps) {
+	return func(d *Deps) { d.Versions = v }
 }
 
 // outdated emits client_outdated and checks the gateway closes the socket
@@ -129,7 +104,7 @@ func (h *harness) staysOutdated() {
 
 func TestClientOutdatedReconnectsWithWhatsAppsCurrentVersion(t *testing.T) {
 	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.200"}
-	h := startWith(t, withVersions(v, nil))
+	h := startWith(t, withVersions(v))
 	h.connected()
 
 	h.outdated()
@@ -152,18 +127,63 @@ func TestClientOutdatedReconnectsWithWhatsAppsCurrentVersion(t *testing.T) {
 		return false
 	})
 
-	// The fetched version refused too, within the hour: stop.
-	h.advance(59 * time.Minute)
+}
+
+// The fetched version is refused before it ever connected: nothing newer
+// is to be had from WhatsApp, so the gateway stops until a redeploy.
+func TestClientOutdatedStopsWhenTheFetchedVersionIsRefused(t *testing.T) {
+	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.200"}
+	h := startWith(t, withVersions(v))
+	h.connected()
 	h.outdated()
+	h.rec.next(t, bus.ConnConnecting)
+	h.outdated() // the fetched version, refused at once
 	if _, n := v.get(); n != 1 {
 		t.Fatalf("fetches = %d, want no second fetch within the hour", n)
 	}
 	h.staysOutdated()
 }
 
+// The fetched version connected, and WhatsApp refuses it later within the
+// hour: not a reason to stop. The next fetch comes at the next allowed time
+// (an hour after the last), by reconnecting then.
+func TestClientOutdatedAfterTheFetchedVersionConnectedFetchesAgainAtTheNextAllowedTime(t *testing.T) {
+	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.200"}
+	h := startWith(t, withVersions(v))
+	h.connected()
+	h.outdated()
+	h.rec.next(t, bus.ConnConnecting)
+	h.conn.emit(&events.Connected{})
+	h.rec.next(t, bus.ConnConnected)
+
+	h.advance(59 * time.Minute)
+	v.set("2.3000.300", nil)
+	h.outdated()
+	r := h.rec.next(t, bus.ConnReconnecting)
+	if r.DelayMS != time.Minute.Milliseconds() {
+		t.Fatalf("retry in %dms, want at the next allowed fetch, in 1m", r.DelayMS)
+	}
+	if _, n := v.get(); n != 1 {
+		t.Fatalf("fetches = %d, want no second fetch within the hour", n)
+	}
+	h.advance(time.Minute - time.Millisecond)
+	h.probe()
+	h.rec.none(t)
+	h.advance(time.Millisecond)
+	h.rec.next(t, bus.ConnConnecting) // with 2.3000.200: WhatsApp says outdated again
+	h.outdated()
+	h.rec.next(t, bus.ConnConnecting) // fetched this time
+	if cur, n := v.get(); cur != "2.3000.300" || n != 2 {
+		t.Fatalf("version %q after %d fetches, want 2.3000.300 after 2", cur, n)
+	}
+	if got := h.gw.State(); got == bus.StateOutdated {
+		t.Fatalf("state = %q: stopped although the fetched version had connected", got)
+	}
+}
+
 func TestClientOutdatedAgainAfterAnHourFetchesAgain(t *testing.T) {
 	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.200"}
-	h := startWith(t, withVersions(v, nil))
+	h := startWith(t, withVersions(v))
 	h.connected()
 	h.outdated()
 	h.rec.next(t, bus.ConnConnecting)
@@ -181,23 +201,22 @@ func TestClientOutdatedAgainAfterAnHourFetchesAgain(t *testing.T) {
 }
 
 func TestClientOutdatedWhenWhatsAppServesTheRefusedVersionStops(t *testing.T) {
-	log := &logBuf{}
 	v := &fakeVersions{current: "2.3000.100", latest: "2.3000.100"}
-	h := startWith(t, withVersions(v, log))
+	h := startWith(t, withVersions(v))
 	h.connected()
 	h.outdated()
 	h.staysOutdated()
 	if _, n := v.get(); n != 1 {
 		t.Fatalf("fetches = %d, want 1", n)
 	}
-	if log.count("Update blacksky") != 1 {
-		t.Fatalf("want one line telling to update blacksky:\n%s", log.buf.String())
+	if h.logs.Count("Update blacksky") != 1 {
+		t.Fatalf("want one line telling to update blacksky:\n%s", h.logs.String())
 	}
 }
 
 func TestClientOutdatedFetchFailureTriesAgainInAnHour(t *testing.T) {
 	v := &fakeVersions{current: "2.3000.100", err: errors.New("lookup web.whatsapp.com: no such host")}
-	h := startWith(t, withVersions(v, nil))
+	h := startWith(t, withVersions(v))
 	h.connected()
 	h.outdated()
 	r := h.rec.next(t, bus.ConnReconnecting)
@@ -220,22 +239,21 @@ func TestClientOutdatedFetchFailureTriesAgainInAnHour(t *testing.T) {
 
 func TestNotLinkedSaysWhereToPair(t *testing.T) {
 	const line = "not linked: open https://my-bot.herokuapp.com/pair"
-	log := &logBuf{}
-	h := startWith(t, func(d *Deps) { d.Log = slog.New(slog.NewTextHandler(log, nil)) },
+	h := start(t,
 		func(c *Config, _ *fakeConn) {
 			c.PairURL = "https://my-bot.herokuapp.com/pair"
 			c.LoginTimeout = 24 * time.Hour // nothing but the hint happens meanwhile
 		})
 	h.rec.next(t, bus.ConnConnecting)
-	testwait.For(t, 5*time.Second, "the hint at start", func() bool { return log.count(line) == 1 })
+	testwait.For(t, 5*time.Second, "the hint at start", func() bool { return h.logs.Count(line) == 1 })
 
 	h.advance(DefaultPairHintEvery - time.Second)
 	h.loopSync()
-	if n := log.count(line); n != 1 {
+	if n := h.logs.Count(line); n != 1 {
 		t.Fatalf("hint logged %d times before the period, want 1", n)
 	}
 	h.advance(time.Second)
-	testwait.For(t, 5*time.Second, "the hint again after the period", func() bool { return log.count(line) == 2 })
+	testwait.For(t, 5*time.Second, "the hint again after the period", func() bool { return h.logs.Count(line) == 2 })
 
 	// Linked: no more hints.
 	h.conn.mu.Lock()
@@ -245,7 +263,7 @@ func TestNotLinkedSaysWhereToPair(t *testing.T) {
 	h.rec.next(t, bus.ConnConnected)
 	h.advance(3 * DefaultPairHintEvery)
 	h.loopSync()
-	if n := log.count(line); n != 2 {
+	if n := h.logs.Count(line); n != 2 {
 		t.Fatalf("hint logged %d times, want none once linked", n)
 	}
 }

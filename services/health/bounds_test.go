@@ -39,6 +39,12 @@ func TestEventsStampedInTheFutureAreRefused(t *testing.T) {
 			hb.Stamp(b.opts.Session, b.clock.Now().Add(time.Minute))
 			b.sendHeartbeat(t, hb)
 		}},
+		{"gateway state name too long", func(b *bundle, t *testing.T) {
+			b.beat(t, bus.ServiceGateway, "web.1", bus.StateConnected, bus.GatewayDetails{WAState: strings.Repeat("x", 2000)})
+			if wa := b.svc.tracker.WhatsApp(); len(wa.State) > maxNameLen {
+				t.Fatalf("kept a WhatsApp state of %d characters", len(wa.State))
+			}
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -50,6 +56,42 @@ func TestEventsStampedInTheFutureAreRefused(t *testing.T) {
 			code, body, _ := b.get(t, "/readyz", nil)
 			if code != 503 || !strings.Contains(body, "whatsapp: reconnecting") {
 				t.Fatalf("/readyz = %d %s; want 503 naming the real state", code, body)
+			}
+		})
+	}
+	// A backup event from the future would show on /status and hide every
+	// real snapshot and error reported after it.
+	for _, tc := range []struct {
+		name   string
+		forged func(b *bundle, t *testing.T)
+	}{
+		{"backup.done", func(b *bundle, t *testing.T) {
+			ev := bus.BackupDone{SnapshotID: 999, Reason: "manual", Bytes: 1}
+			ev.Stamp(b.opts.Session, far)
+			b.send(t, b.subj.BackupDone(), "backup", ev)
+		}},
+		{"backup.failed", func(b *bundle, t *testing.T) {
+			ev := bus.BackupFailed{Reason: "manual", Error: "forged failure"}
+			ev.Stamp(b.opts.Session, b.clock.Now().Add(time.Minute))
+			b.send(t, b.subj.BackupFailed(), "backup", ev)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t, nil)
+			b.healthy(t)
+			tc.forged(b, t)
+			if bk := b.svc.tracker.Backup(); bk.LastID == 999 || bk.LastErr != "" {
+				t.Fatalf("a %s from the future was recorded: %+v", tc.name, bk)
+			}
+			// The real backup service reports a snapshot and an error.
+			now := b.clock.Now().UTC()
+			b.beat(t, bus.ServiceBackup, "web.1", bus.StateOK, bus.BackupDetails{Database: "postgres", DatabaseOK: true, LeaseHeld: true,
+				LastSnapshotID: 7, LastSnapshotAt: &now, LastError: "disk full", LastErrorAt: &now})
+			_, body, _ := b.get(t, "/status", bearer(testToken))
+			doc := decode[StatusDoc](t, body)
+			if doc.Backup.LastSnapshot == nil || doc.Backup.LastSnapshot.ID != 7 || doc.Backup.LastError != "disk full" {
+				t.Fatalf("/status backup = %+v; want the real snapshot 7 and error", doc.Backup)
 			}
 		})
 	}

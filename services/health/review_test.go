@@ -14,6 +14,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/logging"
@@ -278,7 +279,7 @@ func TestQRVersionSurvivesRestart(t *testing.T) {
 func TestKeepAwakeLogsRedacted(t *testing.T) {
 	t.Parallel()
 	const secret = "s3cr3t-in-the-url"
-	var logs syncBuffer
+	var logs testlog.Buffer
 	failing := &http.Client{Transport: roundTripFunc(func(*http.Request) (*http.Response, error) {
 		return nil, errors.New("router unreachable")
 	})}

@@ -2,32 +2,40 @@ package health
 
 import (
 	"context"
+	"errors"
+	"io"
 	"log/slog"
+	"net"
+	"strings"
 	"sync"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // outage turns River UI's logging of a database outage into two lines: the
-// first error when it goes down, and one line when a query succeeds again.
-// Unwrapped, River UI's query loop logs an error every 10 s (and every API
-// call one more) for as long as the database is away.
+// first failure when it goes down, and one line when a query succeeds again.
+// Unwrapped, River UI's query loop logs "Error running query" every 10 s
+// (and every API call one more) for as long as the database is away.
 //
-// Failures (warn and up, or any record carrying an error, such as River UI's
-// "API error response" at info) pass through once per message while the
-// database is down and are counted after that; the first one says that
-// repeats are held back. A query that succeeds, seen by the pool's tracer,
-// ends the outage.
+// Only connection errors say the database is down: the pool's tracer seeing
+// an acquire or a query fail with one (see connError), or a logged record
+// carrying one. River UI's ordinary failures (a 404 "job not found" logged
+// as "API error response" with an error) pass through and change nothing.
+// While it is down, the first failure passes, saying that repeats are held
+// back, and every later one is counted; a query that succeeds, seen by the
+// tracer, ends the outage.
 type outage struct {
 	log *slog.Logger // the unwrapped logger, for the line saying it is back
 
 	mu         sync.Mutex
-	down       bool
-	seen       map[string]bool
+	down       bool // a connection error was seen, no query succeeded since
+	reported   bool // the line saying so was written
 	suppressed int
 }
 
-func newOutage(log *slog.Logger) *outage { return &outage{log: log, seen: map[string]bool{}} }
+func newOutage(log *slog.Logger) *outage { return &outage{log: log} }
 
 // logger is log with outage's filter in front of its handler.
 func (o *outage) logger() *slog.Logger {
@@ -40,17 +48,18 @@ func (o *outage) pass(r slog.Record) (ok, first bool) {
 	if !failure(r) {
 		return true, false
 	}
-	msg := r.Message
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if o.seen[msg] {
+	if !o.down && !carriesConnError(r) {
+		return true, false
+	}
+	o.down = true
+	if o.reported {
 		o.suppressed++
 		return false, false
 	}
-	o.seen[msg] = true
-	first = !o.down
-	o.down = true
-	return true, first
+	o.reported = true
+	return true, true
 }
 
 // failure reports whether r tells of something that went wrong.
@@ -69,6 +78,47 @@ func failure(r slog.Record) bool {
 	return found
 }
 
+// carriesConnError reports whether an attribute of r is a connection error.
+func carriesConnError(r slog.Record) bool {
+	found := false
+	r.Attrs(func(a slog.Attr) bool {
+		if err, ok := a.Value.Any().(error); ok && connError(err) {
+			found = true
+		}
+		return !found
+	})
+	return found
+}
+
+// connError reports whether err says the database cannot be reached or
+// dropped the connection, rather than that a query or request was wrong.
+// A cancelled request (a browser leaving the page) is neither.
+func connError(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return false
+	}
+	var ce *pgconn.ConnectError
+	var ne net.Error
+	var pe *pgconn.PgError
+	switch {
+	case errors.As(err, &ce), errors.As(err, &ne), pgconn.Timeout(err), pgconn.SafeToRetry(err),
+		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return true
+	case errors.As(err, &pe):
+		// Class 08: connection exception; 57P01-57P03: the server is
+		// shutting down, crashed or cannot take connections yet.
+		return strings.HasPrefix(pe.Code, "08") || pe.Code == "57P01" || pe.Code == "57P02" || pe.Code == "57P03"
+	}
+	return false
+}
+
+// connFailed is a connection error seen by the pool's tracer.
+func (o *outage) connFailed() {
+	o.mu.Lock()
+	o.down = true
+	o.mu.Unlock()
+}
+
 // ok is a query that succeeded: an outage, if any, is over.
 func (o *outage) ok() {
 	o.mu.Lock()
@@ -76,11 +126,12 @@ func (o *outage) ok() {
 		o.mu.Unlock()
 		return
 	}
-	n := o.suppressed
-	o.down, o.suppressed = false, 0
-	clear(o.seen)
+	n, reported := o.suppressed, o.reported
+	o.down, o.reported, o.suppressed = false, false, 0
 	o.mu.Unlock()
-	o.log.Info("river ui: the database answers again", "errors_not_logged", n)
+	if reported {
+		o.log.Info("river ui: the database answers again", "errors_not_logged", n)
+	}
 }
 
 // TraceQueryStart implements pgx.QueryTracer.
@@ -89,13 +140,30 @@ func (o *outage) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQu
 }
 
 // TraceQueryEnd implements pgx.QueryTracer: a query without error ends an
-// outage.
+// outage, one failing with a connection error starts one.
 func (o *outage) TraceQueryEnd(_ context.Context, _ *pgx.Conn, data pgx.TraceQueryEndData) {
-	if data.Err == nil {
+	switch {
+	case data.Err == nil:
 		o.ok()
+	case connError(data.Err):
+		o.connFailed()
 	}
 }
 
+// TraceAcquireStart implements pgxpool.AcquireTracer.
+func (o *outage) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
+	return ctx
+}
+
+// TraceAcquireEnd implements pgxpool.AcquireTracer: the pool could not
+// connect. It runs before River UI hears of the failure and logs it.
+func (o *outage) TraceAcquireEnd(_ context.Context, _ *pgxpool.Pool, data pgxpool.TraceAcquireEndData) {
+	if connError(data.Err) {
+		o.connFailed()
+	}
+}
+
+var _ pgxpool.AcquireTracer = (*outage)(nil)
 var _ pgx.QueryTracer = (*outage)(nil)
 
 // outageHandler is the slog.Handler River UI logs through.

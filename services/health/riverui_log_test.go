@@ -1,25 +1,29 @@
 package health
 
 import (
-	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/riverqueue/river/rivermigrate"
 
 	"github.com/blacksky-md/blacksky/internal/testdb"
+	"github.com/blacksky-md/blacksky/internal/testlog"
+	"github.com/blacksky-md/blacksky/internal/testwait"
 )
 
 // cutProxy forwards TCP to target until cut, which drops every connection
@@ -98,40 +102,14 @@ func (p *cutProxy) restore() {
 	p.down = false
 }
 
-// lockedBuf is a log written by several goroutines.
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// lines are the log lines at level (text handler's level=...) so far.
-func (l *lockedBuf) lines(level string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []string
-	for _, line := range strings.Split(l.b.String(), "\n") {
-		if strings.Contains(line, "level="+level) {
-			out = append(out, line)
-		}
-	}
-	return out
-}
-
+// With the UI started, its query loop (River UI's query cachers, every
+// ~10 s) and the API calls of a browser log one line when the database goes
+// down and one when it is back; a request River UI merely refuses (a job
+// that does not exist) is logged as it is and marks nothing down.
 func TestRiverUIDatabaseOutageIsTwoLines(t *testing.T) {
 	db := testdb.Postgres(t)
-	ctx := context.Background()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	pool, err := pgxpool.New(ctx, db.URL)
 	if err != nil {
 		t.Fatal(err)
@@ -155,87 +133,144 @@ func TestRiverUIDatabaseOutageIsTwoLines(t *testing.T) {
 	q.Set("connect_timeout", "2")
 	u.RawQuery = q.Encode()
 
-	logs := &lockedBuf{}
-	ui, err := NewRiverUI(u.String(), 2, slog.New(slog.NewTextHandler(logs, nil)))
+	logs := &testlog.Buffer{}
+	ui, err := NewRiverUI(u.String(), 2, logs.Logger())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ui.Close()
-	get := func() int {
-		req := httptest.NewRequest(http.MethodGet, "/riverui/api/jobs?state=available", nil)
+	// The loop's first tick comes 9-11 s after Start.
+	if err := ui.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	get := func(path string) int {
+		req := httptest.NewRequest(http.MethodGet, "/riverui/api/"+path, nil)
 		ctx, cancel := context.WithTimeout(req.Context(), 10*time.Second)
 		defer cancel()
 		rec := httptest.NewRecorder()
 		ui.ServeHTTP(rec, req.WithContext(ctx))
 		return rec.Code
 	}
-	if code := get(); code != 200 {
+	if code := get("jobs?state=available"); code != 200 {
 		t.Fatalf("with the database up: %d", code)
 	}
+	if code := get("jobs/987654321"); code != 404 {
+		t.Fatalf("a job that does not exist: %d, want 404", code)
+	}
+	if code := get("jobs?state=available"); code != 200 {
+		t.Fatalf("with the database up: %d", code)
+	}
+	if !strings.Contains(logs.String(), "API error response") || strings.Contains(logs.String(), "answers again") ||
+		strings.Contains(logs.String(), "not logged until") {
+		t.Fatalf("a 404 is logged as it is and is no outage:\n%s", logs.String())
+	}
 
-	for round := 1; round <= 2; round++ {
-		proxy.cut()
-		for range 6 { // a browser polling, River UI's loop ticking
-			if code := get(); code < 400 {
-				t.Fatalf("round %d: with the database down: %d", round, code)
-			}
+	proxy.cut()
+	testwait.For(t, 15*time.Second, "River UI's query loop to fail", func() bool {
+		return strings.Contains(logs.String(), "Error running query")
+	})
+	for range 4 { // a browser polling
+		if code := get("jobs?state=available"); code < 400 {
+			t.Fatalf("with the database down: %d", code)
 		}
-		errs := append(logs.lines("ERROR"), logs.lines("WARN")...)
-		if len(errs) != round {
-			t.Fatalf("round %d: %d error lines for %d outages, want one each:\n%s", round, len(errs), round, strings.Join(errs, "\n"))
+	}
+	down := append(logs.Lines("level=ERROR"), logs.Lines("level=WARN")...)
+	if len(down) != 1 || !strings.Contains(down[0], "Error running query") ||
+		!strings.Contains(down[0], "not logged until a database query succeeds again") {
+		t.Fatalf("want one line, the loop's, saying repeats are held back:\n%s", logs.String())
+	}
+	if n := strings.Count(logs.String(), "API error response"); n != 1 {
+		t.Fatalf("%d 'API error response' lines, want only the 404's:\n%s", n, logs.String())
+	}
+
+	proxy.restore()
+	if code := get("jobs?state=available"); code != 200 {
+		t.Fatalf("with the database back: %d", code)
+	}
+	var back []string
+	for _, l := range logs.Lines("level=INFO") {
+		if strings.Contains(l, "the database answers again") {
+			back = append(back, l)
 		}
-		// River UI's per-request line (at info, carrying the error) once
-		// per outage too.
-		if n := strings.Count(logs.String(), "API error response"); n > round {
-			t.Fatalf("round %d: %d 'API error response' lines, want at most one per outage:\n%s", round, n, logs.String())
-		}
-		if !strings.Contains(errs[round-1], "not logged until a database query succeeds again") {
-			t.Fatalf("the first error should say repeats are held back: %s", errs[round-1])
-		}
-		proxy.restore()
-		if code := get(); code != 200 {
-			t.Fatalf("round %d: with the database back: %d", round, code)
-		}
-		back := 0
-		for _, l := range logs.lines("INFO") {
-			if strings.Contains(l, "the database answers again") {
-				back++
-				if !strings.Contains(l, "errors_not_logged=") || strings.Contains(l, "errors_not_logged=0") {
-					t.Errorf("the line saying it is back should count what was held back: %s", l)
-				}
-			}
-		}
-		if back != round {
-			t.Fatalf("round %d: %d lines saying the database is back, want %d:\n%s", round, back, round, logs.String())
-		}
+	}
+	if len(back) != 1 || !strings.Contains(back[0], "errors_not_logged=") || strings.Contains(back[0], "errors_not_logged=0") {
+		t.Fatalf("want one line saying the database is back, counting what was held back:\n%s", logs.String())
 	}
 }
 
+// Only a connection error, logged or seen by the pool's tracer, starts an
+// outage; while it lasts one failure is written, and the next success
+// writes one line more.
 func TestOutageHandlerKeepsOtherLines(t *testing.T) {
-	logs := &lockedBuf{}
-	o := newOutage(slog.New(slog.NewTextHandler(logs, nil)))
+	logs := &testlog.Buffer{}
+	o := newOutage(logs.Logger())
 	log := o.logger().With("service", "riverui")
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	ctx := context.Background()
+
 	log.Info("request", "n", 1)
-	log.Info("request", "n", 2)
-	log.Info("API error response", "internal_error", "conn closed")
-	log.Info("API error response", "internal_error", "conn closed")
-	log.Error("query failed", "err", errors.New("dial tcp: connection refused"))
-	log.Error("query failed", "err", errors.New("dial tcp: connection refused"))
+	log.Info("API error response", "error", errors.New("job not found")) // River UI's ordinary 404
 	log.Warn("another problem")
 	log.Warn("another problem")
 	o.ok()
+	if got := logs.String(); strings.Contains(got, "answers again") || strings.Contains(got, "not logged until") {
+		t.Fatalf("no connection error, yet an outage:\n%s", got)
+	}
+
+	log.Error("Error running query", "err", fmt.Errorf("query: %w", refused))
+	log.Error("Error running query", "err", refused)
+	log.Error("another cacher: Error running query", "err", refused)
+	log.Info("API error response", "internal_error", "conn closed")
 	o.ok()
-	log.Error("query failed")
-	if got := len(logs.lines("INFO")); got != 4 {
-		t.Errorf("%d info lines, want the 2 requests, one API error and one 'answers again':\n%s", got, logs.b.String())
+	o.ok()
+
+	// The tracer sees the pool fail to connect before River UI logs it.
+	o.TraceAcquireEnd(ctx, nil, pgxpool.TraceAcquireEndData{Err: refused})
+	log.Info("API error response", "internal_error", "failed to connect")
+	log.Info("API error response", "internal_error", "failed to connect")
+	o.TraceQueryEnd(ctx, nil, pgx.TraceQueryEndData{})
+	// A cancelled request is no outage.
+	o.TraceQueryEnd(ctx, nil, pgx.TraceQueryEndData{Err: context.Canceled})
+	log.Info("API error response", "error", errors.New("job not found"))
+	o.TraceQueryEnd(ctx, nil, pgx.TraceQueryEndData{})
+
+	out := logs.String()
+	if got := strings.Count(out, "not logged until"); got != 2 {
+		t.Errorf("%d lines opening an outage, want one for each of the two:\n%s", got, out)
 	}
-	if got := len(logs.lines("ERROR")); got != 2 {
-		t.Errorf("%d error lines, want one per outage:\n%s", got, logs.b.String())
+	if got := strings.Count(out, "answers again"); got != 2 {
+		t.Errorf("%d lines closing an outage, want two:\n%s", got, out)
 	}
-	if got := len(logs.lines("WARN")); got != 1 {
-		t.Errorf("%d warn lines, want one:\n%s", got, logs.b.String())
+	if !strings.Contains(out, "errors_not_logged=3") || !strings.Contains(out, "errors_not_logged=1") {
+		t.Errorf("the closing lines should count what was held back (3, then 1):\n%s", out)
 	}
-	if !strings.Contains(logs.b.String(), "service=riverui") {
-		t.Errorf("attributes lost: %s", logs.b.String())
+	if got := len(logs.Lines("level=WARN")); got != 2 {
+		t.Errorf("%d warn lines, want both ordinary ones:\n%s", got, out)
+	}
+	if got := strings.Count(out, "job not found"); got != 2 {
+		t.Errorf("%d 'job not found' lines, want both:\n%s", got, out)
+	}
+	if !strings.Contains(out, "service=riverui") {
+		t.Errorf("attributes lost: %s", out)
+	}
+}
+
+func TestConnErrorTellsTheDatabaseIsAway(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		conn bool
+	}{
+		{&net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}, true},
+		{fmt.Errorf("read: %w", io.ErrUnexpectedEOF), true},
+		{&pgconn.PgError{Code: "57P01"}, true},
+		{&pgconn.PgError{Code: "08006"}, true},
+		{&pgconn.PgError{Code: "42P01"}, false}, // undefined table
+		{errors.New("job not found"), false},
+		{context.Canceled, false},
+		{nil, false},
+	} {
+		if got := connError(tt.err); got != tt.conn {
+			t.Errorf("connError(%v) = %v, want %v", tt.err, got, tt.conn)
+		}
 	}
 }

@@ -1,16 +1,14 @@
 package health
 
 import (
-	"bytes"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
@@ -146,12 +144,12 @@ func TestKeepAwakeOffWithoutHealthCheck(t *testing.T) {
 	var hits atomic.Int64
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { hits.Add(1) }))
 	defer app.Close()
-	var logs syncBuffer
+	var logs testlog.Buffer
 	b := setup(t, func(o *Options) {
 		o.HealthCheck = false
 		o.KeepAwakeURL = app.URL
 		o.KeepAwakeInterval = time.Minute
-		o.Log = slog.New(slog.NewTextHandler(&logs, nil))
+		o.Log = logs.Logger()
 	})
 	// Run logs whether keep-awake is on before it serves; an answered request
 	// means that decision is behind us.
@@ -165,22 +163,4 @@ func TestKeepAwakeOffWithoutHealthCheck(t *testing.T) {
 	if hits.Load() != 0 {
 		t.Fatalf("%d keep-awake pings with ENABLE_HEALTH_CHECK=false", hits.Load())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a reader.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
 }

@@ -251,6 +251,10 @@ func (t *Tracker) gatewayBeatLocked(hb bus.Heartbeat, now time.Time) {
 			return
 		}
 	}
+	if len(d.WAState) > maxNameLen {
+		t.log.Debug("ignoring gateway heartbeat details: state name too long")
+		return
+	}
 	state := d.WAState
 	if state == "" {
 		state = hb.State
@@ -483,6 +487,11 @@ func (t *Tracker) HandleBackupDone(data []byte) {
 		t.log.Debug("ignoring a bad backup.done", "err", err)
 		return
 	}
+	if t.future(ev.At) {
+		// Its time orders later heartbeats' snapshots against it.
+		t.log.Debug("ignoring a backup.done stamped in the future")
+		return
+	}
 	if t.metrics != nil {
 		t.metrics.backupDone(ev)
 	}
@@ -501,6 +510,10 @@ func (t *Tracker) HandleBackupFailed(data []byte) {
 	defer t.count("backup")
 	if err := json.Unmarshal(data, &ev); err != nil {
 		t.log.Debug("ignoring a bad backup.failed", "err", err)
+		return
+	}
+	if t.future(ev.At) {
+		t.log.Debug("ignoring a backup.failed stamped in the future")
 		return
 	}
 	if t.metrics != nil {

@@ -251,3 +251,21 @@ func TestHeartbeaterBeatsOnTheClock(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The reasons a backup.request may name are fixed: a caller changing the
+// list it was given widens nothing.
+func TestRequestReasonsCannotBeChangedByCallers(t *testing.T) {
+	reasons := bus.RequestReasons()
+	for i := range reasons {
+		reasons[i] = "made-up"
+	}
+	if _, err := bus.DecodeBackupRequest([]byte(`{"reason":"made-up"}`)); err == nil {
+		t.Fatal("a reason a caller wrote into the list was accepted")
+	}
+	if r, err := bus.DecodeBackupRequest([]byte(`{"reason":"scheduled"}`)); err != nil || r.Reason != bus.ReasonScheduled {
+		t.Fatalf("scheduled: %+v, %v", r, err)
+	}
+	if got := bus.RequestReasons(); len(got) != 3 || got[0] != bus.ReasonManual {
+		t.Fatalf("RequestReasons() = %v after a caller changed its copy", got)
+	}
+}

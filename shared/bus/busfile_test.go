@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/logging"
 )
 
 func TestBusFileIsPrivateAndRoundTrips(t *testing.T) {
@@ -84,6 +85,9 @@ func TestStripUserinfo(t *testing.T) {
 		"nats://u:p@ss@h:4222/x?y=z":                  "nats://h:4222/x?y=z",
 		"nats://tok@h1,nats://h2,nats://u:pass@h3:1/": "nats://h1,nats://h2,nats://h3:1/",
 		"tok@h:4222":                                  "h:4222",
+		"nats://u:S3c+retA/x@h1:4222":                 "nats://h1:4222",
+		"nats://u:S3cretA@h1:4222,u:S3cretB@h2:bad":   "nats://h1:4222,h2:bad",
+		"nats://u:a#b?c@h1":                           "nats://h1",
 	}
 	for in, want := range tests {
 		if got := bus.StripUserinfo(in); got != want {
@@ -123,5 +127,18 @@ func TestBusFileWritableByOthersIsRefused(t *testing.T) {
 	}
 	if _, err := bus.ReadBusFile(dir); err == nil || !strings.Contains(err.Error(), "not trusted") {
 		t.Fatalf("bus.json writable by others: err = %v, want refused", err)
+	}
+}
+
+// nats.go's errors quote the URL, or one server of it with the nats:// it
+// added; the error Dial returns shows neither server's credentials.
+func TestConnectErrorsShowNoCredentials(t *testing.T) {
+	url := "nats://u:S3cretA@h1:4222,u:S3cretB@h2:bad"
+	_, err := bus.Dial(url, bus.Credential{}, "test", time.Second, logging.Discard())
+	if err == nil {
+		t.Fatal("Dial of an unparsable URL succeeded")
+	}
+	if msg := err.Error(); strings.Contains(msg, "S3cret") || !strings.Contains(msg, "h2:bad") {
+		t.Fatalf("error %q shows a password or hides the server", msg)
 	}
 }

@@ -250,10 +250,14 @@ const (
 	ReasonRestorePoint = "restore-point"
 )
 
-// RequestReasons are the reasons a P.backup.request may name. The set is
+// requestReasons are the reasons a P.backup.request may name. The set is
 // fixed: every reason recorded is one an operator can read, and metrics
 // labels stay bounded.
-var RequestReasons = []string{ReasonManual, ReasonScheduled, ReasonRestorePoint}
+var requestReasons = []string{ReasonManual, ReasonScheduled, ReasonRestorePoint}
+
+// RequestReasons returns the reasons a P.backup.request may name, a copy:
+// no caller can widen what the bus accepts.
+func RequestReasons() []string { return slices.Clone(requestReasons) }
 
 // DecodeBackupRequest reads a P.backup.request body. An empty body means a
 // manual snapshot; a reason is one of RequestReasons.
@@ -268,12 +272,12 @@ func DecodeBackupRequest(data []byte) (BackupRequest, error) {
 	if r.Reason == "" {
 		r.Reason = ReasonManual
 	}
-	if !slices.Contains(RequestReasons, r.Reason) {
+	if !slices.Contains(requestReasons, r.Reason) {
 		shown := r.Reason
 		if len(shown) > 32 {
 			shown = shown[:32] + "..."
 		}
-		return BackupRequest{}, fmt.Errorf("reason: one of %s, got %q", strings.Join(RequestReasons, ", "), shown)
+		return BackupRequest{}, fmt.Errorf("reason: one of %s, got %q", strings.Join(requestReasons, ", "), shown)
 	}
 	return r, nil
 }

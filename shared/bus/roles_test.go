@@ -2,15 +2,14 @@ package bus_test
 
 import (
 	"errors"
-	"log/slog"
 	"os"
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/logging"
@@ -382,8 +381,8 @@ func TestRefusedServiceCredentialIsLogged(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.Shutdown()
-	var logs syncBuffer
-	log := slog.New(slog.NewTextHandler(&logs, nil))
+	var logs testlog.Buffer
+	log := logs.Logger()
 	nc, err := bus.ConnectWith(srv.ClientURL(), bus.RoleCredential(bus.RoleBackup, "another-secret-of-16+"), "backup", log)
 	if err != nil {
 		t.Fatal(err)
@@ -395,21 +394,4 @@ func TestRefusedServiceCredentialIsLogged(t *testing.T) {
 	if nc.IsConnected() {
 		t.Fatal("connected with a wrong secret")
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -203,7 +203,9 @@ func Dial(url string, cred Credential, name string, timeout time.Duration, log *
 
 // StripUserinfo removes user names, passwords and tokens from a NATS URL
 // or a comma-separated list of them, parsable or not, so the result can be
-// logged or used with credentials of another kind.
+// logged, put in an error or used with credentials of another kind. The
+// user part is everything up to the last '@' of each server: a password
+// may hold '/', '#' or '?' when it was not percent-encoded.
 func StripUserinfo(urls string) string {
 	parts := strings.Split(urls, ",")
 	for i, p := range parts {
@@ -212,11 +214,7 @@ func StripUserinfo(urls string) string {
 		if j := strings.Index(p, "://"); j >= 0 {
 			scheme, rest = p[:j+3], p[j+3:]
 		}
-		authority := rest
-		if j := strings.IndexAny(rest, "/?#"); j >= 0 {
-			authority = rest[:j]
-		}
-		if j := strings.LastIndex(authority, "@"); j >= 0 {
+		if j := strings.LastIndex(rest, "@"); j >= 0 {
 			rest = rest[j+1:]
 		}
 		parts[i] = scheme + rest
@@ -251,7 +249,7 @@ func connect(url, name string, log *slog.Logger, extra ...nats.Option) (*nats.Co
 		nats.ReconnectWait(time.Second),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
-				log.Warn("nats disconnected", "err", err)
+				log.Warn("nats disconnected", "err", redactErr(err, url))
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "server", nc.ConnectedServerId()) }),
@@ -271,12 +269,21 @@ func connect(url, name string, log *slog.Logger, extra ...nats.Option) (*nats.Co
 	return nc, nil
 }
 
+// redactErr is err's text with every server of url shown without its
+// credentials: nats.go's errors quote the whole URL, or one server of it
+// with the nats:// it added.
 func redactErr(err error, url string) string {
 	msg := err.Error()
-	if url == "" {
+	if url == "" || !strings.Contains(url, "@") {
 		return msg
 	}
-	return strings.ReplaceAll(msg, url, "(NATS_URL)")
+	msg = strings.ReplaceAll(msg, url, StripUserinfo(url))
+	for _, one := range strings.Split(url, ",") {
+		if one = strings.TrimSpace(one); strings.Contains(one, "@") {
+			msg = strings.ReplaceAll(msg, one, StripUserinfo(one))
+		}
+	}
+	return msg
 }
 
 // Publish encodes v as JSON and publishes it.

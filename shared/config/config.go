@@ -142,6 +142,11 @@ func Load(getenv Getenv) (*Config, error) {
 	}
 	c.DatabaseMaxConns = p.intRange("DATABASE_MAX_CONNS", 1, 1000)
 	c.NATSURL = p.str("NATS_URL")
+	if c.NATSURL != "" {
+		if msg := checkNATSURL(c.NATSURL); msg != "" {
+			p.fail("NATS_URL", "nats://[user:password@]host[:port], or several separated by commas ("+msg+"; a password holding / # ? @ must be percent-encoded)", c.NATSURL)
+		}
+	}
 	c.NATSListen = p.str("NATS_LISTEN")
 	c.NATSListenSet = strings.TrimSpace(getenv("NATS_LISTEN")) != ""
 	c.NATSToken = p.str("NATS_TOKEN")
@@ -497,16 +502,57 @@ func secrets(natsToken, internalSecret, healthToken, databaseURL, natsURL string
 	return out
 }
 
-// urlSecrets returns the password of a URL, or for NATS the token in its
-// user part (nats://TOKEN@host). The user part is read by hand: a URL that
-// does not parse (a bad port) is quoted whole by the error that says so.
-func urlSecrets(raw string, nats bool) []string {
-	_, rest, ok := strings.Cut(raw, "://")
-	if !ok {
-		return nil
+// checkNATSURL reads every server of a NATS_URL as nats.go will (a server
+// without a scheme gets nats://) and says which one it cannot use, without
+// quoting it: url.Parse's errors quote the URL whole, password included.
+func checkNATSURL(raw string) string {
+	servers := strings.Split(raw, ",")
+	n := 0
+	for i, one := range servers {
+		one = strings.TrimSpace(one)
+		where := fmt.Sprintf("server %d of %d", i+1, len(servers))
+		if one == "" {
+			continue // nats.go skips empty entries too
+		}
+		n++
+		if !strings.Contains(one, "://") {
+			one = "nats://" + one
+		}
+		u, err := url.Parse(one)
+		switch {
+		case err != nil:
+			return where + " does not parse"
+		case u.Scheme != "nats" && u.Scheme != "tls" && u.Scheme != "ws" && u.Scheme != "wss":
+			return where + " has a scheme other than nats, tls, ws or wss"
+		case u.Hostname() == "":
+			return where + " names no host"
+		case strings.Contains(u.Path+u.RawQuery+u.Fragment, "@"):
+			// "nats://tok#en@h" parses with host "tok": the credential
+			// would be dialled, and logged, as a host name.
+			return where + " holds an @ after its host"
+		}
+		if port := u.Port(); port != "" {
+			if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+				return where + " has a bad port"
+			}
+		}
 	}
-	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
-		rest = rest[:i]
+	if n == 0 {
+		return "no server"
+	}
+	return ""
+}
+
+// urlSecrets returns the password of a URL, or for NATS the token in its
+// user part (nats://TOKEN@host), and for NATS the whole URL when it holds
+// credentials (nats.go's errors quote a server whole). The user part is
+// read by hand, as everything up to the last '@', with or without a
+// scheme: a URL that does not parse (a password holding '/' or '#') is
+// quoted whole by the error that says so.
+func urlSecrets(raw string, nats bool) []string {
+	rest := raw
+	if _, r, ok := strings.Cut(raw, "://"); ok {
+		rest = r
 	}
 	at := strings.LastIndex(rest, "@")
 	if at < 0 {
@@ -528,6 +574,9 @@ func urlSecrets(raw string, nats bool) []string {
 		add(pw)
 	case !hasPW && name != "" && nats:
 		add(name)
+	}
+	if nats {
+		out = append(out, raw)
 	}
 	return out
 }

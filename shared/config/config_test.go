@@ -2,6 +2,7 @@ package config_test
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -284,23 +285,74 @@ func TestEnvironmentName(t *testing.T) {
 }
 
 // NATS_URL may list several servers: each one's credentials are secrets,
-// also when one of them does not parse.
+// with or without a scheme (nats.go adds nats://), whatever characters the
+// password holds, and each whole server holding credentials too (nats.go's
+// errors quote one whole).
 func TestSecretsSplitsANATSServerList(t *testing.T) {
-	for _, raw := range []string{
-		"nats://u:pass-one@h1:4222,nats://u:pass-two@h2:4222",
-		"nats://u:pass-one@h1:4222, nats://u:pass-two@h2:zz",
+	for _, tt := range []struct {
+		raw    string
+		secret []string
+		loads  bool
+	}{
+		{"nats://u:pass-one@h1:4222,nats://u:pass-two@h2:4222", []string{"pass-one", "pass-two"}, true},
+		{"nats://u:pass-one@h1:4222,u:pass-two@h2:4222", []string{"pass-one", "pass-two", "u:pass-two@h2:4222"}, true},
+		{"tok-one@h1, nats://tok-two@h2", []string{"tok-one", "tok-two", "tok-one@h1"}, true},
+		{"nats://u:pass-one@h1:4222, nats://u:pass-two@h2:zz", []string{"pass-one", "pass-two"}, false},
+		{"nats://u:S3cretA@h1:4222,u:S3cretB@h2:bad", []string{"S3cretA", "S3cretB", "u:S3cretB@h2:bad"}, false},
+		{"nats://u:S3c+retA/x@h1:4222", []string{"S3c+retA/x", "nats://u:S3c+retA/x@h1:4222"}, false},
+		{"nats://u:S3c/retA@h1:4222", []string{"S3c/retA"}, false},
+		{"nats://u:a#b?c@h1:4222", []string{"a#b?c"}, false},
+		{"nats://tok#en@h1:4222", []string{"tok#en"}, false},
 	} {
-		c, err := config.Load(env("NATS_URL", raw))
-		if err != nil {
-			t.Fatal(err)
+		c, err := config.Load(env("NATS_URL", tt.raw))
+		sets := [][]string{config.EnvSecrets(env("NATS_URL", tt.raw))}
+		switch {
+		case tt.loads && err != nil:
+			t.Fatalf("NATS_URL %q: %v", tt.raw, err)
+		case tt.loads:
+			sets = append(sets, c.Secrets())
+		case err == nil:
+			t.Errorf("NATS_URL %q loaded; want a config error", tt.raw)
 		}
-		for _, got := range [][]string{c.Secrets(), config.EnvSecrets(env("NATS_URL", raw))} {
-			joined := strings.Join(got, " ")
-			for _, want := range []string{"pass-one", "pass-two"} {
-				if !strings.Contains(joined, want) {
-					t.Errorf("NATS_URL %q: secrets %q miss %q", raw, got, want)
+		for _, got := range sets {
+			for _, want := range tt.secret {
+				if !slices.Contains(got, want) {
+					t.Errorf("NATS_URL %q: secrets %q miss %q", tt.raw, got, want)
 				}
 			}
+		}
+	}
+}
+
+// A NATS_URL server that nats.go cannot use stops the start naming
+// NATS_URL and which server, never showing the value: url.Parse's own error
+// quotes it, password included.
+func TestNATSURLIsCheckedServerByServer(t *testing.T) {
+	for _, tt := range []struct{ raw, says string }{
+		{"nats://u:S3cretA@h1:4222,u:S3cretB@h2:bad", "server 2 of 2"},
+		{"nats://u:S3c+retA/x@h1:4222", "server 1 of 1"},
+		{"nats://u:S3cretA@h1:4222,,u:S3cretB@h3:x", "server 3 of 3"},
+		{" , ", "no server"},
+		{"http://u:S3cretA@h1:4222", "scheme"},
+		{"nats://u:S3cretA@:4222", "no host"},
+		{"nats://u:S3cretA@h1:99999", "port"},
+	} {
+		_, err := config.Load(env("NATS_URL", tt.raw))
+		if !config.IsError(err) {
+			t.Errorf("NATS_URL %q: want a config error, got %v", tt.raw, err)
+			continue
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "NATS_URL:") || !strings.Contains(msg, tt.says) || !strings.Contains(msg, "not shown") {
+			t.Errorf("NATS_URL %q: message %q should name NATS_URL, say %q and not show the value", tt.raw, msg, tt.says)
+		}
+		if strings.Contains(msg, "S3cret") || strings.Contains(msg, "h1") {
+			t.Errorf("NATS_URL %q: message shows the value: %q", tt.raw, msg)
+		}
+	}
+	for _, ok := range []string{"nats://127.0.0.1:4222", "h1,h2:4223", "tls://tok@h1", "nats://u:p%2Fw@h1:4222", "nats://h1:4222,"} {
+		if _, err := config.Load(env("NATS_URL", ok)); err != nil {
+			t.Errorf("NATS_URL %q: %v", ok, err)
 		}
 	}
 }

@@ -48,12 +48,31 @@ func TestDataDirIsAFile(t *testing.T) {
 
 // A directory another user owns: as root, the check runs with the
 // effective uid of nobody (root bypasses permission bits), see
-// asOtherUser.
+// asOtherUser. Its parent is open to all, so the check reaches the
+// directory and fails to create the probe in it (t.TempDir's own folder is
+// 0700: nobody could not even look into it, a different failure).
 func TestDataDirNotWritableByThisUser(t *testing.T) {
-	dir := t.TempDir()
-	if err := os.Chmod(dir, 0o555); err != nil {
+	parent, err := os.MkdirTemp("", "blacksky-datadir-")
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = os.Chmod(dir, 0o700) })
-	asOtherUser(t, func() { checkRefused(t, dir, "permission denied") })
+	t.Cleanup(func() { _ = os.RemoveAll(parent) })
+	dir := filepath.Join(parent, "data")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{parent, dir} {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if os.Geteuid() != 0 {
+		// Without root the folder cannot belong to someone else: take the
+		// write bit away from its owner instead.
+		if err := os.Chmod(dir, 0o555); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.Chmod(dir, 0o755) })
+	}
+	asOtherUser(t, func() { checkRefused(t, dir, "cannot create a file in it: permission denied") })
 }

@@ -1,5 +1,6 @@
 // Package logging builds the process's slog.Logger (text locally, JSON in
-// production) with a last line of defence that hides secret values, and
+// production) with a last line of defence that hides secret values and masks
+// WhatsApp JIDs in every string and error attribute, and
 // durations written the way a person reads them ("25s", not 25000000000).
 package logging
 
@@ -35,15 +36,17 @@ func New(w io.Writer, o Options) *slog.Logger {
 				a.Value = slog.StringValue(a.Value.Duration().String())
 				return a
 			}
-			if len(secrets) == 0 {
-				return a
-			}
 			switch a.Value.Kind() {
 			case slog.KindString:
-				a.Value = slog.StringValue(Redact(a.Value.String(), secrets))
+				a.Value = slog.StringValue(clean(a.Value.String(), secrets))
 			case slog.KindAny:
-				if err, ok := a.Value.Any().(error); ok {
-					a.Value = slog.StringValue(Redact(err.Error(), secrets))
+				// Errors of libraries quote what they were given: a
+				// password, or a JID (whatsmeow's "failed to get LID for
+				// PN 15551234567@s.whatsapp.net").
+				if err, ok := a.Value.Any().(error); ok && err != nil {
+					if msg := err.Error(); len(secrets) > 0 || strings.Contains(msg, "@") {
+						a.Value = slog.StringValue(clean(msg, secrets))
+					}
 				}
 			}
 			return a
@@ -53,6 +56,16 @@ func New(w io.Writer, o Options) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, ho))
 	}
 	return slog.New(slog.NewTextHandler(w, ho))
+}
+
+// clean is what a logged text becomes: secrets hidden, user JIDs masked as
+// /status masks them. The JID pattern only runs on text holding an '@'.
+func clean(s string, secrets []string) string {
+	s = Redact(s, secrets)
+	if strings.Contains(s, "@") {
+		s = MaskJIDs(s)
+	}
+	return s
 }
 
 // Redact replaces every secret in s.

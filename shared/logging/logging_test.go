@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
@@ -65,6 +66,29 @@ func TestMaskJIDsInText(t *testing.T) {
 	} {
 		if got := logging.MaskJIDs(tc.in); got != tc.want {
 			t.Errorf("MaskJIDs(%q) = %q; want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+// whatsmeow's errors quote the JIDs they were given; logged as an error
+// value or a string, a user JID shows masked, as /status shows it.
+func TestJIDsInErrorsAreMasked(t *testing.T) {
+	for _, format := range []string{"text", "json"} {
+		for _, secrets := range [][]string{nil, {"hunter2hunter2"}} {
+			var buf bytes.Buffer
+			log := logging.New(&buf, logging.Options{Format: format, Secrets: secrets})
+			err := fmt.Errorf("send: %w", errors.New("failed to get LID for PN 15551234567@s.whatsapp.net"))
+			log.Warn("msg.send failed", "err", err, "to", "987654321098@s.whatsapp.net", slog.Group("g", "e", err))
+			out := buf.String()
+			if strings.Contains(out, "15551234567") || strings.Contains(out, "987654321098") {
+				t.Errorf("%s: a JID is printed whole: %s", format, out)
+			}
+			if !strings.Contains(out, "1555****567@s.whatsapp.net") || !strings.Contains(out, "9876****098@s.whatsapp.net") {
+				t.Errorf("%s: want the masked JIDs: %s", format, out)
+			}
+			if format == "json" && !json.Valid(bytes.TrimSpace(buf.Bytes())) {
+				t.Errorf("json output is not JSON: %s", out)
+			}
 		}
 	}
 }
