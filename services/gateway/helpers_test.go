@@ -533,4 +533,3 @@ func testLog(t *testing.T) *slog.Logger {
 
 // testUnit is the harness gateway's instance (and so its unit).
 const testUnit = "test-1"
-
