@@ -73,7 +73,10 @@ func (g *Gateway) session(ctx context.Context) error {
 	// the socket.
 	leaseLost := make(chan struct{}, 1)
 	if g.cfg.BackupEnabled {
-		sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(*nats.Msg) {
+		sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(m *nats.Msg) {
+			if !g.standbyEvent(m) {
+				return
+			}
 			select {
 			case leaseLost <- struct{}{}:
 			default:
@@ -131,6 +134,16 @@ func (g *Gateway) session(ctx context.Context) error {
 	}
 }
 
+// standbyEvent reports whether m is a well-formed conn.standby event; any
+// other message on the subject (an empty one, a stray reply) is ignored.
+func (g *Gateway) standbyEvent(m *nats.Msg) bool {
+	if _, err := bus.DecodeConnEvent(bus.ConnStandby, m.Data); err != nil {
+		g.log.Debug("ignoring a bad conn.standby", "err", err)
+		return false
+	}
+	return true
+}
+
 // awaitRestore asks the backup service to restore the session before the
 // store is opened (CONTRACT guarantee 1) until it answers ok. Backup holds a
 // request open while another instance still holds the lease: a request that
@@ -144,7 +157,10 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 	// While backup holds us back because another instance has the lease, it
 	// says so on conn.standby; our heartbeat then says standby too, so
 	// health does not mistake this instance for the one in charge.
-	sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(*nats.Msg) {
+	sub, err := g.nc.Subscribe(g.subj.Conn(bus.ConnStandby), func(m *nats.Msg) {
+		if !g.standbyEvent(m) {
+			return
+		}
 		g.mu.Lock()
 		defer g.mu.Unlock()
 		if g.st.state == bus.StateWaitingRestore {

@@ -37,8 +37,11 @@ var Roles = append(slices.Clone(InternalRoles), RoleBot)
 // which may wait out a database outage (backup's reply timeout is 2 min).
 const ResponseWindow = 10 * time.Minute
 
-// inbox is where requesters receive their replies (nats.go's default).
-const inbox = "_INBOX.>"
+// InboxPrefix is where requesters receive their replies (nats.go's
+// default); Respond answers nowhere else.
+const InboxPrefix = "_INBOX."
+
+const inbox = InboxPrefix + ">"
 
 // grant is what one role may do. Subjects are relative to the session
 // prefix: "conn.*" means blacksky.<any session>.conn.*.

@@ -413,3 +413,74 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestRequestWithEventReplySubjectIsNotAnsweredThere: nats-server lets a
+// responder publish once to a request's reply subject whatever its publish
+// permissions, so a bot naming an event subject as its reply would make our
+// service publish that event. bus.Respond answers inboxes only.
+func TestRequestWithEventReplySubjectIsNotAnsweredThere(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: testToken, InternalSecret: testSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown()
+	subj := bus.NewSubjects("replies")
+	responders := map[bus.Role]string{bus.RoleGateway: subj.MsgSend(), bus.RoleBackup: subj.BackupRequest()}
+	for role, s := range responders {
+		nc, err := srv.ConnectAs(role, string(role), logging.Discard())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		if _, err := nc.Subscribe(s, func(m *nats.Msg) { _ = bus.Respond(m, bus.BackupReply{OK: true}) }); err != nil {
+			t.Fatal(err)
+		}
+		if err := nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	observer, err := srv.Connect("observer", logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer observer.Close()
+	seen := make(chan *nats.Msg, 64)
+	if _, err := observer.ChanSubscribe("blacksky.>", seen); err != nil {
+		t.Fatal(err)
+	}
+	if err := observer.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	bot, err := srv.ConnectAs(bus.RoleBot, "bot", logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bot.Close()
+	events := []string{subj.Conn(bus.ConnStandby), subj.Conn(bus.ConnConnected), subj.BackupDone(), subj.MsgIn()}
+	for _, request := range responders {
+		for _, ev := range events {
+			if err := bot.PublishRequest(request, ev, []byte(`{}`)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// A real request on the same connection comes after the forged
+		// ones: once it is answered, they were handled.
+		if _, err := bot.Request(request, []byte(`{}`), 5*time.Second); err != nil {
+			t.Fatalf("a bot's own request on %s: %v", request, err)
+		}
+	}
+	if err := observer.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case m := <-seen:
+			if slices.Contains(events, m.Subject) {
+				t.Errorf("a service answered on the event subject %s: %s", m.Subject, m.Data)
+			}
+			continue
+		default:
+		}
+		break
+	}
+}
