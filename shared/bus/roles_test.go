@@ -210,7 +210,18 @@ func checkTable(t *testing.T, url string, observer *nats.Conn, sandbox bool) {
 					t.Fatal(err)
 				}
 			}
-			done := nats.NewInbox()
+			// Inboxes: each credential reads replies only where its own
+			// requests are answered; a bot never reads our services'.
+			inboxes := map[string]bool{
+				bus.InboxPrefix + "table." + string(role):        role == bus.RoleBot,
+				bus.ServiceInboxPrefix + "table." + string(role): role != bus.RoleBot,
+			}
+			for s := range inboxes {
+				if _, err := nc.ChanSubscribe(s, in); err != nil {
+					t.Fatal(err)
+				}
+			}
+			done := nc.NewRespInbox()
 			if _, err := nc.ChanSubscribe(done, in); err != nil {
 				t.Fatal(err)
 			}
@@ -219,6 +230,11 @@ func checkTable(t *testing.T, url string, observer *nats.Conn, sandbox bool) {
 			}
 			for _, s := range subjects {
 				if err := observer.Publish(session+s, []byte("to-"+string(role))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for s := range inboxes {
+				if err := observer.Publish(s, []byte("to-"+string(role))); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -242,6 +258,11 @@ func checkTable(t *testing.T, url string, observer *nats.Conn, sandbox bool) {
 			for _, s := range subjects {
 				if want := maySubscribe(role, s); received[s] != want {
 					t.Errorf("%s subscribing P.%s: received=%v, want %v", role, s, received[s], want)
+				}
+			}
+			for s, want := range inboxes {
+				if received[s] != want {
+					t.Errorf("%s subscribing %s: received=%v, want %v", role, s, received[s], want)
 				}
 			}
 			// Refusals are also reported to the client as permissions
@@ -358,6 +379,26 @@ func TestOnlyServicesAnswerRequests(t *testing.T) {
 	}
 	if _, err := gateway.Request(subj.SessionRestore(), nil, 500*time.Millisecond); !errors.Is(err, nats.ErrTimeout) {
 		t.Fatalf("restore request answered by health: err = %v, want a timeout", err)
+	}
+
+	// Backup answers the gateway's restore request in the services'
+	// inbox, which no bot can read.
+	backup := conn(bus.RoleBackup)
+	replyTo := make(chan string, 1)
+	if _, err := backup.Subscribe(subj.SessionRestore(), func(m *nats.Msg) {
+		replyTo <- m.Reply
+		_ = bus.Respond(m, bus.RestoreReply{OK: true})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := backup.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := gateway.Request(subj.SessionRestore(), nil, 5*time.Second); err != nil {
+		t.Fatalf("gateway's restore request: %v", err)
+	}
+	if r := <-replyTo; !strings.HasPrefix(r, bus.ServiceInboxPrefix) {
+		t.Fatalf("the gateway's request asks for its reply on %q, want the services' inbox %s", r, bus.ServiceInboxPrefix)
 	}
 
 	// The gateway answers a bot's msg.send.
