@@ -67,7 +67,7 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 
 	// Everything the bot may read, it reads: its forgeries would come back.
 	echoes := make(chan *nats.Msg, 256)
-	for _, s := range []string{subj.ConnAll(), subj.HeartbeatAll()} {
+	for _, s := range []string{subj.ConnAll(), subj.HeartbeatAll(), subj.BackupDone(), subj.MsgIn()} {
 		if _, err := nc.ChanSubscribe(s, echoes); err != nil {
 			t.Fatal(err)
 		}
@@ -87,6 +87,30 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 	if _, err := nc.Subscribe(subj.SessionRestoreFor("*"), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
 		t.Fatal(err)
 	}
+	// A request whose reply subject is an event subject: our services
+	// answer inboxes only, never there. Backup must be serving first (a
+	// request nobody serves gets the server's own "no responders" there).
+	waitFor(t, time.Minute, "backup to answer the bot's backup.request", func() bool {
+		_, err := nc.Request(subj.BackupRequest(), nil, time.Minute)
+		return !errors.Is(err, nats.ErrNoResponders)
+	})
+	forgedReplies := []struct{ request, reply, body string }{
+		{subj.BackupRequest(), subj.Conn(bus.ConnStandby), `{"reason":"not a reason"}`},
+		{subj.MsgSend(), subj.Conn(bus.ConnStandby), `not json`},
+		{subj.BackupRequest(), subj.Conn(bus.ConnConnected), `{}`},
+		{subj.BackupRequest(), subj.BackupDone(), `{}`},
+		{subj.MsgSend(), subj.MsgIn(), `{"to":"15551234567","text":"hi"}`},
+	}
+	for _, fr := range forgedReplies {
+		if err := nc.PublishRequest(fr.request, fr.reply, []byte(fr.body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The bot's own backup request is answered, in its inbox, once the
+	// snapshot covering the forged ones is committed.
+	if reply, err := nc.Request(subj.BackupRequest(), nil, time.Minute); err != nil || !strings.Contains(string(reply.Data), `"ok":true`) {
+		t.Fatalf("backup.request as a bot: %v, %v", reply, err)
+	}
 	// What the bot may do still works, and its reply comes after every
 	// forgery has been routed (one connection, in order).
 	reply, err := nc.Request(subj.MsgSend(), []byte(`{"to":"15551234567","text":"hi"}`), 10*time.Second)
@@ -96,7 +120,8 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 	for {
 		select {
 		case m := <-echoes:
-			if strings.Contains(string(m.Data), "attacker") || strings.Contains(string(m.Data), "forged") || m.Subject == subj.Conn(bus.ConnStandby) {
+			if strings.Contains(string(m.Data), "attacker") || strings.Contains(string(m.Data), "forged") || m.Subject == subj.Conn(bus.ConnStandby) ||
+				strings.Contains(string(m.Data), `"ok":`) {
 				t.Errorf("a forgery went through: %s %s", m.Subject, m.Data)
 			}
 			continue
@@ -131,6 +156,13 @@ func TestBotCannotSpeakForWhatsApp(t *testing.T) {
 	}
 	if g := d.Services["gateway"]; g.Instance == "forged" || g.State == bus.StateStandby {
 		t.Fatalf("/status gateway = %+v after the forgeries", g)
+	}
+	// WhatsApp cannot be reached here: a forged conn.connected would make
+	// /readyz answer 200.
+	if resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/readyz"); err != nil {
+		t.Fatal(err)
+	} else if resp.Body.Close(); resp.StatusCode == http.StatusOK {
+		t.Fatal("/readyz answers 200 while the dial to WhatsApp fails")
 	}
 	web.stop(t, 30*time.Second)
 	checkLogs(t, []string{token, generated["HEALTH_TOKEN"], generated["SESSION_ENCRYPTION_KEY"], generated["NATS_INTERNAL_SECRET"]}, web)

@@ -192,13 +192,14 @@ func TestTakenDefaultNATSListenFallsBack(t *testing.T) {
 }
 
 // TestTakenExplicitNATSListenFails: an address the operator chose is not
-// silently replaced; the error names NATS_LISTEN and the address.
+// silently replaced; like a taken PORT it exits 2 naming NATS_LISTEN and
+// the address.
 func TestTakenExplicitNATSListenFails(t *testing.T) {
 	taken := takenPort(t)
 	for _, role := range []string{"gateway", "run"} {
 		env := map[string]string{"DATA_DIR": t.TempDir(), "PORT": "0", "NATS_LISTEN": taken, "ENABLE_SESSION_BACKUP": "false"}
 		code, _, errOut := runMain(t, context.Background(), env, role)
-		if code == 0 || !strings.Contains(errOut, "NATS_LISTEN") || !strings.Contains(errOut, taken) {
+		if code != 2 || !strings.Contains(errOut, "NATS_LISTEN") || !strings.Contains(errOut, taken) {
 			t.Fatalf("%s with NATS_LISTEN=%s taken: exit %d, %q", role, taken, code, errOut)
 		}
 	}

@@ -213,6 +213,9 @@ type app struct {
 	instance string
 	stdout   io.Writer
 	role     string
+	// sessionSet: SESSION_ID was given; otherwise a client takes the
+	// session of the process that wrote bus.json.
+	sessionSet bool
 	// pairURL is where a person links the session: HEROKU_APP_URL, else
 	// http://localhost:$PORT, followed by /pair. listenHTTP corrects the
 	// port to the one it bound (PORT=0 picks a free one).
@@ -244,6 +247,8 @@ func (m *Main) setup(role string) (*app, error) {
 		stdout:   m.Stdout,
 		role:     role,
 		pairURL:  pairURL(cfg, cfg.Port),
+		// SESSION_ID has a default; a client must know whether it was set.
+		sessionSet: strings.TrimSpace(m.Getenv("SESSION_ID")) != "",
 	}
 	if servesHTTP(role) && cfg.Production && cfg.HealthToken == "" {
 		a.log.Warn("HEALTH_TOKEN is not set: in production /pair, /riverui/ and the detailed /status answer 403 until it is (set it to a long random string: openssl rand -hex 32)")

@@ -152,8 +152,9 @@ func (a *app) listenHTTP() (net.Listener, error) {
 	return ln, nil
 }
 
-// cmdRun is everything in one process: embedded NATS (in-process unless
-// NATS_LISTEN), health, backup, gateway.
+// cmdRun is everything in one process: embedded NATS (on NATS_LISTEN,
+// loopback by default, announced in bus.json; or an external NATS_URL),
+// health, backup, gateway.
 func (m *Main) cmdRun(ctx context.Context, args []string) error {
 	if err := parseFlags(m.flags("run"), args); err != nil {
 		return err

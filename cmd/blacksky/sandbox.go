@@ -17,7 +17,7 @@ const sandboxUsage = `usage: blacksky sandbox link | inject | fault KIND | outbo
 
 drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true).
 It reaches the process over the bus as backup-now does (NATS_URL, else
-$DATA_DIR/bus.json, else NATS_LISTEN).
+$DATA_DIR/bus.json, else NATS_LISTEN when set).
 
 commands:
   link     [--phone N]                        link the device now, as if the QR code was scanned
@@ -113,25 +113,25 @@ func (m *Main) cmdSandbox(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	nc, err := a.clientBus()
+	nc, target, err := a.clientBus()
 	if err != nil {
-		return err
+		return fmt.Errorf("sandbox: %w", err)
 	}
 	defer nc.Close()
 	rctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	if err := waitConnected(rctx, nc, 5*time.Second); err != nil {
-		return fmt.Errorf("sandbox: %w", err)
+		return fmt.Errorf("sandbox: %w at %s", err, target.at())
 	}
 	subj := subject(bus.NewSubjects(a.cfg.SessionID))
 	msg, err := nc.RequestWithContext(rctx, subj, data)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("sandbox: nothing answers on %s (is the gateway running with WHATSAPP_SANDBOX=true?)", subj)
+		return fmt.Errorf("sandbox: nothing answers on %s at %s%s (is the gateway running with WHATSAPP_SANDBOX=true?)", subj, target.at(), a.sessionNote(target))
 	case errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("sandbox: no reply within %s", *timeout)
+		return fmt.Errorf("sandbox: no reply on %s within %s at %s%s", subj, *timeout, target.at(), a.sessionNote(target))
 	case err != nil:
-		return fmt.Errorf("sandbox: %w", err)
+		return fmt.Errorf("sandbox: %w (at %s)", err, target.at())
 	}
 	fmt.Fprintln(a.stdout, string(msg.Data))
 	var rep struct {

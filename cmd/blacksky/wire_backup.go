@@ -93,9 +93,9 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	nc, err := a.clientBus()
+	nc, target, err := a.clientBus()
 	if err != nil {
-		return err
+		return fmt.Errorf("backup-now: %w", err)
 	}
 	defer nc.Close()
 	rctx, cancel := context.WithTimeout(ctx, *timeout)
@@ -103,17 +103,18 @@ func (m *Main) cmdBackupNow(ctx context.Context, args []string) error {
 	// The client keeps retrying a server that is not there; an operator
 	// wants to hear that at once rather than after --timeout.
 	if err := waitConnected(rctx, nc, 5*time.Second); err != nil {
-		return fmt.Errorf("backup-now: %w", err)
+		return fmt.Errorf("backup-now: %w at %s", err, target.at())
 	}
 	subj := bus.NewSubjects(a.cfg.SessionID).BackupRequest()
 	msg, err := nc.RequestWithContext(rctx, subj, body)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("backup-now: no backup service answers on %s at %s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)", subj, bus.StripUserinfo(nc.ConnectedUrl()))
+		return fmt.Errorf("backup-now: no backup service answers on %s at %s%s (is blacksky run or blacksky backup up, with ENABLE_SESSION_BACKUP=true?)",
+			subj, target.at(), a.sessionNote(target))
 	case errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("backup-now: no reply within %s", *timeout)
+		return fmt.Errorf("backup-now: no reply on %s within %s at %s%s", subj, *timeout, target.at(), a.sessionNote(target))
 	case err != nil:
-		return fmt.Errorf("backup-now: %w", err)
+		return fmt.Errorf("backup-now: %w (at %s)", err, target.at())
 	}
 	fmt.Fprintln(a.stdout, string(msg.Data))
 	var rep bus.BackupReply

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -98,7 +99,7 @@ func (a *app) busFor(listen string, roles ...bus.Role) (*busHandle, error) {
 		h.conns[r] = nc
 	}
 	url := srv.ClientURL()
-	f := bus.BusFile{URL: url, PID: os.Getpid(), Session: a.cfg.SessionID, StartedAt: time.Now().UTC()}
+	f := bus.BusFile{URL: dialableURL(url), PID: os.Getpid(), Session: a.cfg.SessionID, StartedAt: time.Now().UTC()}
 	if srv.TokenGenerated() {
 		f.Token = srv.BotToken()
 	}
@@ -128,7 +129,8 @@ func (a *app) startBus(listen string) (*bus.Server, error) {
 	var le *bus.ListenError
 	if errors.As(err, &le) {
 		if a.cfg.NATSListenSet {
-			return nil, fmt.Errorf("NATS_LISTEN %s: %w (another process listens there: choose another address, or unset NATS_LISTEN to use a free loopback port)", le.Addr, le.Err)
+			return nil, &config.Error{Var: "NATS_LISTEN", Accepts: "an address no other program listens on",
+				Got: fmt.Sprintf("%s (%v: choose another address, or unset NATS_LISTEN to use a free loopback port)", le.Addr, le.Err)}
 		}
 		host, _, _ := net.SplitHostPort(listen)
 		opts.Listen = net.JoinHostPort(host, "0")
@@ -144,8 +146,14 @@ func (a *app) startBus(listen string) (*bus.Server, error) {
 	return srv, nil
 }
 
+// busFilePath is bus.json's absolute path: printed in commands an operator
+// pastes from another directory.
 func (a *app) busFilePath() string {
-	return strings.TrimSuffix(a.cfg.DataDir, "/") + "/" + bus.BusFileName
+	p := filepath.Join(a.cfg.DataDir, bus.BusFileName)
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
+	}
+	return p
 }
 
 // natsCommand is a ready-to-paste nats CLI line that watches this
@@ -157,7 +165,7 @@ func (a *app) natsCommand(url string, generated bool) string {
 	if generated {
 		token = `$(jq -r .token ` + shellQuote(a.busFilePath()) + `)`
 	}
-	withToken := strings.Replace(url, "nats://", "nats://"+token+"@", 1)
+	withToken := strings.Replace(dialableURL(url), "nats://", "nats://"+token+"@", 1)
 	subject := bus.NewSubjects(a.cfg.SessionID).ConnAll()
 	// No double quotes: the log's text format would escape them, and the
 	// line must paste as it is (the token is hex, safe unquoted).
@@ -169,59 +177,125 @@ func shellQuote(s string) string {
 }
 
 // serviceBus is the connection of a service running in its own process
-// (backup, health): as its role, to NATS_URL, else the bus announced in
-// bus.json on this machine, else NATS_LISTEN. It keeps retrying in the
+// (backup, health): as its role, to NATS_URL, else the bus announced in a
+// usable bus.json on this machine, else an explicitly set NATS_LISTEN.
+// Never the default address: whatever listens on 127.0.0.1:4222 (a system
+// NATS server) would receive the role's password. It keeps retrying in the
 // background, so the processes of a split deployment start in any order.
 func (a *app) serviceBus(role bus.Role) (*busHandle, error) {
 	if a.cfg.NATSInternalSecret == "" {
 		return nil, &config.Error{Var: "NATS_INTERNAL_SECRET",
 			Accepts: "the secret shared by the gateway, backup and health processes (openssl rand -hex 32)", Got: "nothing"}
 	}
-	url, from, _ := a.busURL()
-	nc, err := bus.ConnectWith(url, bus.RoleCredential(role, a.cfg.NATSInternalSecret), "blacksky-"+string(role), a.log)
+	t, err := a.findBus()
 	if err != nil {
-		return nil, fmt.Errorf("nats at %s (from %s): %w", bus.StripUserinfo(url), from, err)
+		return nil, &config.Error{Var: "NATS_URL",
+			Accepts: "the bus of the gateway process (nats://host:port), or NATS_LISTEN set to where it listens",
+			Got:     "nothing (" + err.Error() + ")"}
 	}
-	a.log.Info("nats: connecting", "url", bus.StripUserinfo(url), "from", from)
+	nc, err := bus.ConnectWith(t.url, bus.RoleCredential(role, a.cfg.NATSInternalSecret), "blacksky-"+string(role), a.log)
+	if err != nil {
+		return nil, fmt.Errorf("nats at %s (from %s): %w", t.shown(), t.from, err)
+	}
+	a.log.Info("nats: connecting", "url", t.shown(), "from", t.from)
 	return &busHandle{conns: map[bus.Role]*nats.Conn{role: nc}}, nil
 }
 
-// busURL is where a client finds the bus: NATS_URL, else the bus.json of a
-// run or gateway process on this machine, else NATS_LISTEN. It also
-// returns the token bus.json holds, if any.
-func (a *app) busURL() (url, from, token string) {
+// busTarget is where a client or a split service finds the bus.
+type busTarget struct {
+	url   string
+	from  string // "NATS_URL", "bus.json (/abs/path)", "NATS_LISTEN"
+	token string // the bots' token bus.json holds, if any
+	// session is the SESSION_ID of the process that wrote bus.json.
+	session string
+}
+
+func (t busTarget) shown() string { return bus.StripUserinfo(t.url) }
+
+// at names the address and where it came from, for errors.
+func (t busTarget) at() string { return fmt.Sprintf("%s (from %s)", t.shown(), t.from) }
+
+// findBus is where the bus is: NATS_URL, else the bus.json of a run or
+// gateway process on this machine, else an explicitly set NATS_LISTEN.
+// Without any of them it fails, saying why bus.json was skipped: the
+// default address is never dialled on a guess.
+func (a *app) findBus() (busTarget, error) {
 	if a.cfg.NATSURL != "" {
-		return a.cfg.NATSURL, "NATS_URL", ""
+		return busTarget{url: a.cfg.NATSURL, from: "NATS_URL"}, nil
 	}
+	path := a.busFilePath()
 	f, err := bus.ReadBusFile(a.cfg.DataDir)
+	var why string
 	switch {
 	case err == nil:
-		return f.URL, a.busFilePath(), f.Token
+		return busTarget{url: f.URL, from: "bus.json " + path, token: f.Token, session: f.Session}, nil
 	case errors.Is(err, bus.ErrStaleBusFile):
-		return "nats://" + a.cfg.NATSListen, fmt.Sprintf("NATS_LISTEN; %s is stale: process %d is gone", a.busFilePath(), f.PID), ""
-	case !errors.Is(err, os.ErrNotExist):
-		return "nats://" + a.cfg.NATSListen, "NATS_LISTEN; " + err.Error(), ""
+		why = fmt.Sprintf("%s is stale: pid %d is gone", path, f.PID)
+	case errors.Is(err, os.ErrNotExist):
+		why = fmt.Sprintf("%s not found in DATA_DIR=%s", bus.BusFileName, filepath.Dir(path))
+	default:
+		why = fmt.Sprintf("%s skipped: %v", bus.BusFileName, err)
 	}
-	return "nats://" + a.cfg.NATSListen, "NATS_LISTEN", ""
+	if a.cfg.NATSListenSet {
+		return busTarget{url: "nats://" + dialable(a.cfg.NATSListen), from: "NATS_LISTEN; " + why}, nil
+	}
+	return busTarget{}, fmt.Errorf("NATS_URL is not set, NATS_LISTEN is not set and %s", why)
 }
 
 // clientBus connects a command-line client (backup-now and every command
 // that talks to a running process) with the bots' credential: NATS_TOKEN,
 // else the token of bus.json. Unlike a service it does not wait for a bus
-// to appear: it fails at once, naming the address it tried.
-func (a *app) clientBus() (*nats.Conn, error) {
-	url, from, fileToken := a.busURL()
+// to appear: it fails at once, naming the address it tried and where that
+// came from. Without SESSION_ID the session is bus.json's.
+func (a *app) clientBus() (*nats.Conn, busTarget, error) {
+	t, err := a.findBus()
+	if err != nil {
+		return nil, t, fmt.Errorf("no bus to reach: %w (start blacksky run or gateway with this DATA_DIR, or set NATS_URL)", err)
+	}
+	if !a.sessionSet && t.session != "" {
+		a.cfg.SessionID = t.session
+	}
 	token := a.cfg.NATSToken
 	if token == "" {
-		token = fileToken
+		token = t.token
 	}
-	nc, err := bus.Dial(url, bus.BotCredential(token), "blacksky-"+a.role, 5*time.Second, a.log)
+	nc, err := bus.Dial(t.url, bus.BotCredential(token), "blacksky-"+a.role, 5*time.Second, a.log)
 	if err == nil {
-		return nc, nil
+		return nc, t, nil
 	}
-	shown := bus.StripUserinfo(url)
 	if errors.Is(err, nats.ErrAuthorization) || strings.Contains(strings.ToLower(err.Error()), "authorization") {
-		return nil, fmt.Errorf("NATS at %s (from %s) refused the credential: set NATS_TOKEN to the bus's token", shown, from)
+		return nil, t, fmt.Errorf("NATS at %s refused the credential: set NATS_TOKEN to the bus's token", t.at())
 	}
-	return nil, fmt.Errorf("cannot reach NATS at %s (from %s): %v", shown, from, err)
+	return nil, t, fmt.Errorf("cannot reach NATS at %s: %v", t.at(), err)
+}
+
+// sessionNote explains a request nobody answered when SESSION_ID names
+// another session than the process that wrote bus.json serves.
+func (a *app) sessionNote(t busTarget) string {
+	if a.sessionSet && t.session != "" && bus.SessionToken(t.session) != bus.SessionToken(a.cfg.SessionID) {
+		return fmt.Sprintf("; SESSION_ID is %q but the process of bus.json serves session %q", a.cfg.SessionID, t.session)
+	}
+	return ""
+}
+
+// dialable turns a listen address into one a client on this machine
+// dials: a wildcard host (0.0.0.0, ::, none) becomes 127.0.0.1.
+func dialable(hostport string) string {
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return hostport
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// dialableURL is dialable for a nats:// URL.
+func dialableURL(u string) string {
+	const scheme = "nats://"
+	if !strings.HasPrefix(u, scheme) {
+		return u
+	}
+	return scheme + dialable(strings.TrimPrefix(u, scheme))
 }

@@ -1,12 +1,15 @@
 package gateway
 
 import (
+	"log/slog"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -32,7 +35,9 @@ func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
 
 	// Backup loses the lease: from now on it holds restore requests.
 	allow.Store(false)
-	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), bus.ConnEvent{Instance: testUnit, Kind: bus.ConnStandby, Reason: "lease lost to another instance"}); err != nil {
+	lost := bus.ConnEvent{Instance: testUnit, Kind: bus.ConnStandby, Reason: "lease lost to another instance"}
+	lost.Stamp("Test-Bot", h.clock.Now())
+	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), lost); err != nil {
 		t.Fatal(err)
 	}
 	testwait.For(t, 5*time.Second, "socket and store closed", func() bool {
@@ -59,4 +64,35 @@ func TestLeaseLostClosesTheSocketUntilRestoredAgain(t *testing.T) {
 	testwait.For(t, 5*time.Second, "a new connect", func() bool {
 		return h.conn.get(func(f *fakeConn) int { return f.connects }) > connects
 	})
+}
+
+// Only a well-formed conn.standby event is a lease loss: an empty message,
+// a reply a bot steered there or another kind's event leave the socket open.
+func TestMalformedStandbyKeepsTheSocket(t *testing.T) {
+	var logs testlog.Buffer
+	h := startWith(t, func(d *Deps) {
+		d.Log = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
+	h.serveRestore(func(m *nats.Msg) {
+		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceNone})
+	})
+	h.advanceUntilOpen(t)
+	h.connected()
+	bodies := []string{
+		``,
+		`{"ok":false,"error":"bad JSON"}`,
+		`{"session":"Test-Bot","at":"2026-01-01T00:00:00Z","kind":"connected"}`,
+		`{"session":"Test-Bot","kind":"standby"}`,
+	}
+	for _, b := range bodies {
+		if err := h.nc.Publish(h.subj.Conn(bus.ConnStandby), []byte(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testwait.For(t, 5*time.Second, "every bad conn.standby ignored", func() bool {
+		return strings.Count(logs.String(), "ignoring a bad conn.standby") == len(bodies)
+	})
+	if h.conn.get(func(f *fakeConn) int { return f.closes }) != 0 || !h.conn.IsConnected() || h.gw.State() != bus.StateConnected {
+		t.Fatalf("a malformed conn.standby closed the socket: state %s", h.gw.State())
+	}
 }

@@ -160,7 +160,10 @@ func (g *Gateway) respond(m *nats.Msg, r bus.MsgSendReply) {
 	if m.Reply == "" {
 		return // a plain publish: nobody to answer
 	}
-	if err := bus.Respond(m, r); err != nil {
+	switch err := bus.Respond(m, r); {
+	case errors.Is(err, bus.ErrReplySubject):
+		g.log.Debug("msg.send not answered", "err", err)
+	case err != nil:
 		g.log.Warn("answer msg.send", "err", err)
 	}
 }

@@ -3,7 +3,6 @@ package gateway
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -235,8 +234,12 @@ const (
 // backup; another instance's (a preboot's standby dyno on a shared NATS)
 // is about that instance only.
 func (g *Gateway) ownStandby(m *nats.Msg) bool {
-	var ev bus.ConnEvent
-	if json.Unmarshal(m.Data, &ev) != nil || ev.Instance != g.cfg.Unit {
+	ev, err := bus.DecodeConnEvent(bus.ConnStandby, m.Data)
+	if err != nil {
+		g.log.Debug("ignoring a bad conn.standby", "err", err)
+		return false
+	}
+	if ev.Instance != g.cfg.Unit {
 		g.log.Debug("conn.standby of another instance ignored", "instance", ev.Instance)
 		return false
 	}

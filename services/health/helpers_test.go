@@ -116,6 +116,13 @@ func (b *bundle) conn(t testing.TB, ev bus.ConnEvent) {
 	b.send(t, b.subj.Conn(ev.Kind), "conn", ev)
 }
 
+// event is the common part of an event sent now.
+func (b *bundle) event() bus.Event {
+	var e bus.Event
+	e.Stamp(b.opts.Session, b.clock.Now())
+	return e
+}
+
 // healthy makes gateway (connected, with a JID) and backup beat.
 func (b *bundle) healthy(t testing.TB) {
 	t.Helper()

@@ -252,7 +252,7 @@ func TestQRVersionSurvivesRestart(t *testing.T) {
 	clock := clockwork.NewFakeClock()
 	qr := func(tr *Tracker, code string) int64 {
 		t.Helper()
-		tr.HandleConn(bus.ConnQR, []byte(mustJSON(t, bus.ConnEvent{Kind: bus.ConnQR, Code: code})))
+		tr.HandleConn(bus.ConnQR, []byte(mustJSON(t, bus.ConnEvent{Event: bus.Event{At: clock.Now()}, Kind: bus.ConnQR, Code: code})))
 		return tr.WhatsApp().QRVersion
 	}
 	before := NewTracker(clock, 0, logging.Discard())

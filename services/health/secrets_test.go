@@ -63,9 +63,9 @@ func TestNoSecretInStatusOrMetrics(t *testing.T) {
 		LastDisconnect: "stream error: token " + cfg.NATSToken})
 	b.beat(t, bus.ServiceBackup, "web.1", bus.StateDegraded, bus.BackupDetails{
 		Database: "postgres", LastError: "dial " + env["DATABASE_URL"] + " refused; key " + env["SESSION_ENCRYPTION_KEY"]})
-	b.send(t, b.subj.BackupFailed(), "backup", bus.BackupFailed{Reason: cfg.HealthToken,
+	b.send(t, b.subj.BackupFailed(), "backup", bus.BackupFailed{Event: b.event(), Reason: cfg.HealthToken,
 		Error: "connect postgres://bot:s3cr3t-db-passw0rd@db/bot: refused (NATS " + cfg.NATSToken + ")", Attempt: 1})
-	b.send(t, b.subj.BackupDone(), "backup", bus.BackupDone{SnapshotID: 7, Reason: cfg.NATSToken, Bytes: 10})
+	b.send(t, b.subj.BackupDone(), "backup", bus.BackupDone{Event: b.event(), SnapshotID: 7, Reason: cfg.NATSToken, Bytes: 10})
 	b.conn(t, bus.ConnEvent{Kind: bus.ConnConnectFailure, Reason: "bad key " + env["SESSION_ENCRYPTION_KEY"]})
 
 	auth := bearer(cfg.HealthToken)

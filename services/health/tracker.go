@@ -338,14 +338,11 @@ func (t *Tracker) backupBeatLocked(hb bus.Heartbeat) {
 
 // HandleConn records one P.conn.<kind> event.
 func (t *Tracker) HandleConn(kind string, data []byte) {
-	var ev bus.ConnEvent
 	defer t.count("conn")
-	if err := json.Unmarshal(data, &ev); err != nil {
+	ev, err := bus.DecodeConnEvent(kind, data)
+	if err != nil {
 		t.log.Debug("ignoring a bad conn event", "kind", kind, "err", err)
 		return
-	}
-	if ev.Kind == "" {
-		ev.Kind = kind
 	}
 	if t.future(ev.At) {
 		t.log.Debug("ignoring a conn event stamped in the future", "kind", kind)
@@ -481,9 +478,9 @@ func QRVersion(code string) int64 {
 
 // HandleBackupDone records a P.backup.done event.
 func (t *Tracker) HandleBackupDone(data []byte) {
-	var ev bus.BackupDone
 	defer t.count("backup")
-	if err := json.Unmarshal(data, &ev); err != nil {
+	ev, err := bus.DecodeBackupDone(data)
+	if err != nil {
 		t.log.Debug("ignoring a bad backup.done", "err", err)
 		return
 	}
@@ -506,9 +503,9 @@ func (t *Tracker) HandleBackupDone(data []byte) {
 
 // HandleBackupFailed records a P.backup.failed event.
 func (t *Tracker) HandleBackupFailed(data []byte) {
-	var ev bus.BackupFailed
 	defer t.count("backup")
-	if err := json.Unmarshal(data, &ev); err != nil {
+	ev, err := bus.DecodeBackupFailed(data)
+	if err != nil {
 		t.log.Debug("ignoring a bad backup.failed", "err", err)
 		return
 	}

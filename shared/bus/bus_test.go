@@ -122,6 +122,26 @@ func FuzzBackupRequestDecode(f *testing.F) {
 	})
 }
 
+// FuzzEventDecode: the strict event decoders never panic, and what they
+// accept has a time and, for a conn event, the subject's kind.
+func FuzzEventDecode(f *testing.F) {
+	for _, s := range []string{"", "{}", `{"ok":true}`, `{"session":"s","at":"2026-01-01T00:00:00Z","kind":"standby"}`,
+		`{"at":"2026-01-01T00:00:00Z","snapshot_id":1}`, `{"at":"2026-01-01T00:00:00Z","kind":"qr","x":1}`, "[", "\x00"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if ev, err := bus.DecodeConnEvent(bus.ConnStandby, data); err == nil && (ev.At.IsZero() || ev.Kind != bus.ConnStandby) {
+			t.Fatalf("accepted %q as conn.standby: %+v", data, ev)
+		}
+		if ev, err := bus.DecodeBackupDone(data); err == nil && ev.At.IsZero() {
+			t.Fatalf("accepted %q as backup.done without a time", data)
+		}
+		if ev, err := bus.DecodeBackupFailed(data); err == nil && ev.At.IsZero() {
+			t.Fatalf("accepted %q as backup.failed without a time", data)
+		}
+	})
+}
+
 func startServer(t *testing.T, opts bus.ServerOptions) *bus.Server {
 	t.Helper()
 	srv, err := bus.StartServer(opts)

@@ -240,6 +240,51 @@ func decodeStrict(data []byte, v any) error {
 	return nil
 }
 
+// decodeEvent decodes an event strictly and requires its time: an event
+// without one cannot be ordered against the others.
+func decodeEvent(data []byte, v any, ev *Event) error {
+	if err := decodeStrict(data, v); err != nil {
+		return err
+	}
+	if ev.At.IsZero() {
+		return errors.New(`"at" is required`)
+	}
+	return nil
+}
+
+// DecodeConnEvent reads a P.conn.<kind> event: unknown fields are refused,
+// "at" is required and "kind" must be the subject's.
+func DecodeConnEvent(kind string, data []byte) (ConnEvent, error) {
+	var ev ConnEvent
+	if err := decodeEvent(data, &ev, &ev.Event); err != nil {
+		return ConnEvent{}, err
+	}
+	if ev.Kind != kind {
+		return ConnEvent{}, fmt.Errorf(`"kind" %.32q does not match the subject's %.32q`, ev.Kind, kind)
+	}
+	return ev, nil
+}
+
+// DecodeBackupDone reads a P.backup.done event: unknown fields are
+// refused, "at" is required.
+func DecodeBackupDone(data []byte) (BackupDone, error) {
+	var ev BackupDone
+	if err := decodeEvent(data, &ev, &ev.Event); err != nil {
+		return BackupDone{}, err
+	}
+	return ev, nil
+}
+
+// DecodeBackupFailed reads a P.backup.failed event: unknown fields are
+// refused, "at" is required.
+func DecodeBackupFailed(data []byte) (BackupFailed, error) {
+	var ev BackupFailed
+	if err := decodeEvent(data, &ev, &ev.Event); err != nil {
+		return BackupFailed{}, err
+	}
+	return ev, nil
+}
+
 // Snapshot reasons. A request on the bus may name only RequestReasons; the
 // others are the backup service's own.
 const (

@@ -37,8 +37,22 @@ var Roles = append(slices.Clone(InternalRoles), RoleBot)
 // which may wait out a database outage (backup's reply timeout is 2 min).
 const ResponseWindow = 10 * time.Minute
 
-// inbox is where requesters receive their replies (nats.go's default).
-const inbox = "_INBOX.>"
+// Replies go to inboxes, and Respond answers nowhere else. Bots use
+// nats.go's default inbox prefix; our services use their own, which only
+// internal roles may subscribe to: a bot may read the answers to its own
+// requests, never the restore answer backup sends the gateway.
+const (
+	InboxPrefix        = "_INBOX."
+	ServiceInboxPrefix = "_BSKY_INBOX."
+)
+
+const (
+	inbox        = InboxPrefix + ">"
+	serviceInbox = ServiceInboxPrefix + ">"
+)
+
+// isInternal reports whether role is one of our services.
+func isInternal(role Role) bool { return slices.Contains(InternalRoles, role) }
 
 // grant is what one role may do. Subjects are relative to the session
 // prefix: "conn.*" means blacksky.<any session>.conn.*.
@@ -48,7 +62,8 @@ type grant struct {
 	// (WHATSAPP_SANDBOX): the stand-in's control subjects.
 	sandboxPublish []string
 	// subscribe nil means every subject of the bus: our services listen
-	// freely, what they may say is what is restricted.
+	// freely, what they may say is what is restricted. Internal roles
+	// also read the service inboxes, bots their own (_INBOX.>).
 	subscribe []string
 	// respond lets the role answer requests it received (the reply subject
 	// of each, once, within ResponseWindow), and nothing else in _INBOX.
@@ -101,10 +116,13 @@ func Permissions(role Role, sandbox bool) (*server.Permissions, error) {
 	}
 	p := &server.Permissions{
 		Publish:   &server.SubjectPermission{Allow: prefixed(pub)},
-		Subscribe: &server.SubjectPermission{Allow: []string{"blacksky.>", inbox}},
+		Subscribe: &server.SubjectPermission{Allow: []string{"blacksky.>", serviceInbox}},
 	}
 	if g.subscribe != nil {
-		p.Subscribe.Allow = append(prefixed(g.subscribe), inbox)
+		p.Subscribe.Allow = prefixed(g.subscribe)
+	}
+	if !isInternal(role) {
+		p.Subscribe.Allow = append(p.Subscribe.Allow, inbox)
 	}
 	if g.respond {
 		p.Response = &server.ResponsePermission{MaxMsgs: 1, Expires: ResponseWindow}

@@ -209,7 +209,18 @@ func checkTable(t *testing.T, url string, observer *nats.Conn, sandbox bool) {
 					t.Fatal(err)
 				}
 			}
-			done := nats.NewInbox()
+			// Inboxes: each credential reads replies only where its own
+			// requests are answered; a bot never reads our services'.
+			inboxes := map[string]bool{
+				bus.InboxPrefix + "table." + string(role):        role == bus.RoleBot,
+				bus.ServiceInboxPrefix + "table." + string(role): role != bus.RoleBot,
+			}
+			for s := range inboxes {
+				if _, err := nc.ChanSubscribe(s, in); err != nil {
+					t.Fatal(err)
+				}
+			}
+			done := nc.NewRespInbox()
 			if _, err := nc.ChanSubscribe(done, in); err != nil {
 				t.Fatal(err)
 			}
@@ -218,6 +229,11 @@ func checkTable(t *testing.T, url string, observer *nats.Conn, sandbox bool) {
 			}
 			for _, s := range subjects {
 				if err := observer.Publish(session+s, []byte("to-"+string(role))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for s := range inboxes {
+				if err := observer.Publish(s, []byte("to-"+string(role))); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -241,6 +257,11 @@ func checkTable(t *testing.T, url string, observer *nats.Conn, sandbox bool) {
 			for _, s := range subjects {
 				if want := maySubscribe(role, s); received[s] != want {
 					t.Errorf("%s subscribing P.%s: received=%v, want %v", role, s, received[s], want)
+				}
+			}
+			for s, want := range inboxes {
+				if received[s] != want {
+					t.Errorf("%s subscribing %s: received=%v, want %v", role, s, received[s], want)
 				}
 			}
 			// Refusals are also reported to the client as permissions
@@ -359,6 +380,26 @@ func TestOnlyServicesAnswerRequests(t *testing.T) {
 		t.Fatalf("restore request answered by health: err = %v, want a timeout", err)
 	}
 
+	// Backup answers the gateway's restore request in the services'
+	// inbox, which no bot can read.
+	backup := conn(bus.RoleBackup)
+	replyTo := make(chan string, 1)
+	if _, err := backup.Subscribe(subj.SessionRestoreFor("i1"), func(m *nats.Msg) {
+		replyTo <- m.Reply
+		_ = bus.Respond(m, bus.RestoreReply{OK: true})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := backup.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := gateway.Request(subj.SessionRestoreFor("i1"), nil, 5*time.Second); err != nil {
+		t.Fatalf("gateway's restore request: %v", err)
+	}
+	if r := <-replyTo; !strings.HasPrefix(r, bus.ServiceInboxPrefix) {
+		t.Fatalf("the gateway's request asks for its reply on %q, want the services' inbox %s", r, bus.ServiceInboxPrefix)
+	}
+
 	// The gateway answers a bot's msg.send.
 	if _, err := gateway.Subscribe(subj.MsgSend(), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
 		t.Fatal(err)
@@ -393,5 +434,76 @@ func TestRefusedServiceCredentialIsLogged(t *testing.T) {
 	})
 	if nc.IsConnected() {
 		t.Fatal("connected with a wrong secret")
+	}
+}
+
+// TestRequestWithEventReplySubjectIsNotAnsweredThere: nats-server lets a
+// responder publish once to a request's reply subject whatever its publish
+// permissions, so a bot naming an event subject as its reply would make our
+// service publish that event. bus.Respond answers inboxes only.
+func TestRequestWithEventReplySubjectIsNotAnsweredThere(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerOptions{Listen: "127.0.0.1:0", Token: testToken, InternalSecret: testSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Shutdown()
+	subj := bus.NewSubjects("replies")
+	responders := map[bus.Role]string{bus.RoleGateway: subj.MsgSend(), bus.RoleBackup: subj.BackupRequest()}
+	for role, s := range responders {
+		nc, err := srv.ConnectAs(role, string(role), logging.Discard())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		if _, err := nc.Subscribe(s, func(m *nats.Msg) { _ = bus.Respond(m, bus.BackupReply{OK: true}) }); err != nil {
+			t.Fatal(err)
+		}
+		if err := nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	observer, err := srv.Connect("observer", logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer observer.Close()
+	seen := make(chan *nats.Msg, 64)
+	if _, err := observer.ChanSubscribe("blacksky.>", seen); err != nil {
+		t.Fatal(err)
+	}
+	if err := observer.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	bot, err := srv.ConnectAs(bus.RoleBot, "bot", logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bot.Close()
+	events := []string{subj.Conn(bus.ConnStandby), subj.Conn(bus.ConnConnected), subj.BackupDone(), subj.MsgIn()}
+	for _, request := range responders {
+		for _, ev := range events {
+			if err := bot.PublishRequest(request, ev, []byte(`{}`)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// A real request on the same connection comes after the forged
+		// ones: once it is answered, they were handled.
+		if _, err := bot.Request(request, []byte(`{}`), 5*time.Second); err != nil {
+			t.Fatalf("a bot's own request on %s: %v", request, err)
+		}
+	}
+	if err := observer.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case m := <-seen:
+			if slices.Contains(events, m.Subject) {
+				t.Errorf("a service answered on the event subject %s: %s", m.Subject, m.Data)
+			}
+			continue
+		default:
+		}
+		break
 	}
 }

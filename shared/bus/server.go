@@ -170,6 +170,10 @@ func (c Credential) options() []nats.Option {
 	if c.User != "" {
 		opts = append(opts, nats.UserInfo(c.User, c.Password))
 	}
+	if isInternal(Role(c.User)) {
+		// Replies to our services' requests go where no bot may listen.
+		opts = append(opts, nats.CustomInboxPrefix(strings.TrimSuffix(ServiceInboxPrefix, ".")))
+	}
 	if c.Token != "" {
 		opts = append(opts, nats.Token(c.Token))
 	}
@@ -298,8 +302,26 @@ func Publish(nc *nats.Conn, subject string, v any) error {
 	return nil
 }
 
-// Respond encodes v as the reply to m.
+// ErrReplySubject is a request whose reply subject is not an inbox
+// (InboxPrefix, ServiceInboxPrefix): it is not answered. nats-server lets a responder publish once to a request's
+// reply subject whatever its publish permissions, so a bot that named an
+// event subject (P.conn.standby, P.backup.done) as its reply would make our
+// service publish that event for it.
+var ErrReplySubject = errors.New("reply subject is not an inbox; not answered")
+
+// replyAllowed reports whether subject is one a reply may go to: an inbox.
+func replyAllowed(subject string) bool {
+	return strings.HasPrefix(subject, InboxPrefix) || strings.HasPrefix(subject, ServiceInboxPrefix)
+}
+
+// Respond encodes v as the reply to m. It is the only way our services
+// answer a request: a reply subject outside the inboxes is refused with
+// ErrReplySubject (callers log it at debug: it is a bot's mistake or
+// forgery, not ours).
 func Respond(m *nats.Msg, v any) error {
+	if !replyAllowed(m.Reply) {
+		return fmt.Errorf("%w (%.64q)", ErrReplySubject, m.Reply)
+	}
 	data, err := json.Marshal(v)
 	if err != nil {
 		return fmt.Errorf("encode reply: %w", err)

@@ -25,7 +25,7 @@ var Vars = []Var{
 	{Name: "DATABASE_URL", Default: "", Description: "PostgreSQL for jobs, snapshots and the lease. Empty: embedded SQLite in DATA_DIR. Required on Heroku.", Secret: true},
 	{Name: "DATABASE_MAX_CONNS", Default: "5", Description: "Database pool size (Heroku's smallest plans allow 20 connections in all)."},
 	{Name: "NATS_URL", Default: "", Description: "External NATS server; empty means the embedded one.", Secret: true},
-	{Name: "NATS_LISTEN", Default: "127.0.0.1:4222", Description: "Where the embedded NATS server listens for other processes; when the default is taken, a free loopback port is used (written to DATA_DIR/bus.json)."},
+	{Name: "NATS_LISTEN", Default: "127.0.0.1:4222", Description: "Where the embedded NATS server listens for other processes; when the default is taken, a free loopback port is used (written to DATA_DIR/bus.json). backup, health and the client commands use it only when it is set; a set one that is taken exits 2."},
 	{Name: "NATS_TOKEN", Default: "", Description: "The bots' credential on the bus (events, msg.send, backup.request); generated at start when empty. Required when NATS_LISTEN is not loopback.", Secret: true, Generate: "secret"},
 	{Name: "NATS_INTERNAL_SECRET", Default: "", Description: "Password of BLACKSKY-MD's own services on the bus (at least 16 characters, not NATS_TOKEN); generated at start when empty. Required by the backup and health roles.", Secret: true, Generate: "secret"},
 	{Name: "NODE_ENV", Default: "development", Description: "development, production or test; anything else stops the start. production: JSON logs, the HEALTH_TOKEN pages answer 403 while it is unset, snapshots need SESSION_ENCRYPTION_KEY (CONTRACT.md, What production changes)."},

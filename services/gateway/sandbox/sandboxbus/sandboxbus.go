@@ -7,6 +7,7 @@ package sandboxbus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -64,7 +65,10 @@ func (s *Service) Run(ctx context.Context) error {
 		sub, err := s.NC.Subscribe(subject, func(m *nats.Msg) {
 			rctx, cancel := context.WithTimeout(ctx, RequestTimeout)
 			defer cancel()
-			if err := bus.Respond(m, h(rctx, m.Data)); err != nil {
+			switch err := bus.Respond(m, h(rctx, m.Data)); {
+			case errors.Is(err, bus.ErrReplySubject):
+				s.Log.Debug("sandbox request not answered", "subject", subject, "err", err)
+			case err != nil:
 				s.Log.Warn("answer sandbox request", "subject", subject, "err", err)
 			}
 		})

@@ -110,3 +110,19 @@ func TestInjectIsCommittedBeforeTheAnswer(t *testing.T) {
 		t.Errorf("outbox: %v", v)
 	}
 }
+
+// An inject is answered at acceptance, once its messages are committed,
+// not when the last is delivered: at a slow rate delivery may take days,
+// far past the bus's reply window (bus.ResponseWindow).
+func TestSlowInjectIsAnsweredAtAcceptance(t *testing.T) {
+	nc, subj, srv := serve(t)
+	// 1000 messages at one every 1000 s: the last is due in 11.5 days.
+	v := ask(t, nc, subj.SandboxInject(), `{"from":"4915112345678","text":"hi","count":1000,"rate":0.001}`)
+	if v["ok"] != true || v["count"].(float64) != 1000 {
+		t.Fatalf("inject reply %v", v)
+	}
+	st, err := srv.Stats(t.Context())
+	if err != nil || st.Unacked != 1000 {
+		t.Errorf("after the answer the server file holds %+v (%v), want 1000 queued", st, err)
+	}
+}
