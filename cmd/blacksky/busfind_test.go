@@ -91,7 +91,7 @@ func TestClientUsesTheSessionOfBusFile(t *testing.T) {
 	}
 	defer backup.Close()
 	if _, err := backup.Subscribe(bus.NewSubjects("rv3").BackupRequest(), func(m *nats.Msg) {
-		_ = bus.Respond(m, bus.BackupReply{OK: true, JobID: 1})
+		_ = bus.Respond(m, bus.BackupReply{OK: true, JobID: 1, Stored: bus.StoredDatabase})
 	}); err != nil {
 		t.Fatal(err)
 	}

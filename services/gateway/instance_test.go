@@ -26,6 +26,7 @@ func TestStandbyOfAnotherInstanceKeepsTheSocket(t *testing.T) {
 		{Kind: bus.ConnStandby, Instance: "web-1-new-dyno", Reason: "another instance holds the session lease"},
 		{Kind: bus.ConnStandby, Reason: "no instance at all"},
 	} {
+		ev.Stamp("Test-Bot", h.clock.Now()) // well formed: only the instance differs
 		if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), ev); err != nil {
 			t.Fatal(err)
 		}
@@ -44,7 +45,9 @@ func TestStandbyOfAnotherInstanceKeepsTheSocket(t *testing.T) {
 		t.Fatalf("state = %s, want connected", st)
 	}
 
-	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), bus.ConnEvent{Kind: bus.ConnStandby, Instance: testUnit}); err != nil {
+	own := bus.ConnEvent{Kind: bus.ConnStandby, Instance: testUnit}
+	own.Stamp("Test-Bot", h.clock.Now())
+	if err := bus.Publish(h.nc, h.subj.Conn(bus.ConnStandby), own); err != nil {
 		t.Fatal(err)
 	}
 	// (Our stand-in backup answers the next restore at once, so the socket

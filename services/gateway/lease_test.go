@@ -74,7 +74,7 @@ func TestMalformedStandbyKeepsTheSocket(t *testing.T) {
 		d.Log = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}, func(c *Config, _ *fakeConn) { c.BackupEnabled = true })
 	h.serveRestore(func(m *nats.Msg) {
-		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceNone})
+		_ = bus.Respond(m, bus.RestoreReply{OK: true, Source: bus.SourceNone, Instance: testUnit})
 	})
 	h.advanceUntilOpen(t)
 	h.connected()
