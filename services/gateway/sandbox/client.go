@@ -402,11 +402,14 @@ func (c *Client) Close() error {
 }
 
 // forget deletes the device from the store, as whatsmeow does on a logout.
+// Callers have usually just closed the socket whose context they hold: the
+// delete must outlive that cancellation, or the dead device stays in the
+// store and GetFirstDevice picks it again after a restart.
 func (c *Client) forget(ctx context.Context, dev *store.Device) {
 	if dev.ID == nil {
 		return
 	}
-	if err := c.container.DeleteDevice(ctx, dev); err != nil {
+	if err := c.container.DeleteDevice(context.WithoutCancel(ctx), dev); err != nil {
 		c.log.Warn("sandbox: delete the logged-out device", "err", err)
 	}
 	c.mu.Lock()

@@ -186,7 +186,7 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(t, bus.ConnConnecting)
 		r.rec.next(t, bus.ConnQR) // a fresh device pairs anew
 		if again := r.linked2(); again == jid {
-			t.Logf("linked again as %s", again)
+			t.Errorf("linked again as the logged-out %s, want a new device", again)
 		}
 	})
 	t.Run("temporary_ban", func(t *testing.T) {
@@ -442,6 +442,48 @@ func TestLogoutWhileAwayIsToldOnConnect(t *testing.T) {
 	r.rec.next(t, bus.ConnConnecting)
 	if e := r.rec.next(t, bus.ConnLoggedOut); !strings.Contains(e.Reason, "logged out") {
 		t.Errorf("logged_out reason %q", e.Reason)
+	}
+	r.rec.next(t, bus.ConnReconnecting)
+	if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 0 {
+		t.Errorf("device rows after a logout found on connect: %d, want 0 (whatsmeow deletes the device)", n)
+	}
+}
+
+// TestRelinkedDeviceSurvivesARestart: after a logout found on connect and a
+// new link, the store holds only the new device, and a restart connects as
+// it rather than meeting the dead one again.
+func TestRelinkedDeviceSurvivesARestart(t *testing.T) {
+	dir := t.TempDir()
+	r := newRig(t, dir)
+	old := r.linked()
+	r.fault(sandbox.Fault{Kind: sandbox.FaultDialHang})
+	r.rec.next(t, bus.ConnDisconnected)
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.fault(sandbox.Fault{Kind: sandbox.FaultLoggedOut})
+	r.fault(sandbox.Fault{Kind: sandbox.FaultRelease})
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(2500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnLoggedOut)
+	e := r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(time.Duration(e.DelayMS) * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnQR)
+	relinked := r.linked2()
+	if relinked == old {
+		t.Fatalf("relinked as the logged-out %s", old)
+	}
+	if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 1 {
+		t.Errorf("device rows after relinking: %d, want 1", n)
+	}
+	r.stop()
+
+	r2 := newRig(t, dir)
+	r2.rec.next(t, bus.ConnConnecting)
+	if e := r2.rec.next(t, bus.ConnConnected); e.JID != relinked {
+		t.Fatalf("after the restart: %s %q, want connected as %q", e.Kind, e.JID, relinked)
 	}
 }
 
