@@ -195,8 +195,7 @@ func (c *Client) Connect(ctx context.Context) error {
 func (c *Client) handshake(s *socket, fail *Fault) {
 	ctx := s.ctx
 	if fail != nil {
-		c.closeSocket(s, false)
-		c.dispatch(&events.ConnectFailure{Reason: events.ConnectFailureReason(fail.Code), Message: fail.Message})
+		c.connectFailure(s, fail)
 		return
 	}
 	if out, err := c.srv.outdated(ctx); err != nil {
@@ -250,6 +249,34 @@ func (c *Client) handshake(s *socket, fail *Fault) {
 		}
 	}
 	c.login(s, dev)
+}
+
+// connectFailure is the server answering the login with a <failure> node,
+// and what whatsmeow's handleConnectFailure makes of it: 500 and 503 only
+// close the socket (Disconnected; whatsmeow leaves it to auto-reconnect),
+// 401, 403 and 406 are a logout (the device is deleted), any other reason
+// is ConnectFailure. 402 and 405 are the temporary_ban and client_outdated
+// faults.
+func (c *Client) connectFailure(s *socket, fail *Fault) {
+	reason := events.ConnectFailureReason(fail.Code)
+	c.closeSocket(s, false)
+	switch {
+	case reason == events.ConnectFailureInternalServerError || reason == events.ConnectFailureServiceUnavailable:
+		c.dispatch(&events.Disconnected{})
+	case reason.IsLoggedOut():
+		c.mu.Lock()
+		dev := c.dev
+		c.mu.Unlock()
+		if dev.ID != nil {
+			if err := c.srv.setDevice(context.WithoutCancel(s.ctx), *dev.ID, deviceLoggedOut); err != nil {
+				c.log.Warn("sandbox: record logout", "err", err)
+			}
+		}
+		c.forget(s.ctx, dev)
+		c.dispatch(&events.LoggedOut{OnConnect: true, Reason: reason})
+	default:
+		c.dispatch(&events.ConnectFailure{Reason: reason, Message: fail.Message})
+	}
 }
 
 // login completes a login on s and delivers messages until s closes.

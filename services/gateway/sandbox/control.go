@@ -114,7 +114,7 @@ type Fault struct {
 	Message  string        // connect_failure
 	Expire   time.Duration // temporary_ban; zero: no stated expiry (the server bans for an hour)
 	Duration time.Duration // keepalive_timeout: pings fail this long; zero: until the socket is dropped
-	Count    int           // send refusals (default 1); connect_failure: further dials that fail
+	Count    int           // send refusals, connect_failure: logins that fail (default 1)
 }
 
 // unstatedBan is how long the server bans when the fault names no expiry.
@@ -197,17 +197,20 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 		if f.Code == 0 {
 			f.Code = int(events.ConnectFailureServiceUnavailable)
 		}
-		if f.Code < 400 || f.Code > 599 {
+		switch {
+		case f.Code < 400 || f.Code > 599:
 			return bad("code: a connect failure reason from 400 to 599")
+		case f.Code == int(events.ConnectFailureTempBanned):
+			return bad("code: 402 is a temporary ban; use the temporary_ban fault")
+		case f.Code == int(events.ConnectFailureClientOutdated):
+			return bad("code: 405 is client outdated; use the client_outdated fault")
 		}
+		// WhatsApp sends <failure> only in answer to a login: the next
+		// Count logins (at least one) meet it; a connected socket is left
+		// alone (a disconnect fault makes the gateway log in again).
 		s.mu.Lock()
-		s.failN, s.failRes = f.Count, f
+		s.failN, s.failRes = max(f.Count, 1), f
 		s.mu.Unlock()
-		if c == nil || !c.serverClose(&events.ConnectFailure{Reason: events.ConnectFailureReason(f.Code), Message: f.Message}) {
-			s.mu.Lock()
-			s.failN = max(f.Count, 1) // not connected: the next dial meets it
-			s.mu.Unlock()
-		}
 	case FaultDialHang:
 		s.mu.Lock()
 		if s.hang == nil {

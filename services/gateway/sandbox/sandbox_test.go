@@ -229,21 +229,69 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.clock.Advance(time.Hour)
 		r.rec.none(t) // no retry
 	})
-	t.Run("connect_failure", func(t *testing.T) {
-		r := newRig(t, t.TempDir())
-		r.linked()
-		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Count: 1, Message: "try later"})
-		if e := r.rec.next(t, bus.ConnConnectFailure); !strings.HasPrefix(e.Reason, "503: ") || !strings.HasSuffix(e.Reason, "(try later)") {
-			t.Errorf("connect_failure reason %q", e.Reason)
-		}
+	// loginAgain drops the socket so the gateway logs in again: WhatsApp
+	// answers only a login with a <failure> node.
+	loginAgain := func(t *testing.T, r *rig) {
+		t.Helper()
+		r.rec.none(t) // armed, not raised on the open socket
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
 		r.rec.next(t, bus.ConnReconnecting)
 		r.clock.Advance(1500 * time.Millisecond)
 		r.rec.next(t, bus.ConnConnecting)
-		r.rec.next(t, bus.ConnConnectFailure) // count 1: the next dial fails too
+	}
+	t.Run("connect_failure 503 closes the socket at login", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Count: 2})
+		loginAgain(t, r)
+		r.rec.next(t, bus.ConnDisconnected) // whatsmeow: no ConnectFailure for 5xx
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(2500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnDisconnected) // count 2: the next login fails too
+		if e := r.rec.next(t, bus.ConnReconnecting); e.Attempt != 3 {
+			t.Errorf("reconnecting %+v, want attempt 3", e)
+		}
+		r.clock.Advance(10 * time.Second)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnConnected)
+	})
+	t.Run("connect_failure of an unmapped reason", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Code: 409, Message: "try later"})
+		loginAgain(t, r)
+		if e := r.rec.next(t, bus.ConnConnectFailure); e.Reason != "409: client user agent was rejected (try later)" {
+			t.Errorf("connect_failure reason %q", e.Reason)
+		}
 		if e := r.rec.next(t, bus.ConnReconnecting); e.Attempt != 2 || e.DelayMS != 2500 {
 			t.Errorf("reconnecting %+v, want attempt 2 after 2.5s", e)
 		}
 		reconnected(r, 2500*time.Millisecond)
+	})
+	t.Run("connect_failure 403 is a logout on connect", func(t *testing.T) {
+		dir := t.TempDir()
+		r := newRig(t, dir)
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Code: 403})
+		loginAgain(t, r)
+		if e := r.rec.next(t, bus.ConnLoggedOut); !strings.HasPrefix(e.Reason, "403: ") {
+			t.Errorf("logged_out reason %q, want 403", e.Reason)
+		}
+		r.rec.next(t, bus.ConnReconnecting)
+		if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 0 {
+			t.Errorf("device rows: %d, want 0", n)
+		}
+	})
+	t.Run("connect_failure refuses the reasons other faults own", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		for _, code := range []int{402, 405, 399, 600} {
+			if err := r.srv.Fault(t.Context(), sandbox.Fault{Kind: sandbox.FaultConnectFailure, Code: code}); err == nil {
+				t.Errorf("code %d accepted", code)
+			}
+		}
 	})
 	t.Run("keepalive_timeout until the gateway drops the socket", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
