@@ -166,7 +166,8 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 		if sock != nil {
 			c.closeSocket(sock, true)
 			c.forget(ctx, dev)
-			c.dispatch(&events.LoggedOut{OnConnect: false})
+			// whatsmeow's device_removed stream error: reason 401.
+			c.dispatch(&events.LoggedOut{OnConnect: false, Reason: events.ConnectFailureLoggedOut})
 		}
 	case FaultTemporaryBan:
 		if f.Code == 0 {

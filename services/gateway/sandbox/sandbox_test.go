@@ -177,7 +177,9 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r := newRig(t, dir)
 		jid := r.linked()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultLoggedOut})
-		r.rec.next(t, bus.ConnLoggedOut)
+		if e := r.rec.next(t, bus.ConnLoggedOut); e.Reason != "401: logged out from another device" {
+			t.Errorf("logged_out reason %q, want whatsmeow's 401", e.Reason)
+		}
 		e := r.rec.next(t, bus.ConnReconnecting)
 		if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 0 {
 			t.Errorf("device rows after logout: %d, want 0 (whatsmeow deletes the device)", n)
