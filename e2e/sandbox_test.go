@@ -418,8 +418,15 @@ func TestSandboxBinary(t *testing.T) {
 	}
 	ids = w2.inject(bus.SandboxInjectRequest{From: "4915100000002", Text: "after the restore"})
 	w2.msgIn(ids...)
+	// client_outdated answers the next login; the gateway takes the newer
+	// version the sandbox serves (no request leaves the process) and logs in.
 	w2.fault(bus.SandboxFaultRequest{Kind: "client_outdated"})
+	w2.fault(bus.SandboxFaultRequest{Kind: "disconnect"})
 	w2.next(bus.ConnClientOutdated)
+	w2.next(bus.ConnConnected)
+	if !strings.Contains(p2.out.String(), "now presenting WhatsApp's current web version") {
+		t.Error("the gateway did not switch to the version the sandbox serves")
+	}
 	p2.stop(t, 30*time.Second)
 	checkLogs(t, secrets, p2)
 }

@@ -114,7 +114,10 @@ type Fault struct {
 	Message  string        // connect_failure
 	Expire   time.Duration // temporary_ban; zero: no stated expiry (the server bans for an hour)
 	Duration time.Duration // keepalive_timeout: pings fail this long; zero: until the socket is dropped
-	Count    int           // send refusals, connect_failure: logins that fail (default 1)
+	// Count: send refusals, connect_failure: logins that fail,
+	// client_outdated: versions refused from the one presented now (all
+	// default 1).
+	Count int
 }
 
 // unstatedBan is how long the server bans when the fault names no expiry.
@@ -188,11 +191,10 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 			c.serverClose(&events.TemporaryBan{Code: events.TempBanReason(f.Code), Expire: f.Expire})
 		}
 	case FaultClientOutdated:
-		if err := s.setMeta(ctx, "outdated", "1"); err != nil {
+		// WhatsApp says "outdated" only in answer to a login (a 405
+		// failure): the open socket is left alone.
+		if err := s.outdate(ctx, max(f.Count, 1)); err != nil {
 			return err
-		}
-		if c != nil {
-			c.serverClose(&events.ClientOutdated{})
 		}
 	case FaultConnectFailure:
 		if f.Code == 0 {
@@ -228,7 +230,7 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 		s.mu.Lock()
 		s.refuse, s.refuseN = "", 0
 		s.mu.Unlock()
-		if _, err := s.db.ExecContext(ctx, `DELETE FROM meta WHERE k IN ('outdated', 'ban_until', 'ban_code', 'ban_stated')`); err != nil {
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM meta WHERE k IN ('min_version', 'latest_version', 'ban_until', 'ban_code', 'ban_stated')`); err != nil {
 			return fmt.Errorf("sandbox: clear: %w", err)
 		}
 	case FaultSendNotOnWhatsApp, FaultSendRateLimited:

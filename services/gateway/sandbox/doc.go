@@ -39,8 +39,10 @@
 // Connected on login, Message, and on faults Disconnected, KeepAliveTimeout
 // (then KeepAliveRestored), StreamReplaced, LoggedOut (OnConnect when the
 // device was logged out while away), TemporaryBan (again on every connect
-// while the ban lasts), ClientOutdated (on every connect until cleared),
-// ConnectFailure, and a dial that hangs until ctx ends or the fault is
+// while the ban lasts), ClientOutdated (at every login presenting a version
+// the server refuses; Versions is the gateway's VersionSource over it), and
+// for a connect failure what whatsmeow makes of the reason (Disconnected
+// for 500/503, LoggedOut for 401/403/406, else ConnectFailure), and a dial that hangs until ctx ends or the fault is
 // released. Server-side closes are followed by the event only after the
 // socket is closed, so the gateway's reaction finds it closed, as with
 // whatsmeow.

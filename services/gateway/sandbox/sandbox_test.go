@@ -223,13 +223,43 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(t, bus.ConnReconnecting)
 		reconnected(r, time.Hour)
 	})
-	t.Run("client_outdated", func(t *testing.T) {
+	t.Run("client_outdated: the gateway presents the version offered and logs in", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
+		versions := r.srv.Versions()
+		old := versions.Current()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultClientOutdated})
+		offered, err := versions.Latest(t.Context())
+		if err != nil || offered == old {
+			t.Fatalf("offered %q (%v), want a version newer than %q", offered, err, old)
+		}
+		r.rec.none(t) // said only in answer to a login
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
 		r.rec.next(t, bus.ConnClientOutdated)
-		r.clock.Advance(time.Hour)
-		r.rec.none(t) // no retry
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnConnected)
+		if cur := versions.Current(); cur != offered {
+			t.Errorf("presenting %q, want the offered %q", cur, offered)
+		}
+	})
+	t.Run("client_outdated for the offered version too stops the gateway", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultClientOutdated, Count: 2})
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnClientOutdated)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnClientOutdated)
+		r.clock.Advance(2 * time.Hour)
+		r.rec.none(t) // no retry until restarted with a newer build
 	})
 	// loginAgain drops the socket so the gateway logs in again: WhatsApp
 	// answers only a login with a <failure> node.

@@ -45,6 +45,8 @@ type Server struct {
 	seed   *seeder
 	seedID string
 	onSent atomic.Pointer[func(Sent)]
+	// version is what the client presents at login (version.go).
+	version presented
 
 	mu      sync.Mutex
 	client  *Client // the Conn attached now, or nil
@@ -263,11 +265,6 @@ func (s *Server) banned(ctx context.Context) (code int, left time.Duration, on b
 		left = time.Duration(until - now)
 	}
 	return code, left, true, nil
-}
-
-func (s *Server) outdated(ctx context.Context) (bool, error) {
-	v, err := getMeta(ctx, s.db, "outdated")
-	return v == "1", err
 }
 
 // Sent is one message the bot sent (or tried to: Refused says why not).
