@@ -451,8 +451,10 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-p.done
-	if fi, err := os.Stat(filepath.Join(disk, "sandbox.db")); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("sandbox.db: %v (mode %v), want 0600", err, fi.Mode())
+	for _, name := range []string{"sandbox.db", "session.db"} {
+		if fi, err := os.Stat(filepath.Join(disk, name)); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v (mode %v), want 0600", name, err, fi.Mode())
+		}
 	}
 
 	p2 := start(t, bin, "run (sandbox, after SIGKILL)", e, "run")

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/wa"
 	"go.mau.fi/whatsmeow"
@@ -74,11 +75,15 @@ type socket struct {
 // Open opens (creating if needed) the device store through whatsmeow's
 // sqlstore, exactly as wa.Open does, and attaches a client to the server.
 func (s *Server) Open(ctx context.Context, o Options) (*Client, error) {
-	if o.Path == "" || strings.ContainsAny(o.Path, "?#") {
-		return nil, fmt.Errorf("sandbox: bad session path %q", o.Path)
+	if o.Path == "" {
+		return nil, errors.New("sandbox: no session path")
 	}
 	if err := os.MkdirAll(filepath.Dir(o.Path), 0o700); err != nil {
 		return nil, fmt.Errorf("sandbox: create data dir: %w", err)
+	}
+	// The store holds the device's keys: owner only, WAL and shm included.
+	if err := sqlitefile.Prepare(o.Path); err != nil {
+		return nil, fmt.Errorf("sandbox: session store: %w", err)
 	}
 	log := o.Log
 	if log == nil {

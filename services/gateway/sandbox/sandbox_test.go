@@ -812,3 +812,27 @@ func TestLinkIsRefusedAfterTheLastQRCode(t *testing.T) {
 		t.Errorf("link after the last code expired: %v", err)
 	}
 }
+
+// TestStoreFilesAreOwnerOnlyAtTheirExactPath: session.db and sandbox.db
+// (and their WAL files) are readable by their owner only, whatever the
+// umask, and a path with %, ? or # names itself.
+func TestStoreFilesAreOwnerOnlyAtTheirExactPath(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "a%41b?c#d")
+	r := newRig(t, dir)
+	r.linked()
+	ids := r.inject(sandbox.Inject{From: "15551230009", Content: sandbox.Content{Text: "hi"}})
+	r.msgIn(ids...)
+	for _, name := range []string{"session.db", "session.db-wal", "sandbox.db", "sandbox.db-wal"} {
+		fi, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", name, fi.Mode().Perm())
+		}
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "aAb")); err == nil {
+		t.Error("a file landed under the percent-decoded path")
+	}
+}

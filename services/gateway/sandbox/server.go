@@ -9,14 +9,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/jonboulle/clockwork"
 	"go.mau.fi/whatsmeow/types"
 
@@ -91,22 +92,20 @@ CREATE TABLE IF NOT EXISTS outbox (
 // committed transaction is in the WAL file, in the OS's hands); it is the
 // machine crashing that it does not cover, which a test stand-in need not.
 func serverDSN(path string) string {
-	return "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=busy_timeout(10000)"
+	return sqlitefile.URI(path, url.Values{"_pragma": {"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)"}})
 }
 
 // OpenServer opens (creating, mode 0600) the server file.
 func OpenServer(ctx context.Context, o ServerOptions) (*Server, error) {
-	if o.Path == "" || strings.ContainsAny(o.Path, "?#") {
-		return nil, fmt.Errorf("sandbox: bad server path %q", o.Path)
+	if o.Path == "" {
+		return nil, errors.New("sandbox: no server path")
 	}
 	if err := os.MkdirAll(filepath.Dir(o.Path), 0o700); err != nil {
 		return nil, fmt.Errorf("sandbox: create data dir: %w", err)
 	}
-	f, err := os.OpenFile(o.Path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: create server file: %w", err)
+	if err := sqlitefile.Prepare(o.Path); err != nil {
+		return nil, fmt.Errorf("sandbox: server file: %w", err)
 	}
-	_ = f.Close()
 	db, err := sql.Open("sqlite", serverDSN(o.Path))
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: open server file: %w", err)
