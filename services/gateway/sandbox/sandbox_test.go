@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/types/events"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
@@ -834,5 +836,54 @@ func TestStoreFilesAreOwnerOnlyAtTheirExactPath(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "aAb")); err == nil {
 		t.Error("a file landed under the percent-decoded path")
+	}
+}
+
+// TestSeedRepeatsIDsUnderInterleavedTraffic: with the same seed, message
+// ids repeat although the delivery goroutine (session rows, app state) and
+// a bot answering each message (outgoing ids) draw while the next injects
+// draw their ids.
+func TestSeedRepeatsIDsUnderInterleavedTraffic(t *testing.T) {
+	run := func() (in, out []string) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		// The bot: answers every message as it arrives.
+		sub, err := r.nc.Subscribe(r.subj.MsgIn(), func(m *nats.Msg) {
+			var in bus.MsgIn
+			if json.Unmarshal(m.Data, &in) != nil {
+				return
+			}
+			body, _ := json.Marshal(bus.MsgSend{To: in.Chat, Text: "re " + in.Text})
+			_ = r.nc.PublishRequest(r.subj.MsgSend(), nats.NewInbox(), body)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = sub.Unsubscribe() }()
+		for i := range 20 {
+			in = append(in, r.inject(sandbox.Inject{From: fmt.Sprintf("155500010%02d", i), Content: sandbox.Content{Text: fmt.Sprint(i)}})...)
+		}
+		r.msgIn(in...)
+		var sent []sandbox.Sent
+		testwait.For(t, 10*time.Second, "20 answers", func() bool {
+			sent, err = r.srv.Outbox(t.Context(), 100)
+			return err == nil && len(sent) == 20
+		})
+		// The bot's answers race each other to the gateway: the same
+		// ids, not necessarily to the same recipients.
+		for _, m := range sent {
+			out = append(out, m.ID)
+		}
+		slices.Sort(out)
+		r.stop()
+		return in, out
+	}
+	in1, out1 := run()
+	in2, out2 := run()
+	if !slices.Equal(in1, in2) {
+		t.Errorf("same seed, different incoming ids:\n%v\n%v", in1, in2)
+	}
+	if !slices.Equal(out1, out2) {
+		t.Errorf("same seed, different outgoing ids:\n%v\n%v", out1, out2)
 	}
 }
