@@ -887,3 +887,45 @@ func TestSeedRepeatsIDsUnderInterleavedTraffic(t *testing.T) {
 		t.Errorf("same seed, different outgoing ids:\n%v\n%v", out1, out2)
 	}
 }
+
+// TestQueuedMessagesGoOnlyToTheDeviceTheyWereSentTo: messages queued for a
+// device that is then logged out are dropped, not handed to the device
+// linked next; that device receives what is sent to it.
+func TestQueuedMessagesGoOnlyToTheDeviceTheyWereSentTo(t *testing.T) {
+	r := newRig(t, t.TempDir())
+	r.linked()
+	r.fault(sandbox.Fault{Kind: sandbox.FaultDialHang})
+	r.rec.next(t, bus.ConnDisconnected)
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	old := r.inject(sandbox.Inject{From: "15551230010", Content: sandbox.Content{Text: "for the old device"}, Count: 2})
+	r.fault(sandbox.Fault{Kind: sandbox.FaultLoggedOut})
+	r.fault(sandbox.Fault{Kind: sandbox.FaultRelease})
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(2500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnLoggedOut)
+	e := r.rec.next(t, bus.ConnReconnecting)
+	if _, err := r.srv.Inject(t.Context(), sandbox.Inject{From: "15551230011", Content: sandbox.Content{Text: "x"}}); err == nil {
+		t.Error("inject with no device linked was accepted")
+	}
+	r.clock.Advance(time.Duration(e.DelayMS) * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnQR)
+	r.linked2()
+	fresh := r.inject(sandbox.Inject{From: "15551230012", Content: sandbox.Content{Text: "for the new device"}})
+	r.msgIn(fresh...)
+	for _, m := range r.rec.msgIns() {
+		if slices.Contains(old, m.ID) {
+			t.Errorf("the new device received %s, queued for the logged-out one", m.ID)
+		}
+	}
+	st, err := r.srv.Stats(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Unacked+st.Acked != 1 {
+		t.Errorf("inbox %+v: want only the new device's message (the old device's dropped)", st)
+	}
+}

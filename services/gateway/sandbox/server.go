@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS inbox (
 	sent_at INTEGER NOT NULL,
 	deliver_at INTEGER NOT NULL,
 	deliveries INTEGER NOT NULL DEFAULT 0,
-	acked_at INTEGER
+	acked_at INTEGER,
+	device TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS inbox_unacked ON inbox (deliver_at, seq) WHERE acked_at IS NULL;
 CREATE TABLE IF NOT EXISTS outbox (
@@ -115,6 +116,10 @@ func OpenServer(ctx context.Context, o ServerOptions) (*Server, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("sandbox: server schema: %w", err)
 	}
+	if err := addInboxDevice(ctx, db); err != nil {
+		_ = db.Close()
+		return nil, err
+	}
 	s := &Server{db: db, clock: o.Clock, log: o.Log}
 	if s.clock == nil {
 		s.clock = clockwork.NewRealClock()
@@ -129,6 +134,22 @@ func OpenServer(ctx context.Context, o ServerOptions) (*Server, error) {
 	}
 	s.seed, s.seedID = newSeeder(seed, boot), seed
 	return s, nil
+}
+
+// addInboxDevice gives a server file from before messages were tied to a
+// device its inbox.device column; its rows ('') go to whichever device is
+// linked.
+func addInboxDevice(ctx context.Context, db *sql.DB) error {
+	var n int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('inbox') WHERE name = 'device'`).Scan(&n); err != nil {
+		return fmt.Errorf("sandbox: server schema: %w", err)
+	}
+	if n == 0 {
+		if _, err := db.ExecContext(ctx, `ALTER TABLE inbox ADD COLUMN device TEXT NOT NULL DEFAULT ''`); err != nil {
+			return fmt.Errorf("sandbox: server schema: %w", err)
+		}
+	}
+	return nil
 }
 
 // boot counts this start and settles the seed: the one given, else the
@@ -239,10 +260,32 @@ func (s *Server) setDevice(ctx context.Context, jid types.JID, state string) err
 	if err != nil {
 		return fmt.Errorf("sandbox: write device: %w", err)
 	}
-	if state == deviceLoggedOut {
-		_, err = s.db.ExecContext(ctx, `DELETE FROM prekeys WHERE device = ?`, jid.String())
+	if state != deviceLoggedOut {
+		return nil
 	}
-	return err
+	// The device is gone: its pre-keys, and the messages queued for it
+	// (a device linked later does not receive what was sent before).
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM prekeys WHERE device = ?`, jid.String()); err != nil {
+		return fmt.Errorf("sandbox: drop the device's pre-keys: %w", err)
+	}
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM inbox WHERE device = ?`, jid.String()); err != nil {
+		return fmt.Errorf("sandbox: drop the device's messages: %w", err)
+	}
+	return nil
+}
+
+// linkedDevice is the device messages are sent to now: the one linked
+// last and not logged out, or "" when none is.
+func (s *Server) linkedDevice(ctx context.Context, q querier) (string, error) {
+	var jid string
+	err := q.QueryRowContext(ctx, `SELECT jid FROM devices WHERE state = ? ORDER BY rowid DESC LIMIT 1`, deviceLinked).Scan(&jid)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("sandbox: read devices: %w", err)
+	}
+	return jid, nil
 }
 
 // banned returns the ban in force: its code and how long it still lasts
@@ -349,13 +392,13 @@ type pending struct {
 	deliverAt time.Time
 }
 
-// nextPending returns the first unacknowledged message after the cursor
+// nextPending returns the first unacknowledged message for device after the cursor
 // (by delivery time, then order of injection) that is due at now, or the
 // time the next one falls due.
-func (s *Server) nextPending(ctx context.Context, afterAt, afterSeq int64, now time.Time) (*pending, time.Time, error) {
+func (s *Server) nextPending(ctx context.Context, device types.JID, afterAt, afterSeq int64, now time.Time) (*pending, time.Time, error) {
 	row := s.db.QueryRowContext(ctx, `SELECT seq, id, chat, sender, push_name, type, body, sent_at, deliver_at FROM inbox
-		WHERE acked_at IS NULL AND (deliver_at > ? OR (deliver_at = ? AND seq > ?))
-		ORDER BY deliver_at, seq LIMIT 1`, afterAt, afterAt, afterSeq)
+		WHERE acked_at IS NULL AND device IN (?, '') AND (deliver_at > ? OR (deliver_at = ? AND seq > ?))
+		ORDER BY deliver_at, seq LIMIT 1`, device.String(), afterAt, afterAt, afterSeq)
 	var p pending
 	var body string
 	var sent, due int64

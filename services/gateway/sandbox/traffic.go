@@ -229,7 +229,7 @@ func (c *Client) deliver(s *socket, dev *store.Device) {
 	afterAt, afterSeq := int64(-1<<63), int64(0)
 	for ctx.Err() == nil {
 		now := c.srv.clock.Now()
-		p, next, err := c.srv.nextPending(ctx, afterAt, afterSeq, now)
+		p, next, err := c.srv.nextPending(ctx, *dev.ID, afterAt, afterSeq, now)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Warn("sandbox: read the queue", "err", err)
