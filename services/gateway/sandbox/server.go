@@ -137,7 +137,7 @@ func OpenServer(ctx context.Context, o ServerOptions) (*Server, error) {
 }
 
 // addInboxDevice gives a server file from before messages were tied to a
-// device its inbox.device column; its rows (”) go to whichever device is
+// device its inbox.device column; its rows (device empty) go to whichever device is
 // linked.
 func addInboxDevice(ctx context.Context, db *sql.DB) error {
 	var n int
