@@ -15,6 +15,7 @@ import (
 	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/wa"
+	"github.com/blacksky-md/blacksky/shared/logging"
 	"go.mau.fi/whatsmeow"
 	"go.mau.fi/whatsmeow/store"
 	"go.mau.fi/whatsmeow/store/sqlstore"
@@ -248,7 +249,7 @@ func (c *Client) handshake(s *socket, fail *Fault) {
 	case "":
 		// A store the server file has not seen: restored from a snapshot
 		// onto an empty disk. WhatsApp's servers would know it; so do we.
-		c.log.Info("sandbox: adopting the linked device of a restored store", "jid", dev.ID.String())
+		c.log.Info("sandbox: adopting the linked device of a restored store", "jid", logging.MaskJID(dev.ID.String()))
 		if err := c.srv.setDevice(ctx, *dev.ID, deviceLinked); err != nil {
 			c.log.Warn("sandbox: record device", "err", err)
 		}

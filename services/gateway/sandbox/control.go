@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/blacksky-md/blacksky/shared/logging"
 	"go.mau.fi/whatsmeow/proto/waAdv"
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
@@ -80,7 +81,7 @@ func (c *Client) link(ctx context.Context, phone string) (types.JID, error) {
 	if err := c.afterLink(ctx, dev); err != nil {
 		c.log.Warn("sandbox: store traffic after pairing", "err", err)
 	}
-	c.log.Info("sandbox: device linked", "jid", jid.String())
+	c.log.Info("sandbox: device linked", "jid", logging.MaskJID(jid.String()))
 	c.dispatch(&events.PairSuccess{ID: jid, LID: lid, Platform: "android"})
 	c.goOn(sock, func() { c.login(sock, dev) })
 	return jid, nil

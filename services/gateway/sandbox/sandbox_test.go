@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -928,4 +929,74 @@ func TestQueuedMessagesGoOnlyToTheDeviceTheyWereSentTo(t *testing.T) {
 	if st.Unacked+st.Acked != 1 {
 		t.Errorf("inbox %+v: want only the new device's message (the old device's dropped)", st)
 	}
+}
+
+// TestLogsMaskTheDevicesJID: linking and adopting a restored store log the
+// device's JID masked, never the phone number in full.
+func TestLogsMaskTheDevicesJID(t *testing.T) {
+	dir := t.TempDir()
+	var buf syncBuffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	open := func() (*sandbox.Server, *sandbox.Client) {
+		srv, err := sandbox.OpenServer(t.Context(), sandbox.ServerOptions{Path: filepath.Join(dir, "sandbox.db"), Seed: "test-seed", Log: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(dir, "session.db"), Log: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		connected := make(chan struct{}, 1)
+		c.OnEvent(func(evt any) {
+			if _, ok := evt.(*events.Connected); ok {
+				select {
+				case connected <- struct{}{}:
+				default:
+				}
+			}
+		})
+		if err := c.Connect(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close(); _ = srv.Close() })
+		return srv, c
+	}
+	srv, c := open()
+	var jid string
+	testwait.For(t, 5*time.Second, "the link", func() bool {
+		j, err := srv.Link(t.Context(), "4915112345678")
+		jid = j.User
+		return err == nil
+	})
+	_ = c.Close()
+	_ = srv.Close()
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		_ = os.Remove(filepath.Join(dir, "sandbox.db"+suffix))
+	}
+	_, c2 := open() // a fresh server file adopts the restored store
+	testwait.For(t, 5*time.Second, "the adopted device connected", c2.IsConnected)
+	out := buf.String()
+	if !strings.Contains(out, "device linked") || !strings.Contains(out, "adopting") {
+		t.Fatalf("log lacks the link or adoption lines:\n%s", out)
+	}
+	if strings.Contains(out, jid) {
+		t.Errorf("the log shows the phone number %s in full:\n%s", jid, out)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
