@@ -149,13 +149,18 @@ func (c *Client) dispatch(evt any) bool {
 	return true
 }
 
-// errDialTimeout is what a hung dial ends with when the sandbox is told to
-// release it.
+// errDialTimeout is what a hung dial ends with: after dialTimeout, or
+// sooner when the sandbox is told to release it.
 var errDialTimeout = errors.New("dial tcp: i/o timeout")
+
+// dialTimeout is how long a real dial of WhatsApp's socket hangs at most
+// before the TCP connect times out.
+const dialTimeout = 30 * time.Second
 
 // Connect opens the simulated socket; what WhatsApp says (QR codes, login,
 // a refusal) follows as events, as with whatsmeow. A dial_hang fault makes
-// it block until ctx ends or the fault is released.
+// it block until ctx ends, the fault is released, or 30 s (a TCP connect
+// timing out) have passed.
 func (c *Client) Connect(ctx context.Context) error {
 	c.mu.Lock()
 	if c.closed {
@@ -174,10 +179,14 @@ func (c *Client) Connect(ctx context.Context) error {
 	hang, fail := c.srv.takeDialFault()
 	if hang != nil {
 		c.log.Info("sandbox: dial hangs (fault dial_hang)")
+		t := c.srv.clock.NewTimer(dialTimeout)
+		defer t.Stop()
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-hang:
+			return errDialTimeout
+		case <-t.Chan():
 			return errDialTimeout
 		}
 	}

@@ -367,6 +367,20 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		}
 		r.rec.none(t) // still connected
 	})
+	t.Run("dial_hang times out after 30 s", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDialHang})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		dial := r.rec.next(t, bus.ConnConnecting)
+		r.advanceUntil(time.Second, "the hung dial to time out", func() bool { return r.rec.ahead() > 0 })
+		e := r.rec.next(t, bus.ConnReconnecting)
+		if took := e.At.Sub(dial.At); e.Attempt != 2 || took < 30*time.Second || took > 31*time.Second {
+			t.Errorf("reconnecting %+v %s after the dial began, want attempt 2 after 30 s", e, took)
+		}
+	})
 	t.Run("dial_hang", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
@@ -375,7 +389,7 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(t, bus.ConnReconnecting)
 		r.clock.Advance(1500 * time.Millisecond)
 		r.rec.next(t, bus.ConnConnecting)
-		r.clock.Advance(time.Minute)
+		r.clock.Advance(10 * time.Second)
 		r.rec.none(t) // hung in the dial
 		r.fault(sandbox.Fault{Kind: sandbox.FaultRelease})
 		if e := r.rec.next(t, bus.ConnReconnecting); e.Attempt != 2 {
