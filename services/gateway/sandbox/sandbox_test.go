@@ -53,8 +53,8 @@ func TestLinkPairsTheGatewayThroughWhatsmeowsStore(t *testing.T) {
 	if n := count(t, db, `SELECT count(*) FROM whatsmeow_device WHERE jid = ?`, jid.String()); n != 1 {
 		t.Errorf("device rows for %s: %d, want 1", jid, n)
 	}
-	if n := count(t, db, `SELECT count(*) FROM whatsmeow_pre_keys WHERE uploaded`); n != 50 {
-		t.Errorf("uploaded pre-keys after linking: %d, want whatsmeow's batch of 50", n)
+	if n := count(t, db, `SELECT count(*) FROM whatsmeow_pre_keys WHERE uploaded`); n != 812 {
+		t.Errorf("uploaded pre-keys after linking: %d, want whatsmeow's first upload of 812", n)
 	}
 	if n := count(t, db, `SELECT count(*) FROM whatsmeow_app_state_version`); n != 5 {
 		t.Errorf("app state versions: %d, want 5", n)
@@ -597,8 +597,8 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 		return b
 	}
 	preKeys := func() int { return count(t, db, `SELECT count(*) FROM whatsmeow_pre_keys`) }
-	if n := preKeys(); n != 50 {
-		t.Fatalf("pre-keys after linking: %d", n)
+	if n := preKeys(); n != 812 {
+		t.Fatalf("pre-keys after linking: %d, want whatsmeow's first upload of 812", n)
 	}
 	var ids []string
 	for _, from := range []string{"15550000001", "15550000002", "15550000003"} {
@@ -611,8 +611,8 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 	if n := count(t, db, `SELECT count(*) FROM whatsmeow_identity_keys`); n != 3 {
 		t.Errorf("identity rows after 3 new contacts: %d", n)
 	}
-	if n := preKeys(); n != 47 {
-		t.Errorf("pre-keys after 3 new contacts: %d, want 47 (one used up each)", n)
+	if n := preKeys(); n != 809 {
+		t.Errorf("pre-keys after 3 new contacts: %d, want 809 (one used up each)", n)
 	}
 	before := blob("15550000001")
 	ids = r.inject(sandbox.Inject{From: "15550000001", Content: sandbox.Content{Text: "second"}})
@@ -620,18 +620,18 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 	if after := blob("15550000001"); bytes.Equal(before, after) {
 		t.Error("the session row did not move with the message (no ratchet)")
 	}
-	if n := preKeys(); n != 47 {
-		t.Errorf("pre-keys after a known contact's message: %d, want 47", n)
+	if n := preKeys(); n != 809 {
+		t.Errorf("pre-keys after a known contact's message: %d, want 809", n)
 	}
-	// 45 more new contacts leave the server 2 pre-keys: below whatsmeow's
+	// 807 more new contacts leave the server 2 pre-keys: below whatsmeow's
 	// minimum of 5, so the device uploads another 50 on the way.
 	ids = nil
-	for i := range 45 {
+	for i := range 807 {
 		ids = append(ids, r.inject(sandbox.Inject{From: "1555100" + pad4(i), Content: sandbox.Content{Text: "hi"}})...)
 	}
 	r.msgIn(ids...)
-	if n, max := preKeys(), count(t, db, `SELECT max(key_id) FROM whatsmeow_pre_keys`); n <= 5 || max <= 50 {
-		t.Errorf("pre-keys after 48 new contacts: %d (max id %d), want a refill past id 50", n, max)
+	if n, max := preKeys(), count(t, db, `SELECT max(key_id) FROM whatsmeow_pre_keys`); n <= 5 || max <= 812 || max > 812+50 {
+		t.Errorf("pre-keys after 810 new contacts: %d (max id %d), want one refill of 50 past id 812", n, max)
 	}
 	// Group messages rewrite the sender key.
 	ids = r.inject(sandbox.Inject{From: "15550000002", Group: "1203630", Content: sandbox.Content{Text: "in a group"}})

@@ -22,8 +22,9 @@ import (
 //     device removes it), and a session row appears;
 //   - every message (in or out) moves that contact's session row (the
 //     ratchet); a group message also rewrites the sender key row;
-//   - when the server holds fewer than whatsmeow.MinPreKeyCount pre-keys,
-//     the device generates and uploads whatsmeow.WantedPreKeyCount more;
+//   - the first login uploads 812 pre-keys; when the server holds fewer
+//     than whatsmeow.MinPreKeyCount, the device generates and uploads
+//     whatsmeow.WantedPreKeyCount more;
 //   - app state versions move at login and every appStateEvery messages.
 //
 // Session and sender key rows are opaque bytes of the size libsignal
@@ -79,17 +80,32 @@ func (c *Client) onLogin(ctx context.Context, dev *store.Device) error {
 	return c.moveAppState(ctx, dev, "regular_low", 1)
 }
 
-// refillPreKeys uploads a batch when the server holds fewer than
-// whatsmeow.MinPreKeyCount (always, when force).
+// initialPreKeyCount is how many pre-keys whatsmeow uploads when neither
+// the server nor the store holds any (uploadPreKeys' initialUpload: the
+// first connect after pairing); later batches are WantedPreKeyCount.
+const initialPreKeyCount = 812
+
+// refillPreKeys uploads pre-keys as whatsmeow does after a login and when
+// the server says it runs low: when the server or the store holds fewer
+// than whatsmeow.MinPreKeyCount uploaded ones (always, when force), 812
+// the first time and whatsmeow.WantedPreKeyCount after.
 func (c *Client) refillPreKeys(ctx context.Context, dev *store.Device, force bool) error {
 	n, err := c.srv.serverPreKeys(ctx, *dev.ID)
 	if err != nil {
 		return fmt.Errorf("server pre-keys: %w", err)
 	}
-	if !force && n >= whatsmeow.MinPreKeyCount {
+	stored, err := dev.PreKeys.UploadedPreKeyCount(ctx)
+	if err != nil {
+		return fmt.Errorf("stored pre-keys: %w", err)
+	}
+	if !force && n >= whatsmeow.MinPreKeyCount && stored >= whatsmeow.MinPreKeyCount {
 		return nil
 	}
-	batch, err := dev.PreKeys.GetOrGenPreKeys(ctx, whatsmeow.WantedPreKeyCount)
+	want := uint32(whatsmeow.WantedPreKeyCount)
+	if n == 0 && stored == 0 {
+		want = initialPreKeyCount
+	}
+	batch, err := dev.PreKeys.GetOrGenPreKeys(ctx, want)
 	if err != nil {
 		return fmt.Errorf("generate pre-keys: %w", err)
 	}
