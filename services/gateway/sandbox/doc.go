@@ -53,8 +53,12 @@
 // returned for it while its socket is still open (whatsmeow acks after its
 // handlers ran). Each unacknowledged message is delivered once per socket;
 // after a reconnect every unacknowledged one comes again, oldest due first,
-// as WhatsApp redelivers, so a message lost between the handler and the ack
-// arrives twice. Disconnect waits for the delivery in progress.
+// as WhatsApp redelivers. The client then behaves as whatsmeow with
+// EnableDecryptedEventBuffer (package wa turns it on), through the store's
+// own event buffer: a message whose handler finished but whose ack was lost
+// is only acknowledged, one whose handler reported failure is dispatched
+// again from the buffered plaintext. Disconnect waits for the delivery in
+// progress.
 //
 // The relay work (issue 11) will move the gateway to whatsmeow's
 // success-status handlers (SynchronousAck). OnEventWithSuccess is that

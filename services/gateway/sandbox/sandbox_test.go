@@ -2,6 +2,7 @@ package sandbox_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -1013,4 +1014,67 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// holder holds the first delivery of a message with text hold in the
+// handler until released, so a test can close the socket under it.
+type holder struct {
+	*sandbox.Client
+	once    sync.Once
+	held    chan struct{}
+	release chan struct{}
+}
+
+func (h *holder) OnEvent(f func(any)) {
+	h.Client.OnEvent(func(evt any) {
+		f(evt)
+		if m, ok := evt.(*events.Message); ok && m.Message.GetConversation() == "hold" {
+			h.once.Do(func() {
+				close(h.held)
+				<-h.release
+			})
+		}
+	})
+}
+
+// TestHandledMessageWhoseAckWasLostIsNotDispatchedAgain: a message the
+// handlers finished with but whose ack was lost with the socket is, when
+// WhatsApp sends it again, only acknowledged, as whatsmeow's decrypted
+// event buffer makes it (EventAlreadyProcessed).
+func TestHandledMessageWhoseAckWasLostIsNotDispatchedAgain(t *testing.T) {
+	h := &holder{held: make(chan struct{}), release: make(chan struct{})}
+	r := newRig(t, t.TempDir(), func(r *rig) {
+		r.wrap = func(c *sandbox.Client) gateway.Conn { h.Client = c; return h }
+	})
+	r.linked()
+	ids := r.inject(sandbox.Inject{From: "15551230020", Content: sandbox.Content{Text: "hold"}})
+	<-h.held
+	faulted := make(chan error, 1)
+	go func() { faulted <- r.srv.Fault(context.Background(), sandbox.Fault{Kind: sandbox.FaultDisconnect}) }()
+	testwait.For(t, 5*time.Second, "the socket closed under the handler", func() bool { return !h.IsConnected() })
+	close(h.release)
+	if err := <-faulted; err != nil {
+		t.Fatal(err)
+	}
+	if n, acked, err := r.srv.Deliveries(t.Context(), ids[0]); err != nil || n != 1 || acked {
+		t.Fatalf("after the lost ack: %d deliveries, acked %v (%v); want 1, not acked", n, acked, err)
+	}
+	r.rec.next(t, bus.ConnDisconnected)
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnConnected)
+	testwait.For(t, 5*time.Second, "the redelivery acknowledged", func() bool {
+		n, acked, err := r.srv.Deliveries(t.Context(), ids[0])
+		return err == nil && n == 2 && acked
+	})
+	n := 0
+	for _, m := range r.rec.msgIns() {
+		if m.ID == ids[0] {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("the message reached msg.in %d times, want once", n)
+	}
 }

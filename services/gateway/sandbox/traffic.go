@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
 	"go.mau.fi/whatsmeow/util/keys"
+	"google.golang.org/protobuf/proto"
 )
 
 // What the store sees, done through whatsmeow's own store interfaces on the
@@ -257,17 +259,27 @@ func (c *Client) deliver(s *socket, dev *store.Device) {
 			continue
 		}
 		afterAt, afterSeq = p.deliverAt.UnixNano(), p.seq
-		evt, err := c.receive(ctx, dev, p)
+		if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
+			c.log.Warn("sandbox: count delivery", "err", err)
+		}
+		evt, processed, err := c.decrypt(ctx, dev, p)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Warn("sandbox: receive message", "id", p.id, "err", err)
 			}
 			continue
 		}
-		if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
-			c.log.Warn("sandbox: count delivery", "err", err)
+		ok := true
+		if !processed {
+			ok = c.dispatch(evt)
+			if ok {
+				// The handlers are done with it: whatsmeow keeps only
+				// the hash, so a redelivery is ignored (and acked).
+				if err := dev.EventBuffer.ClearBufferedEventPlaintext(context.WithoutCancel(ctx), bufferHash(p)); err != nil {
+					c.log.Warn("sandbox: clear the decrypted event", "err", err)
+				}
+			}
 		}
-		ok := c.dispatch(evt)
 		c.mu.Lock()
 		current := c.sock == s
 		c.mu.Unlock()
@@ -278,6 +290,46 @@ func (c *Client) deliver(s *socket, dev *store.Device) {
 			c.log.Warn("sandbox: ack", "err", err)
 		}
 	}
+}
+
+// bufferHash stands for the hash of the message's ciphertext, the key of
+// whatsmeow's decrypted event buffer.
+func bufferHash(p *pending) [32]byte {
+	return sha256.Sum256([]byte("sandbox-ciphertext:" + p.id))
+}
+
+// decrypt is whatsmeow's bufferedDecrypt with EnableDecryptedEventBuffer
+// (as package wa sets it): a message seen for the first time is decrypted
+// (the store moves) and its plaintext kept in the event buffer until the
+// handlers succeeded; a redelivered one whose plaintext is still buffered
+// (a handler failed) is dispatched again from the buffer without
+// decrypting; one already processed (only its hash left) is not
+// dispatched, only acknowledged (EventAlreadyProcessed).
+func (c *Client) decrypt(ctx context.Context, dev *store.Device, p *pending) (evt *events.Message, processed bool, err error) {
+	hash := bufferHash(p)
+	buf, err := dev.EventBuffer.GetBufferedEvent(ctx, hash)
+	if err != nil {
+		return nil, false, fmt.Errorf("read the event buffer: %w", err)
+	}
+	switch {
+	case buf != nil && buf.Plaintext == nil:
+		return nil, true, nil
+	case buf != nil:
+		evt, err := buildMessage(p)
+		return evt, false, err
+	}
+	evt, err = c.receive(ctx, dev, p)
+	if err != nil {
+		return nil, false, err
+	}
+	plaintext, err := proto.Marshal(evt.Message)
+	if err != nil {
+		return nil, false, fmt.Errorf("sandbox: %w", err)
+	}
+	if err := dev.EventBuffer.PutBufferedEvent(ctx, hash, plaintext, p.sentAt); err != nil {
+		return nil, false, fmt.Errorf("buffer the decrypted event: %w", err)
+	}
+	return evt, false, nil
 }
 
 // wait sleeps until next (if set), a wake-up or the socket's end.
