@@ -275,7 +275,7 @@ func TestSandboxBinary(t *testing.T) {
 	types := map[string]bus.SandboxInjectRequest{
 		"text":     {Text: "hello bot"},
 		"image":    {Type: "image", Text: "caption"},
-		"video":    {Type: "video"},
+		"video":    {Type: "video", Text: "a clip"},
 		"audio":    {Type: "audio"},
 		"document": {Type: "document", Text: "doc", FileName: "a.pdf"},
 		"sticker":  {Type: "sticker"},
@@ -297,9 +297,20 @@ func TestSandboxBinary(t *testing.T) {
 	for id := range want {
 		ids = append(ids, id)
 	}
+	// What each type carries on msg.in (docs/sandbox.md's table).
+	wantText := map[string]string{
+		"text": "hello bot", "image": "caption", "video": "a clip", "audio": "", "document": "doc", "sticker": "",
+		"reaction": "❤️", "location": "", "contact": "", "poll": "Tea?", "protocol": "",
+	}
 	for id, m := range w.msgIn(ids...) {
-		if m.Type != want[id] {
-			t.Errorf("message %s: msg.in type %q, want %q", id, m.Type, want[id])
+		typ := want[id]
+		wantChat := "4915112345678@s.whatsapp.net"
+		if typ == "poll" {
+			wantChat = "120363025246125486@g.us"
+		}
+		if m.Type != typ || m.Text != wantText[typ] || m.Chat != wantChat || m.Sender != "4915112345678@s.whatsapp.net" {
+			t.Errorf("message %s: msg.in %q %q in %s from %s, want %q %q in %s from 4915112345678@s.whatsapp.net",
+				id, m.Type, m.Text, m.Chat, m.Sender, typ, wantText[typ], wantChat)
 		}
 	}
 	// The command line reaches the same process.
