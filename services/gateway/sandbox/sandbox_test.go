@@ -630,7 +630,19 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 	for i := range 807 {
 		ids = append(ids, r.inject(sandbox.Inject{From: "1555100" + pad4(i), Content: sandbox.Content{Text: "hi"}})...)
 	}
-	r.msgIn(ids...)
+	// 807 first messages, each moving the store: allow for -race.
+	testwait.For(t, 2*time.Minute, "807 messages on msg.in", func() bool {
+		seen := map[string]bool{}
+		for _, m := range r.rec.msgIns() {
+			seen[m.ID] = true
+		}
+		for _, id := range ids {
+			if !seen[id] {
+				return false
+			}
+		}
+		return true
+	})
 	if n, max := preKeys(), count(t, db, `SELECT max(key_id) FROM whatsmeow_pre_keys`); n <= 5 || max <= 812 || max > 812+50 {
 		t.Errorf("pre-keys after 810 new contacts: %d (max id %d), want one refill of 50 past id 812", n, max)
 	}
