@@ -275,7 +275,7 @@ func TestSandboxBinary(t *testing.T) {
 	types := map[string]bus.SandboxInjectRequest{
 		"text":     {Text: "hello bot"},
 		"image":    {Type: "image", Text: "caption"},
-		"video":    {Type: "video"},
+		"video":    {Type: "video", Text: "a clip"},
 		"audio":    {Type: "audio"},
 		"document": {Type: "document", Text: "doc", FileName: "a.pdf"},
 		"sticker":  {Type: "sticker"},
@@ -297,9 +297,20 @@ func TestSandboxBinary(t *testing.T) {
 	for id := range want {
 		ids = append(ids, id)
 	}
+	// What each type carries on msg.in (docs/sandbox.md's table).
+	wantText := map[string]string{
+		"text": "hello bot", "image": "caption", "video": "a clip", "audio": "", "document": "doc", "sticker": "",
+		"reaction": "❤️", "location": "", "contact": "", "poll": "Tea?", "protocol": "",
+	}
 	for id, m := range w.msgIn(ids...) {
-		if m.Type != want[id] {
-			t.Errorf("message %s: msg.in type %q, want %q", id, m.Type, want[id])
+		typ := want[id]
+		wantChat := "4915112345678@s.whatsapp.net"
+		if typ == "poll" {
+			wantChat = "120363025246125486@g.us"
+		}
+		if m.Type != typ || m.Text != wantText[typ] || m.Chat != wantChat || m.Sender != "4915112345678@s.whatsapp.net" {
+			t.Errorf("message %s: msg.in %q %q in %s from %s, want %q %q in %s from 4915112345678@s.whatsapp.net",
+				id, m.Type, m.Text, m.Chat, m.Sender, typ, wantText[typ], wantChat)
 		}
 	}
 	// The command line reaches the same process.
@@ -333,8 +344,19 @@ func TestSandboxBinary(t *testing.T) {
 	w.next(bus.ConnDisconnected)
 	w.next(bus.ConnReconnecting)
 	w.next(bus.ConnConnected)
+	// A connect failure answers the next login: a 500 only closes the
+	// socket (as whatsmeow, no connect_failure event), another reason is
+	// connect_failure.
 	w.fault(bus.SandboxFaultRequest{Kind: "connect_failure", Code: 500})
-	if e := w.next(bus.ConnConnectFailure); !strings.HasPrefix(e.Reason, "500") {
+	w.fault(bus.SandboxFaultRequest{Kind: "disconnect"})
+	w.next(bus.ConnDisconnected)
+	w.next(bus.ConnConnecting)
+	w.next(bus.ConnDisconnected)
+	w.next(bus.ConnReconnecting)
+	w.next(bus.ConnConnected)
+	w.fault(bus.SandboxFaultRequest{Kind: "connect_failure", Code: 409, Message: "try later"})
+	w.fault(bus.SandboxFaultRequest{Kind: "disconnect"})
+	if e := w.next(bus.ConnConnectFailure); e.Reason != "409: client user agent was rejected (try later)" {
 		t.Errorf("connect_failure reason %q", e.Reason)
 	}
 	w.next(bus.ConnReconnecting)
@@ -407,8 +429,15 @@ func TestSandboxBinary(t *testing.T) {
 	}
 	ids = w2.inject(bus.SandboxInjectRequest{From: "4915100000002", Text: "after the restore"})
 	w2.msgIn(ids...)
+	// client_outdated answers the next login; the gateway takes the newer
+	// version the sandbox serves (no request leaves the process) and logs in.
 	w2.fault(bus.SandboxFaultRequest{Kind: "client_outdated"})
+	w2.fault(bus.SandboxFaultRequest{Kind: "disconnect"})
 	w2.next(bus.ConnClientOutdated)
+	w2.next(bus.ConnConnected)
+	if !strings.Contains(p2.out.String(), "now presenting WhatsApp's current web version") {
+		t.Error("the gateway did not switch to the version the sandbox serves")
+	}
 	p2.stop(t, 30*time.Second)
 	checkLogs(t, secrets, p2)
 }
@@ -433,8 +462,10 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-p.done
-	if fi, err := os.Stat(filepath.Join(disk, "sandbox.db")); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("sandbox.db: %v (mode %v), want 0600", err, fi.Mode())
+	for _, name := range []string{"sandbox.db", "session.db"} {
+		if fi, err := os.Stat(filepath.Join(disk, name)); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v (mode %v), want 0600", name, err, fi.Mode())
+		}
 	}
 
 	p2 := start(t, bin, "run (sandbox, after SIGKILL)", e, "run")

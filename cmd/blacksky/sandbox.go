@@ -87,7 +87,7 @@ func (m *Main) cmdSandbox(ctx context.Context, args []string) error {
 		fs.StringVar(&r.Message, "message", "", "connect_failure message")
 		fs.StringVar(&r.Expire, "expire", "", "temporary_ban: when the ban ends, e.g. 30m")
 		fs.StringVar(&r.Duration, "duration", "", "keepalive_timeout: how long pings fail, e.g. 1m")
-		fs.IntVar(&r.Count, "count", 0, "send refusals: how many sends; connect_failure: further dials that fail")
+		fs.IntVar(&r.Count, "count", 0, "send refusals: how many sends; connect_failure: how many logins fail; client_outdated: how many versions are refused (2: the offered newer one too)")
 		if err := parseFlags(fs, args[1:]); err != nil {
 			return err
 		}

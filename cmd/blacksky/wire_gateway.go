@@ -32,12 +32,16 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		return nil, err
 	}
 	var sb *sandboxGateway
+	// After client_outdated: WhatsApp's current web version, from its web
+	// page (timeout below the gateway's VersionFetchTimeout); in sandbox
+	// mode the sandbox's, which never leaves the process.
+	var versions gateway.VersionSource = wa.WebVersion{HTTP: &http.Client{Timeout: 20 * time.Second}}
 	if cfg.WhatsAppSandbox {
 		srv, sbOpen, ctl, err := a.openSandbox(nc)
 		if err != nil {
 			return nil, err
 		}
-		open, sb = sbOpen, &sandboxGateway{srv: srv, ctl: ctl}
+		open, sb, versions = sbOpen, &sandboxGateway{srv: srv, ctl: ctl}, srv.Versions()
 	}
 	g := gateway.New(gateway.Config{
 		Session:       cfg.SessionID,
@@ -53,14 +57,12 @@ func (a *app) newGateway(nc *nats.Conn) (runner, error) {
 		ReconnectMax:  cfg.ReconnectMax,
 		SendRate:      cfg.SendRate.Limit(), // burst 1: at most N+1 sends in any window of one period
 	}, gateway.Deps{
-		NC:     nc,
-		Open:   open,
-		Log:    log,
-		Clock:  a.clock,
-		ShowQR: terminalQR(cfg.Production, os.Stderr),
-		// After client_outdated: WhatsApp's current web version, from its
-		// web page (timeout below the gateway's VersionFetchTimeout).
-		Versions: wa.WebVersion{HTTP: &http.Client{Timeout: 20 * time.Second}},
+		NC:       nc,
+		Open:     open,
+		Log:      log,
+		Clock:    a.clock,
+		ShowQR:   terminalQR(cfg.Production, os.Stderr),
+		Versions: versions,
 	})
 	if sb != nil {
 		sb.gw = g

@@ -32,7 +32,7 @@ func (a *app) openSandbox(nc *nats.Conn) (*sandbox.Server, gateway.Opener, *sand
 		return nil, nil, nil, err
 	}
 	a.log.Warn("WHATSAPP_SANDBOX=true: the gateway talks to the built-in WhatsApp sandbox, not to WhatsApp",
-		"server_file", path, "seed", srv.Seed())
+		"server_file", path) // not the seed: the sandbox device's keys derive from it
 	open := func(ctx context.Context) (gateway.Conn, error) {
 		return srv.Open(ctx, sandbox.Options{
 			Path: filepath.Join(a.cfg.DataDir, "session.db"),

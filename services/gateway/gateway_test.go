@@ -327,10 +327,12 @@ func TestKeepalive(t *testing.T) {
 func TestConnectFailureIsTransient(t *testing.T) {
 	h := start(t)
 	h.rec.next(t, bus.ConnConnecting)
-	h.conn.emit(&events.ConnectFailure{Reason: events.ConnectFailureServiceUnavailable, Message: "try later"})
+	// whatsmeow emits ConnectFailure only for reasons it has no other
+	// event for (a 5xx just closes the socket).
+	h.conn.emit(&events.ConnectFailure{Reason: events.ConnectFailureBadUserAgent, Message: "try later"})
 	ev := h.rec.next(t, bus.ConnConnectFailure)
-	if !strings.Contains(ev.Reason, "503") {
-		t.Fatalf("connect_failure reason = %q", ev.Reason)
+	if want := "409: client user agent was rejected (try later)"; ev.Reason != want {
+		t.Fatalf("connect_failure reason = %q, want %q", ev.Reason, want)
 	}
 	r := h.rec.next(t, bus.ConnReconnecting)
 	h.advance(time.Duration(r.DelayMS) * time.Millisecond)

@@ -351,7 +351,7 @@ func (g *Gateway) handle(ctx context.Context, evt any) {
 	case *events.ClientOutdated:
 		g.onClientOutdated(ctx)
 	case *events.ConnectFailure:
-		reason := fmt.Sprintf("%d: %s", int(e.Reason), e.Reason.String())
+		reason := e.Reason.String() // "409: client user agent was rejected"
 		if e.Message != "" {
 			reason += " (" + e.Message + ")"
 		}

@@ -76,7 +76,7 @@ type SandboxFaultRequest struct {
 	Message  string `json:"message,omitempty"`  // connect_failure
 	Expire   string `json:"expire,omitempty"`   // temporary_ban: a duration
 	Duration string `json:"duration,omitempty"` // keepalive_timeout: how long pings fail
-	Count    int    `json:"count,omitempty"`    // send refusals; further connect failures
+	Count    int    `json:"count,omitempty"`    // send refusals; failing logins; refused versions
 }
 
 // SandboxFaultReply answers P.sandbox.fault.

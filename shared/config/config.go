@@ -198,10 +198,11 @@ func Load(getenv Getenv) (*Config, error) {
 	c.WhatsAppSandbox = p.boolean("WHATSAPP_SANDBOX")
 	c.SandboxSeed = p.str("SANDBOX_SEED")
 	if c.WhatsAppSandbox && c.Production {
-		p.fail("WHATSAPP_SANDBOX", "false in production (NODE_ENV or BLACKSKY_ENV is production): the sandbox is not WhatsApp", "true")
+		p.fail("WHATSAPP_SANDBOX", "false in production (NODE_ENV or BLACKSKY_ENV is production): the sandbox is not WhatsApp", p.str("WHATSAPP_SANDBOX"))
 	}
-	if len(c.SandboxSeed) > 256 {
-		p.fail("SANDBOX_SEED", "at most 256 characters", c.SandboxSeed[:16]+"...")
+	if len(c.SandboxSeed) > 256 && p.err == nil {
+		// The seed derives the sandbox device's keys: not shown.
+		p.err = &Error{Var: "SANDBOX_SEED", Accepts: "at most 256 characters", Got: fmt.Sprintf("a value of %d characters (not shown)", len(c.SandboxSeed))}
 	}
 
 	c.ReconnectMin = p.duration("RECONNECT_MIN", time.Millisecond)

@@ -389,8 +389,19 @@ func TestSandboxIsRefusedInProduction(t *testing.T) {
 	for _, prod := range [][]string{{"NODE_ENV", "production"}, {"BLACKSKY_ENV", "production"}} {
 		_, err := config.Load(env("WHATSAPP_SANDBOX", "yes", prod[0], prod[1]))
 		var ce *config.Error
-		if !errors.As(err, &ce) || ce.Var != "WHATSAPP_SANDBOX" {
-			t.Errorf("%s=production with the sandbox: %v, want an error naming WHATSAPP_SANDBOX", prod[0], err)
+		if !errors.As(err, &ce) || ce.Var != "WHATSAPP_SANDBOX" || ce.Got != `"yes"` {
+			t.Errorf("%s=production with the sandbox: %v, want an error naming WHATSAPP_SANDBOX and the value given", prod[0], err)
 		}
+	}
+}
+
+// TestSandboxSeedIsNotShownInErrors: the seed derives the sandbox device's
+// keys; a refused one is described, not printed.
+func TestSandboxSeedIsNotShownInErrors(t *testing.T) {
+	seed := strings.Repeat("s3cr", 65)
+	_, err := config.Load(env("WHATSAPP_SANDBOX", "true", "SANDBOX_SEED", seed))
+	var ce *config.Error
+	if !errors.As(err, &ce) || ce.Var != "SANDBOX_SEED" || strings.Contains(err.Error(), "s3cr") {
+		t.Errorf("a too long seed: %v, want an error naming SANDBOX_SEED without its value", err)
 	}
 }

@@ -12,8 +12,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/wa"
+	"github.com/blacksky-md/blacksky/shared/logging"
 	"go.mau.fi/whatsmeow"
 	"go.mau.fi/whatsmeow/store"
 	"go.mau.fi/whatsmeow/store/sqlstore"
@@ -74,11 +76,15 @@ type socket struct {
 // Open opens (creating if needed) the device store through whatsmeow's
 // sqlstore, exactly as wa.Open does, and attaches a client to the server.
 func (s *Server) Open(ctx context.Context, o Options) (*Client, error) {
-	if o.Path == "" || strings.ContainsAny(o.Path, "?#") {
-		return nil, fmt.Errorf("sandbox: bad session path %q", o.Path)
+	if o.Path == "" {
+		return nil, errors.New("sandbox: no session path")
 	}
 	if err := os.MkdirAll(filepath.Dir(o.Path), 0o700); err != nil {
 		return nil, fmt.Errorf("sandbox: create data dir: %w", err)
+	}
+	// The store holds the device's keys: owner only, WAL and shm included.
+	if err := sqlitefile.Prepare(o.Path); err != nil {
+		return nil, fmt.Errorf("sandbox: session store: %w", err)
 	}
 	log := o.Log
 	if log == nil {
@@ -143,13 +149,18 @@ func (c *Client) dispatch(evt any) bool {
 	return true
 }
 
-// errDialTimeout is what a hung dial ends with when the sandbox is told to
-// release it.
+// errDialTimeout is what a hung dial ends with: after dialTimeout, or
+// sooner when the sandbox is told to release it.
 var errDialTimeout = errors.New("dial tcp: i/o timeout")
+
+// dialTimeout is how long a real dial of WhatsApp's socket hangs at most
+// before the TCP connect times out.
+const dialTimeout = 30 * time.Second
 
 // Connect opens the simulated socket; what WhatsApp says (QR codes, login,
 // a refusal) follows as events, as with whatsmeow. A dial_hang fault makes
-// it block until ctx ends or the fault is released.
+// it block until ctx ends, the fault is released, or 30 s (a TCP connect
+// timing out) have passed.
 func (c *Client) Connect(ctx context.Context) error {
 	c.mu.Lock()
 	if c.closed {
@@ -168,10 +179,14 @@ func (c *Client) Connect(ctx context.Context) error {
 	hang, fail := c.srv.takeDialFault()
 	if hang != nil {
 		c.log.Info("sandbox: dial hangs (fault dial_hang)")
+		t := c.srv.clock.NewTimer(dialTimeout)
+		defer t.Stop()
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-hang:
+			return errDialTimeout
+		case <-t.Chan():
 			return errDialTimeout
 		}
 	}
@@ -195,8 +210,7 @@ func (c *Client) Connect(ctx context.Context) error {
 func (c *Client) handshake(s *socket, fail *Fault) {
 	ctx := s.ctx
 	if fail != nil {
-		c.closeSocket(s, false)
-		c.dispatch(&events.ConnectFailure{Reason: events.ConnectFailureReason(fail.Code), Message: fail.Message})
+		c.connectFailure(s, fail)
 		return
 	}
 	if out, err := c.srv.outdated(ctx); err != nil {
@@ -244,12 +258,40 @@ func (c *Client) handshake(s *socket, fail *Fault) {
 	case "":
 		// A store the server file has not seen: restored from a snapshot
 		// onto an empty disk. WhatsApp's servers would know it; so do we.
-		c.log.Info("sandbox: adopting the linked device of a restored store", "jid", dev.ID.String())
+		c.log.Info("sandbox: adopting the linked device of a restored store", "jid", logging.MaskJID(dev.ID.String()))
 		if err := c.srv.setDevice(ctx, *dev.ID, deviceLinked); err != nil {
 			c.log.Warn("sandbox: record device", "err", err)
 		}
 	}
 	c.login(s, dev)
+}
+
+// connectFailure is the server answering the login with a <failure> node,
+// and what whatsmeow's handleConnectFailure makes of it: 500 and 503 only
+// close the socket (Disconnected; whatsmeow leaves it to auto-reconnect),
+// 401, 403 and 406 are a logout (the device is deleted), any other reason
+// is ConnectFailure. 402 and 405 are the temporary_ban and client_outdated
+// faults.
+func (c *Client) connectFailure(s *socket, fail *Fault) {
+	reason := events.ConnectFailureReason(fail.Code)
+	c.closeSocket(s, false)
+	switch {
+	case reason == events.ConnectFailureInternalServerError || reason == events.ConnectFailureServiceUnavailable:
+		c.dispatch(&events.Disconnected{})
+	case reason.IsLoggedOut():
+		c.mu.Lock()
+		dev := c.dev
+		c.mu.Unlock()
+		if dev.ID != nil {
+			if err := c.srv.setDevice(context.WithoutCancel(s.ctx), *dev.ID, deviceLoggedOut); err != nil {
+				c.log.Warn("sandbox: record logout", "err", err)
+			}
+		}
+		c.forget(s.ctx, dev)
+		c.dispatch(&events.LoggedOut{OnConnect: true, Reason: reason})
+	default:
+		c.dispatch(&events.ConnectFailure{Reason: reason, Message: fail.Message})
+	}
 }
 
 // login completes a login on s and delivers messages until s closes.
@@ -402,11 +444,14 @@ func (c *Client) Close() error {
 }
 
 // forget deletes the device from the store, as whatsmeow does on a logout.
+// Callers have usually just closed the socket whose context they hold: the
+// delete must outlive that cancellation, or the dead device stays in the
+// store and GetFirstDevice picks it again after a restart.
 func (c *Client) forget(ctx context.Context, dev *store.Device) {
 	if dev.ID == nil {
 		return
 	}
-	if err := c.container.DeleteDevice(ctx, dev); err != nil {
+	if err := c.container.DeleteDevice(context.WithoutCancel(ctx), dev); err != nil {
 		c.log.Warn("sandbox: delete the logged-out device", "err", err)
 	}
 	c.mu.Lock()

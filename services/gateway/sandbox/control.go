@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/blacksky-md/blacksky/shared/logging"
 	"go.mau.fi/whatsmeow/proto/waAdv"
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
@@ -80,7 +81,7 @@ func (c *Client) link(ctx context.Context, phone string) (types.JID, error) {
 	if err := c.afterLink(ctx, dev); err != nil {
 		c.log.Warn("sandbox: store traffic after pairing", "err", err)
 	}
-	c.log.Info("sandbox: device linked", "jid", jid.String())
+	c.log.Info("sandbox: device linked", "jid", logging.MaskJID(jid.String()))
 	c.dispatch(&events.PairSuccess{ID: jid, LID: lid, Platform: "android"})
 	c.goOn(sock, func() { c.login(sock, dev) })
 	return jid, nil
@@ -114,7 +115,10 @@ type Fault struct {
 	Message  string        // connect_failure
 	Expire   time.Duration // temporary_ban; zero: no stated expiry (the server bans for an hour)
 	Duration time.Duration // keepalive_timeout: pings fail this long; zero: until the socket is dropped
-	Count    int           // send refusals (default 1); connect_failure: further dials that fail
+	// Count: send refusals, connect_failure: logins that fail,
+	// client_outdated: versions refused from the one presented now (all
+	// default 1).
+	Count int
 }
 
 // unstatedBan is how long the server bans when the fault names no expiry.
@@ -166,7 +170,8 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 		if sock != nil {
 			c.closeSocket(sock, true)
 			c.forget(ctx, dev)
-			c.dispatch(&events.LoggedOut{OnConnect: false})
+			// whatsmeow's device_removed stream error: reason 401.
+			c.dispatch(&events.LoggedOut{OnConnect: false, Reason: events.ConnectFailureLoggedOut})
 		}
 	case FaultTemporaryBan:
 		if f.Code == 0 {
@@ -187,27 +192,29 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 			c.serverClose(&events.TemporaryBan{Code: events.TempBanReason(f.Code), Expire: f.Expire})
 		}
 	case FaultClientOutdated:
-		if err := s.setMeta(ctx, "outdated", "1"); err != nil {
+		// WhatsApp says "outdated" only in answer to a login (a 405
+		// failure): the open socket is left alone.
+		if err := s.outdate(ctx, max(f.Count, 1)); err != nil {
 			return err
-		}
-		if c != nil {
-			c.serverClose(&events.ClientOutdated{})
 		}
 	case FaultConnectFailure:
 		if f.Code == 0 {
 			f.Code = int(events.ConnectFailureServiceUnavailable)
 		}
-		if f.Code < 400 || f.Code > 599 {
+		switch {
+		case f.Code < 400 || f.Code > 599:
 			return bad("code: a connect failure reason from 400 to 599")
+		case f.Code == int(events.ConnectFailureTempBanned):
+			return bad("code: 402 is a temporary ban; use the temporary_ban fault")
+		case f.Code == int(events.ConnectFailureClientOutdated):
+			return bad("code: 405 is client outdated; use the client_outdated fault")
 		}
+		// WhatsApp sends <failure> only in answer to a login: the next
+		// Count logins (at least one) meet it; a connected socket is left
+		// alone (a disconnect fault makes the gateway log in again).
 		s.mu.Lock()
-		s.failN, s.failRes = f.Count, f
+		s.failN, s.failRes = max(f.Count, 1), f
 		s.mu.Unlock()
-		if c == nil || !c.serverClose(&events.ConnectFailure{Reason: events.ConnectFailureReason(f.Code), Message: f.Message}) {
-			s.mu.Lock()
-			s.failN = max(f.Count, 1) // not connected: the next dial meets it
-			s.mu.Unlock()
-		}
 	case FaultDialHang:
 		s.mu.Lock()
 		if s.hang == nil {
@@ -224,7 +231,7 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 		s.mu.Lock()
 		s.refuse, s.refuseN = "", 0
 		s.mu.Unlock()
-		if _, err := s.db.ExecContext(ctx, `DELETE FROM meta WHERE k IN ('outdated', 'ban_until', 'ban_code', 'ban_stated')`); err != nil {
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM meta WHERE k IN ('min_version', 'latest_version', 'ban_until', 'ban_code', 'ban_stated')`); err != nil {
 			return fmt.Errorf("sandbox: clear: %w", err)
 		}
 	case FaultSendNotOnWhatsApp, FaultSendRateLimited:

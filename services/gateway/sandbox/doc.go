@@ -39,8 +39,10 @@
 // Connected on login, Message, and on faults Disconnected, KeepAliveTimeout
 // (then KeepAliveRestored), StreamReplaced, LoggedOut (OnConnect when the
 // device was logged out while away), TemporaryBan (again on every connect
-// while the ban lasts), ClientOutdated (on every connect until cleared),
-// ConnectFailure, and a dial that hangs until ctx ends or the fault is
+// while the ban lasts), ClientOutdated (at every login presenting a version
+// the server refuses; Versions is the gateway's VersionSource over it), and
+// for a connect failure what whatsmeow makes of the reason (Disconnected
+// for 500/503, LoggedOut for 401/403/406, else ConnectFailure), and a dial that hangs until ctx ends or the fault is
 // released. Server-side closes are followed by the event only after the
 // socket is closed, so the gateway's reaction finds it closed, as with
 // whatsmeow.
@@ -51,8 +53,12 @@
 // returned for it while its socket is still open (whatsmeow acks after its
 // handlers ran). Each unacknowledged message is delivered once per socket;
 // after a reconnect every unacknowledged one comes again, oldest due first,
-// as WhatsApp redelivers, so a message lost between the handler and the ack
-// arrives twice. Disconnect waits for the delivery in progress.
+// as WhatsApp redelivers. The client then behaves as whatsmeow with
+// EnableDecryptedEventBuffer (package wa turns it on), through the store's
+// own event buffer: a message whose handler finished but whose ack was lost
+// is only acknowledged, one whose handler reported failure is dispatched
+// again from the buffered plaintext. Disconnect waits for the delivery in
+// progress.
 //
 // The relay work (issue 11) will move the gateway to whatsmeow's
 // success-status handlers (SynchronousAck). OnEventWithSuccess is that

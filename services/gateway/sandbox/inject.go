@@ -145,11 +145,20 @@ func (s *Server) Inject(ctx context.Context, in Inject) ([]string, error) {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	defer func() { _ = tx.Rollback() }()
+	// Messages go to the account's linked device; one linked later never
+	// receives them.
+	device, err := s.linkedDevice(ctx, tx)
+	if err != nil {
+		return nil, err
+	}
+	if device == "" {
+		return nil, bad("not linked: no device is linked to receive messages (link first)")
+	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO contacts (phone, push_name, first_seen) VALUES (?, ?, ?)
 		ON CONFLICT (phone) DO UPDATE SET push_name = excluded.push_name`, in.From, in.PushName, now.UnixNano()); err != nil {
 		return nil, fmt.Errorf("sandbox: record contact: %w", err)
 	}
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO inbox (id, chat, sender, push_name, type, body, sent_at, deliver_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`)
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO inbox (id, chat, sender, push_name, type, body, sent_at, deliver_at, device) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
@@ -163,7 +172,7 @@ func (s *Server) Inject(ctx context.Context, in Inject) ([]string, error) {
 		id := s.seed.incomingID()
 		// WhatsApp timestamps are whole seconds.
 		if _, err := stmt.ExecContext(ctx, id, chat.String(), sender.String(), in.PushName, in.Type, string(body),
-			at.Truncate(time.Second).UnixNano(), at.UnixNano()); err != nil {
+			at.Truncate(time.Second).UnixNano(), at.UnixNano(), device); err != nil {
 			return nil, fmt.Errorf("sandbox: queue message: %w", err)
 		}
 		ids = append(ids, id)

@@ -95,9 +95,10 @@ func newRig(t testing.TB, dir string, opts ...func(*rig)) *rig {
 			}
 			return c, nil
 		},
-		Log:    logger(t),
-		Clock:  r.clock,
-		Jitter: func() float64 { return 0.5 },
+		Log:      logger(t),
+		Clock:    r.clock,
+		Jitter:   func() float64 { return 0.5 },
+		Versions: srv.Versions(),
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel, r.done = cancel, make(chan error, 1)

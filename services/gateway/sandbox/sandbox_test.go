@@ -2,17 +2,21 @@ package sandbox_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/types/events"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
@@ -50,8 +54,8 @@ func TestLinkPairsTheGatewayThroughWhatsmeowsStore(t *testing.T) {
 	if n := count(t, db, `SELECT count(*) FROM whatsmeow_device WHERE jid = ?`, jid.String()); n != 1 {
 		t.Errorf("device rows for %s: %d, want 1", jid, n)
 	}
-	if n := count(t, db, `SELECT count(*) FROM whatsmeow_pre_keys WHERE uploaded`); n != 50 {
-		t.Errorf("uploaded pre-keys after linking: %d, want whatsmeow's batch of 50", n)
+	if n := count(t, db, `SELECT count(*) FROM whatsmeow_pre_keys WHERE uploaded`); n != 812 {
+		t.Errorf("uploaded pre-keys after linking: %d, want whatsmeow's first upload of 812", n)
 	}
 	if n := count(t, db, `SELECT count(*) FROM whatsmeow_app_state_version`); n != 5 {
 		t.Errorf("app state versions: %d, want 5", n)
@@ -177,7 +181,9 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r := newRig(t, dir)
 		jid := r.linked()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultLoggedOut})
-		r.rec.next(t, bus.ConnLoggedOut)
+		if e := r.rec.next(t, bus.ConnLoggedOut); e.Reason != "401: logged out from another device" {
+			t.Errorf("logged_out reason %q, want whatsmeow's 401", e.Reason)
+		}
 		e := r.rec.next(t, bus.ConnReconnecting)
 		if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 0 {
 			t.Errorf("device rows after logout: %d, want 0 (whatsmeow deletes the device)", n)
@@ -186,7 +192,7 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(t, bus.ConnConnecting)
 		r.rec.next(t, bus.ConnQR) // a fresh device pairs anew
 		if again := r.linked2(); again == jid {
-			t.Logf("linked again as %s", again)
+			t.Errorf("linked again as the logged-out %s, want a new device", again)
 		}
 	})
 	t.Run("temporary_ban", func(t *testing.T) {
@@ -221,29 +227,107 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(t, bus.ConnReconnecting)
 		reconnected(r, time.Hour)
 	})
-	t.Run("client_outdated", func(t *testing.T) {
+	t.Run("client_outdated: the gateway presents the version offered and logs in", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
+		versions := r.srv.Versions()
+		old := versions.Current()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultClientOutdated})
-		r.rec.next(t, bus.ConnClientOutdated)
-		r.clock.Advance(time.Hour)
-		r.rec.none(t) // no retry
-	})
-	t.Run("connect_failure", func(t *testing.T) {
-		r := newRig(t, t.TempDir())
-		r.linked()
-		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Count: 1, Message: "try later"})
-		if e := r.rec.next(t, bus.ConnConnectFailure); !strings.HasPrefix(e.Reason, "503: ") || !strings.HasSuffix(e.Reason, "(try later)") {
-			t.Errorf("connect_failure reason %q", e.Reason)
+		offered, err := versions.Latest(t.Context())
+		if err != nil || offered == old {
+			t.Fatalf("offered %q (%v), want a version newer than %q", offered, err, old)
 		}
+		r.rec.none(t) // said only in answer to a login
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
 		r.rec.next(t, bus.ConnReconnecting)
 		r.clock.Advance(1500 * time.Millisecond)
 		r.rec.next(t, bus.ConnConnecting)
-		r.rec.next(t, bus.ConnConnectFailure) // count 1: the next dial fails too
+		r.rec.next(t, bus.ConnClientOutdated)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnConnected)
+		if cur := versions.Current(); cur != offered {
+			t.Errorf("presenting %q, want the offered %q", cur, offered)
+		}
+	})
+	t.Run("client_outdated for the offered version too stops the gateway", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultClientOutdated, Count: 2})
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnClientOutdated)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnClientOutdated)
+		r.clock.Advance(2 * time.Hour)
+		r.rec.none(t) // no retry until restarted with a newer build
+	})
+	// loginAgain drops the socket so the gateway logs in again: WhatsApp
+	// answers only a login with a <failure> node.
+	loginAgain := func(t *testing.T, r *rig) {
+		t.Helper()
+		r.rec.none(t) // armed, not raised on the open socket
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
+	}
+	t.Run("connect_failure 503 closes the socket at login", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Count: 2})
+		loginAgain(t, r)
+		r.rec.next(t, bus.ConnDisconnected) // whatsmeow: no ConnectFailure for 5xx
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(2500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnDisconnected) // count 2: the next login fails too
+		if e := r.rec.next(t, bus.ConnReconnecting); e.Attempt != 3 {
+			t.Errorf("reconnecting %+v, want attempt 3", e)
+		}
+		r.clock.Advance(10 * time.Second)
+		r.rec.next(t, bus.ConnConnecting)
+		r.rec.next(t, bus.ConnConnected)
+	})
+	t.Run("connect_failure of an unmapped reason", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Code: 409, Message: "try later"})
+		loginAgain(t, r)
+		if e := r.rec.next(t, bus.ConnConnectFailure); e.Reason != "409: client user agent was rejected (try later)" {
+			t.Errorf("connect_failure reason %q", e.Reason)
+		}
 		if e := r.rec.next(t, bus.ConnReconnecting); e.Attempt != 2 || e.DelayMS != 2500 {
 			t.Errorf("reconnecting %+v, want attempt 2 after 2.5s", e)
 		}
 		reconnected(r, 2500*time.Millisecond)
+	})
+	t.Run("connect_failure 403 is a logout on connect", func(t *testing.T) {
+		dir := t.TempDir()
+		r := newRig(t, dir)
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultConnectFailure, Code: 403})
+		loginAgain(t, r)
+		if e := r.rec.next(t, bus.ConnLoggedOut); !strings.HasPrefix(e.Reason, "403: ") {
+			t.Errorf("logged_out reason %q, want 403", e.Reason)
+		}
+		r.rec.next(t, bus.ConnReconnecting)
+		if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 0 {
+			t.Errorf("device rows: %d, want 0", n)
+		}
+	})
+	t.Run("connect_failure refuses the reasons other faults own", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		for _, code := range []int{402, 405, 399, 600} {
+			if err := r.srv.Fault(t.Context(), sandbox.Fault{Kind: sandbox.FaultConnectFailure, Code: code}); err == nil {
+				t.Errorf("code %d accepted", code)
+			}
+		}
 	})
 	t.Run("keepalive_timeout until the gateway drops the socket", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
@@ -284,6 +368,20 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		}
 		r.rec.none(t) // still connected
 	})
+	t.Run("dial_hang times out after 30 s", func(t *testing.T) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDialHang})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		dial := r.rec.next(t, bus.ConnConnecting)
+		r.advanceUntil(time.Second, "the hung dial to time out", func() bool { return r.rec.ahead() > 0 })
+		e := r.rec.next(t, bus.ConnReconnecting)
+		if took := e.At.Sub(dial.At); e.Attempt != 2 || took < 30*time.Second || took > 31*time.Second {
+			t.Errorf("reconnecting %+v %s after the dial began, want attempt 2 after 30 s", e, took)
+		}
+	})
 	t.Run("dial_hang", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
@@ -292,7 +390,7 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(t, bus.ConnReconnecting)
 		r.clock.Advance(1500 * time.Millisecond)
 		r.rec.next(t, bus.ConnConnecting)
-		r.clock.Advance(time.Minute)
+		r.clock.Advance(10 * time.Second)
 		r.rec.none(t) // hung in the dial
 		r.fault(sandbox.Fault{Kind: sandbox.FaultRelease})
 		if e := r.rec.next(t, bus.ConnReconnecting); e.Attempt != 2 {
@@ -443,6 +541,48 @@ func TestLogoutWhileAwayIsToldOnConnect(t *testing.T) {
 	if e := r.rec.next(t, bus.ConnLoggedOut); !strings.Contains(e.Reason, "logged out") {
 		t.Errorf("logged_out reason %q", e.Reason)
 	}
+	r.rec.next(t, bus.ConnReconnecting)
+	if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 0 {
+		t.Errorf("device rows after a logout found on connect: %d, want 0 (whatsmeow deletes the device)", n)
+	}
+}
+
+// TestRelinkedDeviceSurvivesARestart: after a logout found on connect and a
+// new link, the store holds only the new device, and a restart connects as
+// it rather than meeting the dead one again.
+func TestRelinkedDeviceSurvivesARestart(t *testing.T) {
+	dir := t.TempDir()
+	r := newRig(t, dir)
+	old := r.linked()
+	r.fault(sandbox.Fault{Kind: sandbox.FaultDialHang})
+	r.rec.next(t, bus.ConnDisconnected)
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.fault(sandbox.Fault{Kind: sandbox.FaultLoggedOut})
+	r.fault(sandbox.Fault{Kind: sandbox.FaultRelease})
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(2500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnLoggedOut)
+	e := r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(time.Duration(e.DelayMS) * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnQR)
+	relinked := r.linked2()
+	if relinked == old {
+		t.Fatalf("relinked as the logged-out %s", old)
+	}
+	if n := count(t, storeDB(t, filepath.Join(dir, "session.db")), `SELECT count(*) FROM whatsmeow_device`); n != 1 {
+		t.Errorf("device rows after relinking: %d, want 1", n)
+	}
+	r.stop()
+
+	r2 := newRig(t, dir)
+	r2.rec.next(t, bus.ConnConnecting)
+	if e := r2.rec.next(t, bus.ConnConnected); e.JID != relinked {
+		t.Fatalf("after the restart: %s %q, want connected as %q", e.Kind, e.JID, relinked)
+	}
 }
 
 func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
@@ -458,8 +598,8 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 		return b
 	}
 	preKeys := func() int { return count(t, db, `SELECT count(*) FROM whatsmeow_pre_keys`) }
-	if n := preKeys(); n != 50 {
-		t.Fatalf("pre-keys after linking: %d", n)
+	if n := preKeys(); n != 812 {
+		t.Fatalf("pre-keys after linking: %d, want whatsmeow's first upload of 812", n)
 	}
 	var ids []string
 	for _, from := range []string{"15550000001", "15550000002", "15550000003"} {
@@ -472,8 +612,8 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 	if n := count(t, db, `SELECT count(*) FROM whatsmeow_identity_keys`); n != 3 {
 		t.Errorf("identity rows after 3 new contacts: %d", n)
 	}
-	if n := preKeys(); n != 47 {
-		t.Errorf("pre-keys after 3 new contacts: %d, want 47 (one used up each)", n)
+	if n := preKeys(); n != 809 {
+		t.Errorf("pre-keys after 3 new contacts: %d, want 809 (one used up each)", n)
 	}
 	before := blob("15550000001")
 	ids = r.inject(sandbox.Inject{From: "15550000001", Content: sandbox.Content{Text: "second"}})
@@ -481,18 +621,30 @@ func TestStoreGrowsAndChurnsLikeARealOne(t *testing.T) {
 	if after := blob("15550000001"); bytes.Equal(before, after) {
 		t.Error("the session row did not move with the message (no ratchet)")
 	}
-	if n := preKeys(); n != 47 {
-		t.Errorf("pre-keys after a known contact's message: %d, want 47", n)
+	if n := preKeys(); n != 809 {
+		t.Errorf("pre-keys after a known contact's message: %d, want 809", n)
 	}
-	// 45 more new contacts leave the server 2 pre-keys: below whatsmeow's
+	// 807 more new contacts leave the server 2 pre-keys: below whatsmeow's
 	// minimum of 5, so the device uploads another 50 on the way.
 	ids = nil
-	for i := range 45 {
+	for i := range 807 {
 		ids = append(ids, r.inject(sandbox.Inject{From: "1555100" + pad4(i), Content: sandbox.Content{Text: "hi"}})...)
 	}
-	r.msgIn(ids...)
-	if n, max := preKeys(), count(t, db, `SELECT max(key_id) FROM whatsmeow_pre_keys`); n <= 5 || max <= 50 {
-		t.Errorf("pre-keys after 48 new contacts: %d (max id %d), want a refill past id 50", n, max)
+	// 807 first messages, each moving the store: allow for -race.
+	testwait.For(t, 2*time.Minute, "807 messages on msg.in", func() bool {
+		seen := map[string]bool{}
+		for _, m := range r.rec.msgIns() {
+			seen[m.ID] = true
+		}
+		for _, id := range ids {
+			if !seen[id] {
+				return false
+			}
+		}
+		return true
+	})
+	if n, max := preKeys(), count(t, db, `SELECT max(key_id) FROM whatsmeow_pre_keys`); n <= 5 || max <= 812 || max > 812+50 {
+		t.Errorf("pre-keys after 810 new contacts: %d (max id %d), want one refill of 50 past id 812", n, max)
 	}
 	// Group messages rewrite the sender key.
 	ids = r.inject(sandbox.Inject{From: "15550000002", Group: "1203630", Content: sandbox.Content{Text: "in a group"}})
@@ -688,5 +840,253 @@ func TestLinkIsRefusedAfterTheLastQRCode(t *testing.T) {
 	clock.Advance(60*time.Second + 5*20*time.Second)
 	if _, err := srv.Link(t.Context(), ""); err == nil || !strings.Contains(err.Error(), "expired") {
 		t.Errorf("link after the last code expired: %v", err)
+	}
+}
+
+// TestStoreFilesAreOwnerOnlyAtTheirExactPath: session.db and sandbox.db
+// (and their WAL files) are readable by their owner only, whatever the
+// umask, and a path with %, ? or # names itself.
+func TestStoreFilesAreOwnerOnlyAtTheirExactPath(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "a%41b?c#d")
+	r := newRig(t, dir)
+	r.linked()
+	ids := r.inject(sandbox.Inject{From: "15551230009", Content: sandbox.Content{Text: "hi"}})
+	r.msgIn(ids...)
+	for _, name := range []string{"session.db", "session.db-wal", "sandbox.db", "sandbox.db-wal"} {
+		fi, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", name, fi.Mode().Perm())
+		}
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "aAb")); err == nil {
+		t.Error("a file landed under the percent-decoded path")
+	}
+}
+
+// TestSeedRepeatsIDsUnderInterleavedTraffic: with the same seed, message
+// ids repeat although the delivery goroutine (session rows, app state) and
+// a bot answering each message (outgoing ids) draw while the next injects
+// draw their ids.
+func TestSeedRepeatsIDsUnderInterleavedTraffic(t *testing.T) {
+	run := func() (in, out []string) {
+		r := newRig(t, t.TempDir())
+		r.linked()
+		// The bot: answers every message as it arrives.
+		sub, err := r.nc.Subscribe(r.subj.MsgIn(), func(m *nats.Msg) {
+			var in bus.MsgIn
+			if json.Unmarshal(m.Data, &in) != nil {
+				return
+			}
+			body, _ := json.Marshal(bus.MsgSend{To: in.Chat, Text: "re " + in.Text})
+			_ = r.nc.PublishRequest(r.subj.MsgSend(), nats.NewInbox(), body)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = sub.Unsubscribe() }()
+		for i := range 20 {
+			in = append(in, r.inject(sandbox.Inject{From: fmt.Sprintf("155500010%02d", i), Content: sandbox.Content{Text: fmt.Sprint(i)}})...)
+		}
+		r.msgIn(in...)
+		var sent []sandbox.Sent
+		testwait.For(t, 10*time.Second, "20 answers", func() bool {
+			sent, err = r.srv.Outbox(t.Context(), 100)
+			return err == nil && len(sent) == 20
+		})
+		// The bot's answers race each other to the gateway: the same
+		// ids, not necessarily to the same recipients.
+		for _, m := range sent {
+			out = append(out, m.ID)
+		}
+		slices.Sort(out)
+		r.stop()
+		return in, out
+	}
+	in1, out1 := run()
+	in2, out2 := run()
+	if !slices.Equal(in1, in2) {
+		t.Errorf("same seed, different incoming ids:\n%v\n%v", in1, in2)
+	}
+	if !slices.Equal(out1, out2) {
+		t.Errorf("same seed, different outgoing ids:\n%v\n%v", out1, out2)
+	}
+}
+
+// TestQueuedMessagesGoOnlyToTheDeviceTheyWereSentTo: messages queued for a
+// device that is then logged out are dropped, not handed to the device
+// linked next; that device receives what is sent to it.
+func TestQueuedMessagesGoOnlyToTheDeviceTheyWereSentTo(t *testing.T) {
+	r := newRig(t, t.TempDir())
+	r.linked()
+	r.fault(sandbox.Fault{Kind: sandbox.FaultDialHang})
+	r.rec.next(t, bus.ConnDisconnected)
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	old := r.inject(sandbox.Inject{From: "15551230010", Content: sandbox.Content{Text: "for the old device"}, Count: 2})
+	r.fault(sandbox.Fault{Kind: sandbox.FaultLoggedOut})
+	r.fault(sandbox.Fault{Kind: sandbox.FaultRelease})
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(2500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnLoggedOut)
+	e := r.rec.next(t, bus.ConnReconnecting)
+	if _, err := r.srv.Inject(t.Context(), sandbox.Inject{From: "15551230011", Content: sandbox.Content{Text: "x"}}); err == nil {
+		t.Error("inject with no device linked was accepted")
+	}
+	r.clock.Advance(time.Duration(e.DelayMS) * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnQR)
+	r.linked2()
+	fresh := r.inject(sandbox.Inject{From: "15551230012", Content: sandbox.Content{Text: "for the new device"}})
+	r.msgIn(fresh...)
+	for _, m := range r.rec.msgIns() {
+		if slices.Contains(old, m.ID) {
+			t.Errorf("the new device received %s, queued for the logged-out one", m.ID)
+		}
+	}
+	st, err := r.srv.Stats(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Unacked+st.Acked != 1 {
+		t.Errorf("inbox %+v: want only the new device's message (the old device's dropped)", st)
+	}
+}
+
+// TestLogsMaskTheDevicesJID: linking and adopting a restored store log the
+// device's JID masked, never the phone number in full.
+func TestLogsMaskTheDevicesJID(t *testing.T) {
+	dir := t.TempDir()
+	var buf syncBuffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	open := func() (*sandbox.Server, *sandbox.Client) {
+		srv, err := sandbox.OpenServer(t.Context(), sandbox.ServerOptions{Path: filepath.Join(dir, "sandbox.db"), Seed: "test-seed", Log: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(dir, "session.db"), Log: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		connected := make(chan struct{}, 1)
+		c.OnEvent(func(evt any) {
+			if _, ok := evt.(*events.Connected); ok {
+				select {
+				case connected <- struct{}{}:
+				default:
+				}
+			}
+		})
+		if err := c.Connect(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close(); _ = srv.Close() })
+		return srv, c
+	}
+	srv, c := open()
+	var jid string
+	testwait.For(t, 5*time.Second, "the link", func() bool {
+		j, err := srv.Link(t.Context(), "4915112345678")
+		jid = j.User
+		return err == nil
+	})
+	_ = c.Close()
+	_ = srv.Close()
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		_ = os.Remove(filepath.Join(dir, "sandbox.db"+suffix))
+	}
+	_, c2 := open() // a fresh server file adopts the restored store
+	testwait.For(t, 5*time.Second, "the adopted device connected", c2.IsConnected)
+	out := buf.String()
+	if !strings.Contains(out, "device linked") || !strings.Contains(out, "adopting") {
+		t.Fatalf("log lacks the link or adoption lines:\n%s", out)
+	}
+	if strings.Contains(out, jid) {
+		t.Errorf("the log shows the phone number %s in full:\n%s", jid, out)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// holder holds the first delivery of a message with text hold in the
+// handler until released, so a test can close the socket under it.
+type holder struct {
+	*sandbox.Client
+	once    sync.Once
+	held    chan struct{}
+	release chan struct{}
+}
+
+func (h *holder) OnEvent(f func(any)) {
+	h.Client.OnEvent(func(evt any) {
+		f(evt)
+		if m, ok := evt.(*events.Message); ok && m.Message.GetConversation() == "hold" {
+			h.once.Do(func() {
+				close(h.held)
+				<-h.release
+			})
+		}
+	})
+}
+
+// TestHandledMessageWhoseAckWasLostIsNotDispatchedAgain: a message the
+// handlers finished with but whose ack was lost with the socket is, when
+// WhatsApp sends it again, only acknowledged, as whatsmeow's decrypted
+// event buffer makes it (EventAlreadyProcessed).
+func TestHandledMessageWhoseAckWasLostIsNotDispatchedAgain(t *testing.T) {
+	h := &holder{held: make(chan struct{}), release: make(chan struct{})}
+	r := newRig(t, t.TempDir(), func(r *rig) {
+		r.wrap = func(c *sandbox.Client) gateway.Conn { h.Client = c; return h }
+	})
+	r.linked()
+	ids := r.inject(sandbox.Inject{From: "15551230020", Content: sandbox.Content{Text: "hold"}})
+	<-h.held
+	faulted := make(chan error, 1)
+	go func() { faulted <- r.srv.Fault(context.Background(), sandbox.Fault{Kind: sandbox.FaultDisconnect}) }()
+	testwait.For(t, 5*time.Second, "the socket closed under the handler", func() bool { return !h.IsConnected() })
+	close(h.release)
+	if err := <-faulted; err != nil {
+		t.Fatal(err)
+	}
+	if n, acked, err := r.srv.Deliveries(t.Context(), ids[0]); err != nil || n != 1 || acked {
+		t.Fatalf("after the lost ack: %d deliveries, acked %v (%v); want 1, not acked", n, acked, err)
+	}
+	r.rec.next(t, bus.ConnDisconnected)
+	r.rec.next(t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(t, bus.ConnConnecting)
+	r.rec.next(t, bus.ConnConnected)
+	testwait.For(t, 5*time.Second, "the redelivery acknowledged", func() bool {
+		n, acked, err := r.srv.Deliveries(t.Context(), ids[0])
+		return err == nil && n == 2 && acked
+	})
+	n := 0
+	for _, m := range r.rec.msgIns() {
+		if m.ID == ids[0] {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("the message reached msg.in %d times, want once", n)
 	}
 }

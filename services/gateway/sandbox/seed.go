@@ -6,21 +6,33 @@ import (
 	"encoding/hex"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"sync/atomic"
 )
 
 // seeder derives every id, key and jitter of the sandbox from its seed: the
-// n-th draw of a run is the same for the same seed. Draws are numbered from
-// the boot count (kept in the server file), so a restarted process never
-// hands out an id an earlier run already used.
+// n-th draw of a label in a run is the same for the same seed. Each label
+// counts its own draws, so goroutines drawing other labels (delivery,
+// sends, keepalives) do not shift the ids of an inject sequence. Draws are
+// numbered within the boot count (kept in the server file), so a restarted
+// process never hands out an id an earlier run already used.
 type seeder struct {
 	key  [32]byte
 	boot uint64
-	n    atomic.Uint64
+	n    sync.Map // label -> *atomic.Uint64
 }
 
 func newSeeder(seed string, boot uint64) *seeder {
 	return &seeder{key: sha256.Sum256([]byte("blacksky-sandbox:" + seed)), boot: boot}
+}
+
+// next is the number of label's next draw.
+func (s *seeder) next(label string) uint64 {
+	n, ok := s.n.Load(label)
+	if !ok {
+		n, _ = s.n.LoadOrStore(label, new(atomic.Uint64))
+	}
+	return n.(*atomic.Uint64).Add(1)
 }
 
 // rng returns a generator for one draw labelled label.
@@ -29,7 +41,7 @@ func (s *seeder) rng(label string) *rand.Rand {
 	h.Write(s.key[:])
 	var b [16]byte
 	binary.BigEndian.PutUint64(b[:8], s.boot)
-	binary.BigEndian.PutUint64(b[8:], s.n.Add(1))
+	binary.BigEndian.PutUint64(b[8:], s.next(label))
 	h.Write(b[:])
 	h.Write([]byte(label))
 	var k [32]byte

@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
 	"go.mau.fi/whatsmeow/util/keys"
+	"google.golang.org/protobuf/proto"
 )
 
 // What the store sees, done through whatsmeow's own store interfaces on the
@@ -22,8 +24,9 @@ import (
 //     device removes it), and a session row appears;
 //   - every message (in or out) moves that contact's session row (the
 //     ratchet); a group message also rewrites the sender key row;
-//   - when the server holds fewer than whatsmeow.MinPreKeyCount pre-keys,
-//     the device generates and uploads whatsmeow.WantedPreKeyCount more;
+//   - the first login uploads 812 pre-keys; when the server holds fewer
+//     than whatsmeow.MinPreKeyCount, the device generates and uploads
+//     whatsmeow.WantedPreKeyCount more;
 //   - app state versions move at login and every appStateEvery messages.
 //
 // Session and sender key rows are opaque bytes of the size libsignal
@@ -79,17 +82,32 @@ func (c *Client) onLogin(ctx context.Context, dev *store.Device) error {
 	return c.moveAppState(ctx, dev, "regular_low", 1)
 }
 
-// refillPreKeys uploads a batch when the server holds fewer than
-// whatsmeow.MinPreKeyCount (always, when force).
+// initialPreKeyCount is how many pre-keys whatsmeow uploads when neither
+// the server nor the store holds any (uploadPreKeys' initialUpload: the
+// first connect after pairing); later batches are WantedPreKeyCount.
+const initialPreKeyCount = 812
+
+// refillPreKeys uploads pre-keys as whatsmeow does after a login and when
+// the server says it runs low: when the server or the store holds fewer
+// than whatsmeow.MinPreKeyCount uploaded ones (always, when force), 812
+// the first time and whatsmeow.WantedPreKeyCount after.
 func (c *Client) refillPreKeys(ctx context.Context, dev *store.Device, force bool) error {
 	n, err := c.srv.serverPreKeys(ctx, *dev.ID)
 	if err != nil {
 		return fmt.Errorf("server pre-keys: %w", err)
 	}
-	if !force && n >= whatsmeow.MinPreKeyCount {
+	stored, err := dev.PreKeys.UploadedPreKeyCount(ctx)
+	if err != nil {
+		return fmt.Errorf("stored pre-keys: %w", err)
+	}
+	if !force && n >= whatsmeow.MinPreKeyCount && stored >= whatsmeow.MinPreKeyCount {
 		return nil
 	}
-	batch, err := dev.PreKeys.GetOrGenPreKeys(ctx, whatsmeow.WantedPreKeyCount)
+	want := uint32(whatsmeow.WantedPreKeyCount)
+	if n == 0 && stored == 0 {
+		want = initialPreKeyCount
+	}
+	batch, err := dev.PreKeys.GetOrGenPreKeys(ctx, want)
 	if err != nil {
 		return fmt.Errorf("generate pre-keys: %w", err)
 	}
@@ -229,7 +247,7 @@ func (c *Client) deliver(s *socket, dev *store.Device) {
 	afterAt, afterSeq := int64(-1<<63), int64(0)
 	for ctx.Err() == nil {
 		now := c.srv.clock.Now()
-		p, next, err := c.srv.nextPending(ctx, afterAt, afterSeq, now)
+		p, next, err := c.srv.nextPending(ctx, *dev.ID, afterAt, afterSeq, now)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Warn("sandbox: read the queue", "err", err)
@@ -241,17 +259,27 @@ func (c *Client) deliver(s *socket, dev *store.Device) {
 			continue
 		}
 		afterAt, afterSeq = p.deliverAt.UnixNano(), p.seq
-		evt, err := c.receive(ctx, dev, p)
+		if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
+			c.log.Warn("sandbox: count delivery", "err", err)
+		}
+		evt, processed, err := c.decrypt(ctx, dev, p)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Warn("sandbox: receive message", "id", p.id, "err", err)
 			}
 			continue
 		}
-		if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
-			c.log.Warn("sandbox: count delivery", "err", err)
+		ok := true
+		if !processed {
+			ok = c.dispatch(evt)
+			if ok {
+				// The handlers are done with it: whatsmeow keeps only
+				// the hash, so a redelivery is ignored (and acked).
+				if err := dev.EventBuffer.ClearBufferedEventPlaintext(context.WithoutCancel(ctx), bufferHash(p)); err != nil {
+					c.log.Warn("sandbox: clear the decrypted event", "err", err)
+				}
+			}
 		}
-		ok := c.dispatch(evt)
 		c.mu.Lock()
 		current := c.sock == s
 		c.mu.Unlock()
@@ -262,6 +290,46 @@ func (c *Client) deliver(s *socket, dev *store.Device) {
 			c.log.Warn("sandbox: ack", "err", err)
 		}
 	}
+}
+
+// bufferHash stands for the hash of the message's ciphertext, the key of
+// whatsmeow's decrypted event buffer.
+func bufferHash(p *pending) [32]byte {
+	return sha256.Sum256([]byte("sandbox-ciphertext:" + p.id))
+}
+
+// decrypt is whatsmeow's bufferedDecrypt with EnableDecryptedEventBuffer
+// (as package wa sets it): a message seen for the first time is decrypted
+// (the store moves) and its plaintext kept in the event buffer until the
+// handlers succeeded; a redelivered one whose plaintext is still buffered
+// (a handler failed) is dispatched again from the buffer without
+// decrypting; one already processed (only its hash left) is not
+// dispatched, only acknowledged (EventAlreadyProcessed).
+func (c *Client) decrypt(ctx context.Context, dev *store.Device, p *pending) (evt *events.Message, processed bool, err error) {
+	hash := bufferHash(p)
+	buf, err := dev.EventBuffer.GetBufferedEvent(ctx, hash)
+	if err != nil {
+		return nil, false, fmt.Errorf("read the event buffer: %w", err)
+	}
+	switch {
+	case buf != nil && buf.Plaintext == nil:
+		return nil, true, nil
+	case buf != nil:
+		evt, err := buildMessage(p)
+		return evt, false, err
+	}
+	evt, err = c.receive(ctx, dev, p)
+	if err != nil {
+		return nil, false, err
+	}
+	plaintext, err := proto.Marshal(evt.Message)
+	if err != nil {
+		return nil, false, fmt.Errorf("sandbox: %w", err)
+	}
+	if err := dev.EventBuffer.PutBufferedEvent(ctx, hash, plaintext, p.sentAt); err != nil {
+		return nil, false, fmt.Errorf("buffer the decrypted event: %w", err)
+	}
+	return evt, false, nil
 }
 
 // wait sleeps until next (if set), a wake-up or the socket's end.

@@ -2,6 +2,13 @@
 // client over the SQLite device store at $DATA_DIR/session.db, with
 // whatsmeow's own auto-reconnect off because the gateway's supervisor owns
 // reconnects.
+//
+// whatsmeow's decrypted event buffer is on: the plaintext of a message
+// whose handlers have not yet finished is kept in the session store
+// (whatsmeow_event_buffer), and only the ciphertext hash once they have
+// (old hashes are pruned by whatsmeow). Snapshots of session.db can
+// therefore hold the plaintext of messages in flight at that moment: one
+// more reason backups are encrypted.
 package wa
 
 import (
@@ -101,6 +108,13 @@ func Open(ctx context.Context, o Options) (*Client, error) {
 func (c *Client) newClient(device *store.Device) *whatsmeow.Client {
 	cli := whatsmeow.NewClient(device, c.wlog.Sub("Client"))
 	cli.EnableAutoReconnect = false // the gateway's supervisor reconnects, with backoff
+	// Keep each decrypted message in the store until the handlers are done
+	// with it: WhatsApp redelivers an unacknowledged message, and without
+	// the buffer whatsmeow can no longer decrypt it (the ratchet moved on:
+	// ErrOldCounter) and drops it. With it, a redelivery whose handlers
+	// failed is dispatched again from the buffer, and one already handled
+	// is only acknowledged (the relay, issue 11, relies on this).
+	cli.EnableDecryptedEventBuffer = true
 	cli.AddEventHandler(c.dispatch)
 	return cli
 }

@@ -179,6 +179,9 @@ func TestOpenResetClose(t *testing.T) {
 	if c.cli.Load() == before || c.cli.Load().EnableAutoReconnect {
 		t.Fatal("ResetDevice must build a fresh client with auto-reconnect off")
 	}
+	if !before.EnableDecryptedEventBuffer || !c.cli.Load().EnableDecryptedEventBuffer {
+		t.Fatal("the decrypted event buffer must be on, so a redelivered message is not dropped")
+	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}

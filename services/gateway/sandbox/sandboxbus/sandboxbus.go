@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -32,7 +33,7 @@ type Service struct {
 	Log     *slog.Logger
 }
 
-// Run serves until ctx ends.
+// Run serves until ctx ends, then waits for the requests under way.
 func (s *Service) Run(ctx context.Context) error {
 	if s.Clock == nil {
 		s.Clock = clockwork.NewRealClock()
@@ -55,15 +56,40 @@ func (s *Service) Run(ctx context.Context) error {
 		subj.SandboxFault():  s.fault,
 		subj.SandboxOutbox(): s.outbox,
 	}
-	var subs []*nats.Subscription
+	// Handlers run on nats.go's goroutines: Run owns them through inflight
+	// and returns only after the last one finished, so whoever closes the
+	// server file after Run never closes it under a request (a large
+	// inject is one transaction). A request that arrives once Run is
+	// ending is refused.
+	var (
+		mu       sync.Mutex
+		ending   bool
+		inflight sync.WaitGroup
+		subs     []*nats.Subscription
+	)
 	defer func() {
 		for _, sub := range subs {
 			_ = sub.Unsubscribe()
 		}
+		mu.Lock()
+		ending = true
+		mu.Unlock()
+		inflight.Wait()
 	}()
 	for subject, h := range handlers {
 		sub, err := s.NC.Subscribe(subject, func(m *nats.Msg) {
-			rctx, cancel := context.WithTimeout(ctx, RequestTimeout)
+			mu.Lock()
+			if ending {
+				mu.Unlock()
+				_ = bus.Respond(m, bus.SandboxFaultReply{Error: "sandbox: shutting down"})
+				return
+			}
+			inflight.Add(1)
+			mu.Unlock()
+			defer inflight.Done()
+			// A request under way finishes (bounded), even when Run is
+			// told to end: its answer says what was done.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), RequestTimeout)
 			defer cancel()
 			switch err := bus.Respond(m, h(rctx, m.Data)); {
 			case errors.Is(err, bus.ErrReplySubject):
@@ -77,7 +103,8 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		subs = append(subs, sub)
 	}
-	s.Log.Info("sandbox control on the bus", "subjects", subj.Prefix+".sandbox.*", "seed", s.Server.Seed())
+	// Not the seed: the sandbox device's keys derive from it.
+	s.Log.Info("sandbox control on the bus", "subjects", subj.Prefix+".sandbox.*")
 	<-ctx.Done()
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/types/events"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/services/gateway/sandbox"
@@ -93,8 +94,29 @@ func TestBadRequestsGetOkFalseWithTheReason(t *testing.T) {
 	}
 }
 
+// linkOffline links a device to srv and drops its socket: messages
+// injected then wait in the server file.
+func linkOffline(t *testing.T, srv *sandbox.Server) {
+	t.Helper()
+	c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(t.TempDir(), "session.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	if err := c.Connect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, 5*time.Second, "the link", func() bool {
+		_, err := srv.Link(t.Context(), "")
+		return err == nil
+	})
+	testwait.For(t, 5*time.Second, "logged in", c.IsConnected)
+	c.Disconnect()
+}
+
 func TestInjectIsCommittedBeforeTheAnswer(t *testing.T) {
 	nc, subj, srv := serve(t)
+	linkOffline(t, srv)
 	v := ask(t, nc, subj.SandboxInject(), `{"from":"4915112345678","text":"hi","count":150}`)
 	if v["ok"] != true || v["count"].(float64) != 150 || len(v["ids"].([]any)) != bus.MaxSandboxIDs {
 		t.Fatalf("inject reply %v", v)
@@ -116,6 +138,20 @@ func TestInjectIsCommittedBeforeTheAnswer(t *testing.T) {
 // far past the bus's reply window (bus.ResponseWindow).
 func TestSlowInjectIsAnsweredAtAcceptance(t *testing.T) {
 	nc, subj, srv := serve(t)
+	// Messages go to the linked device: link one first.
+	c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(t.TempDir(), "session.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	c.OnEvent(func(any) {})
+	if err := c.Connect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, 5*time.Second, "the link", func() bool {
+		_, err := srv.Link(t.Context(), "")
+		return err == nil
+	})
 	// 1000 messages at one every 1000 s: the last is due in 11.5 days.
 	v := ask(t, nc, subj.SandboxInject(), `{"from":"4915112345678","text":"hi","count":1000,"rate":0.001}`)
 	if v["ok"] != true || v["count"].(float64) != 1000 {
@@ -124,5 +160,100 @@ func TestSlowInjectIsAnsweredAtAcceptance(t *testing.T) {
 	st, err := srv.Stats(t.Context())
 	if err != nil || st.Unacked != 1000 {
 		t.Errorf("after the answer the server file holds %+v (%v), want 1000 queued", st, err)
+	}
+}
+
+// TestRunReturnsOnlyAfterTheRequestsUnderWay: a request being handled when
+// Run is told to end is finished and answered before Run returns, so the
+// server file is never closed under it.
+func TestRunReturnsOnlyAfterTheRequestsUnderWay(t *testing.T) {
+	dir := t.TempDir()
+	clock := clockwork.NewFakeClockAt(time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC))
+	srv, err := sandbox.OpenServer(t.Context(), sandbox.ServerOptions{Path: filepath.Join(dir, "sandbox.db"), Seed: "s", Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = srv.Close() }()
+	c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(dir, "session.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	// The bot's handler holds the message until released: a disconnect
+	// fault waits for it, as for whatsmeow's handlers.
+	release, holding := make(chan struct{}), make(chan struct{}, 1)
+	c.OnEvent(func(evt any) {
+		if _, ok := evt.(*events.Message); ok {
+			holding <- struct{}{}
+			<-release
+		}
+	})
+	if err := c.Connect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, 5*time.Second, "the link", func() bool {
+		_, err := srv.Link(t.Context(), "")
+		return err == nil
+	})
+	testwait.For(t, 5*time.Second, "logged in", c.IsConnected)
+	if _, err := srv.Inject(t.Context(), sandbox.Inject{From: "15550001234", Content: sandbox.Content{Text: "hold"}}); err != nil {
+		t.Fatal(err)
+	}
+	<-holding
+
+	ns, err := bus.StartServer(bus.ServerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Shutdown()
+	log := slog.New(slog.DiscardHandler)
+	nc, err := ns.Connect("sandbox", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	client, err := ns.Connect("test", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	svc := &sandboxbus.Service{NC: nc, Server: srv, Session: "Bus-Test", Clock: clock}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+	subj := bus.NewSubjects("Bus-Test")
+	testwait.For(t, 5*time.Second, "the sandbox subjects", func() bool {
+		_, err := client.Request(subj.SandboxOutbox(), nil, time.Second)
+		return err == nil
+	})
+	replies := make(chan *nats.Msg, 1)
+	inbox := nats.NewInbox()
+	if _, err := client.ChanSubscribe(inbox, replies); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.PublishRequest(subj.SandboxFault(), inbox, []byte(`{"kind":"disconnect"}`)); err != nil {
+		t.Fatal(err)
+	}
+	// The fault handler is under way once the socket is closed: it waits
+	// for the held delivery.
+	testwait.For(t, 5*time.Second, "the disconnect under way", func() bool { return !c.IsConnected() })
+	cancel()
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned (%v) while a request was under way", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-replies:
+		if !strings.Contains(string(m.Data), `"ok":true`) {
+			t.Errorf("the request under way was answered %s", m.Data)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the request under way was not answered")
 	}
 }
