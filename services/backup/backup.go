@@ -13,8 +13,11 @@
 // A standby reads the row every 500 ms, and at once when PostgreSQL notifies a
 // release. It takes the lease when the row is gone, or when it has itself
 // watched the very same row (holder, version, renewal time) for a whole TTL
-// with every one of its reads answered and none more than 4*StandbyRetry+2 s
-// after the one before (a stalled standby saw nothing); the take is a compare-
+// -- its own, or the longer one the holder advertises in the row (expires_at
+// minus renewed_at, two times of the holder's one clock: an older release's
+// 60 s, a restore CLI's 10 minutes) -- with every one of its reads answered and none more than 4*StandbyRetry+2 s
+// after the one before (a stalled standby saw nothing; LeaseWatch is the one
+// copy of this rule, shared with `blacksky restore --force`); the take is a compare-
 // and-swap on that row, so a renewal that lands first wins. Expiry times are
 // never compared across machines. A database outage seen by the standby starts
 // its watch over: after an outage for everyone, the live holder renews within

@@ -316,7 +316,7 @@ func TestStandbyThatStalledWatchesAgain(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	st := db.mustOpen(t)
 	now := clockStart()
-	if _, ok, err := st.AcquireLease(context.Background(), session, "quiet-holder", now, time.Hour, backup.Lease{}); !ok || err != nil {
+	if _, ok, err := st.AcquireLease(context.Background(), session, "quiet-holder", now, backup.DefaultLeaseTTL, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("seed lease: %v %v", ok, err)
 	}
 	b := start(t, db, instOpts{name: "dyno-b", noWait: true})

@@ -1,0 +1,132 @@
+package backup_test
+
+import (
+	"context"
+	"database/sql"
+	"testing"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/services/backup"
+)
+
+// oldRelease writes the lease row as a holder of the previous release does:
+// a 60 s TTL renewed every 20 s, the renewal time and expiry moved, the
+// version never counted.
+type oldRelease struct {
+	t  *testing.T
+	db *sql.DB
+}
+
+func newOldRelease(t *testing.T, db database, holder string, now time.Time) oldRelease {
+	t.Helper()
+	db.mustOpen(t) // migrated
+	sdb, err := sql.Open("sqlite", db.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sdb.Close() })
+	if _, err := sdb.Exec(`INSERT INTO blacksky_leases (session_id, holder, acquired_at_ms, renewed_at_ms, expires_at_ms)
+		VALUES (?, ?, ?, ?, ?)`, session, holder, now.UnixMilli(), now.UnixMilli(), now.Add(time.Minute).UnixMilli()); err != nil {
+		t.Fatal(err)
+	}
+	return oldRelease{t: t, db: sdb}
+}
+
+func (o oldRelease) renew(now time.Time) {
+	o.t.Helper()
+	if _, err := o.db.Exec(`UPDATE blacksky_leases SET renewed_at_ms = ?, expires_at_ms = ? WHERE session_id = ?`,
+		now.UnixMilli(), now.Add(time.Minute).UnixMilli(), session); err != nil {
+		o.t.Fatal(err)
+	}
+}
+
+func holderOf(t *testing.T, st backup.Store) string {
+	t.Helper()
+	l, _, err := st.AcquireLease(context.Background(), session, "peek-"+randHex(2), time.Unix(0, 0), time.Second, backup.Lease{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.Holder
+}
+
+// A standby watches for the holder's own advertised TTL (expires - renewed,
+// on the holder's one clock), not only its own 10 s: a holder of the
+// previous release (60 s TTL, renewed every 20 s, version never counted)
+// keeps its lease for as long as it renews, and loses it 60 s after it
+// stops.
+func TestStandbyWatchesForTheHoldersAdvertisedTTL(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	st := db.mustOpen(t)
+	clock := clockwork.NewFakeClock()
+	old := newOldRelease(t, db, "old-release", clock.Now())
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true, clock: clock})
+
+	begin, lastRenewal := clock.Now(), clock.Now()
+	var longest int64
+	testwait.For(t, 60*time.Second, "130 s of fake time with the old release renewing", func() bool {
+		clock.Advance(250 * time.Millisecond)
+		if clock.Since(lastRenewal) >= 20*time.Second {
+			lastRenewal = clock.Now()
+			old.renew(lastRenewal)
+		}
+		if _, d := b.svc.Status(); d.LeaseHeld {
+			t.Fatalf("dyno-b took a lease renewed every 20 s with a 60 s TTL, at +%s", clock.Since(begin))
+		} else if d.LeaseHolder == "old-release" {
+			longest = max(longest, d.LeaseWatchMS)
+		}
+		return clock.Since(begin) >= 130*time.Second
+	})
+	if longest < 15000 {
+		t.Fatalf("dyno-b watched the row unchanged for at most %d ms; want past its own 10 s TTL", longest)
+	}
+	if h := holderOf(t, st); h != "old-release" {
+		t.Fatalf("lease holder = %q; want old-release", h)
+	}
+
+	// The old release stops renewing: taken after 60 s of watching.
+	stoppedAt := lastRenewal
+	testwait.For(t, 60*time.Second, "dyno-b to take the lease", func() bool {
+		if _, d := b.svc.Status(); d.LeaseHeld {
+			return true
+		}
+		clock.Advance(250 * time.Millisecond)
+		return false
+	})
+	took := clock.Since(stoppedAt)
+	if took < time.Minute || took > time.Minute+5*time.Second {
+		t.Fatalf("dyno-b took the lease %s after the last renewal; want 60 s and a little", took)
+	}
+	t.Logf("taken %s after the last renewal", took)
+}
+
+// The row of `blacksky restore --force` advertises its 10 minute TTL: a
+// standby does not take it after its own 10 s, while the restore writes.
+func TestStandbyDoesNotTakeARestoresRowAfterItsOwnTTL(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	st := db.mustOpen(t)
+	clock := clockwork.NewFakeClock()
+	if _, ok, err := st.AcquireLease(context.Background(), session, "restore-cli:op", clock.Now(), 10*time.Minute, backup.Lease{}); !ok || err != nil {
+		t.Fatalf("seed lease: %v %v", ok, err)
+	}
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true, clock: clock})
+	begin := clock.Now()
+	var longest int64
+	testwait.For(t, 30*time.Second, "30 s of fake time", func() bool {
+		clock.Advance(250 * time.Millisecond)
+		_, d := b.svc.Status()
+		if d.LeaseHeld {
+			t.Fatalf("dyno-b took the restore's lease at +%s", clock.Since(begin))
+		}
+		longest = max(longest, d.LeaseWatchMS)
+		return clock.Since(begin) >= 30*time.Second
+	})
+	if longest < 15000 {
+		t.Fatalf("dyno-b watched at most %d ms; want past its own 10 s TTL", longest)
+	}
+	if h := holderOf(t, st); h != "restore-cli:op" {
+		t.Fatalf("lease holder = %q", h)
+	}
+}
