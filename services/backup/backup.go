@@ -13,18 +13,19 @@
 // A standby reads the row every 500 ms, and at once when PostgreSQL notifies a
 // release. It takes the lease when the row is gone, or when it has itself
 // watched the very same row (holder, version, renewal time) for a whole TTL
-// -- its own, or the longer one the holder advertises in the row (expires_at
-// minus renewed_at, two times of the holder's one clock: an older release's
-// 60 s, a restore CLI's 10 minutes) -- with every one of its reads answered and none more than 4*StandbyRetry+2 s
-// after the one before (a stalled standby saw nothing; LeaseWatch is the one
-// copy of this rule, shared with `blacksky restore --force`); the take is a compare-
-// and-swap on that row, so a renewal that lands first wins. Expiry times are
-// never compared across machines. A database outage seen by the standby starts
-// its watch over: after an outage for everyone, the live holder renews within
-// TTL/3 of the database's return, long before any standby has watched for a
-// TTL, so the live holder keeps the session and ships what it stored locally
-// meanwhile; it is never replaced by a standby that would restore an older
-// store. A dead holder is replaced about
+// (its own, or the longer one the holder advertises in the row: expires_at
+// minus renewed_at, two times of the holder's one clock, so 60 s for an older
+// release and 10 minutes for a restore CLI) with every one of its reads
+// answered, none more than 4*StandbyRetry+2 s after the one before and none
+// taking longer than that itself (a stalled standby or a slow read saw
+// nothing). LeaseWatch is the one copy of this rule, shared with `blacksky
+// restore --force`. The take is a compare-and-swap on that row, so a renewal
+// that lands first wins. Expiry times are never compared across machines. A
+// database outage seen by the standby starts its watch over: after an outage
+// for everyone, the live holder renews within TTL/3 of the database's return,
+// long before any standby has watched for a TTL, so the live holder keeps the
+// session and ships what it stored locally meanwhile; it is never replaced by
+// a standby that would restore an older store. A dead holder is replaced about
 // one TTL after its last renewal.
 //
 // The holder's half: while it cannot renew it keeps its socket (guarantee 4:

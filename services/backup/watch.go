@@ -52,6 +52,12 @@ func (w *LeaseWatch) Stale(now time.Time) Lease {
 // l held by another holder. renewed reports that a running watch saw the row
 // change: its holder is alive.
 func (w *LeaseWatch) Answered(l Lease, sent, answered time.Time) (renewed bool) {
+	if answered.Sub(sent) > w.MaxGap {
+		// A slow read proves nothing about the span it took (the holder may
+		// have been kept from renewing meanwhile): start over from its answer.
+		w.row, w.since, w.answeredAt = l, answered, answered
+		return false
+	}
 	if !w.since.IsZero() && w.row.Same(l) {
 		w.answeredAt = answered
 		return false

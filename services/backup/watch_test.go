@@ -3,6 +3,7 @@ package backup_test
 import (
 	"context"
 	"database/sql"
+	"sync"
 	"testing"
 	"time"
 
@@ -129,4 +130,98 @@ func TestStandbyDoesNotTakeARestoresRowAfterItsOwnTTL(t *testing.T) {
 	if h := holderOf(t, st); h != "restore-cli:op" {
 		t.Fatalf("lease holder = %q", h)
 	}
+}
+
+// gatedStore holds AcquireLease calls while the gate is shut, telling the
+// test each time one waits.
+type gatedStore struct {
+	backup.Store
+	mu      sync.Mutex
+	shut    bool
+	entered chan struct{}
+	open    chan struct{}
+}
+
+func (g *gatedStore) AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale backup.Lease) (backup.Lease, bool, error) {
+	g.mu.Lock()
+	shut := g.shut
+	g.mu.Unlock()
+	if shut {
+		g.entered <- struct{}{}
+		<-g.open
+	}
+	return g.Store.AcquireLease(ctx, session, holder, now, ttl, stale)
+}
+
+// A read that itself takes longer than the watch's gap bound (here 9.5 s)
+// counts for nothing: the holder may have been kept from renewing for all
+// that time. The watch starts over from its answer instead of taking the
+// row at the next read.
+func TestSlowStandbyReadStartsTheWatchOver(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	st := db.mustOpen(t)
+	clock := clockwork.NewFakeClock()
+	if _, ok, err := st.AcquireLease(context.Background(), session, "quiet-holder", clock.Now(), backup.DefaultLeaseTTL, backup.Lease{}); !ok || err != nil {
+		t.Fatalf("seed lease: %v %v", ok, err)
+	}
+	g := &gatedStore{entered: make(chan struct{}), open: make(chan struct{})}
+	open := func(ctx context.Context) (backup.Store, error) {
+		s, err := db.open(ctx)
+		g.Store = s
+		return g, err
+	}
+	b := start(t, db, instOpts{name: "dyno-b", noWait: true, clock: clock, open: open})
+	testwait.For(t, 10*time.Second, "dyno-b watching for a second", func() bool {
+		clock.Advance(100 * time.Millisecond)
+		_, d := b.svc.Status()
+		return d.LeaseHolder == "quiet-holder" && d.LeaseWatchMS >= 1000
+	})
+	g.mu.Lock()
+	g.shut = true
+	g.mu.Unlock()
+	// The next read waits in the gate while 9.5 s pass.
+	testwait.For(t, 10*time.Second, "a read in the gate", func() bool {
+		select {
+		case <-g.entered:
+			return true
+		default:
+			clock.Advance(100 * time.Millisecond)
+			return false
+		}
+	})
+	clock.Advance(9500 * time.Millisecond)
+	g.mu.Lock()
+	g.shut = false
+	g.mu.Unlock()
+	close(g.open)
+	var after int64
+	testwait.For(t, 10*time.Second, "the slow read's answer", func() bool {
+		_, d := b.svc.Status()
+		after = d.LeaseWatchMS
+		return d.LeaseHeld || after == 0 || after >= 9000
+	})
+	if after != 0 {
+		t.Fatalf("after a read that took 9.5 s the watch counts %d ms; want it started over", after)
+	}
+	// Quick reads for a while: far from a whole TTL since the slow one.
+	testwait.For(t, 10*time.Second, "two seconds of quick reads", func() bool {
+		_, d := b.svc.Status()
+		if d.LeaseHeld {
+			t.Fatal("dyno-b took the lease right after a read that took 9.5 s")
+		}
+		if d.LeaseWatchMS >= 2000 {
+			return true
+		}
+		clock.Advance(100 * time.Millisecond)
+		return false
+	})
+	if h := holderOf(t, st); h != "quiet-holder" {
+		t.Fatalf("lease holder = %q right after a slow read", h)
+	}
+	// A whole TTL of quick reads after it: now it takes it.
+	testwait.For(t, 20*time.Second, "dyno-b to take the lease", func() bool {
+		clock.Advance(250 * time.Millisecond)
+		_, d := b.svc.Status()
+		return d.LeaseHeld
+	})
 }
