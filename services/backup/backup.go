@@ -28,6 +28,11 @@
 // a standby that would restore an older store. A dead holder is replaced about
 // one TTL after its last renewal.
 //
+// A process that got the lease only after another holder had it (it waited as
+// standby, or took a stale row) restores what that holder left in the
+// database, even over a valid store on its own disk (a reused volume): that
+// store is older, unless it is the newest database snapshot's very store.
+//
 // The holder's half: while it cannot renew it keeps its socket (guarantee 4:
 // the bot stays online without its database), unless a standby backup of
 // another instance reports on a shared bus (its heartbeat's lease_holder and

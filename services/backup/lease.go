@@ -44,7 +44,10 @@ const (
 // other holder has been seen (otherSeen is false and no attempt found one),
 // the database has failed for DBWait and there is local state to run on does
 // it give up, and Run goes degraded.
-func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) error {
+//
+// tookOver reports that another holder had the lease before us (we waited
+// for it, or took its stale row): it used the session meanwhile.
+func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) (tookOver bool, err error) {
 	released := make(chan struct{}, 1)
 	wctx, stopWatch := context.WithCancel(ctx)
 	var watchWG sync.WaitGroup
@@ -67,7 +70,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, sent, s.opts.LeaseTTL, stale)
 		cancel()
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return false, ctx.Err()
 		}
 		wait := s.opts.StandbyRetry
 		switch {
@@ -84,7 +87,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			}
 			s.setWaitingState(state, false)
 			if !otherSeen && s.clock.Since(failingSince) >= s.opts.DBWait && s.hasLocalState() {
-				return err
+				return false, err
 			}
 			s.log.Warn("taking the session lease failed; retrying", "err", err, "retry_in", delay)
 			wait = delay
@@ -99,7 +102,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			} else {
 				s.log.Info("session lease held", "ttl", s.opts.LeaseTTL)
 			}
-			return nil
+			return otherSeen || stale.Holder != "", nil
 		default:
 			failingSince, delay = time.Time{}, time.Second
 			s.setWaitingState(bus.StateStandby, true)
@@ -128,7 +131,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		case <-released:
 		case <-s.clock.After(wait):
 		}

@@ -245,8 +245,10 @@ func (s *Service) Run(ctx context.Context) error {
 	}()
 	store := s.openStore(ctx)
 	for first := true; ; first = false {
+		tookOver := false
 		if store != nil {
-			if err := s.acquireLease(ctx, store, !first); err != nil {
+			var err error
+			if tookOver, err = s.acquireLease(ctx, store, !first); err != nil {
 				store.Close()
 				if ctx.Err() != nil { // stopped while in standby: nothing of ours to save
 					return nil
@@ -264,6 +266,8 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		var rep bus.RestoreReply
 		switch {
+		case first && tookOver:
+			rep = s.restoreAfterTakeover(ctx, store)
 		case first:
 			rep = s.restoreOnStart(ctx, store)
 		case store != nil && s.keptLease():

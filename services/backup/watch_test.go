@@ -3,14 +3,19 @@ package backup_test
 import (
 	"context"
 	"database/sql"
+	"net/url"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/jonboulle/clockwork"
 
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // oldRelease writes the lease row as a holder of the previous release does:
@@ -24,7 +29,7 @@ type oldRelease struct {
 func newOldRelease(t *testing.T, db database, holder string, now time.Time) oldRelease {
 	t.Helper()
 	db.mustOpen(t) // migrated
-	sdb, err := sql.Open("sqlite", db.path)
+	sdb, err := sql.Open("sqlite", sqlitefile.URI(db.path, url.Values{"_pragma": {"busy_timeout(10000)"}}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,4 +229,78 @@ func TestSlowStandbyReadStartsTheWatchOver(t *testing.T) {
 		_, d := b.svc.Status()
 		return d.LeaseHeld
 	})
+}
+
+// sessionSHA is the sha256 of a session store as a snapshot records it.
+func sessionSHA(t *testing.T, path string) string {
+	t.Helper()
+	plain, err := snapshot.ReadConsistent(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256Hex(plain)
+}
+
+// A standby that takes the session over from another instance restores what
+// that instance left in the database, even when its own disk (a reused
+// compose or VPS volume) holds a valid linked store: that store is older.
+// Only the very store of the newest snapshot stays.
+func TestTakeoverRestoresTheOtherHoldersStoreOverAnOlderOneOnDisk(t *testing.T) {
+	for _, same := range []bool{false, true} {
+		name := "older store on disk"
+		if same {
+			name = "newest snapshot's store on disk"
+		}
+		t.Run(name, func(t *testing.T) {
+			db := newDatabase(t, "sqlite")
+			clock := clockwork.NewFakeClock()
+			dirA, dirB := t.TempDir(), t.TempDir()
+			pathA := newStore(t, dirA, 128<<10)
+			var pathB string
+			if same {
+				if err := snapshot.WriteFileAtomic(filepath.Join(dirB, "session.db"), mustRead(t, pathA), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				pathB = filepath.Join(dirB, "session.db")
+			} else {
+				pathB = newStore(t, dirB, 128<<10) // dyno-b's own, from an earlier run
+			}
+			a := start(t, db, instOpts{dataDir: dirA, name: "dyno-a", clock: clock})
+			if !same {
+				write(t, pathA, 5)
+			}
+			b := start(t, db, instOpts{dataDir: dirB, name: "dyno-b", noWait: true, clock: clock})
+			testwait.For(t, 10*time.Second, "dyno-b in standby", func() bool {
+				clock.Advance(100 * time.Millisecond)
+				st, _ := b.svc.Status()
+				return st == bus.StateStandby
+			})
+			if err := a.stop(); err != nil { // shutdown snapshot, then release
+				t.Fatal(err)
+			}
+			newest := mustList(t, db)[0]
+			rep := b.advanceUntilAnswer(100 * time.Millisecond)
+			if !rep.OK {
+				t.Fatalf("dyno-b restore = %+v", rep)
+			}
+			if got := sessionSHA(t, pathB); got != newest.SHA256 {
+				t.Fatalf("dyno-b's store after the takeover is not dyno-a's last snapshot (reply %+v)", rep)
+			}
+			if same && rep.Restored {
+				t.Fatalf("dyno-b restored although its store is the newest snapshot's: %+v", rep)
+			}
+			if !same && (!rep.Restored || rep.Source != bus.SourceDatabase || rep.SnapshotID != newest.ID) {
+				t.Fatalf("dyno-b restore = %+v; want snapshot %d from the database", rep, newest.ID)
+			}
+		})
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	plain, err := snapshot.ReadConsistent(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return plain
 }
