@@ -40,11 +40,14 @@
 // has seen the holder's row unchanged for half a TTL, counting answered reads
 // only. Then that standby takes the lease at a whole TTL, and the holder
 // fences itself first: its gateway closes the socket (conn.standby for its own
-// instance) and database snapshots stop. (A holder cut off alone with no
-// shared bus cannot hear it: the standby takes over after the TTL, WhatsApp
-// ends the older stream with stream_replaced, and the holder's next renewal
-// finds the lease gone. Its snapshots were refused all along: inserts check
-// the lease.) It takes up again, without a restore, if its own row is still
+// instance) and database snapshots stop. A holder cut off alone with no shared
+// bus cannot hear it: the standby takes over after its watch, and WhatsApp
+// ends the older stream with stream_replaced; that event from its own gateway
+// while its renewals fail fences the holder the same way, so the two do not
+// trade the stream. This is the rule's one stale restore: the writes such a
+// holder made since its last snapshot in the database are lost, since its
+// snapshots were refused all along (inserts check the lease) and the new
+// holder restores that older one. The holder takes up again, without a restore, if its own row is still
 // its own when the database answers; otherwise it restores what the new holder
 // stored, like any standby. Snapshot inserts check the lease in their own
 // transaction, so a holder that lost the lease never stores one.

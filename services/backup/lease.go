@@ -180,6 +180,7 @@ func (s *Service) holdLease(l Lease, sent time.Time) {
 	// as before means nobody else held it in between.
 	s.kept = !s.leaseSince.IsZero() && s.leaseSince.Equal(l.AcquiredAt)
 	s.leaseHeld, s.leaseUntil, s.renewedAt, s.leaseSince = true, l.ExpiresAt, sent, l.AcquiredAt
+	s.failingSince = time.Time{}
 }
 
 // keptLease reports whether the last take renewed a lease this process held
@@ -291,6 +292,22 @@ func (s *Service) shouldFence() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.leaseHeld && !s.failingSince.IsZero() && s.contenderAt.After(s.renewedAt)
+}
+
+// onStreamReplaced is the fence of a holder cut off alone from the database
+// with no shared bus to hear a standby on: WhatsApp ending our gateway's
+// stream while our renewals fail means another instance reached the database,
+// took the lease and connected. Without this the two would trade the stream
+// (our gateway reconnects after its pause); with it we stand by like any
+// instance that lost the lease, and restore what the new holder stores once
+// the lease is ours again.
+func (s *Service) onStreamReplaced() {
+	s.mu.Lock()
+	failing := s.leaseHeld && !s.failingSince.IsZero()
+	s.mu.Unlock()
+	if failing {
+		s.leaseLost("", "fenced: WhatsApp replaced our stream while the database is unreachable from here, so another instance took the session")
+	}
 }
 
 // onBackupHeartbeat follows the standby backups of other instances that

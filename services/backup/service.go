@@ -310,9 +310,10 @@ func (s *Service) Run(ctx context.Context) error {
 
 		if first {
 			for subj, h := range map[string]nats.MsgHandler{
-				s.subj.BackupRequest():       s.onBackupRequest,
-				s.subj.Conn(bus.ConnPaired):  s.ownGateway(func() { s.request(bus.ReasonPaired, nil) }),
-				s.subj.Conn(bus.ConnStopped): s.ownGateway(func() { s.request(bus.ReasonShutdown, nil) }),
+				s.subj.BackupRequest():              s.onBackupRequest,
+				s.subj.Conn(bus.ConnPaired):         s.ownGateway(func() { s.request(bus.ReasonPaired, nil) }),
+				s.subj.Conn(bus.ConnStopped):        s.ownGateway(func() { s.request(bus.ReasonShutdown, nil) }),
+				s.subj.Conn(bus.ConnStreamReplaced): s.ownGateway(s.onStreamReplaced),
 			} {
 				sub, err := s.opts.NC.Subscribe(subj, h)
 				if err != nil {
