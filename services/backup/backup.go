@@ -44,10 +44,10 @@
 // bus cannot hear it: the standby takes over after its watch, and WhatsApp
 // ends the older stream with stream_replaced; that event from its own gateway
 // while its renewals fail fences the holder the same way, so the two do not
-// trade the stream. This is the rule's one stale restore: the writes such a
-// holder made since its last snapshot in the database are lost, since its
-// snapshots were refused all along (inserts check the lease) and the new
-// holder restores that older one. The holder takes up again, without a restore, if its own row is still
+// trade the stream. This is the rule's one stale restore (CONTRACT guarantee
+// 2): the writes a holder cut off alone made since its last snapshot in the
+// database are lost, bus or not, since its snapshots were refused all along
+// (inserts check the lease) and the new holder restores that older one. The holder takes up again, without a restore, if its own row is still
 // its own when the database answers; otherwise it restores what the new holder
 // stored, like any standby. Snapshot inserts check the lease in their own
 // transaction, so a holder that lost the lease never stores one.
