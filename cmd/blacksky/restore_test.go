@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -8,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
@@ -88,5 +92,68 @@ func TestRestoreForceRespectsTheSessionLease(t *testing.T) {
 	}
 	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.2", time.Now(), time.Minute, backup.Lease{}); err != nil || !ok {
 		t.Fatalf("the restore left the lease taken: %v, %v", ok, err)
+	}
+}
+
+// restore --force watches a dead holder's row with the backup service's own
+// rule (backup.LeaseWatch): for the TTL the row advertises, here a previous
+// release's 60 s, not only the current 10 s; then it takes the row and
+// restores.
+func TestRestoreForceWatchesForTheHoldersAdvertisedTTL(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	env := map[string]string{"SESSION_ID": "Lease Test", "DATA_DIR": dir, "LOG_LEVEL": "warn"}
+	sessionPath := filepath.Join(dir, "session.db")
+	if err := wastore.Create(ctx, sessionPath, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	plain, err := snapshot.ReadConsistent(ctx, sessionPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, meta, err := snapshot.Encode(plain, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (backup.Local{Dir: filepath.Join(dir, "backups")}).Write(payload, time.Now(), "manual", meta.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "blacksky.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if err := st.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	clock := clockwork.NewFakeClock()
+	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.1-dead", clock.Now(), time.Minute, backup.Lease{}); err != nil || !ok {
+		t.Fatalf("seed lease: %v, %v", ok, err)
+	}
+	var stdout, stderr bytes.Buffer
+	m := &Main{Stdout: &stdout, Stderr: &stderr, Getenv: func(k string) string { return env[k] }, Clock: clock}
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx, []string{"restore", "--force"}) }()
+	begin := clock.Now()
+	var runErr error
+	testwait.For(t, 60*time.Second, "restore --force to finish", func() bool {
+		select {
+		case runErr = <-done:
+			return true
+		default:
+			clock.Advance(250 * time.Millisecond)
+			return false
+		}
+	})
+	if runErr != nil {
+		t.Fatalf("restore --force: %v (%s)", runErr, stderr.String())
+	}
+	// Fake time keeps running while the restore itself writes: the upper
+	// bound is loose, the lower one is the rule.
+	if took := clock.Since(begin); took < time.Minute || took > 90*time.Second {
+		t.Fatalf("restore --force took a 60 s row after %s of watching; want 60 s and a little", took)
+	}
+	if !strings.Contains(stdout.String(), `"restored":true`) {
+		t.Fatalf("restore --force: %q", stdout.String())
 	}
 }

@@ -274,7 +274,9 @@ func (m *Main) cmdRestore(ctx context.Context, args []string) error {
 }
 
 // restoreLeaseTTL bounds how long a restore holds the session lease if it
-// dies before releasing it.
+// dies before releasing it. It is also the TTL the row advertises: a standby
+// (backup.LeaseWatch) watches the row that long before taking it, so a
+// restore that runs slowly is never displaced by a standby mid-write.
 const restoreLeaseTTL = 10 * time.Minute
 
 // holdLeaseForRestore takes the session lease for the time of a restore that
@@ -323,14 +325,17 @@ func (a *app) holdLeaseForRestore(ctx context.Context, st backup.Store, ignore b
 	return func() {}, nil
 }
 
-// watchLease watches a lease row held by another instance for one
-// backup.DefaultLeaseTTL: unchanged all along, the holder is gone and the row
-// is taken; renewed meanwhile, the holder is alive and ok is false.
+// watchLease watches a lease row held by another instance with the backup
+// service's own rule (backup.LeaseWatch): unchanged for the holder's whole
+// TTL (at least backup.DefaultLeaseTTL), the holder is gone and the row is
+// taken; renewed meanwhile, the holder is alive and ok is false.
 func (a *app) watchLease(ctx context.Context, seen backup.Lease, take func(stale backup.Lease) (backup.Lease, bool, error)) (backup.Lease, bool, error) {
+	const retry = backup.DefaultStandbyRetry
+	w := backup.LeaseWatch{TTL: backup.DefaultLeaseTTL, MaxGap: backup.DefaultWatchMaxGap}
+	w.Answered(seen, a.clock.Now(), a.clock.Now())
 	a.log.Info("restore: another instance holds the session lease; watching it to see whether it is alive",
-		"holder", seen.Holder, "for", backup.DefaultLeaseTTL)
-	start := a.clock.Now()
-	tick := a.clock.NewTicker(500 * time.Millisecond)
+		"holder", seen.Holder, "for", w.Need(seen))
+	tick := a.clock.NewTicker(retry)
 	defer tick.Stop()
 	for {
 		select {
@@ -338,17 +343,16 @@ func (a *app) watchLease(ctx context.Context, seen backup.Lease, take func(stale
 			return seen, false, ctx.Err()
 		case <-tick.Chan():
 		}
-		stale := backup.Lease{}
-		if a.clock.Since(start) >= backup.DefaultLeaseTTL {
-			stale = seen
-		}
-		now, ok, err := take(stale)
+		sent := a.clock.Now()
+		now, ok, err := take(w.Stale(sent))
 		if err != nil || ok {
 			return now, ok, err
 		}
 		if now.Holder == "" {
+			w.Reset()
 			continue // released meanwhile: the next take gets it
 		}
+		w.Answered(now, sent, a.clock.Now())
 		if !now.Same(seen) {
 			return now, false, nil
 		}

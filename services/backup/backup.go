@@ -13,16 +13,25 @@
 // A standby reads the row every 500 ms, and at once when PostgreSQL notifies a
 // release. It takes the lease when the row is gone, or when it has itself
 // watched the very same row (holder, version, renewal time) for a whole TTL
-// with every one of its reads answered and none more than 4*StandbyRetry+2 s
-// after the one before (a stalled standby saw nothing); the take is a compare-
-// and-swap on that row, so a renewal that lands first wins. Expiry times are
-// never compared across machines. A database outage seen by the standby starts
-// its watch over: after an outage for everyone, the live holder renews within
-// TTL/3 of the database's return, long before any standby has watched for a
-// TTL, so the live holder keeps the session and ships what it stored locally
-// meanwhile; it is never replaced by a standby that would restore an older
-// store. A dead holder is replaced about
+// (its own, or the longer one the holder advertises in the row: expires_at
+// minus renewed_at, two times of the holder's one clock, so 60 s for an older
+// release and 10 minutes for a restore CLI) with every one of its reads
+// answered, none more than 4*StandbyRetry+2 s after the one before and none
+// taking longer than that itself (a stalled standby or a slow read saw
+// nothing). LeaseWatch is the one copy of this rule, shared with `blacksky
+// restore --force`. The take is a compare-and-swap on that row, so a renewal
+// that lands first wins. Expiry times are never compared across machines. A
+// database outage seen by the standby starts its watch over: after an outage
+// for everyone, the live holder renews within TTL/3 of the database's return,
+// long before any standby has watched for a TTL, so the live holder keeps the
+// session and ships what it stored locally meanwhile; it is never replaced by
+// a standby that would restore an older store. A dead holder is replaced about
 // one TTL after its last renewal.
+//
+// A process that got the lease only after another holder had it (it waited as
+// standby, or took a stale row) restores what that holder left in the
+// database, even over a valid store on its own disk (a reused volume): that
+// store is older, unless it is the newest database snapshot's very store.
 //
 // The holder's half: while it cannot renew it keeps its socket (guarantee 4:
 // the bot stays online without its database), unless a standby backup of
@@ -31,11 +40,14 @@
 // has seen the holder's row unchanged for half a TTL, counting answered reads
 // only. Then that standby takes the lease at a whole TTL, and the holder
 // fences itself first: its gateway closes the socket (conn.standby for its own
-// instance) and database snapshots stop. (A holder cut off alone with no
-// shared bus cannot hear it: the standby takes over after the TTL, WhatsApp
-// ends the older stream with stream_replaced, and the holder's next renewal
-// finds the lease gone. Its snapshots were refused all along: inserts check
-// the lease.) It takes up again, without a restore, if its own row is still
+// instance) and database snapshots stop. A holder cut off alone with no shared
+// bus cannot hear it: the standby takes over after its watch, and WhatsApp
+// ends the older stream with stream_replaced; that event from its own gateway
+// while its renewals fail fences the holder the same way, so the two do not
+// trade the stream. This is the rule's one stale restore (CONTRACT guarantee
+// 2): the writes a holder cut off alone made since its last snapshot in the
+// database are lost, bus or not, since its snapshots were refused all along
+// (inserts check the lease) and the new holder restores that older one. The holder takes up again, without a restore, if its own row is still
 // its own when the database answers; otherwise it restores what the new holder
 // stored, like any standby. Snapshot inserts check the lease in their own
 // transaction, so a holder that lost the lease never stores one.

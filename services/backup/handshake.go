@@ -2,8 +2,11 @@ package backup
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"time"
 
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
@@ -75,6 +78,32 @@ func (s *Service) restoreAfterLeaseLoss(ctx context.Context, st Store) bus.Resto
 		}
 		return res, err
 	}, false)
+}
+
+// restoreAfterTakeover is the first epoch's restore when another holder had
+// the lease before us (we waited for it as standby, or took its stale row):
+// it used the session meanwhile, so a store on our disk (a reused volume) is
+// older than the one it left in the database, unless it is the very store of
+// the newest snapshot there. With no snapshot in the database at all, the
+// usual start-up restore decides.
+func (s *Service) restoreAfterTakeover(ctx context.Context, st Store) bus.RestoreReply {
+	cctx, cancel := withTimeout(ctx, s.clock, dbCallTimeout)
+	latest, err := Latest(cctx, st, s.cfg.SessionID)
+	cancel()
+	switch {
+	case err == nil && latest == nil:
+		return s.restoreOnStart(ctx, st)
+	case err == nil:
+		if plain, rerr := snapshot.ReadConsistent(ctx, s.sessionPath); rerr == nil {
+			if sum := sha256.Sum256(plain); hex.EncodeToString(sum[:]) == latest.SHA256 {
+				s.log.Info("took the session over from another instance; the store on disk is the newest snapshot's: it stays",
+					"snapshot_id", latest.ID)
+				return bus.RestoreReply{OK: true, Source: bus.SourceExisting}
+			}
+		}
+	}
+	s.log.Info("took the session over from another instance: restoring what it left in the database, not the store on disk")
+	return s.restoreAfterLeaseLoss(ctx, st)
 }
 
 func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restorer) (RestoreResult, error), localFallback bool) bus.RestoreReply {

@@ -27,13 +27,16 @@ const (
 	// watchGapSlack: a standby's reads answered further apart than four
 	// StandbyRetry and this start its watch over (see acquireLease).
 	watchGapSlack = 2 * time.Second
+	// DefaultWatchMaxGap is LeaseWatch.MaxGap with the default StandbyRetry.
+	DefaultWatchMaxGap = DefaultStandbyRetry*4 + watchGapSlack
 )
 
 // acquireLease blocks until this instance holds the lease: while another
 // holder has it, it is standby. It reads the row every StandbyRetry (at once
 // when PostgreSQL says a lease was released) and takes it when it is free,
 // or when it has watched the very same row (holder, version, renewal time)
-// for a whole LeaseTTL with every read answered: a failed read starts the
+// for a whole TTL (LeaseWatch: ours, or the longer one the holder advertises)
+// with every read answered: a failed read starts the
 // watch over, so a database outage seen by both sides always lets the live
 // holder's first renewal after it win.
 //
@@ -41,7 +44,10 @@ const (
 // other holder has been seen (otherSeen is false and no attempt found one),
 // the database has failed for DBWait and there is local state to run on does
 // it give up, and Run goes degraded.
-func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) error {
+//
+// tookOver reports that another holder had the lease before us (we waited
+// for it, or took its stale row): it used the session meanwhile.
+func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) (tookOver bool, err error) {
 	released := make(chan struct{}, 1)
 	wctx, stopWatch := context.WithCancel(ctx)
 	var watchWG sync.WaitGroup
@@ -50,40 +56,26 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 		watchWG.Go(func() { s.watchReleases(wctx, w, released) })
 	}
 
+	watch := LeaseWatch{TTL: s.opts.LeaseTTL, MaxGap: s.watchMaxGap()}
 	var (
-		watched      Lease     // the row as it was when the watch began
-		watchedSince time.Time // zero: no watch running
-		answeredAt   time.Time // the last answered read
 		announced    time.Time
 		failingSince time.Time
 		logged       bool
 	)
 	delay := time.Second
 	for {
-		// Reads must follow each other closely for the watch to count: after
-		// a gap (this process stalled) nobody saw whether the database
-		// answered the holder meanwhile.
-		if !answeredAt.IsZero() && s.clock.Since(answeredAt) > s.opts.StandbyRetry*4+watchGapSlack {
-			watchedSince = time.Time{}
-		}
-		var stale Lease
-		if !watchedSince.IsZero() && s.clock.Since(watchedSince) >= s.opts.LeaseTTL {
-			stale = watched
-		}
 		sent := s.clock.Now()
+		stale := watch.Stale(sent)
 		cctx, cancel := withTimeout(ctx, s.clock, dbCallTimeout)
 		lease, ok, err := st.AcquireLease(cctx, s.cfg.SessionID, s.opts.Instance, sent, s.opts.LeaseTTL, stale)
 		cancel()
 		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if err == nil {
-			answeredAt = s.clock.Now()
+			return false, ctx.Err()
 		}
 		wait := s.opts.StandbyRetry
 		switch {
 		case err != nil:
-			watchedSince = time.Time{} // the rule: an unanswered read starts the watch over
+			watch.Reset() // the rule: an unanswered read starts the watch over
 			s.watching("", time.Time{}, time.Time{})
 			s.noteErr(fmt.Errorf("take lease: %w", err))
 			if failingSince.IsZero() {
@@ -95,7 +87,7 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			}
 			s.setWaitingState(state, false)
 			if !otherSeen && s.clock.Since(failingSince) >= s.opts.DBWait && s.hasLocalState() {
-				return err
+				return false, err
 			}
 			s.log.Warn("taking the session lease failed; retrying", "err", err, "retry_in", delay)
 			wait = delay
@@ -106,28 +98,27 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 			s.noteDB(true)
 			if stale.Holder != "" {
 				s.log.Warn("took over the session lease: its holder did not renew it for a whole lease TTL",
-					"previous_holder", stale.Holder, "ttl", s.opts.LeaseTTL)
+					"previous_holder", stale.Holder, "watched", watch.Need(stale))
 			} else {
 				s.log.Info("session lease held", "ttl", s.opts.LeaseTTL)
 			}
-			return nil
+			return otherSeen || stale.Holder != "", nil
 		default:
 			failingSince, delay = time.Time{}, time.Second
 			s.setWaitingState(bus.StateStandby, true)
 			if lease.Holder == "" { // released between two statements: read again now
-				watchedSince = time.Time{}
+				watch.Reset()
 				s.watching("", time.Time{}, time.Time{})
 				wait = 0
 				break
 			}
 			otherSeen = true
-			if watchedSince.IsZero() || !lease.Same(watched) {
-				watched, watchedSince = lease, s.clock.Now()
-			}
-			s.watching(lease.Holder, watchedSince, s.clock.Now())
+			watch.Answered(lease, sent, s.clock.Now())
+			_, since, seen := watch.Watched()
+			s.watching(lease.Holder, since, seen)
 			if !logged {
 				s.log.Warn("another instance holds the session; standby until it releases the lease, or stops renewing it for a whole lease TTL",
-					"holder", lease.Holder, "ttl", s.opts.LeaseTTL)
+					"holder", lease.Holder, "watch", watch.Need(lease))
 				logged = true
 			}
 			if announced.IsZero() || s.clock.Since(announced) >= standbyAnnounce {
@@ -140,11 +131,17 @@ func (s *Service) acquireLease(ctx context.Context, st Store, otherSeen bool) er
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		case <-released:
 		case <-s.clock.After(wait):
 		}
 	}
+}
+
+// watchMaxGap bounds the time between two answered reads of a standby (and,
+// since a slow read proves nothing of the span it took, one read's time).
+func (s *Service) watchMaxGap() time.Duration {
+	return s.opts.StandbyRetry*4 + watchGapSlack
 }
 
 // watchReleases forwards released-lease notifications until ctx ends; a
@@ -183,6 +180,7 @@ func (s *Service) holdLease(l Lease, sent time.Time) {
 	// as before means nobody else held it in between.
 	s.kept = !s.leaseSince.IsZero() && s.leaseSince.Equal(l.AcquiredAt)
 	s.leaseHeld, s.leaseUntil, s.renewedAt, s.leaseSince = true, l.ExpiresAt, sent, l.AcquiredAt
+	s.failingSince = time.Time{}
 }
 
 // keptLease reports whether the last take renewed a lease this process held
@@ -294,6 +292,22 @@ func (s *Service) shouldFence() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.leaseHeld && !s.failingSince.IsZero() && s.contenderAt.After(s.renewedAt)
+}
+
+// onStreamReplaced is the fence of a holder cut off alone from the database
+// with no shared bus to hear a standby on: WhatsApp ending our gateway's
+// stream while our renewals fail means another instance reached the database,
+// took the lease and connected. Without this the two would trade the stream
+// (our gateway reconnects after its pause); with it we stand by like any
+// instance that lost the lease, and restore what the new holder stores once
+// the lease is ours again.
+func (s *Service) onStreamReplaced() {
+	s.mu.Lock()
+	failing := s.leaseHeld && !s.failingSince.IsZero()
+	s.mu.Unlock()
+	if failing {
+		s.leaseLost("", "fenced: WhatsApp replaced our stream while the database is unreachable from here, so another instance took the session")
+	}
 }
 
 // onBackupHeartbeat follows the standby backups of other instances that

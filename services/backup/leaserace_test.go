@@ -316,7 +316,7 @@ func TestStandbyThatStalledWatchesAgain(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	st := db.mustOpen(t)
 	now := clockStart()
-	if _, ok, err := st.AcquireLease(context.Background(), session, "quiet-holder", now, time.Hour, backup.Lease{}); !ok || err != nil {
+	if _, ok, err := st.AcquireLease(context.Background(), session, "quiet-holder", now, backup.DefaultLeaseTTL, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("seed lease: %v %v", ok, err)
 	}
 	b := start(t, db, instOpts{name: "dyno-b", noWait: true})
@@ -340,4 +340,76 @@ func TestStandbyThatStalledWatchesAgain(t *testing.T) {
 		_, d := b.svc.Status()
 		return d.LeaseHeld
 	})
+}
+
+// A holder cut off alone from the database, with no shared bus to hear a
+// standby on, learns of the takeover from WhatsApp: its own gateway's
+// stream_replaced while its renewals fail fences it (conn.standby for its
+// own instance, standby until the lease is its own again), so the two
+// instances do not trade the stream. While its renewals succeed, a
+// stream_replaced is not about the lease.
+func TestStreamReplacedWhileRenewalsFailFencesTheHolder(t *testing.T) {
+	db := newDatabase(t, "sqlite")
+	clock := clockwork.NewFakeClock()
+	dir := t.TempDir()
+	newStore(t, dir, 128<<10)
+	cut := newFaults()
+	a := start(t, db, instOpts{dataDir: dir, name: "dyno-a", clock: clock, open: openFaulty(db, cut)})
+	standby := make(chan *nats.Msg, 64)
+	ssub, _ := a.nc.ChanSubscribe(a.subj.Conn(bus.ConnStandby), standby)
+	defer ssub.Unsubscribe()
+	replaced := func() {
+		ev := bus.ConnEvent{Kind: bus.ConnStreamReplaced, Instance: a.unit}
+		ev.Stamp(session, clock.Now())
+		if err := bus.Publish(a.nc, a.subj.Conn(bus.ConnStreamReplaced), ev); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ownStandby := func() bool {
+		for {
+			select {
+			case m := <-standby:
+				var ev bus.ConnEvent
+				if jsonUnmarshal(m.Data, &ev) == nil && ev.Instance == a.unit {
+					return true
+				}
+			default:
+				return false
+			}
+		}
+	}
+
+	// Renewals succeed: a stream_replaced is no reason to fence.
+	replaced()
+	testwait.For(t, 10*time.Second, "a renewal after it", func() bool {
+		clock.Advance(time.Second)
+		_, d := a.svc.Status()
+		return d.LeaseHeld && d.DatabaseOK
+	})
+	if ownStandby() {
+		t.Fatal("dyno-a fenced on stream_replaced with its database answering")
+	}
+
+	for _, op := range []string{"AcquireLease", "List", "Payload", "InsertSnapshot", "ReleaseLease"} {
+		cut.set(op, -1, nil)
+	}
+	testwait.For(t, 10*time.Second, "a failed renewal", func() bool {
+		clock.Advance(500 * time.Millisecond)
+		return !dbOK(a)
+	})
+	if ownStandby() {
+		t.Fatal("dyno-a fenced on a failed renewal alone, with no standby heard")
+	}
+	replaced()
+	testwait.For(t, 10*time.Second, "conn.standby for dyno-a's own gateway", func() bool {
+		clock.Advance(100 * time.Millisecond)
+		return ownStandby()
+	})
+	if st, d := a.svc.Status(); st != bus.StateStandby || d.LeaseHeld {
+		t.Fatalf("dyno-a after the fence: %s, lease held %v; want standby", st, d.LeaseHeld)
+	}
+	a.noAnswer(300*time.Millisecond, "dyno-a is fenced until the lease is its own again")
 }

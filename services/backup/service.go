@@ -246,8 +246,10 @@ func (s *Service) Run(ctx context.Context) error {
 	}()
 	store := s.openStore(ctx)
 	for first := true; ; first = false {
+		tookOver := false
 		if store != nil {
-			if err := s.acquireLease(ctx, store, !first); err != nil {
+			var err error
+			if tookOver, err = s.acquireLease(ctx, store, !first); err != nil {
 				store.Close()
 				if ctx.Err() != nil { // stopped while in standby: nothing of ours to save
 					return nil
@@ -265,6 +267,8 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		var rep bus.RestoreReply
 		switch {
+		case first && tookOver:
+			rep = s.restoreAfterTakeover(ctx, store)
 		case first:
 			rep = s.restoreOnStart(ctx, store)
 		case store != nil && s.keptLease():
@@ -307,9 +311,10 @@ func (s *Service) Run(ctx context.Context) error {
 
 		if first {
 			for subj, h := range map[string]nats.MsgHandler{
-				s.subj.BackupRequest():       s.onBackupRequest,
-				s.subj.Conn(bus.ConnPaired):  s.ownGateway(func() { s.request(bus.ReasonPaired, nil) }),
-				s.subj.Conn(bus.ConnStopped): s.ownGateway(func() { s.request(bus.ReasonShutdown, nil) }),
+				s.subj.BackupRequest():              s.onBackupRequest,
+				s.subj.Conn(bus.ConnPaired):         s.ownGateway(func() { s.request(bus.ReasonPaired, nil) }),
+				s.subj.Conn(bus.ConnStopped):        s.ownGateway(func() { s.request(bus.ReasonShutdown, nil) }),
+				s.subj.Conn(bus.ConnStreamReplaced): s.ownGateway(s.onStreamReplaced),
 			} {
 				sub, err := s.opts.NC.Subscribe(subj, h)
 				if err != nil {

@@ -503,13 +503,14 @@ func TestPlaintextRefusedInProduction(t *testing.T) {
 }
 
 // A holder that died without releasing: the standby takes over once it has
-// watched the lease row stay the same for a whole lease TTL, whatever expiry
-// the row names (a crash takeover within the TTL, not the old minute).
+// watched the lease row stay the same for a whole lease TTL (the holder's,
+// 10 s), whatever its expiry says against the standby's clock: a crash
+// takeover within the TTL, not the old minute.
 func TestCrashTakeoverAfterOneTTLUnchanged(t *testing.T) {
 	db := newDatabase(t, "sqlite")
 	st := db.mustOpen(t)
 	now := clockStart()
-	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now, time.Hour, backup.Lease{}); !ok || err != nil {
+	if _, ok, err := st.AcquireLease(context.Background(), session, "dead-dyno", now.Add(-time.Hour), backup.DefaultLeaseTTL, backup.Lease{}); !ok || err != nil {
 		t.Fatalf("seed lease: %v %v", ok, err)
 	}
 	b := start(t, db, instOpts{name: "dyno-b", noWait: true, retry: time.Second})
