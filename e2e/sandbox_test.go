@@ -106,8 +106,14 @@ func (w *sandboxWatch) conns() []bus.ConnEvent {
 // skipping others (a real clock's heartbeats and retries interleave).
 func (w *sandboxWatch) next(kind string) bus.ConnEvent {
 	w.t.Helper()
+	return w.nextWithin(kind, 30*time.Second)
+}
+
+// nextWithin is next for an event that takes longer than usual.
+func (w *sandboxWatch) nextWithin(kind string, timeout time.Duration) bus.ConnEvent {
+	w.t.Helper()
 	var got bus.ConnEvent
-	waitFor(w.t, 30*time.Second, "conn."+kind, func() bool {
+	waitFor(w.t, timeout, "conn."+kind, func() bool {
 		evs := w.conns()
 		for i := w.seen; i < len(evs); i++ {
 			if evs[i].Kind == kind {
@@ -361,9 +367,13 @@ func TestSandboxBinary(t *testing.T) {
 	}
 	w.next(bus.ConnReconnecting)
 	w.next(bus.ConnConnected)
-	w.fault(bus.SandboxFaultRequest{Kind: "keepalive_timeout", Duration: "1s"})
-	w.next(bus.ConnKeepaliveTimeout)
-	w.next(bus.ConnKeepaliveRestored)
+	// As whatsmeow's keepalive loop: the first ping after the fault (20 to
+	// 30 s after the last answered one) times out 10 s later; an outage of
+	// over 30 s is sure to meet a ping, and the first ping after it ends
+	// (at most 75 s after the fault) is answered.
+	w.fault(bus.SandboxFaultRequest{Kind: "keepalive_timeout", Duration: "31s"})
+	w.nextWithin(bus.ConnKeepaliveTimeout, 45*time.Second)
+	w.nextWithin(bus.ConnKeepaliveRestored, 80*time.Second)
 	w.fault(bus.SandboxFaultRequest{Kind: "dial_hang"})
 	w.next(bus.ConnDisconnected)
 	w.next(bus.ConnReconnecting)
@@ -371,12 +381,17 @@ func TestSandboxBinary(t *testing.T) {
 	run(t, bin, e, "sandbox", "fault", "release")
 	w.next(bus.ConnReconnecting)
 	w.next(bus.ConnConnected)
-	w.fault(bus.SandboxFaultRequest{Kind: "temporary_ban", Code: 101, Expire: "1s"})
-	if ban := w.next(bus.ConnTemporaryBan); ban.Code != "101" || ban.ExpiresAt == nil {
+	// A ban answers the next login (and every one while it lasts), with its
+	// expiry in whole seconds as whatsmeow reads it.
+	w.fault(bus.SandboxFaultRequest{Kind: "temporary_ban", Code: 101, Expire: "5s"})
+	w.fault(bus.SandboxFaultRequest{Kind: "disconnect"})
+	w.next(bus.ConnDisconnected)
+	ban := w.next(bus.ConnTemporaryBan)
+	if ban.Code != "101" || ban.ExpiresAt == nil {
 		t.Errorf("temporary_ban %+v", ban)
 	}
-	if r := w.next(bus.ConnReconnecting); r.DelayMS != 1000 {
-		t.Errorf("reconnect after the ban in %d ms, want 1000", r.DelayMS)
+	if r := w.next(bus.ConnReconnecting); r.DelayMS%1000 != 0 || r.DelayMS < 1000 || r.DelayMS > 5000 {
+		t.Errorf("reconnect after the ban in %d ms, want the whole seconds left of 5 s", r.DelayMS)
 	}
 	w.next(bus.ConnConnected)
 	w.fault(bus.SandboxFaultRequest{Kind: "logged_out"})
@@ -455,7 +470,8 @@ func TestSandboxRedeliversAfterSIGKILL(t *testing.T) {
 	// A ban (kept in the server file) holds the messages back, in this
 	// process and for a few seconds after the restart: time for the test to
 	// listen before they are delivered.
-	w.fault(bus.SandboxFaultRequest{Kind: "temporary_ban", Expire: "8s"})
+	w.fault(bus.SandboxFaultRequest{Kind: "temporary_ban", Expire: "10s"})
+	w.fault(bus.SandboxFaultRequest{Kind: "disconnect"}) // the next login meets the ban
 	w.next(bus.ConnTemporaryBan)
 	ids := w.inject(bus.SandboxInjectRequest{From: "4915100000003", Text: "queued", Count: 4})
 	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {

@@ -71,6 +71,7 @@ type socket struct {
 	loggedIn bool
 	qrAt     time.Time
 	outage   bool
+	pingOK   time.Time // the last keepalive ping answered (from login on)
 }
 
 // Open opens (creating if needed) the device store through whatsmeow's
@@ -224,7 +225,10 @@ func (c *Client) handshake(s *socket, fail *Fault) {
 		c.log.Warn("sandbox: read server state", "err", err)
 	} else if on {
 		c.closeSocket(s, false)
-		c.dispatch(&events.TemporaryBan{Code: events.TempBanReason(code), Expire: left})
+		// whatsmeow reads the failure node's expire attribute, whole
+		// seconds; the server rounds up, so a ban still in force is never
+		// said to end now (0 reads as "no stated expiry").
+		c.dispatch(&events.TemporaryBan{Code: events.TempBanReason(code), Expire: (left + time.Second - 1).Truncate(time.Second)})
 		return
 	}
 	c.mu.Lock()
@@ -302,6 +306,7 @@ func (c *Client) login(s *socket, dev *store.Device) {
 		return
 	}
 	s.loggedIn = true
+	s.pingOK = c.srv.clock.Now()
 	c.mu.Unlock()
 	if err := c.onLogin(s.ctx, dev); err != nil && s.ctx.Err() == nil {
 		c.log.Warn("sandbox: store traffic at login", "err", err)

@@ -184,12 +184,11 @@ func (s *Server) Fault(ctx context.Context, f Fault) error {
 		if until == 0 {
 			until = unstatedBan
 		}
+		// WhatsApp bans in answer to a login (a 402 failure): the open
+		// socket is left alone; every login while the ban lasts meets it.
 		if err := s.setMeta(ctx, "ban_until", strconv.FormatInt(s.clock.Now().Add(until).UnixNano(), 10),
 			"ban_code", strconv.Itoa(f.Code), "ban_stated", boolMeta(f.Expire > 0)); err != nil {
 			return err
-		}
-		if c != nil {
-			c.serverClose(&events.TemporaryBan{Code: events.TempBanReason(f.Code), Expire: f.Expire})
 		}
 	case FaultClientOutdated:
 		// WhatsApp says "outdated" only in answer to a login (a 405
@@ -277,21 +276,55 @@ func (s *Server) setMeta(ctx context.Context, kv ...string) error {
 	return tx.Commit()
 }
 
-// keepaliveOutage makes the socket's pings fail: KeepAliveTimeout at once
-// and then at whatsmeow's ping interval (20 to 30 s, from the seed), with
-// LastSuccess fixed at the outage's start, until d has passed
-// (KeepAliveRestored) or the socket closes.
+// Keepalive timing, as whatsmeow's keepAliveLoop: a ping every 20 to 30 s
+// (KeepAliveIntervalMin..Max, whole milliseconds), counted from the end of
+// the previous one, and 10 s (KeepAliveResponseDeadline) for its answer.
+const (
+	keepaliveIntervalMin = 20 * time.Second
+	keepaliveIntervalMax = 30 * time.Second
+	keepaliveDeadline    = 10 * time.Second
+)
+
+func (c *Client) keepaliveInterval() time.Duration {
+	span := (keepaliveIntervalMax - keepaliveIntervalMin).Milliseconds()
+	return keepaliveIntervalMin + time.Duration(c.srv.seed.rng("keepalive").Int64N(span))*time.Millisecond
+}
+
+// keepaliveOutage makes the socket's pings go unanswered from now on: the
+// first ping after now (pings have run every 20 to 30 s since login, all
+// answered) times out 10 s after it was sent, and KeepAliveTimeout carries
+// the time of the last answered ping, as whatsmeow's keepAliveLoop does;
+// each later ping follows 20 to 30 s after the previous one timed out.
+// After d (zero: never) the next ping is answered: KeepAliveRestored if
+// any had failed. A closing socket ends it.
 func (c *Client) keepaliveOutage(d time.Duration) error {
+	clock := c.srv.clock
 	c.mu.Lock()
 	s := c.sock
-	if s == nil || s.outage {
+	if s == nil || s.outage || !s.loggedIn {
 		c.mu.Unlock()
 		return bad("keepalive_timeout: no socket, or an outage is already under way")
 	}
 	s.outage = true
+	lastOK := s.pingOK
 	c.mu.Unlock()
-	clock := c.srv.clock
 	start := clock.Now()
+	ping := lastOK.Add(c.keepaliveInterval())
+	for !ping.After(start) {
+		lastOK = ping
+		ping = lastOK.Add(c.keepaliveInterval())
+	}
+	// wait sleeps on the injected clock until at; false if the socket closed.
+	wait := func(at time.Time) bool {
+		t := clock.NewTimer(at.Sub(clock.Now()))
+		defer t.Stop()
+		select {
+		case <-s.ctx.Done():
+			return false
+		case <-t.Chan():
+			return true
+		}
+	}
 	c.goOn(s, func() {
 		defer func() {
 			c.mu.Lock()
@@ -299,22 +332,24 @@ func (c *Client) keepaliveOutage(d time.Duration) error {
 			c.mu.Unlock()
 		}()
 		for n := 1; ; n++ {
-			c.dispatch(&events.KeepAliveTimeout{ErrorCount: n, LastSuccess: start})
-			wait := 20*time.Second + time.Duration(c.srv.seed.rng("keepalive").Int64N(int64(10*time.Second)))
-			if d > 0 {
-				wait = min(wait, d-clock.Since(start))
-			}
-			t := clock.NewTimer(wait)
-			select {
-			case <-s.ctx.Done():
-				t.Stop()
-				return
-			case <-t.Chan():
-			}
-			if d > 0 && clock.Since(start) >= d {
-				c.dispatch(&events.KeepAliveRestored{})
+			if d > 0 && !ping.Before(start.Add(d)) {
+				if !wait(ping) {
+					return
+				}
+				c.mu.Lock()
+				s.pingOK = ping
+				c.mu.Unlock()
+				if n > 1 {
+					c.dispatch(&events.KeepAliveRestored{})
+				}
 				return
 			}
+			failed := ping.Add(keepaliveDeadline)
+			if !wait(failed) {
+				return
+			}
+			c.dispatch(&events.KeepAliveTimeout{ErrorCount: n, LastSuccess: lastOK})
+			ping = failed.Add(c.keepaliveInterval())
 		}
 	})
 	return nil

@@ -37,9 +37,10 @@
 // 20 s, WhatsApp's schedule, and Link refuses once they are all expired),
 // PairSuccess then Connected (whatsmeow's reconnect after pairing),
 // Connected on login, Message, and on faults Disconnected, KeepAliveTimeout
-// (then KeepAliveRestored), StreamReplaced, LoggedOut (OnConnect when the
-// device was logged out while away), TemporaryBan (again on every connect
-// while the ban lasts), ClientOutdated (at every login presenting a version
+// (on whatsmeow's ping schedule, then KeepAliveRestored), StreamReplaced,
+// LoggedOut (OnConnect when the device was logged out while away),
+// TemporaryBan (at every login while the ban lasts, never on an open
+// socket; expiry in whole seconds), ClientOutdated (at every login presenting a version
 // the server refuses; Versions is the gateway's VersionSource over it), and
 // for a connect failure what whatsmeow makes of the reason (Disconnected
 // for 500/503, LoggedOut for 401/403/406, else ConnectFailure), and a dial that hangs until ctx ends or the fault is

@@ -154,6 +154,15 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r.rec.next(r.t, bus.ConnConnecting)
 		r.rec.next(r.t, bus.ConnConnected)
 	}
+	loginAgain := func(t *testing.T, r *rig) {
+		t.Helper()
+		r.rec.none(t) // armed, not raised on the open socket
+		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+		r.rec.next(t, bus.ConnDisconnected)
+		r.rec.next(t, bus.ConnReconnecting)
+		r.clock.Advance(1500 * time.Millisecond)
+		r.rec.next(t, bus.ConnConnecting)
+	}
 	t.Run("disconnect", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
@@ -199,19 +208,22 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultTemporaryBan, Code: 102, Expire: 30 * time.Minute})
+		loginAgain(t, r) // 1.5 s of backoff: the ban has 29m58.5s left, said in whole seconds
+		left := 30*time.Minute - time.Second
 		ban := r.rec.next(t, bus.ConnTemporaryBan)
-		if ban.Code != "102" || ban.ExpiresAt == nil || ban.ExpiresAt.Sub(ban.At) != 30*time.Minute {
-			t.Errorf("temporary_ban %+v, want code 102 expiring in 30m", ban)
+		if ban.Code != "102" || ban.ExpiresAt == nil || ban.ExpiresAt.Sub(ban.At) != left {
+			t.Errorf("temporary_ban %+v, want code 102 expiring in %s", ban, left)
 		}
-		if e := r.rec.next(t, bus.ConnReconnecting); e.DelayMS != (30 * time.Minute).Milliseconds() {
+		if e := r.rec.next(t, bus.ConnReconnecting); e.DelayMS != left.Milliseconds() {
 			t.Errorf("reconnecting %+v, want after the ban", e)
 		}
-		reconnected(r, 30*time.Minute)
+		reconnected(r, left)
 	})
 	t.Run("temporary_ban without expiry meets the ban again on connect", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultTemporaryBan})
+		loginAgain(t, r)
 		if ban := r.rec.next(t, bus.ConnTemporaryBan); ban.ExpiresAt != nil || ban.Code != "101" {
 			t.Errorf("temporary_ban %+v, want code 101 without expiry", ban)
 		}
@@ -267,15 +279,6 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 	})
 	// loginAgain drops the socket so the gateway logs in again: WhatsApp
 	// answers only a login with a <failure> node.
-	loginAgain := func(t *testing.T, r *rig) {
-		t.Helper()
-		r.rec.none(t) // armed, not raised on the open socket
-		r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
-		r.rec.next(t, bus.ConnDisconnected)
-		r.rec.next(t, bus.ConnReconnecting)
-		r.clock.Advance(1500 * time.Millisecond)
-		r.rec.next(t, bus.ConnConnecting)
-	}
 	t.Run("connect_failure 503 closes the socket at login", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
@@ -329,11 +332,23 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 			}
 		}
 	})
+	// firstTimeout: as whatsmeow's keepAliveLoop, the first ping after the
+	// fault (20 to 30 s after the last answered one) times out 10 s later.
+	firstTimeout := func(t *testing.T, r *rig, fault time.Time) {
+		t.Helper()
+		r.rec.none(t)
+		r.advanceUntil(time.Second, "the first keepalive timeout", func() bool { return r.rec.ahead() > 0 })
+		e := r.rec.next(t, bus.ConnKeepaliveTimeout)
+		if after := e.At.Sub(fault); e.Attempt != 1 || after <= 10*time.Second || after > 41*time.Second {
+			t.Errorf("keepalive_timeout %+v %s after the fault, want the first 10 to 40 s after it", e, after)
+		}
+	}
 	t.Run("keepalive_timeout until the gateway drops the socket", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
+		fault := r.clock.Now()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultKeepaliveTimeout})
-		r.rec.next(t, bus.ConnKeepaliveTimeout)
+		firstTimeout(t, r, fault)
 		var rec bus.ConnEvent
 		r.advanceUntil(5*time.Second, "the gateway to give up on keepalives", func() bool {
 			r.rec.mu.Lock()
@@ -357,8 +372,9 @@ func TestFaultsDriveTheGatewaysPolicy(t *testing.T) {
 	t.Run("keepalive_timeout restored", func(t *testing.T) {
 		r := newRig(t, t.TempDir())
 		r.linked()
+		fault := r.clock.Now()
 		r.fault(sandbox.Fault{Kind: sandbox.FaultKeepaliveTimeout, Duration: time.Minute})
-		r.rec.next(t, bus.ConnKeepaliveTimeout)
+		firstTimeout(t, r, fault)
 		r.advanceUntil(5*time.Second, "keepalive restored", func() bool {
 			r.rec.mu.Lock()
 			defer r.rec.mu.Unlock()
