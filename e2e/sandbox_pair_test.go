@@ -2,13 +2,13 @@ package e2e
 
 import (
 	"context"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
 
+	"github.com/blacksky-md/blacksky/internal/testdep"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -16,13 +16,7 @@ import (
 // shows the QR code with a "link now" button; clicking it links the device
 // through the real gateway and the page says "linked as …".
 func TestSandboxPairPageLinkNow(t *testing.T) {
-	const chromium = "/usr/bin/chromium"
-	if _, err := os.Stat(chromium); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("chromium is required in CI (apt-get install -y chromium): %v", err)
-		}
-		t.Skipf("chromium not installed (%v); apt-get install -y chromium", err)
-	}
+	chromium := testdep.Chromium(t)
 	bin := buildBinary(t)
 	e := sandboxEnv(t, t.TempDir(), "")
 	p := start(t, bin, "run (sandbox)", e, "run")

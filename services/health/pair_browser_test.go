@@ -13,22 +13,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/testdep"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/chromedp/chromedp"
 )
-
-const chromiumPath = "/usr/bin/chromium"
 
 // browser starts headless Chromium (Debian's package) with the flags this
 // machine's closed network needs, and a fresh profile.
 func browser(t *testing.T) context.Context {
 	t.Helper()
-	if _, err := os.Stat(chromiumPath); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("chromium is required in CI (apt-get install -y chromium): %v", err)
-		}
-		t.Skipf("chromium not installed (%v); apt-get install -y chromium", err)
-	}
+	chromiumPath := testdep.Chromium(t)
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(chromiumPath),
 		chromedp.Headless,

@@ -2,21 +2,12 @@ package config_test
 
 import (
 	"errors"
+	"github.com/blacksky-md/blacksky/internal/testdep"
 	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
 )
-
-// skipUnlessCI skips a test this machine cannot run, but fails it under
-// CI=true: CI runs as root, where every one of these must run.
-func skipUnlessCI(t *testing.T, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf(format+" (required when CI=true)", args...)
-	}
-	t.Skipf(format, args...)
-}
 
 // mountTmpfs mounts a tmpfs with flags and data at a new directory, or skips
 // the test when this process may not mount (not root, no CAP_SYS_ADMIN).
@@ -27,7 +18,7 @@ func mountTmpfs(t *testing.T, flags uintptr, data string) string {
 		t.Fatal(err)
 	}
 	if err := syscall.Mount("tmpfs", dir, "tmpfs", flags, data); err != nil {
-		skipUnlessCI(t, "cannot mount a tmpfs here (%v): needs root or CAP_SYS_ADMIN", err)
+		testdep.Missing(t, "cannot mount a tmpfs here (%v): needs root or CAP_SYS_ADMIN", err)
 	}
 	t.Cleanup(func() {
 		if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
@@ -77,7 +68,7 @@ func asOtherUser(t *testing.T, f func()) {
 	}
 	const nobody = 65534
 	if err := syscall.Setresuid(-1, nobody, -1); err != nil {
-		skipUnlessCI(t, "cannot take the uid of nobody (%v)", err)
+		testdep.Missing(t, "cannot take the uid of nobody (%v)", err)
 	}
 	defer func() {
 		if err := syscall.Setresuid(-1, 0, -1); err != nil {

@@ -3,6 +3,7 @@
 package config_test
 
 import (
+	"github.com/blacksky-md/blacksky/internal/testdep"
 	"os"
 	"testing"
 )
@@ -11,7 +12,7 @@ import (
 func asOtherUser(t *testing.T, f func()) {
 	t.Helper()
 	if os.Geteuid() == 0 {
-		t.Skip("running as root, which permission bits do not stop")
+		testdep.Missing(t, "running as root, which permission bits do not stop, and only Linux can drop to another uid here")
 	}
 	f()
 }
