@@ -23,31 +23,7 @@ import (
 // --ignore-lease, and holds the lease itself while it writes.
 func TestRestoreForceRespectsTheSessionLease(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	env := map[string]string{"SESSION_ID": "Lease Test", "DATA_DIR": dir, "LOG_LEVEL": "warn"}
-	sessionPath := filepath.Join(dir, "session.db")
-	if err := wastore.Create(ctx, sessionPath, 64<<10); err != nil {
-		t.Fatal(err)
-	}
-	plain, err := snapshot.ReadConsistent(ctx, sessionPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, meta, err := snapshot.Encode(plain, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := (backup.Local{Dir: filepath.Join(dir, "backups")}).Write(payload, time.Now(), "manual", meta.SHA256); err != nil {
-		t.Fatal(err)
-	}
-	st, err := sqlite.Open(ctx, filepath.Join(dir, "blacksky.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	if err := st.Migrate(ctx); err != nil {
-		t.Fatal(err)
-	}
+	env, sessionPath, st := restoreSetup(t)
 	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.1", time.Now(), time.Hour, backup.Lease{}); err != nil || !ok {
 		t.Fatalf("lease for the running instance: %v, %v", ok, err)
 	}
@@ -101,31 +77,7 @@ func TestRestoreForceRespectsTheSessionLease(t *testing.T) {
 // restores.
 func TestRestoreForceWatchesForTheHoldersAdvertisedTTL(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	env := map[string]string{"SESSION_ID": "Lease Test", "DATA_DIR": dir, "LOG_LEVEL": "warn"}
-	sessionPath := filepath.Join(dir, "session.db")
-	if err := wastore.Create(ctx, sessionPath, 64<<10); err != nil {
-		t.Fatal(err)
-	}
-	plain, err := snapshot.ReadConsistent(ctx, sessionPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, meta, err := snapshot.Encode(plain, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := (backup.Local{Dir: filepath.Join(dir, "backups")}).Write(payload, time.Now(), "manual", meta.SHA256); err != nil {
-		t.Fatal(err)
-	}
-	st, err := sqlite.Open(ctx, filepath.Join(dir, "blacksky.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	if err := st.Migrate(ctx); err != nil {
-		t.Fatal(err)
-	}
+	env, _, st := restoreSetup(t)
 	clock := clockwork.NewFakeClock()
 	if _, ok, err := st.AcquireLease(ctx, "Lease Test", "web.1-dead", clock.Now(), time.Minute, backup.Lease{}); err != nil || !ok {
 		t.Fatalf("seed lease: %v, %v", ok, err)
@@ -156,4 +108,38 @@ func TestRestoreForceWatchesForTheHoldersAdvertisedTTL(t *testing.T) {
 	if !strings.Contains(stdout.String(), `"restored":true`) {
 		t.Fatalf("restore --force: %q", stdout.String())
 	}
+}
+
+// restoreSetup gives a restore test a DATA_DIR with a linked session store,
+// a local snapshot of it, and the migrated embedded database (closed at the
+// end of the test): its environment, the session path and the store.
+func restoreSetup(t *testing.T) (map[string]string, string, *sqlite.Store) {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	env := map[string]string{"SESSION_ID": "Lease Test", "DATA_DIR": dir, "LOG_LEVEL": "warn"}
+	sessionPath := filepath.Join(dir, "session.db")
+	if err := wastore.Create(ctx, sessionPath, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	plain, err := snapshot.ReadConsistent(ctx, sessionPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, meta, err := snapshot.Encode(plain, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (backup.Local{Dir: filepath.Join(dir, "backups")}).Write(payload, time.Now(), "manual", meta.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "blacksky.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(st.Close)
+	if err := st.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return env, sessionPath, st
 }
