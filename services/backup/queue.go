@@ -2,14 +2,13 @@ package backup
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"github.com/blacksky-md/blacksky/shared/jobs"
 	"log/slog"
 	"time"
 
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver"
-	"github.com/riverqueue/river/rivermigrate"
 	"github.com/riverqueue/river/rivertype"
 )
 
@@ -52,9 +51,9 @@ type QueueConfig struct {
 const DefaultMaxAttempts = 4
 
 // JobKind is the River kind of snapshot jobs.
-const JobKind = "blacksky_snapshot"
+const JobKind = jobs.KindSnapshot
 
-const queueName = "blacksky_backup"
+const queueName = jobs.QueueBackup
 
 type snapshotArgs struct {
 	Reason string `json:"reason"`
@@ -102,8 +101,9 @@ type riverQueue[TTx any] struct {
 	instance string
 }
 
-// NewRiverQueue builds a River client on driver with the snapshot worker and
-// the periodic scheduled snapshot. Stores call it from NewQueue.
+// NewRiverQueue builds a River client on driver (through package jobs) with
+// the snapshot worker; the scheduled snapshot is in the product's Schedule.
+// Stores call it from NewQueue.
 func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Queue, error) {
 	workers := river.NewWorkers()
 	if err := river.AddWorkerSafely(workers, &snapshotWorker[TTx]{work: cfg.Work}); err != nil {
@@ -113,39 +113,18 @@ func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Qu
 	if maxAttempts == 0 {
 		maxAttempts = DefaultMaxAttempts
 	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	rc := &river.Config{
+	client, err := jobs.NewClient(driver, jobs.Config{
 		// One worker: snapshots of one store run one after the other, which
 		// is what makes "the next job covers a request" hold.
-		Queues:      map[string]river.QueueConfig{queueName: {MaxWorkers: 1}},
-		Workers:     workers,
-		MaxAttempts: maxAttempts,
-		Logger:      log.With("component", "river"),
-		// Completed snapshot jobs are only history; keep a day of it.
-		CompletedJobRetentionPeriod: 24 * time.Hour,
-	}
-	if cfg.PollInterval > 0 {
-		rc.FetchPollInterval = cfg.PollInterval
-		rc.FetchCooldown = min(river.FetchCooldownDefault, cfg.PollInterval)
-	}
-	if cfg.Interval > 0 {
-		interval := cfg.Interval
-		rc.PeriodicJobs = []*river.PeriodicJob{river.NewPeriodicJob(
-			river.PeriodicInterval(interval),
-			func() (river.JobArgs, *river.InsertOpts) {
-				return snapshotArgs{Reason: "scheduled"}, &river.InsertOpts{
-					UniqueOpts: river.UniqueOpts{ByArgs: true, ByPeriod: interval},
-				}
-			},
-			&river.PeriodicJobOpts{ID: "blacksky_scheduled_snapshot"},
-		)}
-	}
-	client, err := river.NewClient(driver, rc)
+		Queues:       map[string]river.QueueConfig{queueName: {MaxWorkers: 1}},
+		Workers:      workers,
+		Schedule:     jobs.Schedule{BackupInterval: cfg.Interval},
+		MaxAttempts:  maxAttempts,
+		PollInterval: cfg.PollInterval,
+		Logger:       cfg.Logger,
+	})
 	if err != nil {
-		return nil, fmt.Errorf("river client: %w", err)
+		return nil, err
 	}
 	return &riverQueue[TTx]{client: client, instance: cfg.Instance}, nil
 }
@@ -157,21 +136,7 @@ func (q *riverQueue[TTx]) Start(ctx context.Context) error {
 	return nil
 }
 
-func (q *riverQueue[TTx]) Stop(ctx context.Context) error {
-	err := q.client.Stop(ctx)
-	// ctx may end by a cancel with a deadline cause (withTimeout on the
-	// injected clock): any end of ctx means out of time.
-	if err != nil && (errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil) {
-		// Out of time: cancel the running job rather than hang the shutdown.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		defer cancel()
-		_ = q.client.StopAndCancel(cctx)
-	}
-	if err != nil {
-		return fmt.Errorf("stop river: %w", err)
-	}
-	return nil
-}
+func (q *riverQueue[TTx]) Stop(ctx context.Context) error { return jobs.Stop(ctx, q.client) }
 
 // uniqueStates leaves out completed, discarded, cancelled and retryable: a
 // request must never coalesce into a job that is already over.
@@ -192,12 +157,5 @@ func (q *riverQueue[TTx]) Enqueue(ctx context.Context, reason string, gen int64)
 
 // MigrateRiver runs River's own migrations up to the latest version.
 func MigrateRiver[TTx any](ctx context.Context, driver riverdriver.Driver[TTx]) error {
-	m, err := rivermigrate.New(driver, &rivermigrate.Config{Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		return fmt.Errorf("river migrator: %w", err)
-	}
-	if _, err := m.Migrate(ctx, rivermigrate.DirectionUp, nil); err != nil {
-		return fmt.Errorf("river migrations: %w", err)
-	}
-	return nil
+	return jobs.Migrate(ctx, driver)
 }

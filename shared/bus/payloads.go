@@ -203,12 +203,20 @@ type MsgIn struct {
 	Timestamp time.Time `json:"timestamp"`
 	Type      string    `json:"type"`
 	Text      string    `json:"text"`
+	// Seq is relay's per-session sequence number: increasing, and the same
+	// on every delivery of one message.
+	Seq int64 `json:"seq,omitempty"`
 }
 
 // MsgSend is a P.msg.send request.
 type MsgSend struct {
 	To   string `json:"to"`
 	Text string `json:"text"`
+	// IdempotencyKey makes a send go out once per key, however often it is
+	// asked; empty: relay draws one.
+	IdempotencyKey string `json:"idempotency_key,omitempty"`
+	// Wait false answers once the send is queued; nil or true waits for it.
+	Wait *bool `json:"wait,omitempty"`
 }
 
 // MsgSendReply answers P.msg.send.
@@ -217,6 +225,9 @@ type MsgSendReply struct {
 	ID        string     `json:"id,omitempty"`
 	Timestamp *time.Time `json:"timestamp,omitempty"`
 	Error     string     `json:"error,omitempty"`
+	// Queued and IdempotencyKey answer a send that was queued (wait false).
+	Queued         bool   `json:"queued,omitempty"`
+	IdempotencyKey string `json:"idempotency_key,omitempty"`
 }
 
 // MaxTextLen bounds an outgoing message; WhatsApp itself cuts near 65536.

@@ -21,13 +21,14 @@ const (
 	RoleGateway Role = ServiceGateway
 	RoleBackup  Role = ServiceBackup
 	RoleHealth  Role = ServiceHealth
+	RoleRelay   Role = ServiceRelay
 	// RoleBot is the credential operators hand to their bots: NATS_TOKEN.
 	RoleBot Role = "bot"
 )
 
 // InternalRoles are the roles of our own services, which authenticate with
 // NATS_INTERNAL_SECRET.
-var InternalRoles = []Role{RoleGateway, RoleBackup, RoleHealth}
+var InternalRoles = []Role{RoleGateway, RoleBackup, RoleHealth, RoleRelay}
 
 // Roles is every role, internal ones first.
 var Roles = append(slices.Clone(InternalRoles), RoleBot)
@@ -83,6 +84,13 @@ var grants = map[Role]grant{
 	RoleBackup: {
 		publish: []string{"backup.done", "backup.failed", "conn." + ConnStandby, "heartbeat." + ServiceBackup},
 		respond: true, // backup.request and session.restore replies
+	},
+	RoleRelay: {
+		publish: []string{
+			"msg.in", "msg.receipt", "msg.sent", "msg.send_failed", "heartbeat." + ServiceRelay,
+			"gateway.send", // request: the gateway sends one queued message
+		},
+		respond: true, // relay.store, msg.send, msg.replay, relay.retry replies
 	},
 	RoleHealth: {
 		publish: []string{

@@ -1,0 +1,93 @@
+package bus
+
+import "time"
+
+// Relay's subjects and payloads (issue 11: at-least-once delivery). The
+// gateway no longer publishes P.msg.in itself: it hands every incoming
+// message and receipt to relay with a P.relay.store request and reports
+// success to whatsmeow (which then sends WhatsApp's receipt) only when relay
+// answers ok, after its commit. Relay owns everything a bot sees of
+// messages: P.msg.in (with seq), P.msg.receipt, P.msg.sent,
+// P.msg.send_failed, and answers P.msg.send, P.msg.replay and
+// P.relay.retry. It sends through the gateway with P.gateway.send, which
+// only our services may publish or hear.
+
+// ServiceRelay is relay's heartbeat service name and role.
+const ServiceRelay = "relay"
+
+// RelayStore is the subject the gateway asks relay to store on.
+func (s Subjects) RelayStore() string { return s.Prefix + ".relay.store" }
+
+// RelayRetry asks relay to send dead deliveries again (blacksky deliveries
+// retry).
+func (s Subjects) RelayRetry() string { return s.Prefix + ".relay.retry" }
+
+// MsgReplay is P.msg.replay: stored messages after a seq.
+func (s Subjects) MsgReplay() string { return s.Prefix + ".msg.replay" }
+
+// MsgReceipt is P.msg.receipt: delivery and read receipts from WhatsApp.
+func (s Subjects) MsgReceipt() string { return s.Prefix + ".msg.receipt" }
+
+// MsgSent is P.msg.sent: a queued send went out.
+func (s Subjects) MsgSent() string { return s.Prefix + ".msg.sent" }
+
+// MsgSendFailed is P.msg.send_failed: a queued send was refused for good.
+func (s Subjects) MsgSendFailed() string { return s.Prefix + ".msg.send_failed" }
+
+// GatewaySend is relay's request to the gateway to send one message now.
+// Its body is a MsgSend, its answer a MsgSendReply.
+func (s Subjects) GatewaySend() string { return s.Prefix + ".gateway.send" }
+
+// RelayStoreRequest is a P.relay.store body: exactly one of Message and
+// Receipt.
+type RelayStoreRequest struct {
+	Message *MsgIn   `json:"message,omitempty"`
+	Receipt *Receipt `json:"receipt,omitempty"`
+}
+
+// RelayStoreReply answers P.relay.store once the item is committed (OK), or
+// says why it is not (the gateway then reports failure and WhatsApp
+// redelivers). Duplicate is a message relay already had (a redelivery).
+type RelayStoreReply struct {
+	OK        bool   `json:"ok"`
+	Seq       int64  `json:"seq,omitempty"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+	Error     string `json:"error,omitempty"`
+}
+
+// Receipt is P.msg.receipt: WhatsApp says messages were delivered, read or
+// played.
+type Receipt struct {
+	Event
+	Chat   string   `json:"chat"`
+	Sender string   `json:"sender"`
+	IDs    []string `json:"ids"`
+	// Type is "delivered", "read", "read_self", "played", "sender",
+	// "retry", ... (whatsmeow's ReceiptType, "delivered" for its empty one).
+	Type      string    `json:"type"`
+	Timestamp time.Time `json:"timestamp"`
+}
+
+// MsgReplayRequest is a P.msg.replay body.
+type MsgReplayRequest struct {
+	AfterSeq int64 `json:"after_seq"`
+	Limit    int   `json:"limit,omitempty"`
+}
+
+// MsgReplayReply answers P.msg.replay: messages in seq order, each shaped
+// as on P.msg.in.
+type MsgReplayReply struct {
+	OK       bool    `json:"ok"`
+	Messages []MsgIn `json:"messages"`
+	Error    string  `json:"error,omitempty"`
+}
+
+// MsgSendOutcome is P.msg.sent and P.msg.send_failed.
+type MsgSendOutcome struct {
+	Event
+	IdempotencyKey string     `json:"idempotency_key"`
+	To             string     `json:"to"`
+	ID             string     `json:"id,omitempty"`
+	Timestamp      *time.Time `json:"timestamp,omitempty"`
+	Error          string     `json:"error,omitempty"`
+}
