@@ -22,7 +22,9 @@ type otherArgs struct{}
 
 func (otherArgs) Kind() string { return "blacksky_test_other" }
 
-type otherWorker struct{ river.WorkerDefaults[otherArgs] }
+type otherWorker struct {
+	river.WorkerDefaults[otherArgs]
+}
 
 func (otherWorker) Work(context.Context, *river.Job[otherArgs]) error { return nil }
 
