@@ -91,3 +91,26 @@ type MsgSendOutcome struct {
 	Timestamp      *time.Time `json:"timestamp,omitempty"`
 	Error          string     `json:"error,omitempty"`
 }
+
+// RelayDetails are relay's heartbeat details (P.heartbeat.relay); health
+// shows them on /status and /metrics.
+type RelayDetails struct {
+	Database   string `json:"database"` // "postgres" or "sqlite"
+	DatabaseOK bool   `json:"database_ok"`
+	// LastSeq is the newest stored message's seq; Stored how many messages
+	// are kept (MESSAGE_RETENTION).
+	LastSeq int64 `json:"last_seq"`
+	Stored  int64 `json:"stored"`
+	// Deliveries not yet made (NATS, JetStream, webhook), and the dead ones
+	// (retries exhausted or refused: blacksky deliveries retry).
+	PendingDeliveries int64 `json:"pending_deliveries"`
+	DeadDeliveries    int64 `json:"dead_deliveries"`
+	// QueuedSends waits for its SEND_RATE slot or for the gateway.
+	QueuedSends int64 `json:"queued_sends"`
+	JetStream   bool  `json:"jetstream"`
+	Webhook     bool  `json:"webhook"`
+	// Oldest undelivered item's age, for the lag gauge.
+	OldestPendingMS int64      `json:"oldest_pending_ms,omitempty"`
+	LastError       string     `json:"last_error,omitempty"`
+	LastErrorAt     *time.Time `json:"last_error_at,omitempty"`
+}
