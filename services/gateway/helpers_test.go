@@ -180,7 +180,7 @@ type recorder struct {
 	cursor int // conn events before it have been consumed by next
 }
 
-func newRecorder(t *testing.T, nc *nats.Conn, subj bus.Subjects) *recorder {
+func newRecorder(t testing.TB, nc *nats.Conn, subj bus.Subjects) *recorder {
 	t.Helper()
 	r := &recorder{}
 	// Events only: a subscriber on a request subject (session.restore,
@@ -222,7 +222,7 @@ func (r *recorder) connEvents() []bus.ConnEvent {
 // next waits for the next connection event after the cursor and checks its
 // kind; it fails on any other kind in between, so a test states the exact
 // sequence.
-func (r *recorder) next(t *testing.T, kind string) bus.ConnEvent {
+func (r *recorder) next(t testing.TB, kind string) bus.ConnEvent {
 	t.Helper()
 	var got bus.ConnEvent
 	testwait.For(t, 5*time.Second, "conn."+kind, func() bool {
@@ -243,7 +243,7 @@ func (r *recorder) next(t *testing.T, kind string) bus.ConnEvent {
 }
 
 // none asserts that no connection event follows the cursor.
-func (r *recorder) none(t *testing.T) {
+func (r *recorder) none(t testing.TB) {
 	t.Helper()
 	evs := r.connEvents()
 	r.mu.Lock()
@@ -293,7 +293,7 @@ func (r *recorder) lastBeat(subj bus.Subjects) (bus.Heartbeat, bus.GatewayDetail
 // harness is one running gateway with its fake connection, fake clock, bus
 // and recorder.
 type harness struct {
-	t     *testing.T
+	t     testing.TB
 	gw    *Gateway
 	conn  *fakeConn
 	clock *clockwork.FakeClock
@@ -313,14 +313,14 @@ type harness struct {
 type option func(*Config, *fakeConn)
 
 // start builds and runs a gateway; cleanup stops it and checks Run's result.
-func start(t *testing.T, opts ...option) *harness {
+func start(t testing.TB, opts ...option) *harness {
 	t.Helper()
 	return startWith(t, nil, opts...)
 }
 
 // startWith is start with deps adjusting the gateway's Deps (a version
 // source, a log to read) before it is built.
-func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
+func startWith(t testing.TB, deps func(*Deps), opts ...option) *harness {
 	t.Helper()
 	cfg := Config{
 		Session:      "Test-Bot",
@@ -531,7 +531,7 @@ func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func textProto(s string) *waE2E.Message { return &waE2E.Message{Conversation: proto.String(s)} }
 
-func testLog(t *testing.T) *slog.Logger {
+func testLog(t testing.TB) *slog.Logger {
 	if os.Getenv("GATEWAY_TEST_LOG") == "" {
 		return discard()
 	}
