@@ -1,7 +1,8 @@
 // Package gateway owns the WhatsApp socket: a connection supervisor of our own
 // over a small Conn interface (whatsmeow behind it, see package wa), every
-// state change published on the bus, P.msg.send served and owner commands
-// answered.
+// state change published on the bus, incoming messages and receipts handed
+// to relay and acknowledged once stored, relay's P.gateway.send served and
+// owner commands answered.
 //
 // # Reconnects
 //
@@ -73,28 +74,83 @@
 // frees. Only no responders, a transport error or ok:false back off, with
 // the reconnect backoff capped at RestoreMaxBackoff (5 s).
 //
-// # Messages and owner commands
+// # Messages, receipts and relay
 //
-// Every incoming message is published on P.msg.in straight from whatsmeow's
-// event handler (conversion and a NATS publish never block): whatsmeow has
-// acked the message to WhatsApp before we see it, so it must not wait in a
-// queue that a shutdown or an overflow could lose. Only connection events go
-// through the state machine's loop; owner commands go to a worker. At
-// shutdown, handler calls in flight finish before conn.stopped.
+// The gateway does not publish P.msg.in: relay does, after storing (issue
+// 11). Every incoming message and receipt is handed to relay with a
+// P.relay.store request straight from whatsmeow's event handler, and the
+// handler reports success (whatsmeow's SynchronousAck: only then does it
+// send WhatsApp the ack and delivery receipt) only when relay answers ok,
+// which it does after its commit. No responder (relay not running), a
+// transport error, ok:false or no answer within RelayTimeout (10 s, on the
+// injected clock) report failure: no ack, and WhatsApp delivers the item
+// again. Such failures are counted in the heartbeat (relay_unacked,
+// last_relay_error) and logged once when an outage begins, then at most
+// once a minute while it lasts, then once when relay stores again; health's
+// /readyz says relay is missing. Connection events go through the state
+// machine's loop and are always acknowledged. At shutdown, handler calls in
+// flight finish (at most RelayTimeout) before conn.stopped.
 //
-// P.msg.send is answered ok:false for bad JSON, an unknown recipient form,
-// no connection, shutdown under way, or SEND_RATE: "N/period" means at most
-// N+1 sends in any window of one period (a token bucket of burst 1). A send
-// whose slot is at most SendWait (5 s) away waits for it; a later slot, or
-// more than MaxSendWaiters (64) sends already waiting, is refused with the
-// time to the next slot. Owner replies and alerts take their slots from the
-// same limiter and may wait up to OwnerSendWait (1 min), one at a time; a
-// later slot drops the reply (logged).
+// What whatsmeow does with a failed handler (read in whatsmeow's
+// message.go decryptMessages and bufferedDecrypt, receipt.go handleReceipt,
+// client.go dispatchEvent, at the version in go.mod):
+//   - A message: decryptMessages returns before sendMessageReceipt, so
+//     neither the ack nor the delivery receipt is sent. The decrypted
+//     plaintext stays in the decrypted-event buffer (whatsmeow_event_buffer,
+//     keyed by the ciphertext's SHA-256; package wa turns the buffer on).
+//     WhatsApp keeps the unacknowledged message and sends it again on the
+//     next connection; bufferedDecrypt then finds the plaintext and
+//     dispatches it again without touching the Signal ratchet (which has
+//     moved on and could no longer decrypt it). Once a handler run succeeds
+//     the plaintext is cleared and only the hash stays, so a redelivery
+//     whose ack was lost is acknowledged without a dispatch
+//     (EventAlreadyProcessed): relay is not even asked. Hashes, and the
+//     plaintext of a message never handled successfully, are deleted 14
+//     days after they were buffered (DeleteOldBufferedHashes, run at most
+//     every 12 h; WhatsApp keeps pending messages about that long).
+//   - A redelivery that can no longer be decrypted (its buffer row gone:
+//     older than 14 days, or a session store restored from a snapshot taken
+//     before the message was buffered while the ratchet had moved on in the
+//     lost store) is logged by whatsmeow; for ErrOldCounter it is ignored
+//     and acknowledged, i.e. lost without reaching relay; for other decrypt
+//     errors whatsmeow sends a retry receipt (the sender's phone encrypts it
+//     again and resends it, which relay stores under the same chat and id)
+//     and acknowledges it, and emits events.UndecryptableMessage, which the
+//     gateway logs. Snapshots carry the buffer, so a failover to a recent
+//     snapshot keeps the plaintext of messages in flight.
+//   - A receipt: handleReceipt's deferred ack is cancelled, so WhatsApp
+//     sends the receipt again. Two exceptions: a group receipt that lists
+//     several participants is acknowledged whatever the handler says
+//     (whatsmeow ignores the result of each per-participant dispatch), so a
+//     failed store loses those; and a "retry" receipt is acknowledged by the
+//     gateway whatever relay says, because whatsmeow has already resent the
+//     message it asks for and a redelivery would make it resend it again.
+//   - whatsmeow runs one node handler at a time: while relay is up but not
+//     answering, each incoming message holds the following ones for up to
+//     RelayTimeout. A relay that is not running costs nothing (NATS answers
+//     "no responders" at once).
 //
-// At shutdown new sends are refused ("shutting down"), sends still waiting
-// for a slot are refused (they never reached WhatsApp), and sends in flight
-// get a grace period of min(SendTimeout, ShutdownSendGrace) to be answered
-// truthfully before the socket closes.
+// An owner command runs once per message: only after relay stored the
+// message for the first time (not on a Duplicate redelivery, not when the
+// store failed and the message will come again).
+//
+// # Sends
+//
+// Relay answers the bots' P.msg.send, queues each send and paces the queue
+// by SEND_RATE; it asks the gateway to put one message on the socket with
+// P.gateway.send (body and answer as P.msg.send's, which only our services
+// may publish or hear). The gateway answers ok:false for bad JSON, an
+// unknown recipient form, no connection or shutdown under way, and
+// otherwise sends at once: it does not refuse or delay a send relay has
+// paced. SEND_RATE's limiter stays in the gateway only for what it sends on
+// its own: owner replies and alerts take their slots from it and may wait
+// up to OwnerSendWait (1 min), one at a time (a later slot drops the reply,
+// logged); each relay send takes a token without waiting, so owner replies
+// queue behind relay's sends rather than doubling the rate.
+//
+// At shutdown new sends are refused ("shutting down"; relay keeps them
+// queued), and sends in flight get a grace period of min(SendTimeout,
+// ShutdownSendGrace) to be answered truthfully before the socket closes.
 //
 // Messages from OWNER_NUMBER (by phone JID, or by LID with the phone JID as
 // SenderAlt) starting with PREFIX run ping, status and backup; the owner is

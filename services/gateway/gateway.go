@@ -20,11 +20,16 @@ import (
 )
 
 // Conn is what the gateway needs of a WhatsApp client. Events arrive through
-// the handler given to OnEvent as go.mau.fi/whatsmeow/types/events values;
-// the handler never blocks.
+// the handler given to OnEventWithSuccess as go.mau.fi/whatsmeow/types/events
+// values.
 type Conn interface {
-	// OnEvent sets the event handler; called once, before Connect.
-	OnEvent(handler func(evt any))
+	// OnEventWithSuccess sets the event handler; called once, before
+	// Connect. It has whatsmeow's SynchronousAck semantics: a message or
+	// receipt is acknowledged to WhatsApp only after the handler returned
+	// true for it; false leaves it unacknowledged, so WhatsApp delivers it
+	// again (after the next reconnect). The handler blocks at most
+	// Config.RelayTimeout.
+	OnEventWithSuccess(handler func(evt any) bool)
 	// Connect opens the websocket; login or pairing follows as events.
 	// Connecting while already connected is not an error.
 	Connect(ctx context.Context) error
@@ -71,8 +76,8 @@ const (
 	DefaultSendTimeout        = 30 * time.Second
 	DefaultLivenessInterval   = 30 * time.Second
 	DefaultSendRate           = rate.Limit(20.0 / 60)
-	DefaultSendWait           = 5 * time.Second
 	DefaultPairHintEvery      = 5 * time.Minute
+	DefaultRelayTimeout       = 10 * time.Second
 )
 
 // Fixed bounds.
@@ -80,8 +85,6 @@ const (
 	// RestoreMaxBackoff caps the wait between P.session.restore attempts
 	// after no responders, a transport error or a refusal.
 	RestoreMaxBackoff = 5 * time.Second
-	// MaxSendWaiters bounds the msg.send requests waiting for a rate slot.
-	MaxSendWaiters = 64
 	// VersionRefreshEvery bounds the client_outdated recovery: WhatsApp's
 	// current web version is fetched (and reconnected with) at most this
 	// often.
@@ -117,8 +120,13 @@ type Config struct {
 	Production bool
 
 	ReconnectMin, ReconnectMax time.Duration
-	SendRate                   rate.Limit    // sends per second; at most N+1 in any window of one period
-	SendWait                   time.Duration // a msg.send waits this long at most for its rate slot
+	// SendRate paces what the gateway sends on its own (owner replies and
+	// alerts); relay paces the bots' sends by SEND_RATE and the gateway
+	// only counts them (see onSend).
+	SendRate rate.Limit // sends per second; at most N+1 in any window of one period
+	// RelayTimeout bounds one P.relay.store request: no ok within it and
+	// the message stays unacknowledged for WhatsApp to deliver again.
+	RelayTimeout time.Duration
 
 	StableAfter        time.Duration // connected this long resets the attempt counter
 	StreamReplacedWait time.Duration
@@ -138,7 +146,7 @@ func (c Config) withDefaults() Config {
 	c.ReconnectMin = cmp.Or(c.ReconnectMin, DefaultReconnectMin)
 	c.ReconnectMax = max(cmp.Or(c.ReconnectMax, DefaultReconnectMax), c.ReconnectMin)
 	c.SendRate = cmp.Or(c.SendRate, DefaultSendRate)
-	c.SendWait = cmp.Or(c.SendWait, DefaultSendWait)
+	c.RelayTimeout = cmp.Or(c.RelayTimeout, DefaultRelayTimeout)
 	c.StableAfter = cmp.Or(c.StableAfter, DefaultStableAfter)
 	c.StreamReplacedWait = cmp.Or(c.StreamReplacedWait, DefaultStreamReplacedWait)
 	c.BanFallbackWait = cmp.Or(c.BanFallbackWait, DefaultBanFallbackWait)
@@ -194,12 +202,12 @@ type Gateway struct {
 	st   status
 	conn Conn
 
-	sendMu    sync.Mutex // guards accepting, sendBase and stopping; sends is the in-flight msg.send work
+	sendMu    sync.Mutex // guards accepting and sendBase; sends is the in-flight gateway.send work
 	accepting bool
 	sendBase  context.Context // outlives Run's ctx by the shutdown grace
-	stopping  chan struct{}   // closed when shutdown begins
 	sends     sync.WaitGroup
-	waiters   atomic.Int64 // msg.send requests waiting for a rate slot
+
+	relay relayStats // hand-overs to relay that failed (relay.go)
 
 	bg sync.WaitGroup // pairing-code requests in flight
 
@@ -281,12 +289,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 	// grace to be answered truthfully, so its caller does not send it again.
 	sendCtx, cancelSends := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelSends()
-	stopping := make(chan struct{})
 	var wg sync.WaitGroup
 
-	sendSub, err := g.nc.Subscribe(g.subj.MsgSend(), g.onSend)
+	// Relay owns P.msg.send (queue, SEND_RATE, idempotency); it asks the
+	// gateway to put each send on the socket with P.gateway.send.
+	sendSub, err := g.nc.Subscribe(g.subj.GatewaySend(), g.onSend)
 	if err != nil {
-		return fmt.Errorf("gateway: subscribe msg.send: %w", err)
+		return fmt.Errorf("gateway: subscribe gateway.send: %w", err)
 	}
 	doneSub, err := g.nc.Subscribe(g.subj.BackupDone(), g.onBackupDone)
 	if err != nil {
@@ -294,7 +303,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return fmt.Errorf("gateway: subscribe backup.done: %w", err)
 	}
 	g.sendMu.Lock()
-	g.accepting, g.sendBase, g.stopping = true, sendCtx, stopping
+	g.accepting, g.sendBase = true, sendCtx
 	g.sendMu.Unlock()
 
 	hb := &bus.Heartbeater{
@@ -307,13 +316,12 @@ func (g *Gateway) Run(ctx context.Context) error {
 	runErr := g.supervise(runCtx)
 
 	// Refuse new sends ("shutting down", rather than no responders while
-	// the subscription is still there), give up the ones waiting for a rate
-	// slot, and let the ones in flight finish within the grace period
+	// the subscription is still there: relay keeps the send queued either
+	// way), and let the ones in flight finish within the grace period
 	// before the socket and the store go away.
 	g.sendMu.Lock()
 	grace := g.clock.AfterFunc(min(g.cfg.SendTimeout, ShutdownSendGrace), cancelSends)
 	g.accepting = false
-	close(stopping)
 	g.sendMu.Unlock()
 	g.sends.Wait()
 	grace.Stop()
@@ -323,9 +331,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	cancel()
 	wg.Wait()
 	g.closeConn()
-	// Handler calls in flight have published their messages once they
-	// return: every message whatsmeow acked is on msg.in before
-	// conn.stopped.
+	// Handler calls in flight have had relay's answer (or given up) once
+	// they return: every message acknowledged to WhatsApp is stored by
+	// relay before conn.stopped.
 	g.evMu.Lock()
 	g.evClosed = true
 	g.evMu.Unlock()
@@ -355,19 +363,24 @@ func (g *Gateway) closeConn() {
 }
 
 // onEvent is the handler whatsmeow calls, synchronously on its own
-// goroutines; it never blocks. A message is published right here (whatsmeow
-// has acked it already); connection events go to the loop.
-func (g *Gateway) onEvent(evt any) {
+// goroutines, before it acknowledges the event to WhatsApp (SynchronousAck).
+// A message or receipt is handed to relay right here and acknowledged only
+// once relay has stored it (relay.go); connection events go to the loop and
+// never block.
+func (g *Gateway) onEvent(evt any) bool {
 	g.evMu.RLock()
 	defer g.evMu.RUnlock()
-	if e, ok := evt.(*events.Message); ok {
+	switch e := evt.(type) {
+	case *events.Message:
 		if g.evClosed {
-			g.log.Warn("message delivered after the socket closed; publishing it late", "id", e.Info.ID)
+			g.log.Warn("message delivered after the socket closed; handing it to relay late", "id", e.Info.ID)
 		}
-		g.onMessage(e)
-		return
+		return g.onMessage(e)
+	case *events.Receipt:
+		return g.onReceipt(e)
 	}
 	g.events.push(evt)
+	return true
 }
 
 // beat is the heartbeat's view of the state.
@@ -383,6 +396,7 @@ func (g *Gateway) beat() (string, any) {
 		QRCode:         g.st.qrCode,
 		PairCode:       g.st.pairCode,
 	}
+	g.relay.details(&d)
 	if !g.st.connectedSince.IsZero() {
 		t := g.st.connectedSince.UTC()
 		d.ConnectedSince = &t

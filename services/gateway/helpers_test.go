@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/blacksky-md/blacksky/internal/testlog"
+	"github.com/blacksky-md/blacksky/internal/testrelay"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
@@ -33,7 +34,7 @@ var t0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 // emitting real whatsmeow events through it.
 type fakeConn struct {
 	mu         sync.Mutex
-	handler    func(any)
+	handler    func(any) bool
 	connectErr error
 	jid        types.JID
 	pairCode   string
@@ -60,22 +61,23 @@ var _ Conn = (*fakeConn)(nil)
 
 func newFakeConn() *fakeConn { return &fakeConn{} }
 
-func (f *fakeConn) OnEvent(h func(any)) {
+func (f *fakeConn) OnEventWithSuccess(h func(any) bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.handler = h
 }
 
 // emit delivers evt as whatsmeow would: synchronously, on the caller's
-// goroutine.
-func (f *fakeConn) emit(evt any) {
+// goroutine; the result is the handler's success (SynchronousAck: whether
+// whatsmeow would acknowledge it).
+func (f *fakeConn) emit(evt any) bool {
 	f.mu.Lock()
 	h := f.handler
 	f.mu.Unlock()
 	if h == nil {
 		panic("fakeConn: no handler yet")
 	}
-	h(evt)
+	return h(evt)
 }
 
 func (f *fakeConn) Connect(context.Context) error {
@@ -178,7 +180,7 @@ type recorder struct {
 	cursor int // conn events before it have been consumed by next
 }
 
-func newRecorder(t *testing.T, nc *nats.Conn, subj bus.Subjects) *recorder {
+func newRecorder(t testing.TB, nc *nats.Conn, subj bus.Subjects) *recorder {
 	t.Helper()
 	r := &recorder{}
 	// Events only: a subscriber on a request subject (session.restore,
@@ -220,7 +222,7 @@ func (r *recorder) connEvents() []bus.ConnEvent {
 // next waits for the next connection event after the cursor and checks its
 // kind; it fails on any other kind in between, so a test states the exact
 // sequence.
-func (r *recorder) next(t *testing.T, kind string) bus.ConnEvent {
+func (r *recorder) next(t testing.TB, kind string) bus.ConnEvent {
 	t.Helper()
 	var got bus.ConnEvent
 	testwait.For(t, 5*time.Second, "conn."+kind, func() bool {
@@ -241,7 +243,7 @@ func (r *recorder) next(t *testing.T, kind string) bus.ConnEvent {
 }
 
 // none asserts that no connection event follows the cursor.
-func (r *recorder) none(t *testing.T) {
+func (r *recorder) none(t testing.TB) {
 	t.Helper()
 	evs := r.connEvents()
 	r.mu.Lock()
@@ -291,13 +293,14 @@ func (r *recorder) lastBeat(subj bus.Subjects) (bus.Heartbeat, bus.GatewayDetail
 // harness is one running gateway with its fake connection, fake clock, bus
 // and recorder.
 type harness struct {
-	t     *testing.T
+	t     testing.TB
 	gw    *Gateway
 	conn  *fakeConn
 	clock *clockwork.FakeClock
 	srv   *bus.Server
 	nc    *nats.Conn // the test's own connection (responders, requests)
 	rec   *recorder
+	relay *testrelay.Relay // answers P.relay.store and publishes P.msg.in
 	subj  bus.Subjects
 	opens chan struct{}
 	done  chan error
@@ -310,14 +313,14 @@ type harness struct {
 type option func(*Config, *fakeConn)
 
 // start builds and runs a gateway; cleanup stops it and checks Run's result.
-func start(t *testing.T, opts ...option) *harness {
+func start(t testing.TB, opts ...option) *harness {
 	t.Helper()
 	return startWith(t, nil, opts...)
 }
 
 // startWith is start with deps adjusting the gateway's Deps (a version
 // source, a log to read) before it is built.
-func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
+func startWith(t testing.TB, deps func(*Deps), opts ...option) *harness {
 	t.Helper()
 	cfg := Config{
 		Session:      "Test-Bot",
@@ -347,6 +350,7 @@ func startWith(t *testing.T, deps func(*Deps), opts ...option) *harness {
 	}
 	h.subj = bus.NewSubjects(cfg.Session)
 	h.rec = newRecorder(t, h.nc, h.subj)
+	h.relay = testrelay.Start(t, h.nc, cfg.Session)
 	d := Deps{
 		NC: gwNC,
 		Open: func(context.Context) (Conn, error) {
@@ -438,12 +442,14 @@ func (h *harness) connected() {
 	h.rec.next(h.t, bus.ConnConnected)
 }
 
-// probe pushes a message through the event loop and waits for its msg.in:
-// every event emitted before it has then been handled.
+// probe pushes a message through relay and waits for its msg.in: every
+// message emitted before it has then been handled.
 func (h *harness) probe() {
 	h.t.Helper()
 	id := "probe-" + time.Now().Format("150405.000000000")
-	h.conn.emit(textMsg(id, "15557770000", "hello"))
+	if !h.conn.emit(textMsg(id, "15557770000", "hello")) {
+		h.t.Fatal("probe not acknowledged")
+	}
 	testwait.For(h.t, 5*time.Second, "probe msg.in", func() bool {
 		for _, m := range on[bus.MsgIn](h.rec, h.subj.MsgIn()) {
 			if m.ID == id {
@@ -454,12 +460,13 @@ func (h *harness) probe() {
 	})
 }
 
-// request sends a P.msg.send body and decodes the reply.
+// request sends a P.gateway.send body, as relay does, and decodes the
+// reply.
 func (h *harness) request(body string) bus.MsgSendReply {
 	h.t.Helper()
-	msg, err := h.nc.Request(h.subj.MsgSend(), []byte(body), 5*time.Second)
+	msg, err := h.nc.Request(h.subj.GatewaySend(), []byte(body), 5*time.Second)
 	if err != nil {
-		h.t.Fatalf("msg.send request: %v", err)
+		h.t.Fatalf("gateway.send request: %v", err)
 	}
 	var r bus.MsgSendReply
 	if err := json.Unmarshal(msg.Data, &r); err != nil {
@@ -468,13 +475,13 @@ func (h *harness) request(body string) bus.MsgSendReply {
 	return r
 }
 
-// requestAsync sends a P.msg.send body without waiting; the reply comes on
-// the channel.
+// requestAsync sends a P.gateway.send body without waiting; the reply
+// comes on the channel.
 func (h *harness) requestAsync(body string) <-chan bus.MsgSendReply {
 	h.t.Helper()
 	out := make(chan bus.MsgSendReply, 1)
 	go func() {
-		msg, err := h.nc.Request(h.subj.MsgSend(), []byte(body), 10*time.Second)
+		msg, err := h.nc.Request(h.subj.GatewaySend(), []byte(body), 10*time.Second)
 		var r bus.MsgSendReply
 		if err != nil {
 			r.Error = "test: request: " + err.Error()
@@ -493,7 +500,7 @@ func (h *harness) reply(ch <-chan bus.MsgSendReply) bus.MsgSendReply {
 	case r := <-ch:
 		return r
 	case <-time.After(5 * time.Second):
-		h.t.Fatal("no msg.send reply")
+		h.t.Fatal("no gateway.send reply")
 		return bus.MsgSendReply{}
 	}
 }
@@ -502,7 +509,7 @@ func (h *harness) reply(ch <-chan bus.MsgSendReply) bus.MsgSendReply {
 func (h *harness) stopping() bool {
 	h.gw.sendMu.Lock()
 	defer h.gw.sendMu.Unlock()
-	return h.gw.stopping != nil && !h.gw.accepting
+	return h.gw.sendBase != nil && !h.gw.accepting
 }
 
 func textMsg(id, senderPhone, text string) *events.Message {
@@ -524,7 +531,7 @@ func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func textProto(s string) *waE2E.Message { return &waE2E.Message{Conversation: proto.String(s)} }
 
-func testLog(t *testing.T) *slog.Logger {
+func testLog(t testing.TB) *slog.Logger {
 	if os.Getenv("GATEWAY_TEST_LOG") == "" {
 		return discard()
 	}

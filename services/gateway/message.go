@@ -65,19 +65,24 @@ func content(m *waE2E.Message) (typ, text string) {
 	return "other", ""
 }
 
-func (g *Gateway) onMessage(e *events.Message) {
+// onMessage hands an incoming message to relay and reports whether it may
+// be acknowledged: only once relay has stored it. An owner command runs
+// once per message: after its first store, never on a redelivery relay
+// already had (Duplicate), and never for a message that may come again.
+func (g *Gateway) onMessage(e *events.Message) bool {
 	in := MsgIn(e)
 	now := g.clock.Now()
 	in.Stamp(g.cfg.Session, now)
-	if err := bus.Publish(g.nc, g.subj.MsgIn(), in); err != nil {
-		g.log.Warn("publish msg.in", "err", err)
+	reply, ok := g.store(bus.RelayStoreRequest{Message: &in}, "message", in.ID)
+	if !ok {
+		return false
 	}
-	if !g.isOwner(e.Info.MessageSource) {
-		return
+	if reply.Duplicate || !g.isOwner(e.Info.MessageSource) {
+		return true
 	}
 	cmd, ok := ParseCommand(in.Text, g.cfg.Prefix)
 	if !ok {
-		return
+		return true
 	}
 	latency := now.Sub(e.Info.Timestamp)
 	chat := e.Info.Chat
@@ -85,6 +90,7 @@ func (g *Gateway) onMessage(e *events.Message) {
 	g.later("owner command "+cmd, func(ctx context.Context) {
 		g.reply(ctx, chat, g.answer(ctx, cmd, latency))
 	})
+	return true
 }
 
 // isOwner compares the sender's phone number with OWNER_NUMBER. A sender
@@ -213,7 +219,7 @@ func (g *Gateway) reply(ctx context.Context, to types.JID, text string) {
 	}
 	now := g.clock.Now()
 	r := g.limiter.ReserveN(now, 1)
-	if wait := r.DelayFrom(now); !r.OK() || wait > max(g.cfg.SendWait, OwnerSendWait) {
+	if wait := r.DelayFrom(now); !r.OK() || wait > OwnerSendWait {
 		r.CancelAt(now)
 		g.log.Warn("owner reply dropped: SEND_RATE has no slot soon enough", "next_slot_in", wait)
 		return

@@ -3,8 +3,6 @@ package gateway
 import (
 	"context"
 	"errors"
-	"fmt"
-	"math"
 	"strings"
 	"time"
 
@@ -13,7 +11,7 @@ import (
 	"go.mau.fi/whatsmeow/types"
 )
 
-// ParseRecipient reads the "to" of P.msg.send: a phone number in
+// ParseRecipient reads the "to" of P.msg.send (and P.gateway.send): a phone number in
 // international form (digits; a leading + and spaces or dashes are
 // tolerated) or a JID of a user, LID, group or newsletter.
 func ParseRecipient(to string) (types.JID, error) {
@@ -62,9 +60,17 @@ func allDigits(s string) bool {
 	return true
 }
 
-// onSend serves P.msg.send. Cheap checks answer at once; the send itself
-// (and any wait for its SEND_RATE slot, at most SendWait) runs on its own
-// goroutine so one slow send does not queue the others.
+// onSend serves P.gateway.send: relay asks for one message to go out now.
+// Cheap checks answer at once; the send itself runs on its own goroutine
+// so one slow send does not queue the others.
+//
+// SEND_RATE is relay's to keep: it paces its queue by it, and a send it
+// released must not be refused or held here by a second limiter that can
+// only disagree with it (two buckets started at different times). The
+// gateway's limiter stays for what the gateway sends on its own (owner
+// replies and alerts): each relay send takes a token from it without
+// waiting, so an owner reply waits its turn behind them instead of
+// doubling the rate.
 func (g *Gateway) onSend(m *nats.Msg) {
 	fail := func(msg string) { g.respond(m, bus.MsgSendReply{OK: false, Error: msg}) }
 	req, err := bus.DecodeMsgSend(m.Data)
@@ -84,55 +90,22 @@ func (g *Gateway) onSend(m *nats.Msg) {
 		return
 	}
 	g.sends.Add(1)
-	base, stopping := g.sendBase, g.stopping
+	base := g.sendBase
 	g.sendMu.Unlock()
-	done := g.sends.Done
 	conn := g.liveConn()
 	if conn == nil {
-		done()
+		g.sends.Done()
 		fail("not connected to WhatsApp (state: " + g.State() + ")")
 		return
 	}
-	now := g.clock.Now()
-	r := g.limiter.ReserveN(now, 1)
-	wait := r.DelayFrom(now)
-	switch {
-	case !r.OK():
-		done()
-		fail("rate limited by SEND_RATE")
-		return
-	case wait > g.cfg.SendWait:
-		r.CancelAt(now)
-		done()
-		fail(fmt.Sprintf("rate limited: next send slot in %ds", int64(math.Ceil(wait.Seconds()))))
-		return
-	case wait > 0 && g.waiters.Add(1) > MaxSendWaiters:
-		g.waiters.Add(-1)
-		r.CancelAt(now)
-		done()
-		fail(fmt.Sprintf("rate limited: %d sends already waiting for a slot", MaxSendWaiters))
-		return
-	}
+	g.limiter.ReserveN(g.clock.Now(), 1) // counted, never waited for: see above
 	go func() {
-		defer done()
-		if wait > 0 {
-			ok := g.sleepUntil(now.Add(wait), stopping)
-			g.waiters.Add(-1)
-			if !ok {
-				r.CancelAt(g.clock.Now())
-				fail(errShuttingDown)
-				return
-			}
-			if conn = g.liveConn(); conn == nil {
-				fail("not connected to WhatsApp (state: " + g.State() + ")")
-				return
-			}
-		}
+		defer g.sends.Done()
 		ctx, cancel := context.WithTimeout(base, g.cfg.SendTimeout)
 		defer cancel()
 		sent, err := conn.SendText(ctx, to, req.Text)
 		if err != nil {
-			g.log.Warn("msg.send failed", "err", err)
+			g.log.Warn("gateway.send failed", "err", err)
 			fail("send failed: " + err.Error())
 			return
 		}
@@ -162,8 +135,8 @@ func (g *Gateway) respond(m *nats.Msg, r bus.MsgSendReply) {
 	}
 	switch err := bus.Respond(m, r); {
 	case errors.Is(err, bus.ErrReplySubject):
-		g.log.Debug("msg.send not answered", "err", err)
+		g.log.Debug("gateway.send not answered", "err", err)
 	case err != nil:
-		g.log.Warn("answer msg.send", "err", err)
+		g.log.Warn("answer gateway.send", "err", err)
 	}
 }

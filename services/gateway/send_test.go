@@ -8,7 +8,6 @@ import (
 	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
 
-	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -53,7 +52,9 @@ func TestParseRecipient(t *testing.T) {
 	}
 }
 
-func TestMsgSend(t *testing.T) {
+// P.gateway.send (relay asking for one message now) validates, sends and
+// answers as P.msg.send did.
+func TestGatewaySend(t *testing.T) {
 	h := start(t)
 	h.rec.next(t, bus.ConnConnecting)
 
@@ -97,7 +98,7 @@ func TestMsgSend(t *testing.T) {
 	}
 }
 
-func TestMsgSendFailureIsReported(t *testing.T) {
+func TestGatewaySendFailureIsReported(t *testing.T) {
 	h := start(t, func(_ *Config, c *fakeConn) { c.sendErr = errDial })
 	h.connected()
 	r := h.request(`{"to":"15551234567","text":"hello"}`)
@@ -106,7 +107,9 @@ func TestMsgSendFailureIsReported(t *testing.T) {
 	}
 }
 
-func TestMsgIn(t *testing.T) {
+// An incoming message reaches relay as its P.msg.in payload, stamped with
+// the session and the gateway's time; relay adds the seq.
+func TestMessageHandedToRelayAsMsgIn(t *testing.T) {
 	h := start(t)
 	h.connected()
 	lid := types.NewJID("987654321", types.HiddenUserServer)
@@ -121,13 +124,14 @@ func TestMsgIn(t *testing.T) {
 		},
 		Message: textProto("hello group"),
 	}
-	h.conn.emit(e)
-	testwait.For(t, 5*time.Second, "msg.in", func() bool { return len(on[bus.MsgIn](h.rec, h.subj.MsgIn())) == 1 })
-	got := on[bus.MsgIn](h.rec, h.subj.MsgIn())[0]
+	if !h.conn.emit(e) {
+		t.Fatal("message not acknowledged")
+	}
+	got := h.relay.Messages()
 	want := bus.MsgIn{ID: "3EB0C0FFEE", Chat: group.String(), Sender: "987654321@lid", PushName: "Ada",
-		Timestamp: t0.Add(-time.Second), Type: "text", Text: "hello group"}
+		Timestamp: t0.Add(-time.Second), Type: "text", Text: "hello group", Seq: 1}
 	want.Stamp("Test-Bot", t0)
-	if got != want {
-		t.Fatalf("msg.in = %+v\nwant %+v", got, want)
+	if len(got) != 1 || got[0] != want {
+		t.Fatalf("relay stored %+v\nwant %+v", got, want)
 	}
 }

@@ -57,7 +57,7 @@ func (g *Gateway) session(ctx context.Context) error {
 		}
 		return fmt.Errorf("gateway: open session store: %w", err)
 	}
-	conn.OnEvent(g.onEvent)
+	conn.OnEventWithSuccess(g.onEvent)
 	g.mu.Lock()
 	g.conn = conn
 	g.mu.Unlock()
@@ -251,6 +251,10 @@ func (g *Gateway) handle(ctx context.Context, evt any) {
 	case *events.KeepAliveRestored:
 		g.publish(bus.ConnEvent{Kind: bus.ConnKeepaliveRestored})
 		g.log.Info("keepalive restored")
+	case *events.UndecryptableMessage:
+		// whatsmeow asked the sender for it again (a retry receipt), or it
+		// was a redelivery whose buffered plaintext is gone; see doc.go.
+		g.log.Warn("incoming message could not be decrypted", "id", e.Info.ID, "unavailable", e.IsUnavailable)
 	case *events.StreamError:
 		g.log.Warn("unknown stream error from WhatsApp", "code", e.Code)
 	}

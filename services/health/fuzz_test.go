@@ -20,6 +20,8 @@ func FuzzTrackerInput(f *testing.F) {
 	f.Add(uint8(3), "", []byte(`{"reason":"x","error":"e","attempt":1}`))
 	f.Add(uint8(0), "", []byte(`{"service":"backup","details":"not an object"}`))
 	f.Add(uint8(1), "connected", []byte(`null`))
+	f.Add(uint8(0), "", []byte(`{"service":"relay","instance":"a","state":"ok","details":{"database":"postgres","database_ok":true,"last_seq":-3,"last_error":"x","last_error_at":"2999-01-01T00:00:00Z"}}`))
+	f.Add(uint8(0), "", []byte(`{"service":"gateway","instance":"a","state":"connected","details":{"wa_state":"connected","relay_unacked":-1,"last_relay_error":"e"}}`))
 	f.Fuzz(func(t *testing.T, which uint8, kind string, data []byte) {
 		clock := clockwork.NewFakeClock()
 		tr := NewTracker(clock, 0, logging.Discard())
@@ -41,6 +43,7 @@ func FuzzTrackerInput(f *testing.F) {
 		wa := tr.WhatsApp()
 		_ = MaskJID(wa.JID)
 		tr.Backup()
+		tr.Relay()
 		if _, err := tr.metrics.reg.Gather(); err != nil {
 			t.Fatalf("metrics gather: %v", err)
 		}

@@ -83,6 +83,7 @@ func TestReadyz(t *testing.T) {
 			mod:  func(o *Options) { o.BackupEnabled = false },
 			act: func(t *testing.T, b *bundle) {
 				b.beat(t, "gateway", "web.1", bus.StateConnected, gw(bus.StateConnected))
+				b.relayBeat(t, relayOK())
 			},
 			wantCode: 200,
 		},
@@ -141,7 +142,8 @@ func TestReadyzStaleHeartbeat(t *testing.T) {
 	b.advance(t, bus.HeartbeatInterval)
 	code, body, _ := b.get(t, "/readyz", nil)
 	doc := decode[readyDoc](t, body)
-	if code != 503 || !hasReason(doc.Reasons, "gateway: heartbeat stale") || !hasReason(doc.Reasons, "backup: heartbeat stale") {
+	if code != 503 || !hasReason(doc.Reasons, "gateway: heartbeat stale") || !hasReason(doc.Reasons, "backup: heartbeat stale") ||
+		!hasReason(doc.Reasons, "relay not running: incoming messages are not acknowledged until it is back (heartbeat stale") {
 		t.Fatalf("16 s old: %d %s, want 503 with stale reasons", code, body)
 	}
 	if hasReason(doc.Reasons, "health:") {

@@ -123,7 +123,7 @@ func (b *bundle) event() bus.Event {
 	return e
 }
 
-// healthy makes gateway (connected, with a JID) and backup beat.
+// healthy makes gateway (connected, with a JID), backup and relay beat.
 func (b *bundle) healthy(t testing.TB) {
 	t.Helper()
 	since := b.clock.Now().Add(-time.Hour).UTC()
@@ -131,6 +131,18 @@ func (b *bundle) healthy(t testing.TB) {
 		WAState: bus.StateConnected, JID: "15551234567:12@s.whatsapp.net", ConnectedSince: &since, Reconnects: 3,
 		LastDisconnect: "keepalive timeout"})
 	b.beat(t, bus.ServiceBackup, "web.1", bus.StateOK, bus.BackupDetails{Database: "postgres", DatabaseOK: true, LeaseHeld: true})
+	b.relayBeat(t, relayOK())
+}
+
+// relayOK are the details of a relay with nothing wrong.
+func relayOK() bus.RelayDetails {
+	return bus.RelayDetails{Database: "postgres", DatabaseOK: true, LastSeq: 42, Stored: 40}
+}
+
+// relayBeat publishes one relay heartbeat.
+func (b *bundle) relayBeat(t testing.TB, d bus.RelayDetails) {
+	t.Helper()
+	b.beat(t, bus.ServiceRelay, "web.1", bus.StateOK, d)
 }
 
 // advance moves the fake clock and waits for the health heartbeat its ticker

@@ -19,7 +19,7 @@ var waStates = []string{
 	bus.StateStreamReplaced, bus.StateBanned, bus.StateOutdated, bus.StateStopped,
 }
 
-var knownServices = []string{bus.ServiceGateway, bus.ServiceBackup, bus.ServiceHealth}
+var knownServices = []string{bus.ServiceGateway, bus.ServiceBackup, bus.ServiceHealth, bus.ServiceRelay}
 
 // metrics is our own registry: nothing registered globally, so tests and a
 // second service in one process never collide.
@@ -154,10 +154,13 @@ func (c *trackerCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descAge, descUp, descState, descConnected, descGwReconnects, descReady, descLastSnap} {
 		ch <- d
 	}
+	for _, d := range relayDescs {
+		ch <- d
+	}
 }
 
 func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, s := range c.t.Services(c.req.Services...) {
+	for _, s := range c.t.Services(slices.Concat(c.req.Services, []string{bus.ServiceRelay})...) {
 		if !slices.Contains(knownServices, s.Name) {
 			continue // label values come only from our own list
 		}
@@ -182,6 +185,7 @@ func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	if b := c.t.Backup(); b.LastAt != nil {
 		ch <- prometheus.MustNewConstMetric(descLastSnap, prometheus.GaugeValue, float64(b.LastAt.Unix()))
 	}
+	c.collectRelay(ch)
 }
 
 func (t *Tracker) gatewayReconnects() int64 {

@@ -39,6 +39,7 @@ type StatusDoc struct {
 	Services  map[string]ServiceDoc `json:"services"`
 	WhatsApp  WhatsAppDoc           `json:"whatsapp"`
 	Backup    BackupDoc             `json:"backup"`
+	Relay     RelayDoc              `json:"relay"`
 	Memory    *MemoryDoc            `json:"memory,omitempty"`
 	Instance  string                `json:"instance,omitempty"`
 	StartedAt *time.Time            `json:"started_at,omitempty"`
@@ -124,9 +125,11 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	if s.auth.open() {
 		d.Auth = "open: no HEALTH_TOKEN is set (development only)"
 	}
-	backupState := bus.StateDisabled
-	for _, sv := range s.tracker.Services(s.req.Services...) {
-		sd := ServiceDoc{State: s.redact(sv.State), Fresh: sv.Fresh, Required: slices.Contains(s.req.Services, sv.Name)}
+	backupState, relayState := bus.StateDisabled, StateMissing
+	for _, sv := range s.tracker.Services(slices.Concat(s.req.Services, []string{bus.ServiceRelay})...) {
+		// Relay is required while WhatsApp is connected (Tracker.Ready).
+		required := slices.Contains(s.req.Services, sv.Name) || sv.Name == bus.ServiceRelay && s.req.Heartbeats
+		sd := ServiceDoc{State: s.redact(sv.State), Fresh: sv.Fresh, Required: required}
 		if !sv.Fresh && sv.Seen {
 			sd.State = StateStale
 		}
@@ -138,8 +141,11 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 			}
 		}
 		d.Services[s.redact(sv.Name)] = sd
-		if sv.Name == bus.ServiceBackup {
+		switch sv.Name {
+		case bus.ServiceBackup:
 			backupState = sd.State
+		case bus.ServiceRelay:
+			relayState = sd.State
 		}
 	}
 	if !s.opts.BackupEnabled {
@@ -148,6 +154,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	wa := s.tracker.WhatsApp()
 	d.WhatsApp.State = s.redact(wa.State)
 	d.Backup = BackupDoc{Enabled: s.opts.BackupEnabled, State: backupState}
+	d.Relay = s.relayDoc(relayState, full)
 	switch {
 	case !ready:
 		d.State = StateNotReady

@@ -101,6 +101,7 @@ type Tracker struct {
 	handled map[string]int64
 	wa      waState
 	backup  backupState
+	relay   relayState
 }
 
 // forgetAfter drops an instance that has not beaten for this long.
@@ -198,6 +199,8 @@ func (t *Tracker) HandleHeartbeat(data []byte) {
 		t.gatewayBeatLocked(hb, now)
 	case bus.ServiceBackup:
 		t.backupBeatLocked(hb)
+	case bus.ServiceRelay:
+		t.relayBeatLocked(hb)
 	}
 }
 
@@ -264,6 +267,7 @@ func (t *Tracker) gatewayBeatLocked(hb bus.Heartbeat, now time.Time) {
 	}
 	t.wa.srcAt = hb.At
 	t.setStateLocked(state, now)
+	t.gatewayRelayLocked(d)
 	if d.JID != "" {
 		t.wa.jid, t.wa.paired = clip(d.JID), true
 	}

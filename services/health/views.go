@@ -163,5 +163,8 @@ func (t *Tracker) Ready(req Requirements) (bool, []string) {
 	default:
 		reasons = append(reasons, "whatsapp: "+wa.State)
 	}
+	if req.Heartbeats {
+		reasons = append(reasons, t.relayReasons(wa)...)
+	}
 	return len(reasons) == 0, reasons
 }

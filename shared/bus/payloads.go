@@ -88,6 +88,13 @@ type GatewayDetails struct {
 	QRCode      string     `json:"qr_code,omitempty"`
 	QRExpiresAt *time.Time `json:"qr_expires_at,omitempty"`
 	PairCode    string     `json:"pair_code,omitempty"`
+	// Relay hand-over (issue 11): incoming messages and receipts relay did
+	// not confirm (no reply, an error, a timeout), so left unacknowledged
+	// for WhatsApp to deliver again, counted since the gateway started;
+	// the last such failure and when.
+	RelayUnacked     int64      `json:"relay_unacked"`
+	LastRelayError   string     `json:"last_relay_error,omitempty"`
+	LastRelayErrorAt *time.Time `json:"last_relay_error_at,omitempty"`
 }
 
 // BackupDetails are the backup service's heartbeat details.

@@ -74,12 +74,13 @@ type grant struct {
 var grants = map[Role]grant{
 	RoleGateway: {
 		publish: []string{
-			"conn.*", "msg.in", "heartbeat." + ServiceGateway,
+			"conn.*", "heartbeat." + ServiceGateway,
 			"session.restore", "session.restore.*", // request to (its own instance's) backup
 			"backup.request", // the owner's .backup command
+			"relay.store",    // request: every incoming message and receipt, before its ack
 			"sandbox.out",    // every send the sandbox records
 		},
-		respond: true, // msg.send, sandbox.* replies
+		respond: true, // gateway.send, sandbox.* replies
 	},
 	RoleBackup: {
 		publish: []string{"backup.done", "backup.failed", "conn." + ConnStandby, "heartbeat." + ServiceBackup},

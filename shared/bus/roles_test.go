@@ -51,7 +51,7 @@ func contractSubjects(t *testing.T) []string {
 		case strings.Contains(subj, "<instance>"):
 			out = append(out, strings.Replace(subj, "<instance>", "web-1-0a1b2c3d", 1))
 		case strings.Contains(subj, "<service>"):
-			for _, s := range []string{bus.ServiceGateway, bus.ServiceBackup, bus.ServiceHealth} {
+			for _, s := range []string{bus.ServiceGateway, bus.ServiceBackup, bus.ServiceHealth, bus.ServiceRelay} {
 				out = append(out, strings.Replace(subj, "<service>", s, 1))
 			}
 		default:
@@ -71,12 +71,15 @@ var wantPublish = map[string][]bus.Role{
 	"heartbeat.gateway": {bus.RoleGateway},
 	"heartbeat.backup":  {bus.RoleBackup},
 	"heartbeat.health":  {bus.RoleHealth},
+	"heartbeat.relay":   {bus.RoleRelay},
 	"backup.request":    {bus.RoleGateway, bus.RoleBot},
 	"backup.done":       {bus.RoleBackup},
 	"backup.failed":     {bus.RoleBackup},
 	"session.restore":   {bus.RoleGateway},
-	"msg.in":            {bus.RoleGateway},
+	"msg.in":            {bus.RoleRelay},
 	"msg.send":          {bus.RoleBot},
+	"relay.store":       {bus.RoleGateway},
+	"gateway.send":      {bus.RoleRelay},
 	"sandbox.link":      {bus.RoleHealth}, // /pair's "link now" button
 	"sandbox.inject":    {},
 	"sandbox.fault":     {},
@@ -144,6 +147,7 @@ func credentials() map[bus.Role]bus.Credential {
 		bus.RoleGateway: bus.RoleCredential(bus.RoleGateway, testSecret),
 		bus.RoleBackup:  bus.RoleCredential(bus.RoleBackup, testSecret),
 		bus.RoleHealth:  bus.RoleCredential(bus.RoleHealth, testSecret),
+		bus.RoleRelay:   bus.RoleCredential(bus.RoleRelay, testSecret),
 		bus.RoleBot:     bus.BotCredential(testToken),
 	}
 }
@@ -400,16 +404,42 @@ func TestOnlyServicesAnswerRequests(t *testing.T) {
 		t.Fatalf("the gateway's request asks for its reply on %q, want the services' inbox %s", r, bus.ServiceInboxPrefix)
 	}
 
-	// The gateway answers a bot's msg.send.
-	if _, err := gateway.Subscribe(subj.MsgSend(), func(m *nats.Msg) { _ = m.Respond([]byte(`{"ok":true}`)) }); err != nil {
+	// Relay answers a bot's msg.send and the gateway's relay.store; the
+	// gateway answers relay's gateway.send.
+	relay := conn(bus.RoleRelay)
+	for _, s := range []string{subj.MsgSend(), subj.RelayStore()} {
+		if _, err := relay.Subscribe(s, func(m *nats.Msg) { _ = bus.Respond(m, bus.RelayStoreReply{OK: true}) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := gateway.Subscribe(subj.GatewaySend(), func(m *nats.Msg) { _ = bus.Respond(m, bus.MsgSendReply{OK: true}) }); err != nil {
 		t.Fatal(err)
 	}
-	if err := gateway.Flush(); err != nil {
-		t.Fatal(err)
+	for _, nc := range []*nats.Conn{relay, gateway} {
+		if err := nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
 	}
-	reply, err := bot.Request(subj.MsgSend(), []byte(`{}`), 5*time.Second)
-	if err != nil || string(reply.Data) != `{"ok":true}` {
-		t.Fatalf("bot's msg.send: %v, %v", reply, err)
+	for _, c := range []struct {
+		name    string
+		nc      *nats.Conn
+		subject string
+	}{
+		{"bot's msg.send", bot, subj.MsgSend()},
+		{"gateway's relay.store", gateway, subj.RelayStore()},
+		{"relay's gateway.send", relay, subj.GatewaySend()},
+	} {
+		reply, err := c.nc.Request(c.subject, []byte(`{}`), 5*time.Second)
+		if err != nil || string(reply.Data) != `{"ok":true}` {
+			t.Fatalf("%s: %v, %v", c.name, reply, err)
+		}
+	}
+	// A bot can neither store a message nor send past relay's queue: its
+	// requests never reach the services.
+	for _, s := range []string{subj.RelayStore(), subj.GatewaySend()} {
+		if _, err := bot.Request(s, []byte(`{}`), 500*time.Millisecond); err == nil {
+			t.Fatalf("a bot's request on %s was answered", s)
+		}
 	}
 }
 

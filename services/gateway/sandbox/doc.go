@@ -61,10 +61,12 @@
 // again from the buffered plaintext. Disconnect waits for the delivery in
 // progress.
 //
-// The relay work (issue 11) will move the gateway to whatsmeow's
-// success-status handlers (SynchronousAck). OnEventWithSuccess is that
-// shape already: a message is acknowledged only when the handler returns
-// true, and comes again after the next reconnect otherwise.
+// The gateway uses OnEventWithSuccess (its Conn method), whatsmeow's
+// success-status handlers with SynchronousAck as package wa sets them: a
+// message is acknowledged only when the handler returns true (relay stored
+// it), and comes again after the next reconnect otherwise, dispatched from
+// the buffered plaintext; once a dispatch succeeds only the hash stays.
+// OnEvent is whatsmeow's plain AddEventHandler, for tests of the client.
 //
 // # Determinism
 //

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"golang.org/x/time/rate"
 
+	"github.com/blacksky-md/blacksky/internal/testrelay"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/sandbox"
@@ -36,6 +37,7 @@ type rig struct {
 	nc     *nats.Conn
 	subj   bus.Subjects
 	rec    *recorder
+	relay  *testrelay.Relay // stores and publishes P.msg.in; forwards P.msg.send
 	cancel context.CancelFunc
 	done   chan error
 	// wrap, when set, stands between the gateway and the client.
@@ -82,6 +84,7 @@ func newRig(t testing.TB, dir string, opts ...func(*rig)) *rig {
 	}
 	r.subj = bus.NewSubjects(r.cfg.Session)
 	r.rec = newRecorder(t, r.nc, r.subj)
+	r.relay = testrelay.Start(t, r.nc, r.cfg.Session, testrelay.ForwardSends())
 	gw := gateway.New(r.cfg, gateway.Deps{
 		NC: gwNC,
 		Open: func(ctx context.Context) (gateway.Conn, error) {

@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"go.mau.fi/whatsmeow/types/events"
 
+	"github.com/blacksky-md/blacksky/internal/testrelay"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/services/gateway"
 	"github.com/blacksky-md/blacksky/services/gateway/sandbox"
@@ -429,7 +430,8 @@ func (r *rig) linked2() string {
 }
 
 // lossy loses the ack of the first delivery of messages with a chosen
-// text, as a socket that drops between the handler and the ack would.
+// text after relay stored them, as a socket that drops between the
+// handler and the ack would.
 type lossy struct {
 	*sandbox.Client
 	mu   sync.Mutex
@@ -437,9 +439,11 @@ type lossy struct {
 	lost map[string]bool // ids already lost once
 }
 
-func (l *lossy) OnEvent(h func(any)) {
-	l.OnEventWithSuccess(func(evt any) bool {
-		h(evt)
+func (l *lossy) OnEventWithSuccess(h func(any) bool) {
+	l.Client.OnEventWithSuccess(func(evt any) bool {
+		if !h(evt) {
+			return false
+		}
 		m, ok := evt.(*events.Message)
 		if !ok {
 			return true
@@ -454,6 +458,21 @@ func (l *lossy) OnEvent(h func(any)) {
 	})
 }
 
+// reconnect drops the socket and waits for the gateway to be back.
+func (r *rig) reconnect() {
+	r.t.Helper()
+	r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
+	r.rec.next(r.t, bus.ConnDisconnected)
+	r.rec.next(r.t, bus.ConnReconnecting)
+	r.clock.Advance(1500 * time.Millisecond)
+	r.rec.next(r.t, bus.ConnConnecting)
+	r.rec.next(r.t, bus.ConnConnected)
+}
+
+// An unacknowledged message comes again after a reconnect, and only then.
+// This one was stored by relay, its ack lost: its plaintext was still
+// buffered (the handler reported failure), so it is dispatched again and
+// relay recognises the duplicate: P.msg.in carries it once.
 func TestUnackedMessageComesAgainAfterReconnect(t *testing.T) {
 	l := &lossy{lose: map[string]bool{"lost ack": true}, lost: map[string]bool{}}
 	r := newRig(t, t.TempDir(), func(r *rig) {
@@ -470,27 +489,70 @@ func TestUnackedMessageComesAgainAfterReconnect(t *testing.T) {
 	if n, acked, err := r.srv.Deliveries(t.Context(), lost[0]); err != nil || n != 1 || acked {
 		t.Fatalf("the message whose ack was lost: %d deliveries, acked %v (%v); want 1, not acked", n, acked, err)
 	}
-	r.fault(sandbox.Fault{Kind: sandbox.FaultDisconnect})
-	r.rec.next(t, bus.ConnDisconnected)
-	r.rec.next(t, bus.ConnReconnecting)
-	r.clock.Advance(1500 * time.Millisecond)
-	r.rec.next(t, bus.ConnConnecting)
-	r.rec.next(t, bus.ConnConnected)
-	testwait.For(t, 5*time.Second, "the unacked message again on msg.in", func() bool {
-		n := 0
-		for _, m := range r.rec.msgIns() {
-			if m.ID == lost[0] {
-				n++
-			}
-		}
-		return n == 2
-	})
+	requests := r.relay.Requests()
+	r.reconnect()
 	testwait.For(t, 5*time.Second, "the redelivered message acked", func() bool {
 		n, acked, err := r.srv.Deliveries(t.Context(), lost[0])
 		return err == nil && acked && n == 2
 	})
+	if got := r.relay.Requests(); got != requests+1 {
+		t.Errorf("relay asked %d more times, want once (the redelivery)", got-requests)
+	}
+	if n := len(r.relay.Messages()); n != 2 {
+		t.Errorf("relay stored %d messages, want 2 (the redelivery is a duplicate)", n)
+	}
 	if n, _, _ := r.srv.Deliveries(t.Context(), kept[0]); n != 1 {
 		t.Errorf("the acked message was delivered %d times, want once", n)
+	}
+}
+
+// bufferRows counts the decrypted-event buffer's rows in the session store:
+// with plaintext (handlers not yet successful) and hash only (processed).
+func bufferRows(t *testing.T, r *rig) (plaintext, hashOnly int) {
+	t.Helper()
+	db := storeDB(t, filepath.Join(r.dir, "session.db"))
+	return count(t, db, `SELECT count(*) FROM whatsmeow_event_buffer WHERE plaintext IS NOT NULL`),
+		count(t, db, `SELECT count(*) FROM whatsmeow_event_buffer WHERE plaintext IS NULL`)
+}
+
+// A message relay could not store is not acknowledged; its plaintext stays
+// in the decrypted-event buffer (as whatsmeow keeps it), it is not
+// delivered again on the same socket, and after the next reconnect it is
+// dispatched again from the buffer, stored and acknowledged; then only its
+// hash stays.
+func TestMessageWhoseStoreFailedComesAgainAfterReconnect(t *testing.T) {
+	r := newRig(t, t.TempDir())
+	r.linked()
+	r.relay.SetMode(testrelay.Refuse)
+	ids := r.inject(sandbox.Inject{From: "15551230010", Content: sandbox.Content{Text: "store me"}})
+	testwait.For(t, 5*time.Second, "the refused store", func() bool { return r.relay.Requests() == 1 })
+	// A later message on the same socket proves the delivery loop moved
+	// past the refused one without acknowledging it.
+	r.relay.SetMode(testrelay.Store)
+	later := r.inject(sandbox.Inject{From: "15551230011", Content: sandbox.Content{Text: "later"}})
+	r.msgIn(later[0])
+	testwait.For(t, 5*time.Second, "the later message acked", func() bool {
+		_, acked, err := r.srv.Deliveries(t.Context(), later[0])
+		return err == nil && acked
+	})
+	if n, acked, err := r.srv.Deliveries(t.Context(), ids[0]); err != nil || n != 1 || acked {
+		t.Fatalf("the refused message: %d deliveries, acked %v (%v); want 1, not acked", n, acked, err)
+	}
+	if pt, _ := bufferRows(t, r); pt != 1 {
+		t.Fatalf("%d buffered plaintexts, want the refused message's", pt)
+	}
+
+	r.reconnect()
+	r.msgIn(ids[0])
+	testwait.For(t, 5*time.Second, "the redelivery acknowledged", func() bool {
+		n, acked, err := r.srv.Deliveries(t.Context(), ids[0])
+		return err == nil && n == 2 && acked
+	})
+	if pt, hashes := bufferRows(t, r); pt != 0 || hashes != 2 {
+		t.Fatalf("event buffer: %d plaintexts, %d hashes; want 0 and 2", pt, hashes)
+	}
+	if n := len(r.relay.Messages()); n != 2 {
+		t.Fatalf("relay stored %d messages, want 2", n)
 	}
 }
 
@@ -1053,15 +1115,16 @@ type holder struct {
 	release chan struct{}
 }
 
-func (h *holder) OnEvent(f func(any)) {
-	h.Client.OnEvent(func(evt any) {
-		f(evt)
-		if m, ok := evt.(*events.Message); ok && m.Message.GetConversation() == "hold" {
+func (h *holder) OnEventWithSuccess(f func(any) bool) {
+	h.Client.OnEventWithSuccess(func(evt any) bool {
+		ok := f(evt)
+		if m, isMsg := evt.(*events.Message); isMsg && m.Message.GetConversation() == "hold" {
 			h.once.Do(func() {
 				close(h.held)
 				<-h.release
 			})
 		}
+		return ok
 	})
 }
 

@@ -3,12 +3,21 @@
 // whatsmeow's own auto-reconnect off because the gateway's supervisor owns
 // reconnects.
 //
+// Acknowledgements wait for the gateway: SynchronousAck is on and the one
+// handler is registered with AddEventHandlerWithSuccessStatus, so whatsmeow
+// sends WhatsApp the ack (and delivery receipt) of a message or receipt
+// only after the handler returned true, i.e. after relay stored it. The
+// gateway's package doc says what whatsmeow does when it returns false.
+//
 // whatsmeow's decrypted event buffer is on: the plaintext of a message
-// whose handlers have not yet finished is kept in the session store
-// (whatsmeow_event_buffer), and only the ciphertext hash once they have
-// (old hashes are pruned by whatsmeow). Snapshots of session.db can
-// therefore hold the plaintext of messages in flight at that moment: one
-// more reason backups are encrypted.
+// whose handlers have not yet succeeded is kept in the session store
+// (whatsmeow_event_buffer), so a redelivery is dispatched again from it
+// (the Signal ratchet has moved on and could not decrypt it twice), and
+// only the ciphertext hash once they have, so a redelivery whose ack was
+// lost is acknowledged without a dispatch (rows older than 14 days are
+// pruned by whatsmeow). Snapshots of session.db can therefore hold the
+// plaintext of messages in flight at that moment, or of messages relay
+// could not store: one more reason backups are encrypted.
 package wa
 
 import (
@@ -57,7 +66,7 @@ type Client struct {
 	// handler while holding its own handler lock, and a mutex held across
 	// whatsmeow calls here could deadlock against it.
 	cli     atomic.Pointer[whatsmeow.Client]
-	handler atomic.Pointer[func(any)]
+	handler atomic.Pointer[func(any) bool]
 }
 
 // DSN is the SQLite address of the device store at path: foreign keys on
@@ -115,18 +124,27 @@ func (c *Client) newClient(device *store.Device) *whatsmeow.Client {
 	// failed is dispatched again from the buffer, and one already handled
 	// is only acknowledged (the relay, issue 11, relies on this).
 	cli.EnableDecryptedEventBuffer = true
-	cli.AddEventHandler(c.dispatch)
+	// Acknowledge a message or receipt only once the handler reported
+	// success (relay stored it): false sends no ack and no receipt, and
+	// WhatsApp delivers it again (see the package doc for what whatsmeow
+	// does then).
+	cli.SynchronousAck = true
+	cli.AddEventHandlerWithSuccessStatus(c.dispatch)
 	return cli
 }
 
-func (c *Client) dispatch(evt any) {
+// dispatch is the one handler whatsmeow knows; before OnEventWithSuccess it
+// reports failure, so nothing is acknowledged that nobody handled.
+func (c *Client) dispatch(evt any) bool {
 	if h := c.handler.Load(); h != nil {
-		(*h)(evt)
+		return (*h)(evt)
 	}
+	return false
 }
 
-// OnEvent sets the handler for whatsmeow's events.
-func (c *Client) OnEvent(h func(evt any)) { c.handler.Store(&h) }
+// OnEventWithSuccess sets the handler for whatsmeow's events; its result
+// is whatsmeow's handler success status (SynchronousAck: false, no ack).
+func (c *Client) OnEventWithSuccess(h func(evt any) bool) { c.handler.Store(&h) }
 
 // Connect opens the websocket. ctx also bounds whatsmeow's keepalive and
 // handler loops of this socket.

@@ -1,0 +1,144 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/types"
+	"go.mau.fi/whatsmeow/types/events"
+)
+
+// relayLogEvery collapses the log of a relay outage: the first failure is
+// logged at once, then at most one summary line per period while it lasts,
+// and one line when relay answers again.
+const relayLogEvery = time.Minute
+
+// ReceiptOf converts a whatsmeow receipt into its P.msg.receipt payload
+// (without the session and time stamp).
+func ReceiptOf(e *events.Receipt) bus.Receipt {
+	typ := string(e.Type)
+	if e.Type == types.ReceiptTypeDelivered {
+		typ = "delivered" // whatsmeow's is the empty string
+	}
+	return bus.Receipt{
+		Chat:      e.Chat.String(),
+		Sender:    e.Sender.ToNonAD().String(),
+		IDs:       append([]string{}, e.MessageIDs...),
+		Type:      typ,
+		Timestamp: e.Timestamp.UTC(),
+	}
+}
+
+// onReceipt hands a receipt to relay; true (acknowledge it) once relay has
+// stored it.
+func (g *Gateway) onReceipt(e *events.Receipt) bool {
+	r := ReceiptOf(e)
+	r.Stamp(g.cfg.Session, g.clock.Now())
+	_, ok := g.store(bus.RelayStoreRequest{Receipt: &r}, "receipt", firstID(r.IDs))
+	// whatsmeow has already resent the message a retry receipt asks for: a
+	// redelivery of the receipt would make it resend the message again.
+	return ok || e.Type == types.ReceiptTypeRetry
+}
+
+func firstID(ids []string) string {
+	if len(ids) == 0 {
+		return ""
+	}
+	return ids[0]
+}
+
+// store asks relay to store one item and waits for its answer, at most
+// RelayTimeout on the injected clock. ok is true only for relay's ok:
+// anything else (no relay running, a transport error, a timeout, a
+// refusal) is counted and logged, collapsed, and the caller leaves the item
+// unacknowledged for WhatsApp to deliver again.
+func (g *Gateway) store(req bus.RelayStoreRequest, kind, id string) (bus.RelayStoreReply, bool) {
+	ctx, cancel := g.clockTimeout(context.Background(), g.cfg.RelayTimeout)
+	defer cancel()
+	var reply bus.RelayStoreReply
+	err := bus.Request(ctx, g.nc, g.subj.RelayStore(), req, &reply)
+	var reason string
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		reason = "relay not running (no responder on relay.store)"
+	case errors.Is(context.Cause(ctx), errTimeout) || errors.Is(err, nats.ErrTimeout):
+		reason = fmt.Sprintf("no answer from relay within %s", g.cfg.RelayTimeout)
+	case err != nil:
+		reason = err.Error()
+	case !reply.OK:
+		reason = "relay refused: " + reply.Error
+	default:
+		g.relay.ok(g.log, g.clock.Now())
+		return reply, true
+	}
+	g.relay.failed(g.log, g.clock.Now(), kind, id, reason)
+	return reply, false
+}
+
+// relayStats counts hand-overs relay did not confirm and collapses their
+// log lines. Its methods are safe for concurrent use (handler calls run on
+// whatsmeow's goroutines).
+type relayStats struct {
+	mu      sync.Mutex
+	unacked int64 // since start: shown in the heartbeat
+	lastErr string
+	lastAt  time.Time
+	// The current outage: failures since the last success, when it began,
+	// and when it was last logged.
+	streak      int64
+	streakStart time.Time
+	loggedAt    time.Time
+}
+
+func (s *relayStats) failed(log *slog.Logger, now time.Time, kind, id, reason string) {
+	s.mu.Lock()
+	s.unacked++
+	s.lastErr, s.lastAt = reason, now
+	s.streak++
+	first := s.streak == 1
+	if first {
+		s.streakStart = now
+	}
+	summary := !first && now.Sub(s.loggedAt) >= relayLogEvery
+	if first || summary {
+		s.loggedAt = now
+	}
+	streak, since := s.streak, s.streakStart
+	s.mu.Unlock()
+	switch {
+	case first:
+		log.Warn("relay did not store an incoming "+kind+"; left unacknowledged for WhatsApp to deliver again",
+			"id", id, "reason", reason)
+	case summary:
+		log.Warn("relay still not storing: incoming messages and receipts left unacknowledged",
+			"unacked", streak, "since", now.Sub(since).Round(time.Second), "reason", reason)
+	}
+}
+
+func (s *relayStats) ok(log *slog.Logger, now time.Time) {
+	s.mu.Lock()
+	streak, since := s.streak, s.streakStart
+	s.streak = 0
+	s.mu.Unlock()
+	if streak > 0 {
+		log.Info("relay storing again", "unacked_meanwhile", streak, "outage", now.Sub(since).Round(time.Second))
+	}
+}
+
+// details fills the heartbeat's relay fields.
+func (s *relayStats) details(d *bus.GatewayDetails) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d.RelayUnacked = s.unacked
+	d.LastRelayError = s.lastErr
+	if !s.lastAt.IsZero() {
+		t := s.lastAt.UTC()
+		d.LastRelayErrorAt = &t
+	}
+}
