@@ -611,11 +611,11 @@ type crashingStore struct {
 
 var errCrash = errors.New("simulated crash before commit")
 
-func (c *crashingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+func (c *crashingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.InTx) (int64, error) {
 	if c.left.Add(-1) < 0 {
 		return c.Store.InsertSnapshot(ctx, n, hook)
 	}
-	return c.Store.InsertSnapshot(ctx, n, func(ctx context.Context, tx any) error {
+	return c.Store.InsertSnapshot(ctx, n, func(ctx context.Context, tx backup.Tx) error {
 		if err := hook(ctx, tx); err != nil {
 			return err
 		}
@@ -765,7 +765,7 @@ func (f *failingStore) List(ctx context.Context, s string, limit int) ([]backup.
 	return f.Store.List(ctx, s, limit)
 }
 
-func (f *failingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+func (f *failingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.InTx) (int64, error) {
 	if f.down.Load() {
 		return 0, errDown
 	}

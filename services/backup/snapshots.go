@@ -109,7 +109,7 @@ func (s *Service) direct(reason string) {
 }
 
 // work is the River worker.
-func (s *Service) work(ctx context.Context, job JobInfo, complete TxHook) error {
+func (s *Service) work(ctx context.Context, job JobInfo, complete InTx) error {
 	st, _ := s.backend()
 	_, err := s.snapshot(ctx, job, st, complete)
 	if errors.Is(err, ErrNoDevice) || errors.Is(err, ErrNoSession) || errors.Is(err, ErrLeaseLost) {
@@ -122,7 +122,7 @@ func (s *Service) work(ctx context.Context, job JobInfo, complete TxHook) error 
 // encode, local fallback, then the database row in the same transaction as
 // the job's completion (st nil: local only). It answers the requests it
 // covers and publishes P.backup.done or P.backup.failed.
-func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete TxHook) (o outcome, err error) {
+func (s *Service) snapshot(ctx context.Context, job JobInfo, st Store, complete InTx) (o outcome, err error) {
 	select {
 	case s.snapSem <- struct{}{}:
 	case <-ctx.Done():
