@@ -492,12 +492,12 @@ func TestPlaintextRefusedInProduction(t *testing.T) {
 	env := testEnv(t.TempDir())
 	env["NODE_ENV"] = "production"
 	cfg := loadConfig(t, env)
-	_, err := backup.New(backup.Options{Config: cfg, NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open})
+	_, err := backup.New(backup.Options{Config: backupConfig(cfg), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open})
 	if err == nil || !strings.Contains(err.Error(), "SESSION_ENCRYPTION_KEY") {
 		t.Fatalf("err = %v; want a config error naming SESSION_ENCRYPTION_KEY", err)
 	}
 	env["ALLOW_PLAINTEXT_BACKUPS"] = "true"
-	if _, err := backup.New(backup.Options{Config: loadConfig(t, env), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open}); err != nil {
+	if _, err := backup.New(backup.Options{Config: backupConfig(loadConfig(t, env)), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open}); err != nil {
 		t.Fatalf("with ALLOW_PLAINTEXT_BACKUPS: %v", err)
 	}
 }
