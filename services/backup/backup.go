@@ -2,6 +2,25 @@
 // PostgreSQL or SQLite, restore before the gateway opens its store, and one
 // lease per session so two instances never share it.
 //
+// # Structure
+//
+// Service (service.go) runs the lease epochs and wires the parts, which each
+// take the session as a parameter (no package-level state):
+//   - LeaseKeeper (leasekeeper.go, leaseterm.go) holds the lease by the rule
+//     below: Acquire waits as standby until it is a gain, Start/Stop own the
+//     renewal goroutine, Term's channel closes at a loss, and a
+//     LeaseObserver (the Service) hears the database's health and the
+//     standby's watch. LeaseWatch (watch.go) is the watching half.
+//   - Pipeline (pipeline.go) turns the store into stored points: the
+//     Service asks it for a point covering now (Want, then Point in a River
+//     job or directly) and gets back what was stored and where (Outcome).
+//     Snapshots (fullpipeline.go) is the full-snapshot pipeline; coalescing
+//     (coalesce.go) decides which point covers which request.
+//   - Store is three small interfaces (Catalog, Leases, Lifecycle) with a
+//     typed transaction (Tx, DriverTx) in which River's job completes.
+//   - Config is what backup uses of the configuration; cmd/blacksky maps
+//     shared/config into it.
+//
 // # The lease rule
 //
 // One row per session in blacksky_leases names its holder; every take and
