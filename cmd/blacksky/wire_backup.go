@@ -15,6 +15,7 @@ import (
 	"github.com/blacksky-md/blacksky/services/backup/postgres"
 	"github.com/blacksky-md/blacksky/services/backup/sqlite"
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/config"
 	"github.com/nats-io/nats.go"
 )
 
@@ -36,7 +37,7 @@ func (a *app) newBackup(nc *nats.Conn) (runner, error) {
 		return nil, err
 	}
 	svc, err := backup.New(backup.Options{
-		Config:   a.cfg,
+		Config:   backupConfig(a.cfg),
 		NC:       nc,
 		Log:      a.log,
 		Clock:    a.clock,
@@ -48,6 +49,30 @@ func (a *app) newBackup(nc *nats.Conn) (runner, error) {
 		return nil, err
 	}
 	return svc, nil
+}
+
+// backupConfig is what the backup service uses of the configuration.
+func backupConfig(c *config.Config) backup.Config {
+	kind := "sqlite"
+	if c.DatabaseURL != "" {
+		kind = "postgres"
+	}
+	interval := c.BackupInterval
+	if interval <= 0 {
+		interval = -1 // none (zero would be backup's default)
+	}
+	return backup.Config{
+		SessionID:       c.SessionID,
+		DataDir:         c.DataDir,
+		EncryptionKey:   c.SessionEncryptionKey,
+		AllowPlaintext:  c.AllowPlaintextBackups,
+		Production:      c.Production,
+		Heroku:          c.Heroku,
+		Interval:        interval,
+		Retention:       c.BackupRetention,
+		ShutdownTimeout: c.ShutdownTimeout,
+		DatabaseKind:    kind,
+	}
 }
 
 // cmdMigrate creates or upgrades every table; the Heroku release phase runs it.

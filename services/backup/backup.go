@@ -2,6 +2,25 @@
 // PostgreSQL or SQLite, restore before the gateway opens its store, and one
 // lease per session so two instances never share it.
 //
+// # Structure
+//
+// Service (service.go) runs the lease epochs and wires the parts, which each
+// take the session as a parameter (no package-level state):
+//   - LeaseKeeper (leasekeeper.go, leaseterm.go) holds the lease by the rule
+//     below: Acquire waits as standby until it is a gain, Start/Stop own the
+//     renewal goroutine, Term's channel closes at a loss, and a
+//     LeaseObserver (the Service) hears the database's health and the
+//     standby's watch. LeaseWatch (watch.go) is the watching half.
+//   - Pipeline (pipeline.go) turns the store into stored points: the
+//     Service asks it for a point covering now (Want, then Point in a River
+//     job or directly) and gets back what was stored and where (Outcome).
+//     Snapshots (fullpipeline.go) is the full-snapshot pipeline; coalescing
+//     (coalesce.go) decides which point covers which request.
+//   - Store is three small interfaces (Catalog, Leases, Lifecycle) with a
+//     typed transaction (Tx, DriverTx) in which River's job completes.
+//   - Config is what backup uses of the configuration; cmd/blacksky maps
+//     shared/config into it.
+//
 // # The lease rule
 //
 // One row per session in blacksky_leases names its holder; every take and
@@ -111,33 +130,34 @@ func (l Lease) Same(o Lease) bool {
 	return l.Holder == o.Holder && l.Version == o.Version && l.RenewedAt.Equal(o.RenewedAt)
 }
 
-// TxHook runs inside the transaction that inserts a snapshot; tx is the
-// driver's native transaction (pgx.Tx or *sql.Tx). The River worker uses it
-// to complete its job in the same transaction as the row.
-type TxHook func(ctx context.Context, tx any) error
-
 // ErrNotFound is returned for a snapshot id that does not exist.
 var ErrNotFound = errors.New("snapshot not found")
 
-// Store keeps snapshots and leases. Implementations: postgres and sqlite,
-// both checked by the storetest suite.
+// Store is one database of snapshots and leases: the three small interfaces
+// below together. Implementations: postgres and sqlite, both checked by the
+// storetest suite. Consumers take the smallest one they need (Restorer a
+// Catalog, LeaseKeeper Leases).
 type Store interface {
-	// Kind is "postgres" or "sqlite".
-	Kind() string
-	// Migrate creates or upgrades our tables and River's; idempotent. On
-	// PostgreSQL two processes may run it at once; on SQLite only one at a
-	// time (River's SQLite migrations race on "river_migration").
-	Migrate(ctx context.Context) error
-	// InsertSnapshot inserts s and runs hook (when not nil) in the same
+	Catalog
+	Leases
+	Lifecycle
+}
+
+// Catalog keeps the stored snapshots of sessions.
+type Catalog interface {
+	// InsertSnapshot inserts s and runs inTx (when not nil) in the same
 	// transaction; nothing is stored unless both succeed.
-	InsertSnapshot(ctx context.Context, s NewSnapshot, hook TxHook) (int64, error)
+	InsertSnapshot(ctx context.Context, s NewSnapshot, inTx InTx) (int64, error)
 	// List returns up to limit snapshots of session, newest first.
 	List(ctx context.Context, session string, limit int) ([]Snapshot, error)
 	// Payload returns a snapshot's stored bytes, or ErrNotFound.
 	Payload(ctx context.Context, id int64) ([]byte, error)
 	// Prune deletes all but the newest keep snapshots of session.
 	Prune(ctx context.Context, session string, keep int) (int64, error)
+}
 
+// Leases keeps one lease row per session (see the package's lease rule).
+type Leases interface {
 	// AcquireLease takes or renews the lease for holder until now+ttl when it
 	// is free or already holder's, or, when stale is not the zero Lease, when
 	// the row is still exactly stale (Lease.Same): the caller watched it stay
@@ -147,7 +167,17 @@ type Store interface {
 	AcquireLease(ctx context.Context, session, holder string, now time.Time, ttl time.Duration, stale Lease) (Lease, bool, error)
 	// ReleaseLease frees the lease if holder has it.
 	ReleaseLease(ctx context.Context, session, holder string) error
+}
 
+// Lifecycle is the database itself: its schema, its River queue, its
+// connection.
+type Lifecycle interface {
+	// Kind is "postgres" or "sqlite".
+	Kind() string
+	// Migrate creates or upgrades our tables and River's; idempotent. On
+	// PostgreSQL two processes may run it at once; on SQLite only one at a
+	// time (River's SQLite migrations race on "river_migration").
+	Migrate(ctx context.Context) error
 	// NewQueue builds the River client on this database.
 	NewQueue(cfg QueueConfig) (Queue, error)
 	// Ping checks the database answers.
@@ -166,7 +196,7 @@ type LeaseWatcher interface {
 
 // Latest returns the newest snapshot of session, or nil when none: the head
 // of List, so every store answers it the same way.
-func Latest(ctx context.Context, st Store, session string) (*Snapshot, error) {
+func Latest(ctx context.Context, st Catalog, session string) (*Snapshot, error) {
 	list, err := st.List(ctx, session, 1)
 	if err != nil || len(list) == 0 {
 		return nil, err

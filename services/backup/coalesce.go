@@ -1,19 +1,6 @@
 package backup
 
-import (
-	"sync"
-
-	"github.com/blacksky-md/blacksky/shared/bus"
-)
-
-// outcome is what one snapshot run produced, handed to the requests it covers.
-type outcome struct {
-	Ref    bus.SnapshotRef
-	Stored int64
-	Where  string // bus.StoredDatabase or bus.StoredLocal: where the snapshot is kept
-	JobID  int64
-	Err    error
-}
+import "sync"
 
 // coalescer decides which snapshot covers which request.
 //
@@ -34,12 +21,7 @@ type coalescer struct {
 	// queued[anyReason] is the gen of a job enqueued and not yet read; the
 	// map (cleared when the queue changes) holds that one key only.
 	queued  map[string]int64
-	waiters []*waiter
-}
-
-type waiter struct {
-	after int64
-	ch    chan outcome // buffered 1
+	waiters []*Wait
 }
 
 func newCoalescer() *coalescer {
@@ -51,12 +33,13 @@ const anyReason = ""
 
 // add registers a request. w is nil when no reply is wanted. enqueue tells
 // the caller to insert a job for gen (with this reason): none is pending yet.
-func (c *coalescer) add(_ string, wantReply bool) (w *waiter, gen int64, enqueue bool) {
+func (c *coalescer) add(_ string, wantReply bool) (w *Wait, gen int64, enqueue bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	gen = c.reads
 	if wantReply {
-		w = &waiter{after: gen, ch: make(chan outcome, 1)}
+		w = &Wait{after: gen, ch: make(chan Outcome, 1)}
+		w.cancel = func() { c.remove(w) }
 		c.waiters = append(c.waiters, w)
 	}
 	if g, ok := c.queued[anyReason]; !ok || g != gen {
@@ -75,14 +58,14 @@ func (c *coalescer) beginRead() int64 {
 }
 
 // finish answers every request covered by run n.
-func (c *coalescer) finish(n int64, o outcome) {
+func (c *coalescer) finish(n int64, o Outcome) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.resolveLocked(func(w *waiter) bool { return w.after < n }, o)
+	c.resolveLocked(func(w *Wait) bool { return w.after < n }, o)
 }
 
 // remove forgets a waiter that gave up (timeout or shutdown).
-func (c *coalescer) remove(w *waiter) {
+func (c *coalescer) remove(w *Wait) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i, x := range c.waiters {
@@ -93,7 +76,7 @@ func (c *coalescer) remove(w *waiter) {
 	}
 }
 
-func (c *coalescer) resolveLocked(match func(*waiter) bool, o outcome) {
+func (c *coalescer) resolveLocked(match func(*Wait) bool, o Outcome) {
 	kept := c.waiters[:0]
 	for _, w := range c.waiters {
 		if match(w) {
@@ -104,4 +87,11 @@ func (c *coalescer) resolveLocked(match func(*waiter) bool, o outcome) {
 	}
 	clear(c.waiters[len(kept):])
 	c.waiters = kept
+}
+
+// requeue forgets the queued job: its queue is gone.
+func (c *coalescer) requeue() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.queued)
 }

@@ -28,7 +28,7 @@ func TestRequestsCoalesceWhateverTheirReason(t *testing.T) {
 	if _, _, enqueue := c.add(bus.ReasonManual, false); enqueue {
 		t.Fatal("a second request after the read enqueued another job")
 	}
-	c.finish(n, outcome{})
+	c.finish(n, Outcome{})
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.waiters) != 0 {

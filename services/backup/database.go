@@ -6,7 +6,16 @@ import (
 	"os"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+// Database retries: no jitter, since one instance retries its own database
+// (no herd to spread) and tests step the fake clock through exact delays.
+var (
+	openBackoff      = backoff.Backoff{Min: 500 * time.Millisecond, Max: 10 * time.Second}
+	reconnectBackoff = backoff.Backoff{Min: time.Second, Max: 5 * time.Second}
+	restoreBackoff   = backoff.Backoff{Min: time.Second, Max: 10 * time.Second}
 )
 
 // openStore connects and migrates, retrying with backoff; nil means
@@ -15,9 +24,9 @@ import (
 // empty disk, starting unlinked would show a QR code while the real session
 // sits in the database, so it keeps waiting for the database instead.
 func (s *Service) openStore(ctx context.Context) Store {
-	deadline := s.clock.Now().Add(s.opts.DBWait)
-	delay := 500 * time.Millisecond
-	for {
+	deadline := s.clock.Now().Add(s.cfg.DBWait)
+	for n := 1; ; n++ {
+		delay := openBackoff.Step(n)
 		st, err := s.connect(ctx)
 		if err == nil {
 			return st
@@ -41,7 +50,6 @@ func (s *Service) openStore(ctx context.Context) Store {
 			return nil
 		case <-s.clock.After(delay):
 		}
-		delay = min(delay*2, 10*time.Second)
 	}
 }
 
@@ -72,10 +80,10 @@ func (s *Service) connect(ctx context.Context) (Store, error) {
 // fallbackTicker takes a local-fallback snapshot every BACKUP_INTERVAL while
 // the database is down: River's scheduled job cannot run then (guarantee 4).
 func (s *Service) fallbackTicker(ctx context.Context) {
-	if s.cfg.BackupInterval <= 0 {
+	if s.cfg.Interval <= 0 {
 		return
 	}
-	t := s.clock.NewTicker(s.cfg.BackupInterval)
+	t := s.clock.NewTicker(s.cfg.Interval)
 	defer t.Stop()
 	for {
 		select {
@@ -96,10 +104,10 @@ func (s *Service) fallbackTicker(ctx context.Context) {
 func (s *Service) startQueue(st Store) error {
 	q, err := st.NewQueue(QueueConfig{
 		Work:         s.work,
-		Interval:     s.cfg.BackupInterval,
+		Interval:     max(s.cfg.Interval, 0),
 		Instance:     s.jobKey,
 		Logger:       s.log,
-		PollInterval: s.opts.QueuePollInterval,
+		PollInterval: s.cfg.QueuePollInterval,
 	})
 	if err != nil {
 		return err
@@ -116,9 +124,7 @@ func (s *Service) setDB(st Store, q Queue, ok bool) {
 	s.store, s.queue, s.dbOK = st, q, ok
 	s.mu.Unlock()
 	// Jobs of a previous queue will never run here: forget them.
-	s.co.mu.Lock()
-	clear(s.co.queued)
-	s.co.mu.Unlock()
+	s.pipe.Requeue()
 	s.setState()
 }
 
@@ -126,4 +132,49 @@ func (s *Service) backend() (Store, Queue) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.store, s.queue
+}
+
+// reconnect runs while degraded: once the database answers, it takes the
+// lease, starts River and stores a fresh snapshot there (guarantee 4). If
+// another instance holds the lease by then, the epoch ends (standby).
+func (s *Service) reconnect(ctx context.Context) {
+	for n := 1; ; n++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.clock.After(reconnectBackoff.Step(n)):
+		}
+		st, err := s.connect(ctx)
+		if err != nil {
+			s.noteErr(err)
+			continue
+		}
+		lease, ok, err := s.lease.TakeOnce(ctx, st)
+		if err != nil {
+			s.noteErr(fmt.Errorf("take lease: %w", err))
+			st.Close()
+			continue
+		}
+		if !ok {
+			if lease.Holder == "" {
+				st.Close()
+				continue
+			}
+			s.mu.Lock()
+			s.store, s.dbOK = st, true
+			s.mu.Unlock()
+			s.lease.Lose(lease.Holder, "")
+			return
+		}
+		if err := s.startQueue(st); err != nil {
+			s.noteErr(err)
+			s.lease.Release(ctx, st)
+			st.Close()
+			continue
+		}
+		s.log.Info("database back: snapshots go to it again")
+		s.shipLocal()
+		s.lease.Start(ctx, st)
+		return
+	}
 }

@@ -4,8 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"time"
-
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
@@ -87,7 +86,7 @@ func (s *Service) restoreAfterLeaseLoss(ctx context.Context, st Store) bus.Resto
 // the newest snapshot there. With no snapshot in the database at all, the
 // usual start-up restore decides.
 func (s *Service) restoreAfterTakeover(ctx context.Context, st Store) bus.RestoreReply {
-	cctx, cancel := withTimeout(ctx, s.clock, dbCallTimeout)
+	cctx, cancel := clockctx.WithTimeout(ctx, s.clock, dbCallTimeout)
 	latest, err := Latest(cctx, st, s.cfg.SessionID)
 	cancel()
 	switch {
@@ -107,9 +106,9 @@ func (s *Service) restoreAfterTakeover(ctx context.Context, st Store) bus.Restor
 }
 
 func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restorer) (RestoreResult, error), localFallback bool) bus.RestoreReply {
-	deadline := s.clock.Now().Add(s.opts.DBWait)
-	delay := time.Second
-	for {
+	deadline := s.clock.Now().Add(s.cfg.DBWait)
+	for n := 1; ; n++ {
+		delay := restoreBackoff.Step(n)
 		res, err := do(s.restorer(st))
 		if err == nil || st == nil || !IsDBError(err) {
 			return s.restoreReply(res, err)
@@ -127,7 +126,6 @@ func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restor
 			return bus.RestoreReply{OK: false, Error: ErrStopping.Error()}
 		case <-s.clock.After(delay):
 		}
-		delay = min(delay*2, 10*time.Second)
 	}
 }
 

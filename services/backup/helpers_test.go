@@ -141,8 +141,10 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	if clock == nil {
 		clock = clockwork.NewFakeClock()
 	}
-	svc, err := backup.New(backup.Options{Config: cfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
-		Instance: o.name, Open: open, DBWait: o.dbWait, LeaseTTL: o.leaseTTL, StandbyRetry: o.retry, QueuePollInterval: 50 * time.Millisecond})
+	bcfg := backupConfig(cfg)
+	bcfg.DBWait, bcfg.LeaseTTL, bcfg.StandbyRetry, bcfg.QueuePollInterval = o.dbWait, o.leaseTTL, o.retry, 50*time.Millisecond
+	svc, err := backup.New(backup.Options{Config: bcfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
+		Instance: o.name, Open: open})
 	if err != nil {
 		t.Fatal(err)
 	}

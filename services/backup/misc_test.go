@@ -11,6 +11,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 
+	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/shared/config"
 )
 
@@ -25,6 +26,18 @@ func loadConfig(t *testing.T, env map[string]string) *config.Config {
 		t.Fatal(err)
 	}
 	return cfg
+}
+
+// backupConfig maps a loaded configuration into backup's own, as
+// cmd/blacksky does: the tests describe instances by their environment.
+func backupConfig(c *config.Config) backup.Config {
+	kind := "sqlite"
+	if c.DatabaseURL != "" {
+		kind = "postgres"
+	}
+	return backup.Config{SessionID: c.SessionID, DataDir: c.DataDir, EncryptionKey: c.SessionEncryptionKey,
+		AllowPlaintext: c.AllowPlaintextBackups, Production: c.Production, Heroku: c.Heroku, Interval: c.BackupInterval,
+		Retention: c.BackupRetention, ShutdownTimeout: c.ShutdownTimeout, DatabaseKind: kind}
 }
 
 func clockStart() time.Time { return clockwork.NewFakeClock().Now() }

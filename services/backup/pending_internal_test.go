@@ -7,18 +7,13 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
-	"github.com/blacksky-md/blacksky/shared/config"
 )
 
 // Nit: a gateway retrying P.session.restore while the restore runs costs a
 // bounded list entry, not a goroutine per request; all are answered once
 // ready.
 func TestRestoreRequestsWaitBounded(t *testing.T) {
-	env := map[string]string{"SESSION_ID": "s", "DATA_DIR": t.TempDir()}
-	cfg, err := config.Load(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := Config{SessionID: "s", DataDir: t.TempDir()}
 	srv, err := bus.StartServer(bus.ServerOptions{})
 	if err != nil {
 		t.Fatal(err)

@@ -3,9 +3,10 @@ package backup
 import (
 	"context"
 	"fmt"
-	"github.com/blacksky-md/blacksky/shared/jobs"
 	"log/slog"
 	"time"
+
+	"github.com/blacksky-md/blacksky/shared/jobs"
 
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver"
@@ -30,9 +31,9 @@ type JobInfo struct {
 	Reason      string
 }
 
-// Work is the snapshot worker: it must call complete inside the transaction
+// Work is the snapshot worker: it must run complete inside the transaction
 // that stores the snapshot (or return an error).
-type Work func(ctx context.Context, job JobInfo, complete TxHook) error
+type Work func(ctx context.Context, job JobInfo, complete InTx) error
 
 // QueueConfig configures the River client of a Store.
 type QueueConfig struct {
@@ -69,30 +70,23 @@ func (snapshotArgs) InsertOpts() river.InsertOpts {
 	return river.InsertOpts{Queue: queueName}
 }
 
-type snapshotWorker[TTx any] struct {
+type snapshotWorker struct {
 	river.WorkerDefaults[snapshotArgs]
 	work Work
 }
 
 // NextRetry retries quickly: the default (attempt^4 seconds) would leave the
 // session without a fresh snapshot for minutes.
-func (w *snapshotWorker[TTx]) NextRetry(job *river.Job[snapshotArgs]) time.Time {
+func (w *snapshotWorker) NextRetry(job *river.Job[snapshotArgs]) time.Time {
 	d := time.Duration(job.Attempt*job.Attempt) * 2 * time.Second
 	return job.AttemptedAt.Add(d)
 }
 
 // Timeout bounds one attempt; a 100 MB store takes a few seconds.
-func (w *snapshotWorker[TTx]) Timeout(*river.Job[snapshotArgs]) time.Duration { return 5 * time.Minute }
+func (w *snapshotWorker) Timeout(*river.Job[snapshotArgs]) time.Duration { return 5 * time.Minute }
 
-func (w *snapshotWorker[TTx]) Work(ctx context.Context, job *river.Job[snapshotArgs]) error {
-	complete := func(ctx context.Context, tx any) error {
-		t, ok := tx.(TTx)
-		if !ok {
-			return fmt.Errorf("complete job: transaction is %T", tx)
-		}
-		_, err := river.JobCompleteTx[riverdriver.Driver[TTx]](ctx, t, job)
-		return err
-	}
+func (w *snapshotWorker) Work(ctx context.Context, job *river.Job[snapshotArgs]) error {
+	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
 	return w.work(ctx, JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, Reason: job.Args.Reason}, complete)
 }
 
@@ -106,7 +100,7 @@ type riverQueue[TTx any] struct {
 // Stores call it from NewQueue.
 func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Queue, error) {
 	workers := river.NewWorkers()
-	if err := river.AddWorkerSafely(workers, &snapshotWorker[TTx]{work: cfg.Work}); err != nil {
+	if err := river.AddWorkerSafely(workers, &snapshotWorker{work: cfg.Work}); err != nil {
 		return nil, fmt.Errorf("river workers: %w", err)
 	}
 	maxAttempts := cfg.MaxAttempts

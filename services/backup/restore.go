@@ -18,7 +18,7 @@ import (
 
 // Restorer puts a verified snapshot back into the session path.
 type Restorer struct {
-	Store       Store // nil: local fallback only (database unreachable)
+	Store       Catalog // nil: local fallback only (database unreachable)
 	Session     string
 	SessionPath string
 	Local       Local

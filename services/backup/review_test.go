@@ -105,7 +105,7 @@ func (s *faultStore) ReleaseLease(ctx context.Context, session, holder string) e
 	return s.Store.ReleaseLease(ctx, session, holder)
 }
 
-func (s *faultStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+func (s *faultStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.InTx) (int64, error) {
 	if err := s.f.check(ctx, "InsertSnapshot"); err != nil {
 		return 0, err
 	}

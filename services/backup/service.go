@@ -11,19 +11,12 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
-)
-
-// Defaults of Options.
-const (
-	DefaultDBWait       = 20 * time.Second
-	DefaultReplyTimeout = 2 * time.Minute
 )
 
 // Errors a snapshot request may be answered with.
@@ -36,7 +29,7 @@ var (
 
 // Options configure a Service.
 type Options struct {
-	Config *config.Config
+	Config Config
 	NC     *nats.Conn
 	Log    *slog.Logger
 	Clock  clockwork.Clock
@@ -52,35 +45,26 @@ type Options struct {
 	// Open connects to the database (PostgreSQL or SQLite); the service
 	// migrates it and retries Open with backoff while it fails.
 	Open func(ctx context.Context) (Store, error)
-
-	LeaseTTL     time.Duration // zero: DefaultLeaseTTL
-	StandbyRetry time.Duration // how often a standby reads the lease row; zero: DefaultStandbyRetry
-	DBWait       time.Duration // how long start waits for the database before going degraded
-	ReplyTimeout time.Duration // how long a request waits for its snapshot
-	// QueuePollInterval overrides River's poll interval (tests).
-	QueuePollInterval time.Duration
 }
 
 // Service is the backup service: a runner for the role supervisor.
 type Service struct {
 	opts  Options
-	cfg   *config.Config
+	cfg   Config
 	log   *slog.Logger
 	clock clockwork.Clock
 	subj  bus.Subjects
-	co    *coalescer
 	local Local
+	lease *LeaseKeeper
+	pipe  Pipeline
 
 	sessionPath string
 	unit        string
-	kick        chan struct{} // wakes the renewal loop
 	beatKick    chan struct{} // publishes a heartbeat now
-	shipping    atomic.Bool   // a catch-up snapshot to the database runs
 	// jobKey keeps this process's coalescing keys apart from a previous
 	// process with the same instance name (a Heroku dyno keeps its name across
 	// restarts), whose unfinished job would otherwise absorb our requests.
-	jobKey  string
-	snapSem chan struct{} // one snapshot at a time, River or direct
+	jobKey string
 
 	// epoch is the current lease epoch's restore answer (guarded by mu):
 	// replaced when the lease is lost, so requests wait for the new restore.
@@ -92,37 +76,17 @@ type Service struct {
 	bgWG      sync.WaitGroup
 	startedAt time.Time
 
-	mu         sync.Mutex
-	store      Store
-	queue      Queue
-	state      string
-	leaseHeld  bool
-	leaseUntil time.Time // our lease's expiry as last written
-	renewedAt  time.Time // when our last successful take or renewal was sent
-	leaseSince time.Time // the lease row's acquired_at while ours: unchanged means we never lost it
-	kept       bool      // the last take found leaseSince unchanged
-	// contenderAt is when a standby backup of another instance last said it
-	// has watched our lease row unchanged for half a TTL (the fencing rule).
-	contenderAt time.Time
-	// The standby's watch of the holder's row, for the heartbeat.
-	watchHolder string
-	watchSince  time.Time
-	watchSeen   time.Time
-	watchHalf   bool // the watch has reached half a TTL (announced)
-	// failingSince is when the first renewal since the last success failed.
-	failingSince time.Time
-	// unshippedRead is the read number of the newest snapshot that reached
-	// the local fallback only (0: none): the database needs it once back.
-	unshippedRead int64
-	lost          chan struct{} // closed when this epoch loses the lease
-	lostFired     bool
-	inStandby     bool // the lease was lost; until the next restore is done
-	dbOK          bool
-	lastSnap      *bus.SnapshotRef
-	lastDBSnapID  int64
-	lastSnapAt    *time.Time
-	lastErr       string
-	lastErrAt     *time.Time
+	mu           sync.Mutex
+	store        Store
+	queue        Queue
+	state        string
+	inStandby    bool // the lease was lost; until the next restore is done
+	dbOK         bool
+	lastSnap     *bus.SnapshotRef
+	lastDBSnapID int64
+	lastSnapAt   *time.Time
+	lastErr      string
+	lastErrAt    *time.Time
 }
 
 var _ interface{ Run(context.Context) error } = (*Service)(nil)
@@ -132,23 +96,20 @@ var _ interface{ Run(context.Context) error } = (*Service)(nil)
 // ALLOW_PLAINTEXT_BACKUPS=true: better to refuse to start than to store a
 // WhatsApp session in the clear by accident.
 func New(opts Options) (*Service, error) {
-	cfg := opts.Config
-	if cfg.Production && len(cfg.SessionEncryptionKey) == 0 && !cfg.AllowPlaintextBackups {
+	cfg := opts.Config.withDefaults()
+	if cfg.Production && len(cfg.EncryptionKey) == 0 && !cfg.AllowPlaintext {
 		return nil, &config.Error{Var: "SESSION_ENCRYPTION_KEY",
 			Accepts: "a 32-byte key in production (64 hex chars: openssl rand -hex 32), or ALLOW_PLAINTEXT_BACKUPS=true to store plaintext snapshots",
 			Got:     "nothing"}
+	}
+	if cfg.SessionID == "" || cfg.DataDir == "" {
+		return nil, errors.New("backup: Config.SessionID and Config.DataDir are required")
 	}
 	if opts.Clock == nil {
 		opts.Clock = clockwork.NewRealClock()
 	}
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
-	}
-	if opts.LeaseTTL == 0 {
-		opts.LeaseTTL = DefaultLeaseTTL
-	}
-	if opts.StandbyRetry == 0 {
-		opts.StandbyRetry = DefaultStandbyRetry
 	}
 	if opts.Instance == "" {
 		opts.Instance = "backup-" + nonce()
@@ -159,33 +120,31 @@ func New(opts Options) (*Service, error) {
 	if err := bus.CheckInstance(opts.Unit); err != nil {
 		return nil, fmt.Errorf("backup: %w", err)
 	}
-	if opts.DBWait == 0 {
-		opts.DBWait = DefaultDBWait
-	}
-	if opts.ReplyTimeout == 0 {
-		opts.ReplyTimeout = DefaultReplyTimeout
-	}
 	if opts.Open == nil || opts.NC == nil {
 		return nil, errors.New("backup: Open and NC are required")
 	}
-	return &Service{
+	opts.Config = cfg
+	s := &Service{
 		opts:        opts,
 		cfg:         cfg,
 		log:         opts.Log.With("service", bus.ServiceBackup),
 		clock:       opts.Clock,
 		subj:        bus.NewSubjects(cfg.SessionID),
-		co:          newCoalescer(),
 		local:       Local{Dir: filepath.Join(cfg.DataDir, "backups")},
 		sessionPath: filepath.Join(cfg.DataDir, "session.db"),
 		jobKey:      opts.Instance + "/" + nonce(),
 		unit:        opts.Unit,
-		kick:        make(chan struct{}, 1),
 		beatKick:    make(chan struct{}, 1),
 		epoch:       &epochState{},
-		snapSem:     make(chan struct{}, 1),
 		stopping:    make(chan struct{}),
 		state:       bus.StateStarting,
-	}, nil
+	}
+	s.lease = NewLeaseKeeper(LeaseConfig{Session: cfg.SessionID, Holder: opts.Instance, TTL: cfg.LeaseTTL,
+		StandbyRetry: cfg.StandbyRetry, DBWait: cfg.DBWait, Clock: s.clock, Log: s.log, Observer: leaseObserver{s}})
+	s.pipe = NewSnapshots(SnapshotsConfig{Session: cfg.SessionID, Holder: opts.Instance, SessionPath: s.sessionPath,
+		TmpDir: cfg.DataDir, Key: cfg.EncryptionKey, Local: s.local, Retention: cfg.Retention, Clock: s.clock, Log: s.log,
+		Lease: s.lease, Database: s.databaseCall, Report: s.report})
+	return s, nil
 }
 
 // SessionPath is where the gateway's store lives.
@@ -249,7 +208,7 @@ func (s *Service) Run(ctx context.Context) error {
 		tookOver := false
 		if store != nil {
 			var err error
-			if tookOver, err = s.acquireLease(ctx, store, !first); err != nil {
+			if tookOver, err = s.lease.Acquire(ctx, store, !first); err != nil {
 				store.Close()
 				if ctx.Err() != nil { // stopped while in standby: nothing of ours to save
 					return nil
@@ -260,7 +219,7 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		if ctx.Err() != nil {
 			if store != nil {
-				s.release(context.Background(), store)
+				s.lease.Release(context.Background(), store)
 				store.Close()
 			}
 			return nil
@@ -271,22 +230,20 @@ func (s *Service) Run(ctx context.Context) error {
 			rep = s.restoreAfterTakeover(ctx, store)
 		case first:
 			rep = s.restoreOnStart(ctx, store)
-		case store != nil && s.keptLease():
+		case store != nil && s.lease.Kept():
 			// Fenced, and the lease is ours again without anyone having
 			// held it meanwhile: the store on disk is still the newest.
 			s.log.Info("session lease renewed after fencing; nobody held it meanwhile: the store on disk stays")
 			rep = bus.RestoreReply{OK: true, Source: bus.SourceExisting, Instance: s.unit}
 		default:
-			s.mu.Lock()
-			s.unshippedRead = 0 // another instance's store replaces ours
-			s.mu.Unlock()
+			s.pipe.Disown() // another instance's store replaces ours
 			rep = s.restoreAfterLeaseLoss(ctx, store)
 		}
 		if ctx.Err() != nil {
 			// Stopped while waiting for the database: nothing restored,
 			// nothing of ours to save.
 			if store != nil {
-				s.release(context.Background(), store)
+				s.lease.Release(context.Background(), store)
 				store.Close()
 			}
 			return nil
@@ -294,18 +251,18 @@ func (s *Service) Run(ctx context.Context) error {
 		if store != nil {
 			if err := s.startQueue(store); err != nil {
 				s.log.Error("river did not start; continuing degraded", "err", err)
-				s.release(context.Background(), store)
+				s.lease.Release(context.Background(), store)
 				store.Close()
 				store = nil
 			}
 		}
 		epoch, endEpoch := context.WithCancel(bg)
-		lost := s.armLeaseLost()
+		lost := s.lease.Term()
 		if store == nil {
 			s.setDB(nil, nil, false)
 			s.bgWG.Go(func() { s.reconnect(epoch) })
 		} else {
-			s.bgWG.Go(func() { s.renewLoop(epoch) })
+			s.lease.Start(epoch, store)
 		}
 		s.bgWG.Go(func() { s.fallbackTicker(epoch) })
 
@@ -314,12 +271,13 @@ func (s *Service) Run(ctx context.Context) error {
 				s.subj.BackupRequest():              s.onBackupRequest,
 				s.subj.Conn(bus.ConnPaired):         s.ownGateway(func() { s.request(bus.ReasonPaired, nil) }),
 				s.subj.Conn(bus.ConnStopped):        s.ownGateway(func() { s.request(bus.ReasonShutdown, nil) }),
-				s.subj.Conn(bus.ConnStreamReplaced): s.ownGateway(s.onStreamReplaced),
+				s.subj.Conn(bus.ConnStreamReplaced): s.ownGateway(s.lease.StreamReplaced),
 			} {
 				sub, err := s.opts.NC.Subscribe(subj, h)
 				if err != nil {
 					endEpoch()
 					s.bgWG.Wait()
+					s.lease.Stop()
 					return fmt.Errorf("backup: subscribe %s: %w", subj, err)
 				}
 				subs = append(subs, sub)
@@ -342,6 +300,7 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		endEpoch()
 		s.bgWG.Wait()
+		s.lease.Stop()
 		store = s.enterStandby()
 		if store == nil {
 			store = s.openStore(ctx)
@@ -350,14 +309,14 @@ func (s *Service) Run(ctx context.Context) error {
 }
 
 // onHeartbeatMsg feeds other instances' backup heartbeats to the fencing
-// rule (onBackupHeartbeat).
+// rule (LeaseKeeper.Contender).
 func (s *Service) onHeartbeatMsg(m *nats.Msg) {
 	var hb bus.Heartbeat
 	var d bus.BackupDetails
 	if json.Unmarshal(m.Data, &hb) != nil || json.Unmarshal(hb.Details, &d) != nil {
 		return
 	}
-	s.onBackupHeartbeat(hb, d)
+	s.lease.Contender(hb, d)
 }
 
 // ownGateway runs f for a connection event of our own instance's gateway:
@@ -370,14 +329,6 @@ func (s *Service) ownGateway(f func()) nats.MsgHandler {
 			f()
 		}
 	}
-}
-
-// armLeaseLost returns a channel closed once this epoch loses the lease.
-func (s *Service) armLeaseLost() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.lost, s.lostFired = make(chan struct{}), false
-	return s.lost
 }
 
 // enterStandby stops River after a lost lease, re-arms the restore answer
@@ -401,15 +352,17 @@ func (s *Service) enterStandby() Store {
 	s.mu.Lock()
 	s.store, s.queue = nil, nil
 	s.mu.Unlock()
-	s.co.mu.Lock()
-	clear(s.co.queued)
-	s.co.mu.Unlock()
+	s.pipe.Requeue()
 	return st
 }
 
 func (s *Service) restorer(st Store) *Restorer {
-	return &Restorer{Store: st, Session: s.cfg.SessionID, SessionPath: s.sessionPath, Local: s.local,
-		TmpDir: s.cfg.DataDir, Key: s.cfg.SessionEncryptionKey, AllowPlaintext: s.cfg.AllowPlaintextBackups, Log: s.log}
+	r := &Restorer{Session: s.cfg.SessionID, SessionPath: s.sessionPath, Local: s.local,
+		TmpDir: s.cfg.DataDir, Key: s.cfg.EncryptionKey, AllowPlaintext: s.cfg.AllowPlaintext, Log: s.log}
+	if st != nil {
+		r.Store = st
+	}
+	return r
 }
 
 // Per-call bounds of database calls: a hung connection must not hold a
@@ -422,18 +375,6 @@ const (
 // insertTimeout bounds one snapshot insert: 15 s plus a second per 4 MB.
 func insertTimeout(stored int) time.Duration {
 	return 15*time.Second + time.Duration(stored/(4<<20))*time.Second
-}
-
-// withTimeout is context.WithTimeout on the injected clock. (clockwork's own
-// WithTimeout has an Err that blocks until the deadline, which breaks every
-// library that polls ctx.Err().)
-func withTimeout(parent context.Context, clock clockwork.Clock, d time.Duration) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithCancelCause(parent)
-	t := clock.AfterFunc(d, func() { cancel(context.DeadlineExceeded) })
-	return ctx, func() {
-		t.Stop()
-		cancel(context.Canceled)
-	}
 }
 
 func nonce() string {

@@ -492,12 +492,12 @@ func TestPlaintextRefusedInProduction(t *testing.T) {
 	env := testEnv(t.TempDir())
 	env["NODE_ENV"] = "production"
 	cfg := loadConfig(t, env)
-	_, err := backup.New(backup.Options{Config: cfg, NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open})
+	_, err := backup.New(backup.Options{Config: backupConfig(cfg), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open})
 	if err == nil || !strings.Contains(err.Error(), "SESSION_ENCRYPTION_KEY") {
 		t.Fatalf("err = %v; want a config error naming SESSION_ENCRYPTION_KEY", err)
 	}
 	env["ALLOW_PLAINTEXT_BACKUPS"] = "true"
-	if _, err := backup.New(backup.Options{Config: loadConfig(t, env), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open}); err != nil {
+	if _, err := backup.New(backup.Options{Config: backupConfig(loadConfig(t, env)), NC: &nats.Conn{}, Open: newDatabase(t, "sqlite").open}); err != nil {
 		t.Fatalf("with ALLOW_PLAINTEXT_BACKUPS: %v", err)
 	}
 }
@@ -611,11 +611,11 @@ type crashingStore struct {
 
 var errCrash = errors.New("simulated crash before commit")
 
-func (c *crashingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+func (c *crashingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.InTx) (int64, error) {
 	if c.left.Add(-1) < 0 {
 		return c.Store.InsertSnapshot(ctx, n, hook)
 	}
-	return c.Store.InsertSnapshot(ctx, n, func(ctx context.Context, tx any) error {
+	return c.Store.InsertSnapshot(ctx, n, func(ctx context.Context, tx backup.Tx) error {
 		if err := hook(ctx, tx); err != nil {
 			return err
 		}
@@ -765,7 +765,7 @@ func (f *failingStore) List(ctx context.Context, s string, limit int) ([]backup.
 	return f.Store.List(ctx, s, limit)
 }
 
-func (f *failingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+func (f *failingStore) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.InTx) (int64, error) {
 	if f.down.Load() {
 		return 0, errDown
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -17,12 +18,13 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 	s.state = bus.StateStopping
 	s.mu.Unlock()
 	budget := s.cfg.ShutdownTimeout * 7 / 10
-	ctx, cancel := withTimeout(context.Background(), s.clock, budget)
+	ctx, cancel := clockctx.WithTimeout(context.Background(), s.clock, budget)
 	defer cancel()
 
 	// Background loops first: reconnect must not swap the store under us.
 	bgCancel()
 	s.bgWG.Wait()
+	s.lease.Stop()
 
 	st, q := s.backend()
 	s.mu.Lock()
@@ -33,7 +35,7 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 		saved = s.shutdownSnapshot(ctx, q, budget*55/100)
 	}
 	if q != nil {
-		sctx, scancel := withTimeout(ctx, s.clock, budget*15/100)
+		sctx, scancel := clockctx.WithTimeout(ctx, s.clock, budget*15/100)
 		if err := q.Stop(sctx); err != nil {
 			s.log.Warn("river stop", "err", err)
 		}
@@ -42,13 +44,13 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 	if st != nil {
 		switch {
 		case saved:
-			s.release(ctx, st)
+			s.lease.Release(ctx, st)
 		case !restored:
 			// The gateway never opened the store (restore refused, or not
 			// done yet): nothing of this process to protect.
-			s.release(ctx, st)
+			s.lease.Release(ctx, st)
 		default:
-			s.log.Warn("shutdown snapshot not in the database; a standby takes the lease after a lease TTL", "ttl", s.opts.LeaseTTL)
+			s.log.Warn("shutdown snapshot not in the database; a standby takes the lease after a lease TTL", "ttl", s.cfg.LeaseTTL)
 		}
 		st.Close()
 	}
@@ -58,28 +60,28 @@ func (s *Service) shutdown(bgCancel context.CancelFunc) {
 // new or unchanged snapshot, or nothing worth storing).
 func (s *Service) shutdownSnapshot(ctx context.Context, q Queue, wait time.Duration) bool {
 	if q != nil {
-		w, gen, _ := s.co.add(bus.ReasonShutdown, true)
+		w, gen, _ := s.pipe.Want(bus.ReasonShutdown, true)
 		// Always insert: a pending shutdown job from conn.stopped may have
 		// read the store before the gateway's last writes.
-		ectx, cancel := withTimeout(ctx, s.clock, wait)
+		ectx, cancel := clockctx.WithTimeout(ctx, s.clock, wait)
 		defer cancel()
 		if _, err := q.Enqueue(ectx, bus.ReasonShutdown, gen); err == nil {
 			select {
-			case o := <-w.ch:
+			case o := <-w.Done():
 				if o.Err == nil || errors.Is(o.Err, ErrNoDevice) || errors.Is(o.Err, ErrNoSession) {
 					return o.Err == nil && o.Ref.ID != 0 || o.Err != nil
 				}
 				s.log.Warn("shutdown snapshot failed; writing the local fallback", "err", o.Err)
 			case <-ectx.Done():
-				s.co.remove(w)
+				w.Cancel()
 				s.log.Warn("shutdown snapshot not done in time; writing the local fallback")
 			}
 		} else {
-			s.co.remove(w)
+			w.Cancel()
 			s.log.Warn("shutdown snapshot not queued; writing the local fallback", "err", err)
 		}
 	}
-	o, err := s.snapshot(ctx, JobInfo{Reason: bus.ReasonShutdown, Attempt: 1, MaxAttempts: 1}, nil, nil)
+	o, err := s.pipe.Point(ctx, Run{Job: JobInfo{Reason: bus.ReasonShutdown, Attempt: 1, MaxAttempts: 1}})
 	switch {
 	case errors.Is(err, ErrNoDevice) || errors.Is(err, ErrNoSession):
 	case err != nil:

@@ -1,10 +1,6 @@
 package backup
 
-import (
-	"errors"
-
-	"github.com/blacksky-md/blacksky/shared/bus"
-)
+import "github.com/blacksky-md/blacksky/shared/bus"
 
 // noteDB records the outcome of a database call: health follows every
 // call, not only the lease renewals.
@@ -58,7 +54,7 @@ func (s *Service) setState() {
 		return // starting or standby until restore is done
 	}
 	was := s.state
-	if s.store == nil || !s.dbOK || !s.leaseHeldLocked() || !s.epoch.reply.OK {
+	if s.store == nil || !s.dbOK || !s.lease.Held() || !s.epoch.reply.OK {
 		s.state = bus.StateDegraded
 	} else {
 		s.state = bus.StateOK
@@ -77,16 +73,14 @@ func (s *Service) beat() (string, any) { return s.Status() }
 func (s *Service) Status() (string, bus.BackupDetails) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	d := bus.BackupDetails{DatabaseOK: s.dbOK, LeaseHeld: s.leaseHeldLocked(), LastError: s.lastErr, LastErrorAt: s.lastErrAt}
+	d := bus.BackupDetails{DatabaseOK: s.dbOK, LeaseHeld: s.lease.Held(), LastError: s.lastErr, LastErrorAt: s.lastErrAt}
 	if s.store != nil {
 		d.Database = s.store.Kind()
-	} else if s.cfg.DatabaseURL != "" {
-		d.Database = "postgres"
 	} else {
-		d.Database = "sqlite"
+		d.Database = s.cfg.DatabaseKind
 	}
-	if !s.watchSince.IsZero() {
-		d.LeaseHolder, d.LeaseWatchMS = s.watchHolder, s.watchSeen.Sub(s.watchSince).Milliseconds()
+	if holder, watched, ok := s.lease.Watch(); ok {
+		d.LeaseHolder, d.LeaseWatchMS = holder, watched.Milliseconds()
 	}
 	if s.lastSnap != nil {
 		d.LastSnapshotID, d.LastSnapshotAt, d.LastSnapshotBytes = s.lastSnap.ID, s.lastSnapAt, s.lastSnap.Bytes
@@ -94,28 +88,12 @@ func (s *Service) Status() (string, bus.BackupDetails) {
 	return s.state, d
 }
 
-// trackShipped keeps the read number of the newest snapshot that reached
-// the local fallback and not the database, and forgets it once a snapshot
-// read at or after it is in the database.
-func (s *Service) trackShipped(n int64, o outcome) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch o.Where {
-	case bus.StoredLocal:
-		if !errors.Is(o.Err, ErrLeaseLost) {
-			s.unshippedRead = max(s.unshippedRead, n)
-		}
-	case bus.StoredDatabase:
-		if n >= s.unshippedRead {
-			s.unshippedRead = 0
-		}
-	}
-}
-
-func (s *Service) hasUnshipped() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.unshippedRead > 0
+// publishStandby tells this instance's gateway (and only it: the event
+// carries our instance) that another instance holds the session.
+func (s *Service) publishStandby(reason string) {
+	ev := bus.ConnEvent{Kind: bus.ConnStandby, Reason: reason, Instance: s.unit}
+	ev.Stamp(s.cfg.SessionID, s.clock.Now())
+	_ = bus.Publish(s.opts.NC, s.subj.Conn(bus.ConnStandby), ev)
 }
 
 // lastDatabaseSnapshot is the id of the last snapshot known in the
@@ -124,4 +102,36 @@ func (s *Service) lastDatabaseSnapshot() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.lastDBSnapID
+}
+
+// leaseObserver is the Service as its LeaseKeeper's LeaseObserver: lease
+// calls feed the heartbeat, and a renewal after an outage ships what the
+// local fallback kept meanwhile.
+type leaseObserver struct{ s *Service }
+
+var _ LeaseObserver = leaseObserver{}
+
+func (o leaseObserver) CallFailed(err error)            { o.s.noteErr(err) }
+func (o leaseObserver) DatabaseAnswers(ok bool)         { o.s.noteDB(ok) }
+func (o leaseObserver) Waiting(state string, dbOK bool) { o.s.setWaitingState(state, dbOK) }
+func (o leaseObserver) Standby(reason string)           { o.s.publishStandby(reason) }
+func (o leaseObserver) WatchChanged()                   { o.s.kickBeat() }
+func (o leaseObserver) HasLocalState() bool             { return o.s.hasLocalState() }
+
+func (o leaseObserver) DatabaseAnswering() bool {
+	o.s.mu.Lock()
+	defer o.s.mu.Unlock()
+	return o.s.dbOK
+}
+
+// NeedsProbe: the database failed last time, or a point is local only.
+func (o leaseObserver) NeedsProbe() bool {
+	return !o.DatabaseAnswering() || o.s.pipe.Unshipped()
+}
+
+// Renewed ships the local-only point once the database answers again.
+func (o leaseObserver) Renewed(back bool) {
+	if back || o.s.pipe.Unshipped() {
+		o.s.shipLocal()
+	}
 }

@@ -11,7 +11,7 @@
 // connect failure, a login that never completes, keepalives failing for
 // longer than KeepaliveMaxFail, a socket found dead by the periodic liveness
 // check, QR codes running out) schedules one retry
-// after Backoff.Delay(attempt): exponential with full jitter between
+// after backoff.Backoff.Delay(attempt) (internal/backoff): exponential with full jitter between
 // RECONNECT_MIN and RECONNECT_MAX. Each retry is published as
 // conn.reconnecting with attempt and delay_ms. The attempt counter resets
 // once a connection has stayed up for StableAfter (60 s). Transient failures

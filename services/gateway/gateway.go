@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
@@ -169,7 +170,7 @@ type Deps struct {
 	Open   Opener
 	Log    *slog.Logger
 	Clock  clockwork.Clock // nil: real clock
-	Jitter func() float64  // nil: math/rand; see Backoff
+	Jitter func() float64  // nil: math/rand; see backoff.Backoff
 	// ShowQR, when set, renders each QR code for a human (the terminal).
 	// cmd sets it only where no log drain can read it (see CONTRACT).
 	ShowQR func(code string)
@@ -186,7 +187,7 @@ type Gateway struct {
 	open     Opener
 	log      *slog.Logger
 	clock    clockwork.Clock
-	backoff  Backoff
+	backoff  backoff.Backoff
 	showQR   func(string)
 	versions VersionSource
 	limiter  *rate.Limiter
@@ -257,7 +258,7 @@ func New(cfg Config, d Deps) *Gateway {
 		open:     d.Open,
 		log:      log,
 		clock:    clock,
-		backoff:  Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
+		backoff:  backoff.Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
 		showQR:   d.ShowQR,
 		versions: d.Versions,
 		limiter:  rate.NewLimiter(cfg.SendRate, 1),

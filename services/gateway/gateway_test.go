@@ -20,50 +20,6 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-func TestBackoffDelay(t *testing.T) {
-	half := func() float64 { return 0.5 }
-	zero := func() float64 { return 0 }
-	top := func() float64 { return 0.999999 }
-	bad := func() float64 { return 7 }
-	s := time.Second
-	tests := []struct {
-		name    string
-		min, mx time.Duration
-		jitter  func() float64
-		attempt int
-		want    time.Duration
-	}{
-		{"first attempt, no jitter", s, 10 * s, zero, 1, s},
-		{"first attempt, half", s, 10 * s, half, 1, 1500 * time.Millisecond},
-		{"second attempt, half", s, 10 * s, half, 2, 2500 * time.Millisecond},
-		{"third attempt, half", s, 10 * s, half, 3, 4500 * time.Millisecond},
-		{"capped at max", s, 10 * s, half, 4, 5500 * time.Millisecond},
-		{"huge attempt stays capped", s, 10 * s, top, 1 << 20, 10*s - 9*time.Microsecond},
-		{"attempt 0 behaves as min", s, 10 * s, top, 0, s},
-		{"min equals max", 5 * s, 5 * s, half, 9, 5 * s},
-		{"bad jitter falls back to min", s, 10 * s, bad, 3, s},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got := Backoff{Min: tt.min, Max: tt.mx, Jitter: tt.jitter}.Delay(tt.attempt)
-			if got.Round(time.Microsecond) != tt.want {
-				t.Fatalf("Delay(%d) = %s, want %s", tt.attempt, got, tt.want)
-			}
-		})
-	}
-}
-
-func TestBackoffBoundsWithRealJitter(t *testing.T) {
-	b := Backoff{Min: 10 * time.Millisecond, Max: 100 * time.Millisecond}
-	for n := 1; n < 200; n++ {
-		d := b.Delay(n)
-		ceil := min(b.Max, b.Min<<min(n, 20))
-		if d < b.Min || d > ceil {
-			t.Fatalf("Delay(%d) = %s, outside [%s, %s]", n, d, b.Min, ceil)
-		}
-	}
-}
-
 func TestConnectsAndHeartbeats(t *testing.T) {
 	h := start(t)
 	<-h.opens

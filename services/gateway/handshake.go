@@ -5,6 +5,8 @@ import (
 	"errors"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
@@ -37,7 +39,7 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 	} else {
 		defer func() { _ = sub.Unsubscribe() }()
 	}
-	bo := Backoff{
+	bo := backoff.Backoff{
 		Min:    min(g.cfg.ReconnectMin, RestoreMaxBackoff),
 		Max:    min(g.cfg.ReconnectMax, RestoreMaxBackoff),
 		Jitter: g.backoff.Jitter,
@@ -45,10 +47,10 @@ func (g *Gateway) awaitRestore(ctx context.Context) error {
 	began := g.clock.Now()
 	quietNoResponders := true
 	for n := 1; ; {
-		rctx, cancel := g.clockTimeout(ctx, g.cfg.RestoreTimeout)
+		rctx, cancel := clockctx.WithTimeout(ctx, g.clock, g.cfg.RestoreTimeout)
 		var reply bus.RestoreReply
 		err := bus.Request(rctx, g.nc, g.subj.SessionRestoreFor(g.cfg.Unit), struct{}{}, &reply)
-		timedOut := errors.Is(context.Cause(rctx), errTimeout)
+		timedOut := errors.Is(context.Cause(rctx), clockctx.ErrTimeout)
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()

@@ -133,21 +133,6 @@ func (g *Gateway) session(ctx context.Context) error {
 	}
 }
 
-// errTimeout is the cause of a context from clockTimeout that ran out.
-var errTimeout = errors.New("timed out")
-
-// clockTimeout is context.WithTimeout on the injected clock, so tests drive
-// it with the fake one. (clockwork v0.5.0's own WithTimeout makes Err block
-// until the deadline.) When d passes, the context ends with cause errTimeout.
-func (g *Gateway) clockTimeout(parent context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithCancelCause(parent)
-	t := g.clock.AfterFunc(d, func() { cancel(errTimeout) })
-	return ctx, func() {
-		t.Stop()
-		cancel(context.Canceled)
-	}
-}
-
 // connect makes one attempt. The outcome comes as events (Connected, QR,
 // Disconnected, ...) or as an error here; the watchdog covers a socket that
 // opens and then says nothing.

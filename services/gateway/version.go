@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 )
 
 // VersionSource is the WhatsApp web client version the Conn presents at
@@ -53,7 +54,7 @@ func (g *Gateway) refreshVersion(ctx context.Context) {
 	}
 	g.verTried, g.verConnected = now, false
 	g.log.Warn("WhatsApp rejects this client version; fetching the web version WhatsApp serves now", "version", cur)
-	fctx, cancel := g.clockTimeout(ctx, VersionFetchTimeout)
+	fctx, cancel := clockctx.WithTimeout(ctx, g.clock, VersionFetchTimeout)
 	latest, err := g.versions.Latest(fctx)
 	cancel()
 	if ctx.Err() != nil {

@@ -123,8 +123,8 @@ func (s *Store) Migrate(ctx context.Context) error {
 	return nil
 }
 
-// InsertSnapshot inserts the row and runs hook in one transaction.
-func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+// InsertSnapshot inserts the row and runs inTx in one transaction.
+func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, inTx backup.InTx) (int64, error) {
 	var id int64
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if n.LeaseHolder != "" {
@@ -141,8 +141,8 @@ func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook b
 		if err != nil {
 			return err
 		}
-		if hook != nil {
-			return hook(ctx, tx)
+		if inTx != nil {
+			return inTx(ctx, backup.DriverTx[pgx.Tx]{Tx: tx})
 		}
 		return nil
 	})

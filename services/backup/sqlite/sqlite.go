@@ -120,8 +120,8 @@ func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
 	return tx.Commit()
 }
 
-// InsertSnapshot inserts the row and runs hook in one transaction.
-func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook backup.TxHook) (int64, error) {
+// InsertSnapshot inserts the row and runs inTx in one transaction.
+func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, inTx backup.InTx) (int64, error) {
 	var id int64
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		if n.LeaseHolder != "" {
@@ -138,8 +138,8 @@ func (s *Store) InsertSnapshot(ctx context.Context, n backup.NewSnapshot, hook b
 		if err != nil {
 			return err
 		}
-		if hook != nil {
-			return hook(ctx, tx)
+		if inTx != nil {
+			return inTx(ctx, backup.DriverTx[*sql.Tx]{Tx: tx})
 		}
 		return nil
 	})

@@ -7,11 +7,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/blacksky-md/blacksky/services/backup"
+	"github.com/riverqueue/river/rivertype"
 )
 
 // Open returns a fresh, empty, migrated-or-not store for one test.
@@ -27,6 +29,7 @@ func Run(t *testing.T, open Open) {
 		{"MigrateIdempotent", testMigrateIdempotent},
 		{"InsertListPayload", testInsertListPayload},
 		{"HookFailureRollsBack", testHookFailureRollsBack},
+		{"JobCompletionOutsideItsWorkerRollsBack", testJobCompletionOutsideWorker},
 		{"CancelledInsertLeavesNoRow", testCancelledInsert},
 		{"Prune", testPrune},
 		{"SessionsApart", testSessionsApart},
@@ -124,7 +127,7 @@ func testHookFailureRollsBack(t *testing.T, s backup.Store) {
 	ctx := context.Background()
 	boom := errors.New("boom")
 	var sawTx bool
-	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, tx any) error {
+	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, tx backup.Tx) error {
 		sawTx = tx != nil
 		return boom
 	})
@@ -139,11 +142,27 @@ func testHookFailureRollsBack(t *testing.T, s backup.Store) {
 	}
 }
 
+// testJobCompletionOutsideWorker: the transaction handed to InTx is the
+// driver's own, typed for River; completing a job there needs the job's
+// worker (River's client in ctx), and its refusal rolls the row back.
+func testJobCompletionOutsideWorker(t *testing.T, s backup.Store) {
+	ctx := context.Background()
+	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, tx backup.Tx) error {
+		return tx.CompleteJob(ctx, &rivertype.JobRow{ID: 1, State: rivertype.JobStateRunning})
+	})
+	if err == nil || !strings.Contains(err.Error(), "Worker") {
+		t.Fatalf("err = %v; want River's refusal outside a worker", err)
+	}
+	if l, _ := s.List(ctx, "s", 10); len(l) != 0 {
+		t.Fatalf("refused completion left %d rows", len(l))
+	}
+}
+
 // testCancelledInsert is the crash case: the context dies while the
 // transaction is open (the process is killed mid-snapshot).
 func testCancelledInsert(t *testing.T, s backup.Store) {
 	ctx, cancel := context.WithCancel(context.Background())
-	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, tx any) error {
+	_, err := s.InsertSnapshot(ctx, snap("s", 1, t0), func(ctx context.Context, _ backup.Tx) error {
 		cancel()
 		<-ctx.Done()
 		return ctx.Err()
@@ -346,7 +365,7 @@ func testInsertNeedsLease(t *testing.T, s backup.Store) {
 				t.Fatal(err)
 			}
 			calledHook := false
-			_, err = s.InsertSnapshot(ctx, n, func(context.Context, any) error { calledHook = true; return nil })
+			_, err = s.InsertSnapshot(ctx, n, func(context.Context, backup.Tx) error { calledHook = true; return nil })
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("insert: %v; want %v", err, tc.wantErr)
 			}

@@ -22,6 +22,7 @@ package wa
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -100,8 +101,15 @@ func Open(ctx context.Context, o Options) (*Client, error) {
 		store.SetOSInfo(o.BotName, [3]uint32{v.GetPrimary(), v.GetSecondary(), v.GetTertiary()})
 	}
 	wlog := NewLogger(log)
-	container, err := sqlstore.New(ctx, "sqlite", DSN(o.Path), wlog.Sub("Database"))
+	// sqlstore.New leaves its *sql.DB open when the upgrade fails (a stop
+	// during the open cancels it): open it here and close it on every error.
+	db, err := sql.Open("sqlite", DSN(o.Path))
 	if err != nil {
+		return nil, fmt.Errorf("wa: open session store: %w", err)
+	}
+	container := sqlstore.NewWithDB(db, "sqlite", wlog.Sub("Database"))
+	if err := container.Upgrade(ctx); err != nil {
+		_ = container.Close()
 		return nil, fmt.Errorf("wa: open session store: %w", err)
 	}
 	device, err := container.GetFirstDevice(ctx)

@@ -332,3 +332,16 @@ func TestTerminalQR(t *testing.T) {
 		t.Fatalf("QR drawing has %d lines", lines)
 	}
 }
+
+// An open that fails while upgrading the store (a stop cancels it) closes
+// the database it opened: goleak (TestMain) finds its connection opener
+// otherwise.
+func TestOpenCancelledLeavesNoDatabaseOpen(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	c, err := Open(ctx, Options{Path: filepath.Join(t.TempDir(), "session.db")})
+	if err == nil {
+		_ = c.Close()
+		t.Fatal("an open with a cancelled context succeeded")
+	}
+}

@@ -1,0 +1,67 @@
+package backup
+
+import (
+	"time"
+)
+
+// Defaults of Config; the first three match shared/config's defaults of
+// BACKUP_INTERVAL, BACKUP_RETENTION and SHUTDOWN_TIMEOUT.
+const (
+	DefaultInterval        = 30 * time.Minute
+	DefaultRetention       = 48
+	DefaultShutdownTimeout = 25 * time.Second
+	DefaultDBWait          = 20 * time.Second
+	DefaultReplyTimeout    = 2 * time.Minute
+)
+
+// Config is what the backup service uses of the product's configuration,
+// and nothing else; cmd/blacksky maps shared/config into it. A zero field
+// takes its default.
+type Config struct {
+	SessionID string // required
+	DataDir   string // holds session.db and the local fallback (backups/); required
+
+	// EncryptionKey encrypts snapshots (AES-256-GCM); empty: plaintext,
+	// refused in Production unless AllowPlaintext.
+	EncryptionKey  []byte
+	AllowPlaintext bool // accept plaintext snapshots (stored, and restored although a key is set)
+	Production     bool
+	Heroku         bool // the disk is wiped at every stop: a local-only shutdown snapshot is lost
+
+	Interval        time.Duration // scheduled snapshots; negative: none
+	Retention       int           // snapshots kept per session in the database
+	ShutdownTimeout time.Duration // the whole process's stop budget (backup uses 70% of it)
+
+	// DatabaseKind names the database for the heartbeat while none is
+	// open: "postgres" or "sqlite" (zero: sqlite).
+	DatabaseKind string
+
+	LeaseTTL     time.Duration // see DefaultLeaseTTL
+	StandbyRetry time.Duration // how often a standby reads the lease row; see DefaultStandbyRetry
+	DBWait       time.Duration // how long start waits for the database before going degraded
+	ReplyTimeout time.Duration // how long a request waits for its snapshot
+	// QueuePollInterval overrides River's poll interval (tests).
+	QueuePollInterval time.Duration
+}
+
+// withDefaults fills the zero fields.
+func (c Config) withDefaults() Config {
+	set := func(d *time.Duration, def time.Duration) {
+		if *d == 0 {
+			*d = def
+		}
+	}
+	set(&c.Interval, DefaultInterval)
+	set(&c.ShutdownTimeout, DefaultShutdownTimeout)
+	set(&c.LeaseTTL, DefaultLeaseTTL)
+	set(&c.StandbyRetry, DefaultStandbyRetry)
+	set(&c.DBWait, DefaultDBWait)
+	set(&c.ReplyTimeout, DefaultReplyTimeout)
+	if c.Retention == 0 {
+		c.Retention = DefaultRetention
+	}
+	if c.DatabaseKind == "" {
+		c.DatabaseKind = "sqlite"
+	}
+	return c
+}
