@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"log/slog"
 	"sync"
 	"time"
@@ -59,7 +60,7 @@ func firstID(ids []string) string {
 // refusal) is counted and logged, collapsed, and the caller leaves the item
 // unacknowledged for WhatsApp to deliver again.
 func (g *Gateway) store(req bus.RelayStoreRequest, kind, id string) (bus.RelayStoreReply, bool) {
-	ctx, cancel := g.clockTimeout(context.Background(), g.cfg.RelayTimeout)
+	ctx, cancel := clockctx.WithTimeout(context.Background(), g.clock, g.cfg.RelayTimeout)
 	defer cancel()
 	var reply bus.RelayStoreReply
 	err := bus.Request(ctx, g.nc, g.subj.RelayStore(), req, &reply)
@@ -67,7 +68,7 @@ func (g *Gateway) store(req bus.RelayStoreRequest, kind, id string) (bus.RelaySt
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
 		reason = "relay not running (no responder on relay.store)"
-	case errors.Is(context.Cause(ctx), errTimeout) || errors.Is(err, nats.ErrTimeout):
+	case errors.Is(context.Cause(ctx), clockctx.ErrTimeout) || errors.Is(err, nats.ErrTimeout):
 		reason = fmt.Sprintf("no answer from relay within %s", g.cfg.RelayTimeout)
 	case err != nil:
 		reason = err.Error()
