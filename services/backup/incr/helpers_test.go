@@ -118,4 +118,29 @@ func mustDelta(t testing.TB, c *Capturer, since Manifest) *Point {
 	return pt
 }
 
+// liveDBHash is the DBHash of the store's current committed state, read page by page in one transaction on a
+// connection of its own.
+func liveDBHash(t testing.TB, path string) Hash {
+	t.Helper()
+	db := openDB(t, path)
+	defer db.Close()
+	rows, err := db.QueryContext(t.Context(), "SELECT data FROM sqlite_dbpage")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var hs []Hash
+	for rows.Next() {
+		var data []byte
+		if err := rows.Scan(&data); err != nil {
+			t.Fatal(err)
+		}
+		hs = append(hs, sha256.Sum256(data))
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return DBHash(4096, hs)
+}
+
 var _ = errors.Is
