@@ -23,8 +23,13 @@ func testKey(b byte) []byte {
 // newStore makes a small realistic whatsmeow store.
 func newStore(t testing.TB, size int64) string {
 	t.Helper()
+	return newStoreSeed(t, size, 0)
+}
+
+func newStoreSeed(t testing.TB, size int64, seed uint64) string {
+	t.Helper()
 	p := filepath.Join(t.TempDir(), "session.db")
-	if err := wastore.Create(t.Context(), p, size); err != nil {
+	if err := wastore.CreateWith(t.Context(), p, wastore.Options{Size: size, Seed: seed}); err != nil {
 		t.Fatal(err)
 	}
 	return p
