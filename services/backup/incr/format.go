@@ -59,7 +59,7 @@ const (
 	// MaxPiecePages bounds the pages in one piece (1 MB at SQLite's default 4 KiB pages).
 	MaxPiecePages = 256
 	// MaxDBSize is the largest database a point may describe: the same bound as a bsnap/1 payload.
-	MaxDBSize = snapshot.MaxPlainSize
+	MaxDBSize   = snapshot.MaxPlainSize
 	minPageSize = 512
 	maxPageSize = 65536
 	// maxPages is the most pages MaxDBSize can hold at the smallest page size.

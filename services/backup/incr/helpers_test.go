@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/blacksky-md/blacksky/internal/wastore"
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 )
 
 func testKey(b byte) []byte {
@@ -149,3 +150,9 @@ func liveDBHash(t testing.TB, path string) Hash {
 }
 
 var _ = errors.Is
+
+func sha(b []byte) Hash { return sha256.Sum256(b) }
+
+func snapshotEncode(plain, key []byte) ([]byte, snapshot.Meta, error) {
+	return snapshot.Encode(plain, key)
+}
