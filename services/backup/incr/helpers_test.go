@@ -156,3 +156,7 @@ func sha(b []byte) Hash { return sha256.Sum256(b) }
 func snapshotEncode(plain, key []byte) ([]byte, snapshot.Meta, error) {
 	return snapshot.Encode(plain, key)
 }
+
+func wastoreCreate(tb testing.TB, path string) error {
+	return wastore.Create(tb.Context(), path, benchSize)
+}
