@@ -34,9 +34,7 @@ type Options struct {
 	// Key is SESSION_ENCRYPTION_KEY (32 bytes), or nil for plaintext points.
 	Key []byte
 	// Pieces is asked which pieces are already stored, so they are neither sealed nor returned again.
-	Pieces interface {
-		Has(ctx context.Context, id Hash) (bool, error)
-	}
+	Pieces PieceChecker
 	// CheckpointFrames: a delta that finds more frames than this in the WAL checkpoints it (default 1000, SQLite's
 	// own wal_autocheckpoint).
 	CheckpointFrames int64
@@ -74,9 +72,7 @@ func (p *Point) StoredBytes() int64 {
 }
 
 // Store puts the point's pieces into ps.
-func (p *Point) Store(ctx context.Context, ps interface {
-	Put(ctx context.Context, id Hash, sealed []byte) error
-}) error {
+func (p *Point) Store(ctx context.Context, ps PiecePutter) error {
 	for _, pc := range p.Pieces {
 		if err := ps.Put(ctx, pc.ID, pc.Data); err != nil {
 			return err

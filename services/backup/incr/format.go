@@ -272,7 +272,7 @@ func SealManifest(m *Manifest, key []byte) ([]byte, error) {
 
 // OpenManifest is the strict decoder of a sealed manifest. Errors wrap ErrCorrupt, ErrWrongKey, ErrNeedKey or ErrPlaintext.
 func OpenManifest(sealed []byte, key []byte) (Manifest, error) {
-	plain, err := openPayload(sealed, key)
+	plain, _, err := openPayload(sealed, key)
 	if err != nil {
 		return Manifest{}, fmt.Errorf("open manifest: %w", err)
 	}
@@ -293,17 +293,18 @@ func PeekID(sealed []byte) (Hash, error) {
 	return ParseHash(meta.SHA256)
 }
 
-// openPayload decodes a bsnap/1 payload, refusing plaintext under a key before inflating it.
-func openPayload(sealed, key []byte) ([]byte, error) {
+// openPayload decodes a bsnap/1 payload, refusing plaintext under a key before inflating it. Decode has checked
+// the plaintext against the sha256 in the header, which it returns.
+func openPayload(sealed, key []byte) ([]byte, string, error) {
 	meta, err := snapshot.PeekMeta(sealed)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if key != nil && !meta.Encrypted {
-		return nil, ErrPlaintext
+		return nil, "", ErrPlaintext
 	}
-	plain, _, err := snapshot.Decode(sealed, key)
-	return plain, err
+	plain, meta, err := snapshot.Decode(sealed, key)
+	return plain, meta.SHA256, err
 }
 
 // Piece plaintext layout (big endian): magic "BINCRPC1" | page size u32 | count u32 | count × pgno u32 | pages.
@@ -366,11 +367,11 @@ func parsePiece(b []byte) (pageSize int, pages []page, err error) {
 // openPiece decodes a sealed piece and checks it is the piece id names. Errors wrap ErrCorrupt, ErrWrongKey,
 // ErrNeedKey or ErrPlaintext.
 func openPiece(id Hash, sealed []byte, key []byte) (pageSize int, pages []page, err error) {
-	plain, err := openPayload(sealed, key)
+	plain, sum, err := openPayload(sealed, key)
 	if err != nil {
 		return 0, nil, fmt.Errorf("open piece %s: %w", id, err)
 	}
-	if sha256.Sum256(plain) != id {
+	if sum != id.String() {
 		return 0, nil, fmt.Errorf("open piece %s: %w", id, corrupt("content is another piece"))
 	}
 	pageSize, pages, err = parsePiece(plain)

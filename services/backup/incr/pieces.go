@@ -16,19 +16,24 @@ var ErrNoPiece = errors.New("incr: piece not found")
 // MemStore and DirStore serve tests and the local fallback. Put of an id already held must succeed and may keep
 // either copy: both decode to the same plaintext.
 type PieceStore interface {
+	PieceChecker
+	PiecePutter
+	PieceGetter
+}
+
+// PieceChecker is the part of a PieceStore capture needs: pieces already stored are not sealed again.
+type PieceChecker interface {
 	Has(ctx context.Context, id Hash) (bool, error)
+}
+
+// PiecePutter is the part of a PieceStore Point.Store needs.
+type PiecePutter interface {
 	Put(ctx context.Context, id Hash, sealed []byte) error
-	Get(ctx context.Context, id Hash) ([]byte, error)
 }
 
-// pieceGetter is the part of a PieceStore restore needs.
-type pieceGetter interface {
+// PieceGetter is the part of a PieceStore restore needs.
+type PieceGetter interface {
 	Get(ctx context.Context, id Hash) ([]byte, error)
-}
-
-// pieceChecker is the part of a PieceStore capture needs: pieces already stored are not sealed again.
-type pieceChecker interface {
-	Has(ctx context.Context, id Hash) (bool, error)
 }
 
 var (

@@ -22,9 +22,7 @@ var ErrNoPoint = errors.New("incr: no point verifies")
 // RestoreOptions configure Restore. Pieces is required.
 type RestoreOptions struct {
 	Key    []byte
-	Pieces interface {
-		Get(ctx context.Context, id Hash) ([]byte, error)
-	}
+	Pieces PieceGetter
 	// Check runs on the assembled file after integrity_check, before it replaces anything (the backup service
 	// checks for a linked device). An error makes restore try the next older point.
 	Check func(ctx context.Context, path string) error
@@ -180,9 +178,7 @@ type writerAt interface {
 // checked against the page hash its manifest recorded. Only the pieces that still supply a page are fetched, so a
 // page rewritten by every delta costs one read. Pieces in bad are known missing or corrupt; pieces found so are
 // added to it. The manifests' page hashes must give the newest point's DBHash.
-func assemble(ctx context.Context, w writerAt, chain []Manifest, bad map[Hash]error, pieces interface {
-	Get(ctx context.Context, id Hash) ([]byte, error)
-}, key []byte) error {
+func assemble(ctx context.Context, w writerAt, chain []Manifest, bad map[Hash]error, pieces PieceGetter, key []byte) error {
 	target := chain[len(chain)-1]
 	n, size := target.PageCount, target.PageSize
 	type source struct {

@@ -127,7 +127,7 @@ func TestPlaintextPointsAreRefusedUnderAKey(t *testing.T) {
 	if _, _, err := restoreTo(t, [][]byte{sealed}, ps, testKey(1)); !errors.Is(err, ErrPlaintext) {
 		t.Fatalf("restore: %v", err)
 	}
-	if _, err := openPayload(base.Pieces[0].Data, testKey(1)); !errors.Is(err, ErrPlaintext) {
+	if _, _, err := openPayload(base.Pieces[0].Data, testKey(1)); !errors.Is(err, ErrPlaintext) {
 		t.Fatalf("piece: %v", err)
 	}
 }
