@@ -113,6 +113,18 @@ type BackupDetails struct {
 	// it hears of half of it).
 	LeaseHolder  string `json:"lease_holder,omitempty"`
 	LeaseWatchMS int64  `json:"lease_watch_ms,omitempty"`
+	// Continuous replication (SYNC_INTERVAL > 0): the lease generation
+	// points are written under, how old the oldest committed write not yet
+	// shipped is (0: nothing waiting), the stored points and bytes of this
+	// session (bases, deltas and their pieces), and when the last point,
+	// base and compaction were stored.
+	Generation       int64      `json:"generation,omitempty"`
+	ReplicationLagMS int64      `json:"replication_lag_ms"`
+	Points           int64      `json:"points,omitempty"`
+	StoredBytes      int64      `json:"stored_bytes,omitempty"`
+	LastPointAt      *time.Time `json:"last_point_at,omitempty"`
+	LastBaseAt       *time.Time `json:"last_base_at,omitempty"`
+	LastCompactionAt *time.Time `json:"last_compaction_at,omitempty"`
 }
 
 // HealthDetails are the health service's heartbeat details.
