@@ -4,7 +4,9 @@
 // chat and id), publishes what it stored on P.msg.in (with seq) and
 // P.msg.receipt, and can forward the bots' P.msg.send to the gateway's
 // P.gateway.send (relay's waiting send, without its queue). Modes make it
-// refuse, stay silent or go away, for the gateway's failure paths.
+// refuse, stay silent or go away, for the gateway's failure paths; Off and
+// On take it away and bring it back as a restarted relay does, heartbeat
+// included.
 package testrelay
 
 import (
@@ -37,8 +39,9 @@ const RefuseError = "test relay: database unavailable"
 
 // Relay is one running stand-in.
 type Relay struct {
-	nc   *nats.Conn
-	subj bus.Subjects
+	nc      *nats.Conn
+	session string
+	subj    bus.Subjects
 
 	mu       sync.Mutex
 	mode     Mode
@@ -48,6 +51,8 @@ type Relay struct {
 	messages []bus.MsgIn      // first stores, in seq order
 	receipts []bus.Receipt
 	requests int // every P.relay.store request, answered or not
+	forward  bool
+	stopped  bool
 
 	forwards sync.WaitGroup
 }
@@ -59,24 +64,29 @@ type Option func(*Relay)
 // P.gateway.send and relaying the answer, as relay does for a send that
 // waits.
 func ForwardSends() Option {
-	return func(r *Relay) {
-		r.subscribe(r.subj.MsgSend(), r.forward)
-	}
+	return func(r *Relay) { r.forward = true }
 }
 
 // Start subscribes on nc for session until the test ends.
 func Start(tb testing.TB, nc *nats.Conn, session string, opts ...Option) *Relay {
 	tb.Helper()
-	r := &Relay{nc: nc, subj: bus.NewSubjects(session), seqOf: map[string]int64{}}
-	r.subscribe(r.subj.RelayStore(), r.onStore)
+	r := &Relay{nc: nc, session: session, subj: bus.NewSubjects(session), seqOf: map[string]int64{}}
 	for _, o := range opts {
 		o(r)
 	}
+	r.subscribeAll()
 	if err := nc.Flush(); err != nil {
 		tb.Fatalf("testrelay: %v", err)
 	}
 	tb.Cleanup(r.Stop)
 	return r
+}
+
+func (r *Relay) subscribeAll() {
+	r.subscribe(r.subj.RelayStore(), r.onStore)
+	if r.forward {
+		r.subscribe(r.subj.MsgSend(), r.forwardSend)
+	}
 }
 
 func (r *Relay) subscribe(subject string, h nats.MsgHandler) {
@@ -90,8 +100,17 @@ func (r *Relay) subscribe(subject string, h nats.MsgHandler) {
 }
 
 // Stop unsubscribes (the gateway then meets no responders) and waits for
-// forwarded sends in flight. Safe to call twice.
+// forwarded sends in flight, for good. Safe to call twice.
 func (r *Relay) Stop() {
+	r.mu.Lock()
+	r.stopped = true
+	r.mu.Unlock()
+	r.Off()
+}
+
+// Off takes the stand-in away as a relay that stopped: no responder on its
+// subjects, no heartbeat. What it stored is kept for On.
+func (r *Relay) Off() {
 	r.mu.Lock()
 	subs := r.subs
 	r.subs = nil
@@ -101,6 +120,44 @@ func (r *Relay) Stop() {
 	}
 	_ = r.nc.Flush()
 	r.forwards.Wait()
+}
+
+// On brings it back after Off, as a restarted relay over the same
+// database: it answers again, remembering what it stored, and publishes
+// its first heartbeat (database_ok). It errs after Stop.
+func (r *Relay) On() error {
+	r.mu.Lock()
+	stopped, on := r.stopped, len(r.subs) > 0
+	r.mu.Unlock()
+	if stopped {
+		return errors.New("testrelay: On after Stop")
+	}
+	if !on {
+		r.subscribeAll()
+	}
+	if err := r.nc.Flush(); err != nil {
+		return err
+	}
+	return r.Beat(true)
+}
+
+// Beat publishes one relay heartbeat (P.heartbeat.relay) whose details say
+// whether the database answers, as relay's own heartbeat does.
+func (r *Relay) Beat(databaseOK bool) error {
+	d, err := json.Marshal(bus.RelayDetails{Database: "postgres", DatabaseOK: databaseOK})
+	if err != nil {
+		return err
+	}
+	state := bus.StateOK
+	if !databaseOK {
+		state = bus.StateDegraded
+	}
+	hb := bus.Heartbeat{Service: bus.ServiceRelay, Instance: "testrelay", State: state, Details: d}
+	hb.Stamp(r.session, time.Now()) // the gateway reads only database_ok
+	if err := bus.Publish(r.nc, r.subj.Heartbeat(bus.ServiceRelay), hb); err != nil {
+		return err
+	}
+	return r.nc.Flush()
 }
 
 // SetMode changes how the following requests are answered.
@@ -183,9 +240,9 @@ func (r *Relay) onStore(m *nats.Msg) {
 	_ = bus.Respond(m, reply)
 }
 
-// forward answers a bot's P.msg.send with the gateway's answer to
+// forwardSend answers a bot's P.msg.send with the gateway's answer to
 // P.gateway.send, off the subscription's goroutine.
-func (r *Relay) forward(m *nats.Msg) {
+func (r *Relay) forwardSend(m *nats.Msg) {
 	r.forwards.Go(func() {
 		reply, err := r.nc.Request(r.subj.GatewaySend(), m.Data, 30*time.Second)
 		if err != nil {

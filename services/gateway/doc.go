@@ -23,7 +23,8 @@
 // scheduled after a lost or failed connection (the transient failures
 // above) and nothing else: not a fresh pairing round after unscanned QR
 // codes, not the re-pairing after a logout, not the waits of a stream
-// replaced or a temporary ban.
+// replaced or a temporary ban, not a reconnect for redelivery (below; it
+// has its own counter).
 //
 // # Terminal events
 //
@@ -84,8 +85,10 @@
 // which it does after its commit. No responder (relay not running), a
 // transport error, ok:false or no answer within RelayTimeout (10 s, on the
 // injected clock) report failure: no ack, and WhatsApp delivers the item
-// again. Such failures are counted in the heartbeat (relay_unacked,
-// last_relay_error) and logged once when an outage begins, then at most
+// again on the next connection (which the gateway makes once relay is
+// back, see below). Items so left unacknowledged are counted in the
+// heartbeat (relay_unacked, last_relay_error; a retry receipt, acknowledged
+// anyway, is not) and logged once when an outage begins, then at most
 // once a minute while it lasts, then once when relay stores again; health's
 // /readyz says relay is missing. Connection events go through the state
 // machine's loop and are always acknowledged. At shutdown, handler calls in
@@ -129,6 +132,37 @@
 //     answering, each incoming message holds the following ones for up to
 //     RelayTimeout. A relay that is not running costs nothing (NATS answers
 //     "no responders" at once).
+//
+// # Redelivery once relay is back
+//
+// WhatsApp sends an unacknowledged message or receipt again only on the
+// next connection, which may be hours away. So when relay comes back while
+// items of the current connection are still unacknowledged, the gateway
+// reconnects once (redeliver.go): the supervisor drops the socket and
+// schedules its usual retry (conn.reconnecting, then conn.connecting and
+// conn.connected; no conn.disconnected), and WhatsApp redelivers them on
+// the new connection. Relay counts as back after a store it confirmed (the
+// next message after an outage), or on its heartbeat (P.heartbeat.relay)
+// with database_ok, so a quiet chat need not wait for a new message. One
+// heartbeat is believed per outage: if what it brought back is refused
+// again, only a store relay confirms, or relay seen gone and back (no
+// responder, or a heartbeat saying its database is down, then ok), counts
+// again; a relay whose heartbeat says ok while its stores keep failing
+// costs one reconnect, not one a minute.
+//
+// Bounds: at most one such reconnect per RedeliverEvery (1 min, injected
+// clock); relay back again within the minute waits on a timer for the
+// minute to be over and then reconnects once, so a flapping relay never
+// makes the socket flap and nothing refused meanwhile waits for a drop.
+// Only from "connected": pairing has no messages, standby and stopping
+// have no socket, and any other state is already on its way to a new
+// connection, which redelivers by itself (the count of unacknowledged
+// items starts again at each connect; the liveness check asks again, so a
+// signal that came while connecting is not lost). It is logged once
+// ("relay is back: reconnecting so WhatsApp redelivers N unacknowledged
+// messages and receipts") and counted in the heartbeat
+// (relay_redelivery_reconnects), not in reconnects. An owner reply the
+// worker sends during those seconds is dropped as during any reconnect.
 //
 // An owner command runs once per message: only after relay stored the
 // message for the first time (not on a Duplicate redelivery, not when the

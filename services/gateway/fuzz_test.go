@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"encoding/json"
 	"testing"
 	"unicode/utf8"
 
@@ -42,6 +43,33 @@ func FuzzMsgSend(f *testing.F) {
 		again, err := ParseRecipient(jid.String())
 		if err != nil || again != jid {
 			t.Fatalf("recipient %q -> %s does not round-trip: %v, %v", req.To, jid, again, err)
+		}
+	})
+}
+
+// FuzzRelayBeat feeds P.heartbeat.relay bodies to the gateway's reader: no
+// panic, and only a relay heartbeat with details is taken.
+func FuzzRelayBeat(f *testing.F) {
+	for _, seed := range []string{
+		`{"service":"relay","instance":"a","state":"ok","uptime_s":1,"details":{"database":"postgres","database_ok":true}}`,
+		`{"service":"relay","details":{"database_ok":false,"extra":1}}`,
+		`{"service":"gateway","details":{"database_ok":true}}`,
+		`{"service":"relay"}`, `{"service":"relay","details":[1]}`, `{"service":"relay","details":null}`,
+		`null`, ``, `{`, `[]`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ok, err := decodeRelayBeat(data)
+		if err != nil {
+			if ok {
+				t.Fatalf("%q: database_ok with an error", data)
+			}
+			return
+		}
+		var hb bus.Heartbeat
+		if json.Unmarshal(data, &hb) != nil || hb.Service != bus.ServiceRelay {
+			t.Fatalf("accepted %q, not a relay heartbeat", data)
 		}
 	})
 }

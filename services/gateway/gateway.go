@@ -208,7 +208,8 @@ type Gateway struct {
 	sendBase  context.Context // outlives Run's ctx by the shutdown grace
 	sends     sync.WaitGroup
 
-	relay relayStats // hand-overs to relay that failed (relay.go)
+	relay     relayStats    // hand-overs to relay that failed (relay.go)
+	relayBack chan struct{} // relay is back: the loop may reconnect for redelivery (redeliver.go)
 
 	bg sync.WaitGroup // pairing-code requests in flight
 
@@ -222,6 +223,8 @@ type Gateway struct {
 	verTried              time.Time // last fetch of WhatsApp's web version
 	verConnected          bool      // a connect succeeded since verTried
 	verNote               string    // told to the owner once connected
+	redeliveredAt         time.Time // last reconnect for redelivery
+	redeliverTimer        clockwork.Timer
 }
 
 // status is what heartbeats, owner commands and msg.send read.
@@ -252,20 +255,21 @@ func New(cfg Config, d Deps) *Gateway {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Gateway{
-		cfg:      cfg,
-		nc:       d.NC,
-		subj:     bus.NewSubjects(cfg.Session),
-		open:     d.Open,
-		log:      log,
-		clock:    clock,
-		backoff:  backoff.Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
-		showQR:   d.ShowQR,
-		versions: d.Versions,
-		limiter:  rate.NewLimiter(cfg.SendRate, 1),
-		events:   newQueue(),
-		results:  make(chan func(context.Context)),
-		work:     make(chan func(context.Context), 16),
-		st:       status{state: bus.StateStarting},
+		cfg:       cfg,
+		nc:        d.NC,
+		subj:      bus.NewSubjects(cfg.Session),
+		open:      d.Open,
+		log:       log,
+		clock:     clock,
+		backoff:   backoff.Backoff{Min: cfg.ReconnectMin, Max: cfg.ReconnectMax, Jitter: d.Jitter},
+		showQR:    d.ShowQR,
+		versions:  d.Versions,
+		limiter:   rate.NewLimiter(cfg.SendRate, 1),
+		events:    newQueue(),
+		results:   make(chan func(context.Context)),
+		work:      make(chan func(context.Context), 16),
+		relayBack: make(chan struct{}, 1),
+		st:        status{state: bus.StateStarting},
 	}
 }
 
@@ -303,6 +307,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 		_ = sendSub.Unsubscribe()
 		return fmt.Errorf("gateway: subscribe backup.done: %w", err)
 	}
+	// Relay's heartbeat says when it is back (redeliver.go).
+	beatSub, err := g.nc.Subscribe(g.subj.Heartbeat(bus.ServiceRelay), g.onRelayBeat)
+	if err != nil {
+		_ = sendSub.Unsubscribe()
+		_ = doneSub.Unsubscribe()
+		return fmt.Errorf("gateway: subscribe relay heartbeat: %w", err)
+	}
 	g.sendMu.Lock()
 	g.accepting, g.sendBase = true, sendCtx
 	g.sendMu.Unlock()
@@ -329,6 +340,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	cancelSends()
 	_ = sendSub.Unsubscribe()
 	_ = doneSub.Unsubscribe()
+	_ = beatSub.Unsubscribe()
 	cancel()
 	wg.Wait()
 	g.closeConn()

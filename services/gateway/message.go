@@ -73,7 +73,7 @@ func (g *Gateway) onMessage(e *events.Message) bool {
 	in := MsgIn(e)
 	now := g.clock.Now()
 	in.Stamp(g.cfg.Session, now)
-	reply, ok := g.store(bus.RelayStoreRequest{Message: &in}, "message", in.ID)
+	reply, ok := g.store(bus.RelayStoreRequest{Message: &in}, "message", in.ID, true)
 	if !ok {
 		return false
 	}

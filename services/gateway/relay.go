@@ -41,10 +41,12 @@ func ReceiptOf(e *events.Receipt) bus.Receipt {
 func (g *Gateway) onReceipt(e *events.Receipt) bool {
 	r := ReceiptOf(e)
 	r.Stamp(g.cfg.Session, g.clock.Now())
-	_, ok := g.store(bus.RelayStoreRequest{Receipt: &r}, "receipt", firstID(r.IDs))
 	// whatsmeow has already resent the message a retry receipt asks for: a
-	// redelivery of the receipt would make it resend the message again.
-	return ok || e.Type == types.ReceiptTypeRetry
+	// redelivery of the receipt would make it resend the message again, so
+	// it is acknowledged whatever relay says.
+	retry := e.Type == types.ReceiptTypeRetry
+	_, ok := g.store(bus.RelayStoreRequest{Receipt: &r}, "receipt", firstID(r.IDs), !retry)
+	return ok || retry
 }
 
 func firstID(ids []string) string {
@@ -57,17 +59,18 @@ func firstID(ids []string) string {
 // store asks relay to store one item and waits for its answer, at most
 // RelayTimeout on the injected clock. ok is true only for relay's ok:
 // anything else (no relay running, a transport error, a timeout, a
-// refusal) is counted and logged, collapsed, and the caller leaves the item
-// unacknowledged for WhatsApp to deliver again.
-func (g *Gateway) store(req bus.RelayStoreRequest, kind, id string) (bus.RelayStoreReply, bool) {
+// refusal) is logged, collapsed, and counted when unacked says the caller
+// then leaves the item unacknowledged for WhatsApp to deliver again.
+func (g *Gateway) store(req bus.RelayStoreRequest, kind, id string, unacked bool) (bus.RelayStoreReply, bool) {
 	ctx, cancel := clockctx.WithTimeout(context.Background(), g.clock, g.cfg.RelayTimeout)
 	defer cancel()
 	var reply bus.RelayStoreReply
 	err := bus.Request(ctx, g.nc, g.subj.RelayStore(), req, &reply)
 	var reason string
+	gone := false
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		reason = "relay not running (no responder on relay.store)"
+		reason, gone = "relay not running (no responder on relay.store)", true
 	case errors.Is(context.Cause(ctx), clockctx.ErrTimeout) || errors.Is(err, nats.ErrTimeout):
 		reason = fmt.Sprintf("no answer from relay within %s", g.cfg.RelayTimeout)
 	case err != nil:
@@ -75,11 +78,24 @@ func (g *Gateway) store(req bus.RelayStoreRequest, kind, id string) (bus.RelaySt
 	case !reply.OK:
 		reason = "relay refused: " + reply.Error
 	default:
-		g.relay.ok(g.log, g.clock.Now())
+		if g.relay.ok(g.log, g.clock.Now()) {
+			g.signalRelayBack()
+		}
 		return reply, true
 	}
-	g.relay.failed(g.log, g.clock.Now(), kind, id, reason)
+	g.relay.failed(g.log, g.clock.Now(), failure{kind: kind, id: id, reason: reason, unacked: unacked, gone: gone})
 	return reply, false
+}
+
+// failure is one hand-over relay did not confirm.
+type failure struct {
+	kind, id, reason string
+	// unacked: the item stays unacknowledged (WhatsApp delivers it again
+	// after a reconnect); a retry receipt is acknowledged anyway.
+	unacked bool
+	// gone: relay is not running at all (no responder), so its next
+	// heartbeat means it is back.
+	gone bool
 }
 
 // relayStats counts hand-overs relay did not confirm and collapses their
@@ -95,11 +111,33 @@ type relayStats struct {
 	streak      int64
 	streakStart time.Time
 	loggedAt    time.Time
+
+	// Redelivery (redeliver.go). pending: items left unacknowledged on the
+	// current connection, which only a reconnect brings again. back: relay
+	// counts as back since the last failure (a store succeeded, or its
+	// heartbeat was believed). beatSpent: a heartbeat was already believed
+	// in this outage; another one is believed only after relay was seen
+	// gone again (no responder, or a heartbeat saying its database is
+	// down) or stored something, so a relay whose heartbeat says ok while
+	// its stores keep failing cannot make the socket reconnect every
+	// minute.
+	pending      int64
+	back         bool
+	beatSpent    bool
+	redeliveries int64 // reconnects made for redelivery, since start
 }
 
-func (s *relayStats) failed(log *slog.Logger, now time.Time, kind, id, reason string) {
+func (s *relayStats) failed(log *slog.Logger, now time.Time, f failure) {
+	kind, id, reason := f.kind, f.id, f.reason
 	s.mu.Lock()
-	s.unacked++
+	if f.unacked {
+		s.unacked++
+		s.pending++
+	}
+	s.back = false
+	if f.gone {
+		s.beatSpent = false
+	}
 	s.lastErr, s.lastAt = reason, now
 	s.streak++
 	first := s.streak == 1
@@ -122,14 +160,20 @@ func (s *relayStats) failed(log *slog.Logger, now time.Time, kind, id, reason st
 	}
 }
 
-func (s *relayStats) ok(log *slog.Logger, now time.Time) {
+// ok records a store relay confirmed; true when relay has just come back
+// with items of the current connection still unacknowledged.
+func (s *relayStats) ok(log *slog.Logger, now time.Time) bool {
 	s.mu.Lock()
 	streak, since := s.streak, s.streakStart
 	s.streak = 0
+	wasBack := s.back
+	s.back, s.beatSpent = true, false
+	pending := s.pending
 	s.mu.Unlock()
 	if streak > 0 {
 		log.Info("relay storing again", "unacked_meanwhile", streak, "outage", now.Sub(since).Round(time.Second))
 	}
+	return !wasBack && pending > 0
 }
 
 // details fills the heartbeat's relay fields.
@@ -137,6 +181,7 @@ func (s *relayStats) details(d *bus.GatewayDetails) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	d.RelayUnacked = s.unacked
+	d.RelayRedeliveryReconnects = s.redeliveries
 	d.LastRelayError = s.lastErr
 	if !s.lastAt.IsZero() {
 		t := s.lastAt.UTC()

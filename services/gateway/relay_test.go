@@ -174,7 +174,12 @@ func TestOwnerCommandRunsOncePerStoredMessage(t *testing.T) {
 	if h.conn.emit(ping) {
 		t.Fatal("acknowledged although relay refused")
 	}
+	// Relay is back: the gateway reconnects, and WhatsApp redelivers.
 	h.relay.SetMode(testrelay.Store)
+	if err := h.relay.Beat(true); err != nil {
+		t.Fatal(err)
+	}
+	h.reconnectedForRedelivery()
 	if !h.conn.emit(ping) { // the redelivery, stored now
 		t.Fatal("redelivery not acknowledged")
 	}

@@ -65,6 +65,7 @@ func (g *Gateway) session(ctx context.Context) error {
 	defer func() {
 		g.stopTimers()
 		stopTimer(&g.retry)
+		stopTimer(&g.redeliverTimer)
 		g.bg.Wait() // pairing-code requests end with ctx
 	}()
 
@@ -109,6 +110,12 @@ func (g *Gateway) session(ctx context.Context) error {
 			if g.State() == bus.StateConnected && !g.lc.IsConnected() {
 				g.fail("socket closed without a disconnect event")
 			}
+			g.redeliver(ctx) // a signal while not yet connected
+		case <-g.relayBack:
+			g.redeliver(ctx)
+		case <-timerC(g.redeliverTimer):
+			g.redeliverTimer = nil
+			g.redeliver(ctx)
 		case <-hint.Chan():
 			g.pairHint()
 		case <-g.events.ready():
@@ -141,6 +148,7 @@ func (g *Gateway) connect(ctx context.Context) {
 	stopTimer(&g.retry)
 	g.gen++
 	g.pairAsked = false
+	g.relay.newConnection()
 	g.setState(bus.StateConnecting, "")
 	attempt := g.attempt()
 	g.publish(bus.ConnEvent{Kind: bus.ConnConnecting, Attempt: attempt})
@@ -169,10 +177,17 @@ func (g *Gateway) dropAndRetry(reason string, reconnect bool) {
 		g.log.Debug("failure absorbed: a retry is already scheduled", "reason", reason)
 		return
 	}
+	g.log.Warn("WhatsApp not connected; retrying", "reason", reason)
+	g.drop(reason, reconnect)
+}
+
+// drop closes the socket and schedules the retry that reconnects it: the
+// one way the supervisor reconnects, whether the socket failed or we chose
+// to (redeliver.go).
+func (g *Gateway) drop(reason string, reconnect bool) {
 	g.stopTimers()
 	g.lc.Disconnect()
 	g.setState(bus.StateReconnecting, reason)
-	g.log.Warn("WhatsApp not connected; retrying", "reason", reason)
 	g.scheduleRetry(0, reconnect)
 }
 

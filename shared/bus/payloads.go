@@ -95,6 +95,10 @@ type GatewayDetails struct {
 	RelayUnacked     int64      `json:"relay_unacked"`
 	LastRelayError   string     `json:"last_relay_error,omitempty"`
 	LastRelayErrorAt *time.Time `json:"last_relay_error_at,omitempty"`
+	// Reconnects the gateway made, since it started, so that WhatsApp
+	// redelivers what relay could not store once relay was back (at most
+	// one a minute).
+	RelayRedeliveryReconnects int64 `json:"relay_redelivery_reconnects"`
 }
 
 // BackupDetails are the backup service's heartbeat details.

@@ -526,28 +526,30 @@ func TestMessageWhoseStoreFailedComesAgainAfterReconnect(t *testing.T) {
 	r.relay.SetMode(testrelay.Refuse)
 	ids := r.inject(sandbox.Inject{From: "15551230010", Content: sandbox.Content{Text: "store me"}})
 	testwait.For(t, 5*time.Second, "the refused store", func() bool { return r.relay.Requests() == 1 })
-	// A later message on the same socket proves the delivery loop moved
-	// past the refused one without acknowledging it.
-	r.relay.SetMode(testrelay.Store)
+	// A later message on the same socket, refused too, proves the delivery
+	// loop moved past the first without acknowledging it. (A stored one
+	// would tell the gateway relay is back, and it would reconnect by
+	// itself: see redeliver_test.go.)
 	later := r.inject(sandbox.Inject{From: "15551230011", Content: sandbox.Content{Text: "later"}})
-	r.msgIn(later[0])
-	testwait.For(t, 5*time.Second, "the later message acked", func() bool {
-		_, acked, err := r.srv.Deliveries(t.Context(), later[0])
-		return err == nil && acked
-	})
-	if n, acked, err := r.srv.Deliveries(t.Context(), ids[0]); err != nil || n != 1 || acked {
-		t.Fatalf("the refused message: %d deliveries, acked %v (%v); want 1, not acked", n, acked, err)
+	testwait.For(t, 5*time.Second, "the later refused store", func() bool { return r.relay.Requests() == 2 })
+	for _, id := range []string{ids[0], later[0]} {
+		if n, acked, err := r.srv.Deliveries(t.Context(), id); err != nil || n != 1 || acked {
+			t.Fatalf("a refused message: %d deliveries, acked %v (%v); want 1, not acked", n, acked, err)
+		}
 	}
-	if pt, _ := bufferRows(t, r); pt != 1 {
-		t.Fatalf("%d buffered plaintexts, want the refused message's", pt)
+	if pt, _ := bufferRows(t, r); pt != 2 {
+		t.Fatalf("%d buffered plaintexts, want the refused messages'", pt)
 	}
 
+	r.relay.SetMode(testrelay.Store)
 	r.reconnect()
-	r.msgIn(ids[0])
-	testwait.For(t, 5*time.Second, "the redelivery acknowledged", func() bool {
-		n, acked, err := r.srv.Deliveries(t.Context(), ids[0])
-		return err == nil && n == 2 && acked
-	})
+	r.msgIn(ids[0], later[0])
+	for _, id := range []string{ids[0], later[0]} {
+		testwait.For(t, 5*time.Second, "the redelivery acknowledged", func() bool {
+			n, acked, err := r.srv.Deliveries(t.Context(), id)
+			return err == nil && n == 2 && acked
+		})
+	}
 	if pt, hashes := bufferRows(t, r); pt != 0 || hashes != 2 {
 		t.Fatalf("event buffer: %d plaintexts, %d hashes; want 0 and 2", pt, hashes)
 	}
