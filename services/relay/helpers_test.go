@@ -121,10 +121,12 @@ func (s *setup) start(t testing.TB) *instance {
 	in := &instance{svc: svc, cancel: cancel, done: make(chan error, 1), logs: buf, nc: nc}
 	go func() { in.done <- svc.Run(ctx) }()
 	t.Cleanup(func() { in.stop(t) })
-	// Serving once it answers (ok or not): its subscriptions are up.
-	testwait.Every(t, 10*time.Second, 10*time.Millisecond, "relay to subscribe", func() bool {
-		_, err := s.bus.nc.Request(bus.NewSubjects(session).MsgReplay(), []byte(`{"limit":1}`), time.Second)
-		return err == nil
+	// Ready once replay answers ok (with a failing database: once it
+	// answers at all, its subscriptions being up).
+	testwait.Every(t, 30*time.Second, 10*time.Millisecond, "relay to be ready", func() bool {
+		m, err := s.bus.nc.Request(bus.NewSubjects(session).MsgReplay(), []byte(`{"limit":1}`), time.Second)
+		var rep bus.MsgReplayReply
+		return err == nil && (s.open != nil || json.Unmarshal(m.Data, &rep) == nil && rep.OK)
 	})
 	return in
 }

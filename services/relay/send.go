@@ -107,6 +107,9 @@ func (s *Service) awaitSend(key string, done <-chan struct{}) bus.MsgSendReply {
 		case <-done:
 			done = nil // closed: read once
 		case <-poll.Chan():
+		case <-s.stopping:
+			return bus.MsgSendReply{Queued: true, IdempotencyKey: key,
+				Error: "relay is stopping; the send stays queued and goes out once relay is back (P.msg.sent tells)"}
 		case <-deadline.Chan():
 			return bus.MsgSendReply{Queued: true, IdempotencyKey: key,
 				Error: fmt.Sprintf("not sent within %s; it stays queued and goes out once it can (P.msg.sent tells)", s.cfg.SendWait)}

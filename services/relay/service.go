@@ -52,6 +52,7 @@ type Service struct {
 
 	handlers sync.WaitGroup
 	sem      chan struct{} // bounds concurrent request handlers
+	stopping chan struct{} // closed when Run stops: waiting sends answer at once
 	waiters  waiters
 
 	mu        sync.Mutex
@@ -101,17 +102,18 @@ func New(opts Options) (*Service, error) {
 		hc = &http.Client{Timeout: cfg.WebhookTimeout}
 	}
 	return &Service{
-		opts:    opts,
-		cfg:     cfg,
-		log:     opts.Log.With("service", bus.ServiceRelay),
-		clock:   opts.Clock,
-		subj:    bus.NewSubjects(cfg.Session),
-		codec:   Codec{Key: cfg.Key},
-		http:    hc,
-		limiter: rate.NewLimiter(cfg.SendRate, 1),
-		sem:     make(chan struct{}, maxHandlers),
-		waiters: waiters{m: map[string][]chan struct{}{}},
-		state:   bus.StateStarting,
+		opts:     opts,
+		cfg:      cfg,
+		log:      opts.Log.With("service", bus.ServiceRelay),
+		clock:    opts.Clock,
+		subj:     bus.NewSubjects(cfg.Session),
+		codec:    Codec{Key: cfg.Key},
+		http:     hc,
+		limiter:  rate.NewLimiter(cfg.SendRate, 1),
+		sem:      make(chan struct{}, maxHandlers),
+		stopping: make(chan struct{}),
+		waiters:  waiters{m: map[string][]chan struct{}{}},
+		state:    bus.StateStarting,
 	}, nil
 }
 
@@ -175,8 +177,10 @@ func (s *Service) Run(ctx context.Context) error {
 		st.Close()
 		return fmt.Errorf("relay: %w", err)
 	}
+	// Store and queue appear together: a request either finds both or
+	// hears that relay is not ready.
 	s.mu.Lock()
-	s.queue = q
+	s.store, s.queue, s.dbOK = st, q, true
 	s.state = bus.StateOK
 	s.mu.Unlock()
 	s.log.Info("relay ready", "database", st.Kind(), "jetstream", s.jetStream() != nil,
@@ -196,6 +200,7 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 	for _, sub := range subs {
 		_ = sub.Unsubscribe()
 	}
+	close(s.stopping)
 	s.handlers.Wait()
 	var err error
 	if q != nil {
@@ -238,9 +243,6 @@ func (s *Service) openStore(ctx context.Context) Store {
 	for {
 		st, err := s.connect(ctx)
 		if err == nil {
-			s.mu.Lock()
-			s.store, s.dbOK = st, true
-			s.mu.Unlock()
 			return st
 		}
 		s.noteErr(err)
