@@ -70,6 +70,8 @@ type JobInfo struct {
 	// AttemptedAt is when this attempt started, on River's clock (as
 	// CreatedAt): the two measure how long a delivery has been retried.
 	AttemptedAt time.Time
+	// FirstFailedAt is when the first attempt failed (zero: none has).
+	FirstFailedAt time.Time
 }
 
 // Queue is relay's River client as the service sees it.
@@ -140,6 +142,9 @@ func info[A river.JobArgs](job *river.Job[A]) JobInfo {
 	ji := JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, CreatedAt: job.CreatedAt}
 	if job.AttemptedAt != nil {
 		ji.AttemptedAt = *job.AttemptedAt
+	}
+	if len(job.Errors) > 0 {
+		ji.FirstFailedAt = job.Errors[0].At
 	}
 	return ji
 }

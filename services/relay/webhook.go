@@ -41,7 +41,7 @@ func Sign(secret string, timestamp int64, body []byte) string {
 
 // post delivers one item to the webhook. 2xx is delivered. 408, 429, 5xx, a
 // timeout or no answer retry with backoff until WEBHOOK_RETRY_FOR has passed
-// since the job was created; then, or at once for any other status, the
+// since the first attempt failed; then, or at once for any other status, the
 // delivery is dead (a cancelled River job: River UI, /status and
 // blacksky deliveries retry show it).
 func (s *Service) post(ctx context.Context, job JobInfo, r rendered) error {
@@ -56,7 +56,7 @@ func (s *Service) post(ctx context.Context, job JobInfo, r rendered) error {
 	if errors.As(err, &perm) {
 		return river.JobCancel(err)
 	}
-	if !job.AttemptedAt.IsZero() && job.AttemptedAt.Sub(job.CreatedAt) >= s.cfg.WebhookRetryFor {
+	if !job.FirstFailedAt.IsZero() && job.AttemptedAt.Sub(job.FirstFailedAt) >= s.cfg.WebhookRetryFor {
 		return river.JobCancel(fmt.Errorf("gave up after WEBHOOK_RETRY_FOR (%s): %w", s.cfg.WebhookRetryFor, err))
 	}
 	return err
