@@ -3,7 +3,6 @@ package relay
 import (
 	"context"
 	"errors"
-	"strings"
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -11,11 +10,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// StreamName is the JetStream stream of a session: BLACKSKY_ and the
-// session's subject token, upper-cased, '-' made '_' (stream names allow
-// neither '.' nor wildcards).
+// StreamName is the JetStream stream of a session: "blacksky_" and the
+// session's subject token (stream names allow neither '.' nor wildcards;
+// the token has neither).
 func StreamName(session string) string {
-	return "BLACKSKY_" + strings.ToUpper(strings.ReplaceAll(bus.SessionToken(session), "-", "_"))
+	return "blacksky_" + bus.SessionToken(session)
 }
 
 // StreamSubjects are the subjects the session's stream keeps.
