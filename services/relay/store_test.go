@@ -180,3 +180,22 @@ func TestStoreIsRefusedWhileTheDatabaseIsDown(t *testing.T) {
 	}
 	in.stop(t)
 }
+
+func TestReceiptIsStoredOnceAndPublished(t *testing.T) {
+	s := newSetup(t, "postgres")
+	got := collect(t, s.bus.nc, subj.MsgReceipt())
+	s.start(t)
+	rc := bus.Receipt{Chat: "c@s.whatsapp.net", Sender: "c@s.whatsapp.net", IDs: []string{"A", "B"}, Type: "read",
+		Timestamp: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
+	var first, again bus.RelayStoreReply
+	request(t, s.bus.nc, subj.RelayStore(), bus.RelayStoreRequest{Receipt: &rc}, &first)
+	request(t, s.bus.nc, subj.RelayStore(), bus.RelayStoreRequest{Receipt: &rc}, &again)
+	if !first.OK || first.Duplicate || !again.OK || !again.Duplicate {
+		t.Fatalf("receipt and its redelivery: %+v %+v", first, again)
+	}
+	testwait.For(t, 20*time.Second, "P.msg.receipt", func() bool { return got.len() >= 1 })
+	var ev bus.Receipt
+	if err := json.Unmarshal(got.all()[0].Data, &ev); err != nil || ev.Type != "read" || len(ev.IDs) != 2 || ev.Session != session {
+		t.Fatalf("msg.receipt: %+v %v", ev, err)
+	}
+}
