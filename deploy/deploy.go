@@ -69,6 +69,7 @@ var ComposeFixed = map[string]map[string]string{
 	"gateway": {"DATA_DIR": "/data", "NATS_LISTEN": "0.0.0.0:4222"},
 	"backup":  {"DATA_DIR": "/data", "NATS_URL": "nats://gateway:4222"},
 	"health":  {"DATA_DIR": "/data", "NATS_URL": "nats://gateway:4222"},
+	"relay":   {"DATA_DIR": "/data", "NATS_URL": "nats://gateway:4222"},
 }
 
 // ComposeDefaults are the defaults docker-compose.yml uses where they differ

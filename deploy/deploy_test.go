@@ -210,13 +210,13 @@ func serviceEnv(t *testing.T, s types.ServiceConfig) map[string]string {
 	return out
 }
 
-var blackskyServices = []string{"gateway", "backup", "health"}
+var blackskyServices = []string{"gateway", "backup", "relay", "health"}
 
 func TestComposeTopology(t *testing.T) {
 	p := mustLoadCompose(t, secretsEnv(t))
 
 	names := p.ServiceNames()
-	if want := []string{"backup", "gateway", "health", "postgres"}; !slices.Equal(names, want) {
+	if want := []string{"backup", "gateway", "health", "postgres", "relay"}; !slices.Equal(names, want) {
 		t.Fatalf("services = %v, want %v", names, want)
 	}
 
@@ -228,7 +228,9 @@ func TestComposeTopology(t *testing.T) {
 	}{
 		{"postgres", nil, nil, map[string]string{"pgdata": "/var/lib/postgresql/data"}},
 		{"backup", []string{"blacksky", "backup"}, map[string]string{"postgres": types.ServiceConditionHealthy}, map[string]string{"data": "/data"}},
-		{"gateway", []string{"blacksky", "gateway"}, map[string]string{"postgres": types.ServiceConditionHealthy, "backup": types.ServiceConditionStarted}, map[string]string{"data": "/data"}},
+		{"relay", []string{"blacksky", "relay"}, map[string]string{"postgres": types.ServiceConditionHealthy}, map[string]string{}},
+		{"gateway", []string{"blacksky", "gateway"}, map[string]string{"postgres": types.ServiceConditionHealthy, "backup": types.ServiceConditionStarted,
+			"relay": types.ServiceConditionStarted}, map[string]string{"data": "/data"}},
 		{"health", []string{"blacksky", "health"}, map[string]string{"gateway": types.ServiceConditionStarted}, map[string]string{}},
 	}
 	for _, tt := range tests {
@@ -300,7 +302,7 @@ func TestComposeHealthchecks(t *testing.T) {
 	}
 	// gateway and backup serve no HTTP: the image's HEALTHCHECK (which asks
 	// /healthz on $PORT) would mark them unhealthy for ever.
-	for _, name := range []string{"gateway", "backup"} {
+	for _, name := range []string{"gateway", "backup", "relay"} {
 		if hc := p.Services[name].HealthCheck; hc == nil || !hc.Disable {
 			t.Errorf("%s healthcheck = %+v, want disabled", name, hc)
 		}
@@ -322,9 +324,10 @@ func TestComposeStopOrder(t *testing.T) {
 	if err != nil {
 		t.Fatalf("stop order: %v", err)
 	}
-	want := []string{"health", "gateway", "backup", "postgres"}
+	want := []string{"health", "gateway", "backup", "relay", "postgres"}
 	if !slices.Equal(order, want) {
-		t.Errorf("stop order = %v, want %v: the gateway must close its socket before backup takes the shutdown snapshot", order, want)
+		t.Errorf("stop order = %v, want %v: the gateway must close its socket before backup takes the shutdown snapshot, "+
+			"and stop acknowledging messages before relay, which stores them, stops", order, want)
 	}
 
 	// Each blacksky service gets longer than SHUTDOWN_TIMEOUT before SIGKILL.
@@ -401,7 +404,7 @@ func TestComposeEnvironment(t *testing.T) {
 	if err := config.ValidateListen(gw["NATS_LISTEN"], gw["NATS_TOKEN"]); err != nil {
 		t.Errorf("gateway NATS_LISTEN: %v", err)
 	}
-	for _, name := range []string{"backup", "health"} {
+	for _, name := range []string{"backup", "relay", "health"} {
 		env := serviceEnv(t, p.Services[name])
 		u, err := url.Parse(env["NATS_URL"])
 		if err != nil {
@@ -417,7 +420,7 @@ func TestComposeEnvironment(t *testing.T) {
 
 	// DATABASE_URL points at the postgres service with its credentials.
 	pg := serviceEnv(t, p.Services["postgres"])
-	for _, name := range []string{"gateway", "backup"} {
+	for _, name := range []string{"gateway", "backup", "relay"} {
 		u, err := url.Parse(serviceEnv(t, p.Services[name])["DATABASE_URL"])
 		if err != nil {
 			t.Fatal(err)
@@ -434,7 +437,7 @@ func TestComposeEnvironment(t *testing.T) {
 	if len(h.Ports) != 1 || fmt.Sprint(h.Ports[0].Target) != port || h.Ports[0].Published != port {
 		t.Errorf("health ports = %+v, want %s:%s", h.Ports, port, port)
 	}
-	for _, name := range []string{"postgres", "gateway", "backup"} {
+	for _, name := range []string{"postgres", "gateway", "backup", "relay"} {
 		if len(p.Services[name].Ports) != 0 {
 			t.Errorf("%s publishes ports %+v; only health should", name, p.Services[name].Ports)
 		}

@@ -73,13 +73,16 @@ func ExitCode(err error) int {
 // commands is the command line: name, flags in brief, what it does. The
 // top-level usage and each command's --help are printed from it.
 var commands = []struct{ name, brief, about string }{
-	{"run", "", "everything in one process (default): embedded NATS, health on $PORT, backup and the gateway"},
+	{"run", "", "everything in one process (default): embedded NATS, health on $PORT, backup, relay and the gateway"},
 	{"gateway", "", "the WhatsApp socket owner, with the embedded NATS server"},
 	{"backup", "", "snapshot and restore workers"},
+	{"relay", "", "stores incoming messages, delivers them (bus, JetStream, webhook) and queues sends"},
 	{"health", "", "the HTTP service on $PORT"},
 	{"migrate", "", "create or upgrade every table (Heroku's release phase runs it)"},
 	{"backup-now", "[--reason R] [--timeout D]", "ask the running backup service for a snapshot and print the reply"},
 	{"snapshots", "", "list stored snapshots, newest first"},
+	{"messages", "[--after N] [--limit L] [--timeout D]", "print the stored messages after seq N, one JSON object a line, as on P.msg.in"},
+	{"deliveries", "retry [--timeout D]", "send dead deliveries (webhook or bus) again"},
 	{"restore", "[--id N] [--force] [--ignore-lease]", "write a snapshot into the session path"},
 	{"sandbox", "link | inject | fault KIND | outbox", "drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true)"},
 	{"healthcheck", "[--url U] [--timeout D]", "exit 0 if /healthz answers 200"},
@@ -129,6 +132,12 @@ func (m *Main) dispatch(ctx context.Context, cmd string, args []string) error {
 		return m.cmdBackup(ctx, args)
 	case "health":
 		return m.cmdHealth(ctx, args)
+	case "relay":
+		return m.cmdRelay(ctx, args)
+	case "messages":
+		return m.cmdMessages(ctx, args)
+	case "deliveries":
+		return m.cmdDeliveries(ctx, args)
 	case "migrate":
 		return m.cmdMigrate(ctx, args)
 	case "backup-now":
@@ -263,7 +272,7 @@ func writesDataDir(role string, cfg *config.Config) bool {
 	switch role {
 	case "run", "gateway", "backup", "restore":
 		return true
-	case "migrate":
+	case "migrate", "relay":
 		return cfg.DatabaseURL == ""
 	}
 	return false

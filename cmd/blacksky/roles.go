@@ -154,7 +154,7 @@ func (a *app) listenHTTP() (net.Listener, error) {
 
 // cmdRun is everything in one process: embedded NATS (on NATS_LISTEN,
 // loopback by default, announced in bus.json; or an external NATS_URL),
-// health, backup, gateway.
+// health, backup, relay, gateway.
 func (m *Main) cmdRun(ctx context.Context, args []string) error {
 	if err := parseFlags(m.flags("run"), args); err != nil {
 		return err
@@ -171,7 +171,7 @@ func (m *Main) cmdRun(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	roles := []bus.Role{bus.RoleHealth, bus.RoleGateway}
+	roles := []bus.Role{bus.RoleHealth, bus.RoleGateway, bus.RoleRelay}
 	if a.cfg.EnableSessionBackup {
 		roles = append(roles, bus.RoleBackup)
 	}
@@ -197,6 +197,14 @@ func (m *Main) cmdRun(ctx context.Context, args []string) error {
 		}
 		sup.start("backup", b)
 	}
+	// relay starts before the gateway and stops after it: the gateway
+	// acknowledges a message to WhatsApp only once relay has stored it.
+	r, err := a.newRelay(bh.conn(bus.RoleRelay))
+	if err != nil {
+		sup.wait(canceled(), a.cfg.ShutdownTimeout)
+		return err
+	}
+	sup.start("relay", r)
 	g, err := a.newGateway(bh.conn(bus.RoleGateway))
 	if err != nil {
 		sup.wait(canceled(), a.cfg.ShutdownTimeout)

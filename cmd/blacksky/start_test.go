@@ -18,6 +18,8 @@ import (
 // commandFlags are the flags each command's --help must list.
 var commandFlags = map[string][]string{
 	"backup-now":  {"-reason", "-timeout"},
+	"messages":    {"-after", "-limit", "-timeout"},
+	"deliveries":  {"-timeout"},
 	"restore":     {"-id", "-force"},
 	"healthcheck": {"-url", "-timeout"},
 	"sandbox":     {"--phone", "--from", "--count", "--rate"},

@@ -95,6 +95,14 @@ func (m *Main) cmdMigrate(ctx context.Context, args []string) error {
 	if err := st.Migrate(ctx); err != nil {
 		return err
 	}
+	rst, err := a.openRelayStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer rst.Close()
+	if err := rst.Migrate(ctx); err != nil {
+		return err
+	}
 	fmt.Fprintf(a.stdout, "migrations applied (%s)\n", st.Kind())
 	return nil
 }

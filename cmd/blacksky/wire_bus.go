@@ -124,7 +124,8 @@ func (a *app) busFor(listen string, roles ...bus.Role) (*busHandle, error) {
 func (a *app) startBus(listen string) (*bus.Server, error) {
 	// In sandbox mode the bots' credential may also publish sandbox.link,
 	// inject, fault and outbox.
-	opts := bus.ServerOptions{Listen: listen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret, Sandbox: a.cfg.WhatsAppSandbox}
+	opts := bus.ServerOptions{Listen: listen, Token: a.cfg.NATSToken, InternalSecret: a.cfg.NATSInternalSecret, Sandbox: a.cfg.WhatsAppSandbox,
+		JetStream: a.cfg.NATSJetStream, JetStreamDir: filepath.Join(a.cfg.DataDir, "jetstream")}
 	srv, err := bus.StartServer(opts)
 	var le *bus.ListenError
 	if errors.As(err, &le) {

@@ -289,3 +289,36 @@ func TestRequestReasonsCannotBeChangedByCallers(t *testing.T) {
 		t.Fatalf("RequestReasons() = %v after a caller changed its copy", got)
 	}
 }
+
+// FuzzRelayDecode: relay's strict decoders (P.relay.store, P.msg.replay,
+// P.relay.retry, P.msg.send) never panic, and what they accept is within
+// their bounds.
+func FuzzRelayDecode(f *testing.F) {
+	for _, s := range []string{`{"message":{"id":"A","chat":"c","at":"2026-03-01T12:00:00Z"}}`,
+		`{"receipt":{"chat":"c","ids":["A"],"type":"read"}}`, `{"after_seq":3,"limit":10}`, ``, `{}`,
+		`{"to":"1","text":"x","idempotency_key":"k","wait":false}`, `[]`, `{"message":null}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if r, err := bus.DecodeRelayStore(data); err == nil {
+			if (r.Message == nil) == (r.Receipt == nil) {
+				t.Fatalf("accepted %q with both or neither", data)
+			}
+			if r.Message != nil && (r.Message.ID == "" || r.Message.Chat == "" || len(r.Message.ID) > bus.MaxIDLen) {
+				t.Fatalf("accepted message %+v", r.Message)
+			}
+			if r.Receipt != nil && (len(r.Receipt.IDs) == 0 || len(r.Receipt.IDs) > bus.MaxReceiptIDs) {
+				t.Fatalf("accepted receipt %+v", r.Receipt)
+			}
+		}
+		if r, err := bus.DecodeMsgReplay(data); err == nil && (r.AfterSeq < 0 || r.Limit < 0 || r.Limit > bus.MaxReplayLimit) {
+			t.Fatalf("accepted replay %+v", r)
+		}
+		_ = bus.DecodeRelayRetry(data)
+		if m, err := bus.DecodeMsgSend(data); err == nil {
+			if m.To == "" || m.Text == "" || len(m.IdempotencyKey) > bus.MaxIdempotencyLen || strings.ContainsAny(m.IdempotencyKey, " \t\n") {
+				t.Fatalf("accepted send %+v", m)
+			}
+		}
+	})
+}

@@ -362,7 +362,8 @@ func DecodeBackupRequest(data []byte) (BackupRequest, error) {
 }
 
 // DecodeMsgSend reads a P.msg.send body: "to" and a non-empty "text" are
-// required. The recipient's form is checked by the gateway, which knows JIDs.
+// required; "idempotency_key", when given, is 1 to MaxIdempotencyLen
+// printable ASCII characters without spaces. The recipient's form is checked by the gateway, which knows JIDs.
 func DecodeMsgSend(data []byte) (MsgSend, error) {
 	var m MsgSend
 	if err := decodeStrict(data, &m); err != nil {
@@ -375,6 +376,15 @@ func DecodeMsgSend(data []byte) (MsgSend, error) {
 		return MsgSend{}, errors.New(`"text" is required`)
 	case len(m.Text) > MaxTextLen:
 		return MsgSend{}, fmt.Errorf(`"text" is longer than %d bytes`, MaxTextLen)
+	case len(m.IdempotencyKey) > MaxIdempotencyLen:
+		return MsgSend{}, fmt.Errorf(`"idempotency_key" is longer than %d bytes`, MaxIdempotencyLen)
+	}
+	for _, r := range m.IdempotencyKey {
+		// Printable ASCII without spaces: it is shown in logs, events and
+		// the CLI as it is.
+		if r <= ' ' || r > '~' {
+			return MsgSend{}, errors.New(`"idempotency_key": printable ASCII without spaces only`)
+		}
 	}
 	return m, nil
 }

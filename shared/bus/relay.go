@@ -1,6 +1,11 @@
 package bus
 
-import "time"
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"time"
+)
 
 // Relay's subjects and payloads (issue 11: at-least-once delivery). The
 // gateway no longer publishes P.msg.in itself: it hands every incoming
@@ -113,4 +118,96 @@ type RelayDetails struct {
 	OldestPendingMS int64      `json:"oldest_pending_ms,omitempty"`
 	LastError       string     `json:"last_error,omitempty"`
 	LastErrorAt     *time.Time `json:"last_error_at,omitempty"`
+}
+
+// RelayRetryReply answers P.relay.retry: how many dead deliveries were put
+// back in their queues.
+type RelayRetryReply struct {
+	OK      bool   `json:"ok"`
+	Retried int    `json:"retried"`
+	Error   string `json:"error,omitempty"`
+}
+
+// Bounds of what relay stores: WhatsApp ids are short, and a receipt names
+// a bounded batch of messages.
+const (
+	MaxIDLen          = 256
+	MaxReceiptIDs     = 1024
+	MaxIdempotencyLen = 128
+	MaxReplayLimit    = 1000
+)
+
+// DecodeRelayStore reads a P.relay.store body strictly: exactly one of
+// "message" and "receipt"; a message needs "id" and "chat", a receipt "chat"
+// and at least one id.
+func DecodeRelayStore(data []byte) (RelayStoreRequest, error) {
+	var r RelayStoreRequest
+	if err := decodeStrict(data, &r); err != nil {
+		return RelayStoreRequest{}, err
+	}
+	switch {
+	case (r.Message == nil) == (r.Receipt == nil):
+		return RelayStoreRequest{}, errors.New(`exactly one of "message" and "receipt" is required`)
+	case r.Message != nil:
+		m := r.Message
+		if err := checkID("message", m.ID, m.Chat); err != nil {
+			return RelayStoreRequest{}, err
+		}
+		if len(m.Text) > 4*MaxTextLen {
+			return RelayStoreRequest{}, fmt.Errorf(`message "text" is longer than %d bytes`, 4*MaxTextLen)
+		}
+	default:
+		rc := r.Receipt
+		if len(rc.IDs) == 0 || len(rc.IDs) > MaxReceiptIDs {
+			return RelayStoreRequest{}, fmt.Errorf(`receipt "ids": want 1 to %d ids`, MaxReceiptIDs)
+		}
+		for _, id := range rc.IDs {
+			if err := checkID("receipt", id, rc.Chat); err != nil {
+				return RelayStoreRequest{}, err
+			}
+		}
+		if rc.Type == "" || len(rc.Type) > 32 {
+			return RelayStoreRequest{}, errors.New(`receipt "type" is required (at most 32 bytes)`)
+		}
+	}
+	return r, nil
+}
+
+func checkID(what, id, chat string) error {
+	switch {
+	case id == "" || len(id) > MaxIDLen:
+		return fmt.Errorf(`%s "id": want 1 to %d bytes`, what, MaxIDLen)
+	case chat == "" || len(chat) > MaxIDLen:
+		return fmt.Errorf(`%s "chat": want 1 to %d bytes`, what, MaxIDLen)
+	}
+	return nil
+}
+
+// DecodeMsgReplay reads a P.msg.replay body strictly: "after_seq" at least
+// 0, "limit" from 0 (relay's default) to MaxReplayLimit. An empty body is
+// everything from the start.
+func DecodeMsgReplay(data []byte) (MsgReplayRequest, error) {
+	var r MsgReplayRequest
+	if len(bytes.TrimSpace(data)) == 0 {
+		return r, nil
+	}
+	if err := decodeStrict(data, &r); err != nil {
+		return MsgReplayRequest{}, err
+	}
+	switch {
+	case r.AfterSeq < 0:
+		return MsgReplayRequest{}, errors.New(`"after_seq" must be 0 or more`)
+	case r.Limit < 0 || r.Limit > MaxReplayLimit:
+		return MsgReplayRequest{}, fmt.Errorf(`"limit": want 0 (the default) to %d`, MaxReplayLimit)
+	}
+	return r, nil
+}
+
+// DecodeRelayRetry reads a P.relay.retry body: empty or {}.
+func DecodeRelayRetry(data []byte) error {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil
+	}
+	var v struct{}
+	return decodeStrict(data, &v)
 }

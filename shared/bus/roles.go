@@ -69,7 +69,33 @@ type grant struct {
 	// respond lets the role answer requests it received (the reply subject
 	// of each, once, within ResponseWindow), and nothing else in _INBOX.
 	respond bool
+	// jetStream are JetStream API subjects the role may publish, as they
+	// are (not under the session prefix).
+	jetStream []string
 }
+
+// JetStream API subjects. A stream's name is one subject token, so a grant
+// cannot say "our streams" (BLACKSKY_*) and names every stream (*): on an
+// external NATS shared with other applications, bots can read those
+// applications' stream infos and make consumers on their streams. Nobody
+// but relay may create, change or delete a stream, or purge or delete its
+// messages.
+var (
+	// relayJetStream: find out whether the server has JetStream, and
+	// create or update the session's stream (publishing into it is a plain
+	// publish on P.msg.in and the others, acked to relay's inbox).
+	relayJetStream = []string{"$JS.API.INFO", "$JS.API.STREAM.CREATE.*", "$JS.API.STREAM.UPDATE.*", "$JS.API.STREAM.INFO.*"}
+	// botJetStream: what a bot with a durable pull consumer needs, through
+	// nats.go's jetstream package or its older JetStreamContext: look the
+	// stream up, create (or update), read and delete its own consumers,
+	// pull messages (answered on its _INBOX), and ack them.
+	botJetStream = []string{
+		"$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.NAMES",
+		"$JS.API.CONSUMER.CREATE.*", "$JS.API.CONSUMER.CREATE.*.>", "$JS.API.CONSUMER.DURABLE.CREATE.*.*",
+		"$JS.API.CONSUMER.INFO.*.*", "$JS.API.CONSUMER.MSG.NEXT.*.*", "$JS.API.CONSUMER.DELETE.*.*",
+		"$JS.ACK.>",
+	}
+)
 
 var grants = map[Role]grant{
 	RoleGateway: {
@@ -91,7 +117,8 @@ var grants = map[Role]grant{
 			"msg.in", "msg.receipt", "msg.sent", "msg.send_failed", "heartbeat." + ServiceRelay,
 			"gateway.send", // request: the gateway sends one queued message
 		},
-		respond: true, // relay.store, msg.send, msg.replay, relay.retry replies
+		respond:   true, // relay.store, msg.send, msg.replay, relay.retry replies
+		jetStream: relayJetStream,
 	},
 	RoleHealth: {
 		publish: []string{
@@ -100,12 +127,14 @@ var grants = map[Role]grant{
 		},
 	},
 	RoleBot: {
-		publish:        []string{"msg.send", "backup.request"},
+		publish:        []string{"msg.send", "backup.request", "msg.replay", "relay.retry"},
 		sandboxPublish: []string{"sandbox.link", "sandbox.inject", "sandbox.fault", "sandbox.outbox"},
 		// Events only: a bot that could subscribe to a command subject
 		// (session.restore, msg.send) would receive the requests and could
 		// answer them in place of our services.
-		subscribe: []string{"conn.*", "heartbeat.*", "backup.done", "backup.failed", "msg.in", "sandbox.out"},
+		subscribe: []string{"conn.*", "heartbeat.*", "backup.done", "backup.failed", "msg.in", "sandbox.out",
+			"msg.receipt", "msg.sent", "msg.send_failed"},
+		jetStream: botJetStream,
 	},
 }
 
@@ -124,7 +153,7 @@ func Permissions(role Role, sandbox bool) (*server.Permissions, error) {
 		pub = append(slices.Clone(pub), g.sandboxPublish...)
 	}
 	p := &server.Permissions{
-		Publish:   &server.SubjectPermission{Allow: prefixed(pub)},
+		Publish:   &server.SubjectPermission{Allow: append(prefixed(pub), g.jetStream...)},
 		Subscribe: &server.SubjectPermission{Allow: []string{"blacksky.>", serviceInbox}},
 	}
 	if g.subscribe != nil {

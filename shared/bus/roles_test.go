@@ -78,8 +78,13 @@ var wantPublish = map[string][]bus.Role{
 	"session.restore":   {bus.RoleGateway},
 	"msg.in":            {bus.RoleRelay},
 	"msg.send":          {bus.RoleBot},
-	"relay.store":       {bus.RoleGateway},
+	"msg.receipt":       {bus.RoleRelay},
+	"msg.sent":          {bus.RoleRelay},
+	"msg.send_failed":   {bus.RoleRelay},
+	"msg.replay":        {bus.RoleBot},
+	"relay.retry":       {bus.RoleBot},
 	"gateway.send":      {bus.RoleRelay},
+	"relay.store":       {bus.RoleGateway},
 	"sandbox.link":      {bus.RoleHealth}, // /pair's "link now" button
 	"sandbox.inject":    {},
 	"sandbox.fault":     {},
@@ -118,7 +123,7 @@ func maySubscribe(role bus.Role, subj string) bool {
 	case strings.HasPrefix(subj, "conn."), strings.HasPrefix(subj, "heartbeat."):
 		return true
 	}
-	return slices.Contains([]string{"backup.done", "backup.failed", "msg.in", "sandbox.out"}, subj)
+	return slices.Contains([]string{"backup.done", "backup.failed", "msg.in", "sandbox.out", "msg.receipt", "msg.sent", "msg.send_failed"}, subj)
 }
 
 func tableSubjects(t *testing.T) []string {

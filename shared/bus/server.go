@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,6 +37,11 @@ type ServerOptions struct {
 	Sandbox bool
 	// MaxPayload in bytes; 0 keeps the NATS default of 1 MB.
 	MaxPayload int32
+	// JetStream enables JetStream (NATS_JETSTREAM), storing in
+	// JetStreamDir ($DATA_DIR/jetstream): relay then keeps each session's
+	// messages in a stream that bots read with durable consumers.
+	JetStream    bool
+	JetStreamDir string
 }
 
 // Server is the embedded NATS server.
@@ -67,6 +73,16 @@ func StartServer(opts ServerOptions) (*Server, error) {
 		CustomClientAuthentication: auth,
 		MaxPayload:                 opts.MaxPayload,
 		MaxPending:                 64 << 20,
+	}
+	if opts.JetStream {
+		if opts.JetStreamDir == "" {
+			return nil, errors.New("nats server: JetStream needs a storage directory")
+		}
+		// JetStream keeps its files owner-only, as everything in DATA_DIR.
+		if err := os.MkdirAll(opts.JetStreamDir, 0o700); err != nil {
+			return nil, fmt.Errorf("nats server: JetStream storage: %w", err)
+		}
+		o.JetStream, o.StoreDir = true, opts.JetStreamDir
 	}
 	if opts.Listen == "" {
 		o.DontListen = true

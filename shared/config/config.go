@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -62,6 +63,13 @@ type Config struct {
 	ReconnectMax    time.Duration
 	SendRate        Rate
 	ShutdownTimeout time.Duration
+
+	MessageRetention time.Duration
+	NATSJetStream    bool
+	WebhookURL       string // secret: its userinfo and query may hold credentials
+	WebhookSecret    string // secret
+	WebhookEvents    []string
+	WebhookRetryFor  time.Duration
 
 	LogLevel  slog.Level
 	LogFormat string // "text" or "json"
@@ -211,6 +219,25 @@ func Load(getenv Getenv) (*Config, error) {
 	c.SendRate = p.rate("SEND_RATE")
 	c.ShutdownTimeout = p.duration("SHUTDOWN_TIMEOUT", time.Second)
 
+	c.MessageRetention = p.days("MESSAGE_RETENTION", time.Minute)
+	c.NATSJetStream = p.boolean("NATS_JETSTREAM")
+	c.WebhookURL = p.str("WEBHOOK_URL")
+	if c.WebhookURL != "" {
+		if u, err := url.Parse(c.WebhookURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.fail("WEBHOOK_URL", "an http(s) URL", c.WebhookURL)
+		}
+	}
+	c.WebhookSecret = p.str("WEBHOOK_SECRET")
+	for _, e := range strings.Split(p.str("WEBHOOK_EVENTS"), ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			c.WebhookEvents = append(c.WebhookEvents, e)
+		}
+	}
+	if !validEvents(c.WebhookEvents) {
+		p.fail("WEBHOOK_EVENTS", "a comma-separated list of msg.in, msg.receipt, msg.sent, msg.send_failed, conn.* or conn.<kind>", p.str("WEBHOOK_EVENTS"))
+	}
+	c.WebhookRetryFor = p.days("WEBHOOK_RETRY_FOR", time.Second)
+
 	c.LogLevel = p.level("LOG_LEVEL")
 	c.LogFormat = p.str("LOG_FORMAT")
 	switch c.LogFormat {
@@ -233,6 +260,23 @@ func Load(getenv Getenv) (*Config, error) {
 		return nil, p.err
 	}
 	return c, nil
+}
+
+// webhookEvents are the events relay can post; conn.* and conn.<kind>
+// (any kind name) are accepted too, relay checks the kind.
+var webhookEvents = []string{"msg.in", "msg.receipt", "msg.sent", "msg.send_failed"}
+
+func validEvents(events []string) bool {
+	if len(events) == 0 {
+		return false
+	}
+	for _, e := range events {
+		k, conn := strings.CutPrefix(e, "conn.")
+		if !slices.Contains(webhookEvents, e) && !(conn && k != "" && !strings.ContainsAny(k, ". >")) {
+			return false
+		}
+	}
+	return true
 }
 
 // ValidateListen checks a NATS_LISTEN address and that a token guards it when

@@ -76,6 +76,22 @@ func (p *parser) duration(name string, min time.Duration) time.Duration {
 	return d
 }
 
+// days reads a Go duration or a whole number of days ("7d").
+func (p *parser) days(name string, min time.Duration) time.Duration {
+	s := p.str(name)
+	if n, ok := strings.CutSuffix(s, "d"); ok {
+		if d, err := strconv.Atoi(n); err == nil && d >= 1 && d <= 3650 {
+			return time.Duration(d) * 24 * time.Hour
+		}
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < min {
+		p.fail(name, "a duration such as 72h or a number of days such as 7d (at least "+min.String()+")", s)
+		return 0
+	}
+	return d
+}
+
 func (p *parser) minutesOrDuration(name string) time.Duration {
 	s := p.str(name)
 	if n, err := strconv.ParseFloat(s, 64); err == nil {

@@ -40,7 +40,28 @@ func RedactURL(raw string) string {
 // Secrets returns the secret values of c, so tests and redaction can check
 // that none of them leaks.
 func (c *Config) Secrets() []string {
-	return secrets(c.NATSToken, c.NATSInternalSecret, c.HealthToken, c.DatabaseURL, c.NATSURL, c.SessionEncryptionKey, "")
+	return append(secrets(c.NATSToken, c.NATSInternalSecret, c.HealthToken, c.DatabaseURL, c.NATSURL, c.SessionEncryptionKey, ""),
+		webhookSecrets(c.WebhookSecret, c.WebhookURL)...)
+}
+
+// webhookSecrets are WEBHOOK_SECRET and what WEBHOOK_URL may hide: the
+// password of its userinfo and the values of its query.
+func webhookSecrets(secret, raw string) []string {
+	var out []string
+	if secret != "" {
+		out = append(out, secret)
+	}
+	out = append(out, urlSecrets(raw, false)...)
+	if u, err := url.Parse(raw); err == nil {
+		for _, vs := range u.Query() {
+			for _, v := range vs {
+				if len(v) >= 4 {
+					out = append(out, v)
+				}
+			}
+		}
+	}
+	return out
 }
 
 // EnvSecrets returns the secret values in the environment without checking
@@ -49,8 +70,8 @@ func (c *Config) Secrets() []string {
 func EnvSecrets(getenv Getenv) []string {
 	get := func(name string) string { return strings.TrimSpace(getenv(name)) }
 	key, _ := ParseKey(get("SESSION_ENCRYPTION_KEY"))
-	return secrets(get("NATS_TOKEN"), get("NATS_INTERNAL_SECRET"), get("HEALTH_TOKEN"), get("DATABASE_URL"), get("NATS_URL"), key,
-		get("SESSION_ENCRYPTION_KEY"))
+	return append(secrets(get("NATS_TOKEN"), get("NATS_INTERNAL_SECRET"), get("HEALTH_TOKEN"), get("DATABASE_URL"), get("NATS_URL"), key,
+		get("SESSION_ENCRYPTION_KEY")), webhookSecrets(get("WEBHOOK_SECRET"), get("WEBHOOK_URL"))...)
 }
 
 func secrets(natsToken, internalSecret, healthToken, databaseURL, natsURL string, key []byte, rawKey string) []string {

@@ -33,7 +33,23 @@ const (
 	KindSnapshot = "blacksky_snapshot"
 	// PeriodicSnapshotID names the scheduled snapshot's periodic job.
 	PeriodicSnapshotID = "blacksky_scheduled_snapshot"
+
+	// KindRelayNATS delivers one item on the bus (P.msg.in, P.msg.receipt,
+	// P.msg.sent, P.msg.send_failed; into JetStream when the server has
+	// it). KindRelayWebhook posts one item to WEBHOOK_URL. Both run in
+	// lanes: RelayLaneQueue(kind, lane).
+	KindRelayNATS    = "blacksky_relay_nats"
+	KindRelayWebhook = "blacksky_relay_webhook"
+	// KindRelaySend asks the gateway to send one queued message; its queue
+	// runs one job at a time, paced by SEND_RATE.
+	KindRelaySend  = "blacksky_relay_send"
+	QueueRelaySend = "blacksky_relay_send"
 )
+
+// RelayLaneQueue is the queue of one lane of relay's deliveries of kind
+// (KindRelayNATS or KindRelayWebhook): relay hashes each chat to a lane, and
+// a lane runs one job at a time, which keeps a chat's deliveries in order.
+func RelayLaneQueue(kind string, lane int) string { return fmt.Sprintf("%s_%d", kind, lane) }
 
 // Schedule is the product's periodic jobs. Every client is built with the
 // same Schedule (cmd builds it from the configuration), so the leader

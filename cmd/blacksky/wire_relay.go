@@ -1,0 +1,184 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/blacksky-md/blacksky/services/relay"
+	"github.com/blacksky-md/blacksky/services/relay/postgres"
+	"github.com/blacksky-md/blacksky/services/relay/sqlite"
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/jobs"
+	"github.com/nats-io/nats.go"
+)
+
+// openRelayStore connects relay to the database backup uses: DATABASE_URL,
+// or the embedded SQLite in DATA_DIR.
+func (a *app) openRelayStore(ctx context.Context) (relay.Store, error) {
+	if a.cfg.DatabaseURL != "" {
+		return postgres.Open(ctx, postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns})
+	}
+	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("DATA_DIR: %w", err)
+	}
+	return sqlite.Open(ctx, filepath.Join(a.cfg.DataDir, "blacksky.db"))
+}
+
+// schedule is the product's periodic jobs, the same for every River client
+// (package jobs says why).
+func (a *app) schedule() jobs.Schedule {
+	if !a.cfg.EnableSessionBackup {
+		return jobs.Schedule{}
+	}
+	return jobs.Schedule{BackupInterval: a.cfg.BackupInterval}
+}
+
+// newRelay builds the relay service on nc.
+func (a *app) newRelay(nc *nats.Conn) (runner, error) {
+	if a.cfg.Production && len(a.cfg.SessionEncryptionKey) == 0 {
+		a.log.Warn("SESSION_ENCRYPTION_KEY is not set: relay stores incoming messages and sends in plaintext")
+	}
+	return relay.New(relay.Options{
+		Config: relay.Config{
+			Session:         a.cfg.SessionID,
+			Key:             a.cfg.SessionEncryptionKey,
+			Retention:       a.cfg.MessageRetention,
+			SendRate:        a.cfg.SendRate.Limit(),
+			WebhookURL:      a.cfg.WebhookURL,
+			WebhookSecret:   a.cfg.WebhookSecret,
+			WebhookEvents:   a.cfg.WebhookEvents,
+			WebhookRetryFor: a.cfg.WebhookRetryFor,
+		},
+		NC:       nc,
+		Log:      a.log,
+		Clock:    a.clock,
+		Instance: a.instance,
+		Open:     a.openRelayStore,
+		Schedule: a.schedule(),
+	})
+}
+
+// cmdRelay runs relay against NATS_URL.
+func (m *Main) cmdRelay(ctx context.Context, args []string) error {
+	if err := parseFlags(m.flags("relay"), args); err != nil {
+		return err
+	}
+	a, err := m.setup("relay")
+	if err != nil {
+		return err
+	}
+	if err := a.cfg.RequireDatabase(); err != nil {
+		return err
+	}
+	m.memoryLimit(a)
+	bh, err := a.serviceBus(bus.RoleRelay)
+	if err != nil {
+		return err
+	}
+	defer bh.close()
+	r, err := a.newRelay(bh.conn(bus.RoleRelay))
+	if err != nil {
+		return err
+	}
+	sup := newSupervisor(a.log)
+	sup.start("relay", r)
+	m.ready(ReadyInfo{})
+	return sup.wait(ctx, a.cfg.ShutdownTimeout)
+}
+
+// clientRequest sends one request of a client command to the running
+// relay and returns the reply's bytes, with errors that say where it asked.
+func (m *Main) clientRequest(ctx context.Context, cmd, subject string, body []byte, timeout time.Duration) (*app, []byte, error) {
+	a, err := m.setup(cmd)
+	if err != nil {
+		return nil, nil, err
+	}
+	nc, target, err := a.clientBus()
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", cmd, err)
+	}
+	defer nc.Close()
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := waitConnected(rctx, nc, 5*time.Second); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w at %s", cmd, err, target.at())
+	}
+	full := bus.NewSubjects(a.cfg.SessionID).Prefix + "." + subject
+	msg, err := nc.RequestWithContext(rctx, full, body)
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		return nil, nil, fmt.Errorf("%s: no relay answers on %s at %s%s (is blacksky run or blacksky relay up?)", cmd, full, target.at(), a.sessionNote(target))
+	case errors.Is(err, context.DeadlineExceeded):
+		return nil, nil, fmt.Errorf("%s: no reply on %s within %s at %s%s", cmd, full, timeout, target.at(), a.sessionNote(target))
+	case err != nil:
+		return nil, nil, fmt.Errorf("%s: %w (at %s)", cmd, err, target.at())
+	}
+	return a, msg.Data, nil
+}
+
+// cmdMessages prints stored messages after a seq, one JSON object a line,
+// as P.msg.in carries them.
+func (m *Main) cmdMessages(ctx context.Context, args []string) error {
+	fs := m.flags("messages")
+	after := fs.Int64("after", 0, "print the messages after this seq")
+	limit := fs.Int("limit", 0, fmt.Sprintf("at most this many (0: relay's default, at most %d)", bus.MaxReplayLimit))
+	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for relay's answer")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	body, _ := json.Marshal(bus.MsgReplayRequest{AfterSeq: *after, Limit: *limit})
+	if _, err := bus.DecodeMsgReplay(body); err != nil {
+		return &UsageError{Msg: "messages: " + err.Error()}
+	}
+	a, data, err := m.clientRequest(ctx, "messages", "msg.replay", body, *timeout)
+	if err != nil {
+		return err
+	}
+	var rep bus.MsgReplayReply
+	if err := json.Unmarshal(data, &rep); err != nil {
+		return fmt.Errorf("messages: bad reply: %w", err)
+	}
+	if !rep.OK {
+		return fmt.Errorf("messages: %s", rep.Error)
+	}
+	enc := json.NewEncoder(a.stdout)
+	for _, msg := range rep.Messages {
+		if err := enc.Encode(msg); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// cmdDeliveries is "deliveries retry": dead deliveries go out again.
+func (m *Main) cmdDeliveries(ctx context.Context, args []string) error {
+	fs := m.flags("deliveries")
+	timeout := fs.Duration("timeout", time.Minute, "how long to wait for relay's answer")
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
+		return &helpRequest{fs: fs}
+	}
+	if len(args) == 0 || args[0] != "retry" {
+		return &UsageError{Msg: "deliveries: want the subcommand retry (blacksky deliveries retry)"}
+	}
+	if err := parseFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	a, data, err := m.clientRequest(ctx, "deliveries", "relay.retry", []byte(`{}`), *timeout)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(a.stdout, string(data))
+	var rep bus.RelayRetryReply
+	if err := json.Unmarshal(data, &rep); err != nil {
+		return fmt.Errorf("deliveries retry: bad reply: %w", err)
+	}
+	if !rep.OK {
+		return fmt.Errorf("deliveries retry: %s", rep.Error)
+	}
+	return nil
+}

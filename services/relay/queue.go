@@ -1,0 +1,357 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/jobs"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver"
+	"github.com/riverqueue/river/rivertype"
+)
+
+// Channels a delivery goes out on.
+const (
+	ChannelNATS    = "nats"
+	ChannelWebhook = "webhook"
+)
+
+// DeliveryArgs are a delivery job's args: one item, on one channel.
+type DeliveryArgs struct {
+	// Session is SESSION_ID: several sessions may share a database.
+	Session string `json:"session"`
+	Item    string `json:"item"`
+	Ref     int64  `json:"ref,omitempty"`
+	Key     string `json:"key,omitempty"`
+	Chat    string `json:"chat,omitempty"`
+	// Event is a conn event's subject suffix ("conn.connected") and Body
+	// the event itself (ItemConn only: conn events are not stored apart).
+	Event string          `json:"event,omitempty"`
+	Body  json.RawMessage `json:"body,omitempty"`
+}
+
+// SendArgs are a send job's args.
+type SendArgs struct {
+	Session string `json:"session"`
+	Key     string `json:"key"`
+}
+
+type natsArgs struct{ DeliveryArgs }
+
+func (natsArgs) Kind() string { return jobs.KindRelayNATS }
+
+type webhookArgs struct{ DeliveryArgs }
+
+func (webhookArgs) Kind() string { return jobs.KindRelayWebhook }
+
+type sendArgs struct{ SendArgs }
+
+func (sendArgs) Kind() string { return jobs.KindRelaySend }
+
+// Job is one job to insert: a delivery on Channel, or a send when Send is
+// set.
+type Job struct {
+	Channel  string
+	Delivery DeliveryArgs
+	Send     *SendArgs
+}
+
+// JobInfo describes the River job a delivery or send runs in.
+type JobInfo struct {
+	ID          int64
+	Attempt     int
+	MaxAttempts int
+	CreatedAt   time.Time
+	// AttemptedAt is when this attempt started, on River's clock (as
+	// CreatedAt): the two measure how long a delivery has been retried.
+	AttemptedAt time.Time
+	// FirstFailedAt is when the first attempt failed (zero: none has).
+	FirstFailedAt time.Time
+}
+
+// Queue is relay's River client as the service sees it.
+type Queue interface {
+	Start(ctx context.Context) error
+	// Stop waits for running jobs until ctx ends.
+	Stop(ctx context.Context) error
+	// InsertTx inserts jobs inside tx, a store transaction (TxHook's tx).
+	InsertTx(ctx context.Context, tx any, jobs []Job) error
+	// Insert inserts jobs in a transaction of their own.
+	Insert(ctx context.Context, jobs []Job) error
+	// RetryDead puts the session's dead deliveries (discarded or cancelled)
+	// back in their queues as new jobs and returns how many.
+	RetryDead(ctx context.Context, session string) (int, error)
+}
+
+// QueueConfig configures relay's River client.
+type QueueConfig struct {
+	// Deliver makes one delivery; an error retries it, river.JobCancel
+	// makes it dead at once.
+	Deliver func(ctx context.Context, channel string, job JobInfo, args DeliveryArgs) error
+	// Send makes one send and must call complete inside the transaction
+	// that records its outcome (or return an error to retry).
+	Send func(ctx context.Context, job JobInfo, args SendArgs, complete TxHook) error
+	// Lanes per delivery channel; zero: DefaultLanes.
+	Lanes int
+	// Backoff is the wait before retry n (1-based); nil: DefaultBackoff.
+	Backoff func(attempt int) time.Duration
+	// SendMaxAttempts bounds a send's retries; zero: DefaultSendMaxAttempts.
+	SendMaxAttempts int
+	// Schedule is the product's periodic jobs (package jobs: every client
+	// carries them all).
+	Schedule jobs.Schedule
+	// PollInterval for drivers without LISTEN (SQLite); zero: River's.
+	PollInterval time.Duration
+	Logger       *slog.Logger
+}
+
+// Defaults of QueueConfig.
+const (
+	DefaultLanes           = 4
+	DefaultSendMaxAttempts = 12
+	// DeliveryMaxAttempts is high: a webhook delivery ends by
+	// WEBHOOK_RETRY_FOR, a bus delivery retries until it is made (or its
+	// item is pruned).
+	DeliveryMaxAttempts = 10000
+)
+
+// DefaultBackoff doubles from one second up to five minutes.
+func DefaultBackoff(attempt int) time.Duration {
+	d := time.Second << min(max(attempt-1, 0), 16)
+	return min(d, 5*time.Minute)
+}
+
+type deliveryWorker[TTx any, A interface {
+	river.JobArgs
+	args() DeliveryArgs
+}] struct {
+	river.WorkerDefaults[A]
+	channel string
+	cfg     *QueueConfig
+}
+
+func (a natsArgs) args() DeliveryArgs    { return a.DeliveryArgs }
+func (a webhookArgs) args() DeliveryArgs { return a.DeliveryArgs }
+
+func info[A river.JobArgs](job *river.Job[A]) JobInfo {
+	ji := JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, CreatedAt: job.CreatedAt}
+	if job.AttemptedAt != nil {
+		ji.AttemptedAt = *job.AttemptedAt
+	}
+	if len(job.Errors) > 0 {
+		ji.FirstFailedAt = job.Errors[0].At
+	}
+	return ji
+}
+
+func (w *deliveryWorker[TTx, A]) NextRetry(job *river.Job[A]) time.Time {
+	return time.Now().Add(w.cfg.Backoff(job.Attempt))
+}
+
+// Timeout bounds one attempt; the webhook's own timeout is shorter.
+func (w *deliveryWorker[TTx, A]) Timeout(*river.Job[A]) time.Duration { return 2 * time.Minute }
+
+func (w *deliveryWorker[TTx, A]) Work(ctx context.Context, job *river.Job[A]) error {
+	return w.cfg.Deliver(ctx, w.channel, info(job), job.Args.args())
+}
+
+type sendWorker[TTx any] struct {
+	river.WorkerDefaults[sendArgs]
+	cfg *QueueConfig
+}
+
+func (w *sendWorker[TTx]) NextRetry(job *river.Job[sendArgs]) time.Time {
+	return time.Now().Add(w.cfg.Backoff(job.Attempt))
+}
+
+// Timeout covers the wait for a SEND_RATE slot and the gateway's answer.
+func (w *sendWorker[TTx]) Timeout(*river.Job[sendArgs]) time.Duration { return -1 }
+
+func (w *sendWorker[TTx]) Work(ctx context.Context, job *river.Job[sendArgs]) error {
+	complete := func(ctx context.Context, tx any) error {
+		t, ok := tx.(TTx)
+		if !ok {
+			return fmt.Errorf("complete job: transaction is %T", tx)
+		}
+		_, err := river.JobCompleteTx[riverdriver.Driver[TTx]](ctx, t, job)
+		return err
+	}
+	return w.cfg.Send(ctx, info(job), job.Args.SendArgs, complete)
+}
+
+type riverQueue[TTx any] struct {
+	client *river.Client[TTx]
+	cfg    QueueConfig
+}
+
+// NewRiverQueue builds relay's River client on driver through package
+// jobs. Stores call it from NewQueue.
+func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Queue, error) {
+	if cfg.Lanes <= 0 {
+		cfg.Lanes = DefaultLanes
+	}
+	if cfg.Backoff == nil {
+		cfg.Backoff = DefaultBackoff
+	}
+	if cfg.SendMaxAttempts <= 0 {
+		cfg.SendMaxAttempts = DefaultSendMaxAttempts
+	}
+	workers := river.NewWorkers()
+	if err := errors.Join(
+		river.AddWorkerSafely(workers, &deliveryWorker[TTx, natsArgs]{channel: ChannelNATS, cfg: &cfg}),
+		river.AddWorkerSafely(workers, &deliveryWorker[TTx, webhookArgs]{channel: ChannelWebhook, cfg: &cfg}),
+		river.AddWorkerSafely(workers, &sendWorker[TTx]{cfg: &cfg}),
+	); err != nil {
+		return nil, fmt.Errorf("river workers: %w", err)
+	}
+	queues := map[string]river.QueueConfig{
+		// One send at a time: SEND_RATE paces them in order.
+		jobs.QueueRelaySend: {MaxWorkers: 1},
+	}
+	for lane := range cfg.Lanes {
+		// One worker per lane keeps a chat in order; a short fetch
+		// cooldown lets that one worker take the next job at once.
+		for _, kind := range []string{jobs.KindRelayNATS, jobs.KindRelayWebhook} {
+			queues[jobs.RelayLaneQueue(kind, lane)] = river.QueueConfig{MaxWorkers: 1, FetchCooldown: river.FetchCooldownMin}
+		}
+	}
+	client, err := jobs.NewClient(driver, jobs.Config{
+		Queues:       queues,
+		Workers:      workers,
+		Schedule:     cfg.Schedule,
+		MaxAttempts:  DeliveryMaxAttempts,
+		PollInterval: cfg.PollInterval,
+		Logger:       cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &riverQueue[TTx]{client: client, cfg: cfg}, nil
+}
+
+func (q *riverQueue[TTx]) Start(ctx context.Context) error {
+	if err := q.client.Start(ctx); err != nil {
+		return fmt.Errorf("start river: %w", err)
+	}
+	return nil
+}
+
+func (q *riverQueue[TTx]) Stop(ctx context.Context) error { return jobs.Stop(ctx, q.client) }
+
+// lane is the lane of a chat: every delivery of one chat goes through the
+// same one.
+func (q *riverQueue[TTx]) lane(chat string) int {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(chat))
+	return int(h.Sum32() % uint32(q.cfg.Lanes))
+}
+
+func (q *riverQueue[TTx]) params(j Job) (river.InsertManyParams, error) {
+	if j.Send != nil {
+		return river.InsertManyParams{Args: sendArgs{*j.Send}, InsertOpts: &river.InsertOpts{
+			Queue: jobs.QueueRelaySend, MaxAttempts: q.cfg.SendMaxAttempts}}, nil
+	}
+	// scheduled_at orders a lane (River fetches by it, then by id). Read
+	// here, after the seq was taken and under its lock, it grows with seq;
+	// left to the database it would be the transaction's start, which two
+	// concurrent inserts may reach in the other order. It is wall time on
+	// purpose: River compares it with its own clock.
+	opts := &river.InsertOpts{ScheduledAt: time.Now()}
+	var args river.JobArgs
+	switch j.Channel {
+	case ChannelNATS:
+		args = natsArgs{j.Delivery}
+		opts.Queue = jobs.RelayLaneQueue(jobs.KindRelayNATS, q.lane(j.Delivery.Chat))
+	case ChannelWebhook:
+		args = webhookArgs{j.Delivery}
+		opts.Queue = jobs.RelayLaneQueue(jobs.KindRelayWebhook, q.lane(j.Delivery.Chat))
+	default:
+		return river.InsertManyParams{}, fmt.Errorf("relay: unknown channel %q", j.Channel)
+	}
+	return river.InsertManyParams{Args: args, InsertOpts: opts}, nil
+}
+
+func (q *riverQueue[TTx]) InsertTx(ctx context.Context, tx any, list []Job) error {
+	if len(list) == 0 {
+		return nil
+	}
+	t, ok := tx.(TTx)
+	if !ok {
+		return fmt.Errorf("insert jobs: transaction is %T", tx)
+	}
+	params := make([]river.InsertManyParams, 0, len(list))
+	for _, j := range list {
+		p, err := q.params(j)
+		if err != nil {
+			return err
+		}
+		params = append(params, p)
+	}
+	if _, err := q.client.InsertManyFastTx(ctx, t, params); err != nil {
+		return fmt.Errorf("insert jobs: %w", err)
+	}
+	return nil
+}
+
+func (q *riverQueue[TTx]) Insert(ctx context.Context, list []Job) error {
+	params := make([]river.InsertManyParams, 0, len(list))
+	for _, j := range list {
+		p, err := q.params(j)
+		if err != nil {
+			return err
+		}
+		params = append(params, p)
+	}
+	if _, err := q.client.InsertManyFast(ctx, params); err != nil {
+		return fmt.Errorf("insert jobs: %w", err)
+	}
+	return nil
+}
+
+// RetryDead inserts each dead delivery again as a new job (a fresh start
+// for WEBHOOK_RETRY_FOR), then deletes the dead one. A crash in between
+// leaves the dead job too: retried again later, it delivers twice, which
+// at-least-once allows.
+func (q *riverQueue[TTx]) RetryDead(ctx context.Context, session string) (int, error) {
+	n := 0
+	params := river.NewJobListParams().
+		Kinds(jobs.KindRelayNATS, jobs.KindRelayWebhook).
+		States(rivertype.JobStateDiscarded, rivertype.JobStateCancelled).
+		First(500)
+	for {
+		res, err := q.client.JobList(ctx, params)
+		if err != nil {
+			return n, fmt.Errorf("list dead deliveries: %w", err)
+		}
+		for _, row := range res.Jobs {
+			var a DeliveryArgs
+			if err := json.Unmarshal(row.EncodedArgs, &a); err != nil || a.Session != session {
+				continue
+			}
+			channel := ChannelNATS
+			if row.Kind == jobs.KindRelayWebhook {
+				channel = ChannelWebhook
+			}
+			p, err := q.params(Job{Channel: channel, Delivery: a})
+			if err != nil {
+				return n, err
+			}
+			if _, err := q.client.Insert(ctx, p.Args, p.InsertOpts); err != nil {
+				return n, fmt.Errorf("retry delivery %d: %w", row.ID, err)
+			}
+			if _, err := q.client.JobDelete(ctx, row.ID); err != nil && !errors.Is(err, rivertype.ErrNotFound) {
+				return n, fmt.Errorf("retry delivery %d: %w", row.ID, err)
+			}
+			n++
+		}
+		if len(res.Jobs) == 0 || res.LastCursor == nil {
+			return n, nil
+		}
+		params = params.After(res.LastCursor)
+	}
+}

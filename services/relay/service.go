@@ -1,0 +1,342 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/jobs"
+	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/time/rate"
+)
+
+// Options configure a Service.
+type Options struct {
+	Config Config
+	NC     *nats.Conn
+	Log    *slog.Logger
+	Clock  clockwork.Clock
+	// Instance names this process in heartbeats.
+	Instance string
+	// Open connects to the database; the service migrates it and retries
+	// Open with backoff while it fails.
+	Open func(ctx context.Context) (Store, error)
+	// Schedule is the product's periodic jobs (package jobs).
+	Schedule jobs.Schedule
+	// Lanes, Backoff and QueuePollInterval tune River (tests); zero:
+	// defaults.
+	Lanes             int
+	Backoff           func(attempt int) time.Duration
+	QueuePollInterval time.Duration
+	// HTTPClient posts to the webhook; nil: one with Config.WebhookTimeout.
+	HTTPClient *http.Client
+}
+
+// Service is relay: a runner for the role supervisor.
+type Service struct {
+	opts    Options
+	cfg     Config
+	log     *slog.Logger
+	clock   clockwork.Clock
+	subj    bus.Subjects
+	codec   Codec
+	http    *http.Client
+	limiter *rate.Limiter
+
+	handlers sync.WaitGroup
+	sem      chan struct{} // bounds concurrent request handlers
+	stopping chan struct{} // closed when Run stops: waiting sends answer at once
+	waiters  waiters
+
+	mu        sync.Mutex
+	store     Store
+	queue     Queue
+	js        jetstream.JetStream // nil: no JetStream, core NATS only
+	state     string
+	dbOK      bool
+	lastErr   string
+	lastErrAt *time.Time
+	startedAt time.Time
+}
+
+var _ interface{ Run(context.Context) error } = (*Service)(nil)
+
+// queueGroup makes each request and event go to one relay when several run
+// (a preboot overlap): two would store, deliver and send everything twice.
+const queueGroup = "blacksky-relay"
+
+// maxHandlers bounds the requests handled at once; beyond it the bus
+// subscription's own goroutine handles them one by one (back pressure).
+const maxHandlers = 64
+
+// New checks the options and builds the service; Run starts it.
+func New(opts Options) (*Service, error) {
+	if opts.NC == nil || opts.Open == nil {
+		return nil, errors.New("relay: NC and Open are required")
+	}
+	if opts.Config.Session == "" {
+		return nil, errors.New("relay: Config.Session is required")
+	}
+	if err := CheckWebhookEvents(opts.Config.WebhookEvents); err != nil {
+		return nil, fmt.Errorf("relay: WEBHOOK_EVENTS: %w", err)
+	}
+	if opts.Clock == nil {
+		opts.Clock = clockwork.NewRealClock()
+	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Instance == "" {
+		opts.Instance = "relay"
+	}
+	cfg := opts.Config.withDefaults()
+	hc := opts.HTTPClient
+	if hc == nil {
+		hc = &http.Client{Timeout: cfg.WebhookTimeout}
+	}
+	return &Service{
+		opts:     opts,
+		cfg:      cfg,
+		log:      opts.Log.With("service", bus.ServiceRelay),
+		clock:    opts.Clock,
+		subj:     bus.NewSubjects(cfg.Session),
+		codec:    Codec{Key: cfg.Key},
+		http:     hc,
+		limiter:  rate.NewLimiter(cfg.SendRate, 1),
+		sem:      make(chan struct{}, maxHandlers),
+		stopping: make(chan struct{}),
+		waiters:  waiters{m: map[string][]chan struct{}{}},
+		state:    bus.StateStarting,
+	}, nil
+}
+
+// Run serves relay's subjects, opens the database, starts River and prunes
+// until ctx ends; then it stops taking requests, lets running jobs finish
+// and closes the database. It returns nil after a graceful stop.
+func (s *Service) Run(ctx context.Context) error {
+	s.startedAt = s.clock.Now()
+	hbCtx, hbStop := context.WithCancel(context.WithoutCancel(ctx))
+	hbDone := make(chan struct{})
+	go func() {
+		defer close(hbDone)
+		hb := &bus.Heartbeater{NC: s.opts.NC, Subjects: s.subj, Session: s.cfg.Session, Service: bus.ServiceRelay,
+			Instance: s.opts.Instance, Clock: s.clock, Beat: s.beat}
+		_ = hb.Run(hbCtx)
+	}()
+	defer func() { hbStop(); <-hbDone }()
+
+	var subs []*nats.Subscription
+	defer func() {
+		for _, sub := range subs {
+			_ = sub.Unsubscribe()
+		}
+	}()
+	for subject, h := range map[string]func(*nats.Msg){
+		s.subj.RelayStore(): s.onStore,
+		s.subj.MsgSend():    s.onSend,
+		s.subj.MsgReplay():  s.onReplay,
+		s.subj.RelayRetry(): s.onRetry,
+		s.subj.ConnAll():    s.onConn,
+	} {
+		sub, err := s.opts.NC.QueueSubscribe(subject, queueGroup, s.spawn(h))
+		if err != nil {
+			return fmt.Errorf("relay: subscribe %s: %w", subject, err)
+		}
+		subs = append(subs, sub)
+	}
+	if err := s.opts.NC.Flush(); err != nil {
+		s.log.Warn("bus not reachable yet; relay answers once it is", "err", err)
+	}
+
+	st := s.openStore(ctx)
+	if st == nil {
+		return s.stop(subs)
+	}
+	s.setupJetStream(ctx)
+	q, err := st.NewQueue(QueueConfig{
+		Deliver:      s.deliver,
+		Send:         s.workSend,
+		Lanes:        s.opts.Lanes,
+		Backoff:      s.opts.Backoff,
+		Schedule:     s.opts.Schedule,
+		PollInterval: s.opts.QueuePollInterval,
+		Logger:       s.log,
+	})
+	if err != nil {
+		st.Close()
+		return fmt.Errorf("relay: %w", err)
+	}
+	if err := q.Start(context.WithoutCancel(ctx)); err != nil {
+		st.Close()
+		return fmt.Errorf("relay: %w", err)
+	}
+	// Store and queue appear together: a request either finds both or
+	// hears that relay is not ready.
+	s.mu.Lock()
+	s.store, s.queue, s.dbOK = st, q, true
+	s.state = bus.StateOK
+	s.mu.Unlock()
+	s.log.Info("relay ready", "database", st.Kind(), "jetstream", s.jetStream() != nil,
+		"webhook", webhookShown(s.cfg.WebhookURL), "retention", s.cfg.Retention.String())
+
+	s.pruneLoop(ctx, st)
+	return s.stop(subs)
+}
+
+// stop ends a Run: no new requests, handlers done, River stopped (running
+// jobs finish within the budget), database closed.
+func (s *Service) stop(subs []*nats.Subscription) error {
+	s.mu.Lock()
+	s.state = bus.StateStopping
+	st, q := s.store, s.queue
+	s.mu.Unlock()
+	for _, sub := range subs {
+		_ = sub.Unsubscribe()
+	}
+	close(s.stopping)
+	s.handlers.Wait()
+	var err error
+	if q != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err = q.Stop(sctx)
+		cancel()
+	}
+	if st != nil {
+		st.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("relay: %w", err)
+	}
+	return nil
+}
+
+// spawn runs h on its own goroutine while fewer than maxHandlers run, so
+// one slow request (a send that waits) does not hold up the others.
+func (s *Service) spawn(h func(*nats.Msg)) nats.MsgHandler {
+	return func(m *nats.Msg) {
+		select {
+		case s.sem <- struct{}{}:
+			s.handlers.Add(1)
+			go func() {
+				defer s.handlers.Done()
+				defer func() { <-s.sem }()
+				h(m)
+			}()
+		default:
+			h(m)
+		}
+	}
+}
+
+// openStore connects and migrates, retrying with backoff until ctx ends
+// (nil then). Meanwhile requests are refused with the reason, so the
+// gateway does not acknowledge messages relay could not keep.
+func (s *Service) openStore(ctx context.Context) Store {
+	delay := 500 * time.Millisecond
+	for {
+		st, err := s.connect(ctx)
+		if err == nil {
+			return st
+		}
+		s.noteErr(err)
+		if ctx.Err() != nil {
+			return nil
+		}
+		s.log.Warn("database unreachable; retrying", "err", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.clock.After(delay):
+		}
+		delay = min(delay*2, 10*time.Second)
+	}
+}
+
+func (s *Service) connect(ctx context.Context) (Store, error) {
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	st, err := s.opts.Open(cctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.Migrate(cctx); err != nil {
+		st.Close()
+		return nil, fmt.Errorf("migrate: %w", err)
+	}
+	return st, nil
+}
+
+// backend is the store and queue once started (nil before).
+func (s *Service) backend() (Store, Queue) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.store, s.queue
+}
+
+func (s *Service) jetStream() jetstream.JetStream {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.js
+}
+
+// noteErr records the last error for the heartbeat, and whether the
+// database answers.
+func (s *Service) noteErr(err error) {
+	now := s.clock.Now().UTC()
+	s.mu.Lock()
+	s.lastErr, s.lastErrAt = err.Error(), &now
+	s.mu.Unlock()
+}
+
+func (s *Service) setDBOK(ok bool) {
+	s.mu.Lock()
+	s.dbOK = ok
+	s.mu.Unlock()
+}
+
+// pruneLoop deletes what MESSAGE_RETENTION no longer keeps, on relay's own
+// clock (a River periodic job would have to be in every client's Schedule,
+// see package jobs), until ctx ends.
+func (s *Service) pruneLoop(ctx context.Context, st Store) {
+	t := s.clock.NewTicker(s.cfg.PruneEvery)
+	defer t.Stop()
+	for {
+		s.prune(ctx, st)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.Chan():
+		}
+	}
+}
+
+func (s *Service) prune(ctx context.Context, st Store) {
+	pctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	n, err := st.Prune(pctx, s.cfg.Session, s.clock.Now().Add(-s.cfg.Retention))
+	if err != nil {
+		if ctx.Err() == nil {
+			s.noteErr(err)
+			s.log.Warn("prune failed; next try at the next tick", "err", err)
+		}
+		return
+	}
+	if n > 0 {
+		s.log.Info("pruned", "rows", n, "retention", s.cfg.Retention.String())
+	}
+}
+
+// webhookShown is the webhook URL as logs show it.
+func webhookShown(u string) string {
+	if u == "" {
+		return "off"
+	}
+	return RedactURL(u)
+}

@@ -1,0 +1,368 @@
+// Package sqlite is relay's Store on the embedded SQLite database (modernc,
+// pure Go) that backup also uses when DATABASE_URL is empty, with River
+// through riversqlite.
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/blacksky-md/blacksky/internal/sqlitefile"
+	"github.com/blacksky-md/blacksky/services/relay"
+	"github.com/blacksky-md/blacksky/services/relay/internal/sqltext"
+	"github.com/blacksky-md/blacksky/shared/jobs"
+	"github.com/riverqueue/river/riverdriver/riversqlite"
+	_ "modernc.org/sqlite" // the "sqlite" database/sql driver
+)
+
+var _ relay.Store = (*Store)(nil)
+
+// Store keeps relay's rows in one SQLite file.
+type Store struct {
+	db *sql.DB
+}
+
+// Open opens (creating) the database at path: WAL, a busy timeout, one
+// connection (SQLite has one writer and River shares the pool), and
+// transactions that take the write lock when they begin (_txlock=immediate):
+// backup's connection writes the same file, and a deferred transaction that
+// read before writing would fail with SQLITE_BUSY instead of waiting.
+func Open(ctx context.Context, path string) (*Store, error) {
+	if err := sqlitefile.Prepare(path); err != nil {
+		return nil, fmt.Errorf("sqlite: %w", err)
+	}
+	dsn := sqlitefile.URI(path, url.Values{
+		"_pragma": {"journal_mode(WAL)", "busy_timeout(10000)", "foreign_keys(1)", "synchronous(NORMAL)"},
+		"_txlock": {"immediate"},
+	})
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	}
+	db.SetMaxOpenConns(1)
+	s := &Store{db: db}
+	if err := s.Ping(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Kind is "sqlite".
+func (s *Store) Kind() string { return "sqlite" }
+
+// Ping checks the file opens.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.db.PingContext(ctx); err != nil {
+		return fmt.Errorf("sqlite: %w", err)
+	}
+	return nil
+}
+
+// Close closes the database.
+func (s *Store) Close() { _ = s.db.Close() }
+
+// Migrate runs River's migrations and relay's. Backup may be migrating the
+// same file from its own connection at the same moment (blacksky run starts
+// both); River's SQLite migrations then fail on the loser's side, and
+// relay's start loop tries again.
+func (s *Store) Migrate(ctx context.Context) error {
+	if err := jobs.Migrate(ctx, riversqlite.New(s.db)); err != nil {
+		return err
+	}
+	if _, err := s.db.ExecContext(ctx, sqltext.CreateMigrations); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	done := map[int]bool{}
+	rows, err := s.db.QueryContext(ctx, sqltext.AppliedVersions)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	for rows.Next() {
+		var v int
+		if err := rows.Scan(&v); err != nil {
+			rows.Close()
+			return fmt.Errorf("migrate: %w", err)
+		}
+		done[v] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	for _, m := range sqltext.SQLiteMigrations {
+		if done[m.Version] {
+			continue
+		}
+		err := s.inTx(ctx, func(tx *sql.Tx) error {
+			for _, q := range m.SQL {
+				if _, err := tx.ExecContext(ctx, q); err != nil {
+					return err
+				}
+			}
+			_, err := tx.ExecContext(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
+		}
+	}
+	return nil
+}
+
+func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// InsertMessage stores m under the next seq, or finds it stored. SQLite
+// has one writer at a time, so no concurrent insert can race it.
+func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook relay.SeqHook) (int64, bool, error) {
+	var seq int64
+	dup := false
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, sqltext.FindMessage, m.Session, m.Chat, m.WAID).Scan(&seq)
+		if err == nil {
+			dup = true
+			return nil
+		}
+		if !errors.Is(err, sql.ErrNoRows) {
+			return err
+		}
+		if err := tx.QueryRowContext(ctx, sqltext.NextSeq, m.Session).Scan(&seq); err != nil {
+			return err
+		}
+		if err := tx.QueryRowContext(ctx, sqltext.InsertMessage, m.Session, seq, m.Chat, m.WAID, m.ReceivedAt.UnixMilli(), m.Payload).Scan(&seq); err != nil {
+			return err
+		}
+		if hook != nil {
+			return hook(ctx, tx, seq)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, false, fmt.Errorf("store message: %w", err)
+	}
+	return seq, dup, nil
+}
+
+func scanStored(row interface{ Scan(...any) error }) (relay.Stored, error) {
+	var st relay.Stored
+	var ms int64
+	err := row.Scan(&st.Ref, &st.Chat, &ms, &st.Payload)
+	if errors.Is(err, sql.ErrNoRows) {
+		return relay.Stored{}, relay.ErrNotFound
+	}
+	st.ReceivedAt = time.UnixMilli(ms).UTC()
+	return st, err
+}
+
+// Message reads one message.
+func (s *Store) Message(ctx context.Context, session string, seq int64) (relay.Stored, error) {
+	st, err := scanStored(s.db.QueryRowContext(ctx, sqltext.GetMessage, session, seq))
+	if err != nil && !errors.Is(err, relay.ErrNotFound) {
+		return st, fmt.Errorf("read message %d: %w", seq, err)
+	}
+	return st, err
+}
+
+// Messages reads messages after a seq.
+func (s *Store) Messages(ctx context.Context, session string, afterSeq int64, limit int) ([]relay.Stored, error) {
+	rows, err := s.db.QueryContext(ctx, sqltext.ListMessages, session, afterSeq, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list messages: %w", err)
+	}
+	defer rows.Close()
+	var list []relay.Stored
+	for rows.Next() {
+		st, err := scanStored(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list messages: %w", err)
+		}
+		list = append(list, st)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list messages: %w", err)
+	}
+	return list, nil
+}
+
+// InsertReceipt stores a receipt once.
+func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook relay.SeqHook) (int64, bool, error) {
+	var id int64
+	dup := false
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		err := tx.QueryRowContext(ctx, sqltext.InsertReceipt, r.Session, r.Dedup, r.Chat, r.ReceivedAt.UnixMilli(), r.Payload).Scan(&id)
+		if errors.Is(err, sql.ErrNoRows) {
+			dup = true
+			return tx.QueryRowContext(ctx, sqltext.FindReceipt, r.Session, r.Dedup).Scan(&id)
+		}
+		if err != nil {
+			return err
+		}
+		if hook != nil {
+			return hook(ctx, tx, id)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, false, fmt.Errorf("store receipt: %w", err)
+	}
+	return id, dup, nil
+}
+
+// Receipt reads one receipt.
+func (s *Store) Receipt(ctx context.Context, session string, id int64) (relay.Stored, error) {
+	st, err := scanStored(s.db.QueryRowContext(ctx, sqltext.GetReceipt, session, id))
+	if err != nil && !errors.Is(err, relay.ErrNotFound) {
+		return st, fmt.Errorf("read receipt %d: %w", id, err)
+	}
+	return st, err
+}
+
+func scanSend(row *sql.Row) (relay.Send, error) {
+	var sd relay.Send
+	var created, sent, finished int64
+	err := row.Scan(&sd.Key, &sd.State, &created, &sd.Payload, &sd.Outcome.WAID, &sent, &sd.Outcome.Error, &finished)
+	if errors.Is(err, sql.ErrNoRows) {
+		return relay.Send{}, relay.ErrNotFound
+	}
+	if err != nil {
+		return relay.Send{}, err
+	}
+	return relay.FillSend(sd, created, sent, finished), nil
+}
+
+// InsertSend queues a send unless its key is known.
+func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook relay.TxHook) (relay.Send, bool, error) {
+	var sd relay.Send
+	inserted := false
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		var ms int64
+		err := tx.QueryRowContext(ctx, sqltext.InsertSend, session, key, createdAt.UnixMilli(), payload).Scan(&ms)
+		if errors.Is(err, sql.ErrNoRows) {
+			sd, err = scanSend(tx.QueryRowContext(ctx, sqltext.GetSend, session, key))
+			return err
+		}
+		if err != nil {
+			return err
+		}
+		inserted = true
+		sd = relay.Send{Key: key, State: relay.SendQueued, CreatedAt: time.UnixMilli(ms).UTC(), Payload: payload}
+		if hook != nil {
+			return hook(ctx, tx)
+		}
+		return nil
+	})
+	if err != nil {
+		return relay.Send{}, false, fmt.Errorf("queue send: %w", err)
+	}
+	return sd, inserted, nil
+}
+
+// GetSend reads one send.
+func (s *Store) GetSend(ctx context.Context, session, key string) (relay.Send, error) {
+	sd, err := scanSend(s.db.QueryRowContext(ctx, sqltext.GetSend, session, key))
+	if err != nil && !errors.Is(err, relay.ErrNotFound) {
+		return sd, fmt.Errorf("read send: %w", err)
+	}
+	return sd, err
+}
+
+// FinishSend records a queued send's outcome.
+func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Outcome, hook relay.TxHook) (bool, error) {
+	changed := false
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, sqltext.FinishSend, session, key, o.State, o.WAID, relay.UnixMilli(o.SentAt), o.Error, o.FinishedAt.UnixMilli())
+		if err != nil {
+			return err
+		}
+		if n, err := res.RowsAffected(); err != nil || n == 0 {
+			return err
+		}
+		changed = true
+		if hook != nil {
+			return hook(ctx, tx)
+		}
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("record send outcome: %w", err)
+	}
+	return changed, nil
+}
+
+// CountQueuedSends counts queued sends.
+func (s *Store) CountQueuedSends(ctx context.Context, session string) (int64, error) {
+	var n int64
+	if err := s.db.QueryRowContext(ctx, sqltext.CountQueuedSends, session).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count sends: %w", err)
+	}
+	return n, nil
+}
+
+// Prune deletes what is older than cutoff.
+func (s *Store) Prune(ctx context.Context, session string, cutoff time.Time) (int64, error) {
+	var n int64
+	for _, q := range []string{sqltext.PruneMessages, sqltext.PruneReceipts, sqltext.PruneSends} {
+		res, err := s.db.ExecContext(ctx, q, session, cutoff.UnixMilli())
+		if err != nil {
+			return n, fmt.Errorf("prune: %w", err)
+		}
+		k, _ := res.RowsAffected()
+		n += k
+	}
+	return n, nil
+}
+
+// Stats reads the heartbeat's figures.
+func (s *Store) Stats(ctx context.Context, session string) (relay.Stats, error) {
+	var st relay.Stats
+	if err := s.db.QueryRowContext(ctx, sqltext.MessageStats, session).Scan(&st.LastSeq, &st.Stored); err != nil {
+		return st, fmt.Errorf("stats: %w", err)
+	}
+	if err := s.db.QueryRowContext(ctx, sqltext.LastSeq, session).Scan(&st.LastSeq); err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return st, fmt.Errorf("stats: %w", err)
+	}
+	var err error
+	if st.QueuedSends, err = s.CountQueuedSends(ctx, session); err != nil {
+		return st, err
+	}
+	rows, err := s.db.QueryContext(ctx, sqltext.SQLiteJobStats, session)
+	if err != nil {
+		return st, fmt.Errorf("stats: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var c relay.JobCount
+		if err := rows.Scan(&c.Kind, &c.State, &c.Count, &c.OldestMS); err != nil {
+			return st, fmt.Errorf("stats: %w", err)
+		}
+		st.Jobs = append(st.Jobs, c)
+	}
+	if err := rows.Err(); err != nil {
+		return st, fmt.Errorf("stats: %w", err)
+	}
+	return st, nil
+}
+
+// NewQueue builds River on this database.
+func (s *Store) NewQueue(cfg relay.QueueConfig) (relay.Queue, error) {
+	if cfg.PollInterval == 0 {
+		// No LISTEN/NOTIFY in SQLite: local inserts wake the producer;
+		// jobs inserted by another process are found by polling.
+		cfg.PollInterval = time.Second
+	}
+	return relay.NewRiverQueue(riversqlite.New(s.db), cfg)
+}
