@@ -36,9 +36,10 @@ func (s *Service) onSend(m *nats.Msg) {
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	var done <-chan struct{}
+	var deferred func() string
 	if wait {
 		var stop func()
-		done, stop = s.waiters.add(req.IdempotencyKey)
+		done, deferred, stop = s.waiters.add(req.IdempotencyKey)
 		defer stop()
 	}
 	sd, err := s.QueueSend(ctx, req)
@@ -54,7 +55,7 @@ func (s *Service) onSend(m *nats.Msg) {
 		s.respond(m, bus.MsgSendReply{OK: true, Queued: true, IdempotencyKey: sd.Key})
 		return
 	}
-	s.respond(m, s.awaitSend(sd.Key, done))
+	s.respond(m, s.awaitSend(sd.Key, done, deferred))
 }
 
 func newKey() string {
@@ -96,8 +97,11 @@ func (s *Service) QueueSend(ctx context.Context, req bus.MsgSend) (Send, error) 
 
 // awaitSend waits for a queued send's outcome until Config.SendWait; this
 // process's worker signals done, and the row is read every few seconds in
-// case another relay works the job.
-func (s *Service) awaitSend(key string, done <-chan struct{}) bus.MsgSendReply {
+// case another relay works the job. When an attempt is refused for a reason
+// that passes (WhatsApp not connected, the gateway stopping) it answers at
+// once, as the gateway did before sends were queued, saying the send stays
+// queued: a bot waits seconds, not SendWait, to learn the session is down.
+func (s *Service) awaitSend(key string, done <-chan struct{}, deferred func() string) bus.MsgSendReply {
 	deadline := s.clock.NewTimer(s.cfg.SendWait)
 	defer deadline.Stop()
 	poll := s.clock.NewTicker(2 * time.Second)
@@ -106,6 +110,10 @@ func (s *Service) awaitSend(key string, done <-chan struct{}) bus.MsgSendReply {
 		select {
 		case <-done:
 			done = nil // closed: read once
+			if why := deferred(); why != "" {
+				return bus.MsgSendReply{Queued: true, IdempotencyKey: key,
+					Error: why + "; the send stays queued and goes out once it can (P.msg.sent tells)"}
+			}
 		case <-poll.Chan():
 		case <-s.stopping:
 			return bus.MsgSendReply{Queued: true, IdempotencyKey: key,
@@ -170,6 +178,7 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 	case err != nil && !last:
 		// No answer: the gateway is down, or died mid-send (the one
 		// window: it may have sent, and this retry sends again).
+		s.waiters.notify(sd.Key, "the gateway did not answer ("+err.Error()+")")
 		return fmt.Errorf("gateway.send: %w", err)
 	case err != nil:
 		return s.finishSend(ctx, sd.Key, Outcome{State: SendFailed, Error: fmt.Sprintf("gave up after %d attempts: %v", job.Attempt, err)}, complete)
@@ -180,6 +189,7 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 		}
 		return s.finishSend(ctx, sd.Key, o, complete)
 	case !last && isTransient(rep.Error):
+		s.waiters.notify(sd.Key, rep.Error)
 		return fmt.Errorf("gateway.send: %s", rep.Error)
 	default:
 		return s.finishSend(ctx, sd.Key, Outcome{State: SendFailed, Error: rep.Error}, complete)
@@ -241,7 +251,7 @@ func (s *Service) finishSend(ctx context.Context, key string, o Outcome, complet
 		cancel()
 		s.dbResult(err)
 		if err == nil {
-			s.waiters.notify(key)
+			s.waiters.notify(key, "")
 			if o.State == SendFailed {
 				s.log.Warn("send failed", "idempotency_key", key, "err", o.Error)
 			}
@@ -260,21 +270,35 @@ func (s *Service) finishSend(ctx context.Context, key string, o Outcome, complet
 // waiters are P.msg.send requests waiting for their send, by key.
 type waiters struct {
 	mu sync.Mutex
-	m  map[string][]chan struct{}
+	m  map[string][]*waiter
 }
 
-// add registers a waiter; stop removes it.
-func (w *waiters) add(key string) (<-chan struct{}, func()) {
-	ch := make(chan struct{})
+// waiter is one waiting request: ch closes at news of its send; deferred is
+// the gateway's refusal when the news is a transient one (the send stays
+// queued), empty for an outcome.
+type waiter struct {
+	ch       chan struct{}
+	deferred string
+}
+
+// add registers a waiter; stop removes it. The returned func reads the
+// deferral reason once the channel has closed.
+func (w *waiters) add(key string) (<-chan struct{}, func() string, func()) {
+	wt := &waiter{ch: make(chan struct{})}
 	w.mu.Lock()
-	w.m[key] = append(w.m[key], ch)
+	w.m[key] = append(w.m[key], wt)
 	w.mu.Unlock()
-	return ch, func() {
+	reason := func() string {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return wt.deferred
+	}
+	return wt.ch, reason, func() {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		list := w.m[key]
 		for i, c := range list {
-			if c == ch {
+			if c == wt {
 				list = append(list[:i], list[i+1:]...)
 				break
 			}
@@ -287,12 +311,15 @@ func (w *waiters) add(key string) (<-chan struct{}, func()) {
 	}
 }
 
-// notify wakes every waiter of key.
-func (w *waiters) notify(key string) {
+// notify wakes every waiter of key: its send has an outcome, or (deferred
+// not empty) its attempt was refused for a reason that passes and the send
+// stays queued.
+func (w *waiters) notify(key, deferred string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, c := range w.m[key] {
-		close(c)
+		c.deferred = deferred
+		close(c.ch)
 	}
 	delete(w.m, key)
 }

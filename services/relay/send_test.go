@@ -158,3 +158,29 @@ func TestRefusedSendFailsForGoodWithTheReason(t *testing.T) {
 		}
 	}
 }
+
+// A waiting send answers as soon as the gateway says WhatsApp is not
+// connected, as the gateway did before sends were queued, and the send
+// stays queued and goes out once the gateway can send it.
+func TestWaitingSendAnswersAtOnceWhileWhatsAppIsDownAndStaysQueued(t *testing.T) {
+	s := newSetup(t, "sqlite")
+	sent := collect(t, s.bus.nc, subj.MsgSent())
+	s.start(t)
+	gw := startGateway(t, s.bus.nc)
+	gw.mu.Lock()
+	gw.refuse = "not connected to WhatsApp (state: pairing)"
+	gw.mu.Unlock()
+	bot := s.bus.conn(t, bus.RoleBot)
+	rep := send(t, bot, `{"to":"15551234567","text":"hi","idempotency_key":"down"}`)
+	if rep.OK || !rep.Queued || rep.IdempotencyKey != "down" || !strings.Contains(rep.Error, "not connected") {
+		t.Fatalf("send while WhatsApp is down: %+v, want ok:false, queued, the reason", rep)
+	}
+	gw.mu.Lock()
+	gw.refuse = ""
+	gw.mu.Unlock()
+	testwait.For(t, 60*time.Second, "the queued send goes out", func() bool { return sent.len() >= 1 })
+	again := send(t, bot, `{"to":"15551234567","text":"hi","idempotency_key":"down"}`)
+	if !again.OK || again.ID != "3EB0DOWN" || sent.len() != 1 {
+		t.Fatalf("after the gateway connected: %+v, %d msg.sent", again, sent.len())
+	}
+}

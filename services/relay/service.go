@@ -112,7 +112,7 @@ func New(opts Options) (*Service, error) {
 		limiter:  rate.NewLimiter(cfg.SendRate, 1),
 		sem:      make(chan struct{}, maxHandlers),
 		stopping: make(chan struct{}),
-		waiters:  waiters{m: map[string][]chan struct{}{}},
+		waiters:  waiters{m: map[string][]*waiter{}},
 		state:    bus.StateStarting,
 	}, nil
 }
