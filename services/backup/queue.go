@@ -82,8 +82,9 @@ func (w *snapshotWorker) NextRetry(job *river.Job[snapshotArgs]) time.Time {
 	return job.AttemptedAt.Add(d)
 }
 
-// Timeout bounds one attempt; a 100 MB store takes a few seconds.
-func (w *snapshotWorker) Timeout(*river.Job[snapshotArgs]) time.Duration { return 5 * time.Minute }
+// Timeout bounds one attempt (a 100 MB store takes a few seconds) and stays
+// below jobs.RescueAfter, so a slow snapshot is never rescued while it runs.
+func (w *snapshotWorker) Timeout(*river.Job[snapshotArgs]) time.Duration { return 150 * time.Second }
 
 func (w *snapshotWorker) Work(ctx context.Context, job *river.Job[snapshotArgs]) error {
 	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }

@@ -154,7 +154,7 @@ func (w *deliveryWorker[TTx, A]) NextRetry(job *river.Job[A]) time.Time {
 }
 
 // Timeout bounds one attempt; the webhook's own timeout is shorter.
-func (w *deliveryWorker[TTx, A]) Timeout(*river.Job[A]) time.Duration { return 2 * time.Minute }
+func (w *deliveryWorker[TTx, A]) Timeout(*river.Job[A]) time.Duration { return 150 * time.Second }
 
 func (w *deliveryWorker[TTx, A]) Work(ctx context.Context, job *river.Job[A]) error {
 	return w.cfg.Deliver(ctx, w.channel, info(job), job.Args.args())
@@ -169,8 +169,10 @@ func (w *sendWorker[TTx]) NextRetry(job *river.Job[sendArgs]) time.Time {
 	return time.Now().Add(w.cfg.Backoff(job.Attempt))
 }
 
-// Timeout covers the wait for a SEND_RATE slot and the gateway's answer.
-func (w *sendWorker[TTx]) Timeout(*river.Job[sendArgs]) time.Duration { return -1 }
+// Timeout covers the wait for a SEND_RATE slot and the gateway's answer, and
+// stays below jobs.RescueAfter: a send rescued while still running could go
+// out twice.
+func (w *sendWorker[TTx]) Timeout(*river.Job[sendArgs]) time.Duration { return 150 * time.Second }
 
 func (w *sendWorker[TTx]) Work(ctx context.Context, job *river.Job[sendArgs]) error {
 	complete := func(ctx context.Context, tx any) error {

@@ -90,6 +90,13 @@ func (s Schedule) PeriodicJobs() []*river.PeriodicJob {
 	return out
 }
 
+// RescueAfter is how long a job may run before River's rescuer (on the
+// leader) takes it for stuck and retries it: what brings back the jobs a
+// SIGKILLed process was running (River's default is an hour, an hour with
+// messages undelivered). Every worker's Timeout must stay below it, or a
+// slow job would run twice at once.
+const RescueAfter = 3 * time.Minute
+
 // Config builds one service's River client. Zero values are defaults.
 type Config struct {
 	// Queues the client works, with their worker counts.
@@ -123,6 +130,7 @@ func NewClient[TTx any](driver riverdriver.Driver[TTx], cfg Config) (*river.Clie
 		CompletedJobRetentionPeriod: cfg.CompletedRetention,
 		PeriodicJobs:                cfg.Schedule.PeriodicJobs(),
 		SkipUnknownJobCheck:         true,
+		RescueStuckJobsAfter:        RescueAfter,
 	}
 	if rc.CompletedJobRetentionPeriod == 0 {
 		rc.CompletedJobRetentionPeriod = 24 * time.Hour
