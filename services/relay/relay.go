@@ -27,11 +27,13 @@
 // commit. Deliveries are at least once: a job that delivered but crashed
 // before River recorded its completion delivers again (same seq, same
 // Nats-Msg-Id, same X-Blacksky-Delivery). A send goes out once per
-// idempotency key, with one window: when the gateway sent the message but
-// relay died (or the gateway's answer was lost) before the transaction that
-// records the outcome and completes the job committed, River runs the job
-// again and the gateway is asked to send it a second time. The request
-// carries the idempotency key so a gateway that remembers keys can close it.
+// idempotency key. When the gateway sent the message but relay died (or the
+// gateway's answer was lost) before the transaction that records the
+// outcome and completes the job committed, River runs the job again and
+// asks the gateway with the same idempotency key; the gateway remembers the
+// keys it sent (in memory, bounded) and answers the repeat without sending.
+// The one window left: the gateway restarts between the send and the
+// commit.
 package relay
 
 import (

@@ -177,8 +177,10 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 	last := job.Attempt >= job.MaxAttempts
 	switch {
 	case err != nil && !last:
-		// No answer: the gateway is down, or died mid-send (the one
-		// window: it may have sent, and this retry sends again).
+		// No answer: the gateway is down, or died mid-send. It may
+		// have sent: the retry carries the same key, which a gateway
+		// still running answers from memory (only a gateway restart in
+		// between sends twice).
 		s.waiters.notify(sd.Key, "the gateway did not answer ("+err.Error()+")")
 		return fmt.Errorf("gateway.send: %w", err)
 	case err != nil:
@@ -227,9 +229,9 @@ func (s *Service) waitSlot(ctx context.Context) error {
 
 // finishSend records an outcome, completes the job and queues the outcome's
 // events, all in one transaction: committed, the send is done for good; not
-// committed, the job runs again. A database that fails right after the
-// gateway sent would send twice on that retry, so the write is retried here
-// for a while first.
+// committed, the job runs again. The gateway answers that retry from its
+// memory of sent keys, but only while it keeps running: so the write is
+// retried here for a while first rather than leaning on it.
 func (s *Service) finishSend(ctx context.Context, key string, o Outcome, complete InTx) error {
 	st, _ := s.backend()
 	o.FinishedAt = s.clock.Now().UTC()
