@@ -139,3 +139,22 @@ func TestSentKeysForgetTheOldestBeyondTheBounds(t *testing.T) {
 		t.Fatal("an empty key was remembered")
 	}
 }
+
+// BenchmarkSentKeysAtTheBound: one new key sent and remembered while the
+// memory is full, so every send also evicts the oldest.
+func BenchmarkSentKeysAtTheBound(b *testing.B) {
+	clock := clockwork.NewFakeClockAt(t0)
+	s := newSentKeys(clock, sentKeysMax, sentKeysFor)
+	ok := bus.MsgSendReply{OK: true, ID: "3EB0"}
+	for i := range sentKeysMax {
+		c, _ := s.begin(fmt.Sprint("warm-", i))
+		s.finish(c, ok)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c, _ := s.begin(fmt.Sprint("k-", i))
+		s.finish(c, ok)
+		i++
+	}
+}
