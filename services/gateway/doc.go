@@ -182,6 +182,13 @@
 // logged); each relay send takes a token without waiting, so owner replies
 // queue behind relay's sends rather than doubling the rate.
 //
+// A send's idempotency key is remembered once it went out (sentKeys: in
+// memory, the last 10,000 keys for 24 hours): relay asks again with the
+// same key when it died before recording the outcome, and the repeat is
+// answered with the first answer instead of sent twice; a repeat of a key
+// still sending waits for it. A gateway restart forgets the keys, which is
+// the double-send window left.
+//
 // At shutdown new sends are refused ("shutting down"; relay keeps them
 // queued), and sends in flight get a grace period of min(SendTimeout,
 // ShutdownSendGrace) to be answered truthfully before the socket closes.

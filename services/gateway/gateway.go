@@ -207,6 +207,7 @@ type Gateway struct {
 	accepting bool
 	sendBase  context.Context // outlives Run's ctx by the shutdown grace
 	sends     sync.WaitGroup
+	sent      *sentKeys // outcomes of recent gateway.send keys (sentkeys.go)
 
 	relay     relayStats    // hand-overs to relay that failed (relay.go)
 	relayBack chan struct{} // relay is back: the loop may reconnect for redelivery (redeliver.go)
@@ -265,6 +266,7 @@ func New(cfg Config, d Deps) *Gateway {
 		showQR:    d.ShowQR,
 		versions:  d.Versions,
 		limiter:   rate.NewLimiter(cfg.SendRate, 1),
+		sent:      newSentKeys(clock, sentKeysMax, sentKeysFor),
 		events:    newQueue(),
 		results:   make(chan func(context.Context)),
 		work:      make(chan func(context.Context), 16),

@@ -64,6 +64,10 @@ func allDigits(s string) bool {
 // Cheap checks answer at once; the send itself runs on its own goroutine
 // so one slow send does not queue the others.
 //
+// A key sent before is answered from memory, not sent again, and a repeat
+// of a key still sending waits for it (sentKeys): that is what closes the
+// double-send window when relay dies between the send and its commit.
+//
 // SEND_RATE is relay's to keep: it paces its queue by it, and a send it
 // released must not be refused or held here by a second limiter that can
 // only disagree with it (two buckets started at different times). The
@@ -83,19 +87,41 @@ func (g *Gateway) onSend(m *nats.Msg) {
 		fail(err.Error())
 		return
 	}
+	call, state := g.sent.begin(req.IdempotencyKey)
+	if state == callDone {
+		g.log.Info("gateway.send repeated; answered with its first outcome, not sent again", "idempotency_key", call.key)
+		g.respond(m, call.rep)
+		return
+	}
+	// Whoever began the call must finish it, or its repeats wait forever.
+	refuse := func(msg string) {
+		rep := bus.MsgSendReply{OK: false, Error: msg}
+		if state == callNew {
+			g.sent.finish(call, rep)
+		}
+		g.respond(m, rep)
+	}
 	g.sendMu.Lock()
 	if !g.accepting {
 		g.sendMu.Unlock()
-		fail(errShuttingDown)
+		refuse(errShuttingDown)
 		return
 	}
 	g.sends.Add(1)
 	base := g.sendBase
 	g.sendMu.Unlock()
+	if state == callRunning {
+		go func() {
+			defer g.sends.Done()
+			<-call.done // the first request's send ends within SendTimeout
+			g.respond(m, call.rep)
+		}()
+		return
+	}
 	conn := g.liveConn()
 	if conn == nil {
 		g.sends.Done()
-		fail("not connected to WhatsApp (state: " + g.State() + ")")
+		refuse("not connected to WhatsApp (state: " + g.State() + ")")
 		return
 	}
 	g.limiter.ReserveN(g.clock.Now(), 1) // counted, never waited for: see above
@@ -106,11 +132,13 @@ func (g *Gateway) onSend(m *nats.Msg) {
 		sent, err := conn.SendText(ctx, to, req.Text)
 		if err != nil {
 			g.log.Warn("gateway.send failed", "err", err)
-			fail("send failed: " + err.Error())
+			refuse("send failed: " + err.Error())
 			return
 		}
 		ts := sent.Timestamp.UTC()
-		g.respond(m, bus.MsgSendReply{OK: true, ID: sent.ID, Timestamp: &ts})
+		rep := bus.MsgSendReply{OK: true, ID: sent.ID, Timestamp: &ts}
+		g.sent.finish(call, rep)
+		g.respond(m, rep)
 	}()
 }
 

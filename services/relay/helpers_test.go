@@ -11,6 +11,7 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/internal/testdb"
 	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
@@ -113,7 +114,7 @@ func (s *setup) start(t testing.TB) *instance {
 		open = s.db.open
 	}
 	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test",
-		Open: open, Backoff: func(int) time.Duration { return 10 * time.Millisecond }, QueuePollInterval: 50 * time.Millisecond})
+		Open: open, Backoff: backoff.Backoff{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond}, QueuePollInterval: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

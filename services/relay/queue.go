@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/jobs"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver"
@@ -79,9 +80,8 @@ type Queue interface {
 	Start(ctx context.Context) error
 	// Stop waits for running jobs until ctx ends.
 	Stop(ctx context.Context) error
-	// InsertTx inserts jobs inside tx, a store transaction (TxHook's tx).
-	InsertTx(ctx context.Context, tx any, jobs []Job) error
-	// Insert inserts jobs in a transaction of their own.
+	// Insert inserts jobs in a transaction of their own (inside a store
+	// transaction: Tx.InsertJobs).
 	Insert(ctx context.Context, jobs []Job) error
 	// RetryDead puts the session's dead deliveries (discarded or cancelled)
 	// back in their queues as new jobs and returns how many.
@@ -93,13 +93,14 @@ type QueueConfig struct {
 	// Deliver makes one delivery; an error retries it, river.JobCancel
 	// makes it dead at once.
 	Deliver func(ctx context.Context, channel string, job JobInfo, args DeliveryArgs) error
-	// Send makes one send and must call complete inside the transaction
+	// Send makes one send and must run complete inside the transaction
 	// that records its outcome (or return an error to retry).
-	Send func(ctx context.Context, job JobInfo, args SendArgs, complete TxHook) error
+	Send func(ctx context.Context, job JobInfo, args SendArgs, complete InTx) error
 	// Lanes per delivery channel; zero: DefaultLanes.
 	Lanes int
-	// Backoff is the wait before retry n (1-based); nil: DefaultBackoff.
-	Backoff func(attempt int) time.Duration
+	// Backoff is the wait before retry n (1-based, Step: no jitter); zero:
+	// DefaultBackoff.
+	Backoff backoff.Backoff
 	// SendMaxAttempts bounds a send's retries; zero: DefaultSendMaxAttempts.
 	SendMaxAttempts int
 	// Schedule is the product's periodic jobs (package jobs: every client
@@ -120,13 +121,13 @@ const (
 	DeliveryMaxAttempts = 10000
 )
 
-// DefaultBackoff doubles from one second up to five minutes.
-func DefaultBackoff(attempt int) time.Duration {
-	d := time.Second << min(max(attempt-1, 0), 16)
-	return min(d, 5*time.Minute)
-}
+// DefaultBackoff doubles from one second up to five minutes (CONTRACT:
+// webhook retries). Deliveries use its Step, not the jittered Delay: the
+// schedule is documented, and a lane works one job at a time, so retries of
+// many jobs never reach a receiver all at once anyway.
+func DefaultBackoff() backoff.Backoff { return backoff.Backoff{Min: time.Second, Max: 5 * time.Minute} }
 
-type deliveryWorker[TTx any, A interface {
+type deliveryWorker[A interface {
 	river.JobArgs
 	args() DeliveryArgs
 }] struct {
@@ -149,40 +150,33 @@ func info[A river.JobArgs](job *river.Job[A]) JobInfo {
 	return ji
 }
 
-func (w *deliveryWorker[TTx, A]) NextRetry(job *river.Job[A]) time.Time {
-	return time.Now().Add(w.cfg.Backoff(job.Attempt))
+func (w *deliveryWorker[A]) NextRetry(job *river.Job[A]) time.Time {
+	return time.Now().Add(w.cfg.Backoff.Step(job.Attempt))
 }
 
 // Timeout bounds one attempt; the webhook's own timeout is shorter.
-func (w *deliveryWorker[TTx, A]) Timeout(*river.Job[A]) time.Duration { return 150 * time.Second }
+func (w *deliveryWorker[A]) Timeout(*river.Job[A]) time.Duration { return 150 * time.Second }
 
-func (w *deliveryWorker[TTx, A]) Work(ctx context.Context, job *river.Job[A]) error {
+func (w *deliveryWorker[A]) Work(ctx context.Context, job *river.Job[A]) error {
 	return w.cfg.Deliver(ctx, w.channel, info(job), job.Args.args())
 }
 
-type sendWorker[TTx any] struct {
+type sendWorker struct {
 	river.WorkerDefaults[sendArgs]
 	cfg *QueueConfig
 }
 
-func (w *sendWorker[TTx]) NextRetry(job *river.Job[sendArgs]) time.Time {
-	return time.Now().Add(w.cfg.Backoff(job.Attempt))
+func (w *sendWorker) NextRetry(job *river.Job[sendArgs]) time.Time {
+	return time.Now().Add(w.cfg.Backoff.Step(job.Attempt))
 }
 
 // Timeout covers the wait for a SEND_RATE slot and the gateway's answer, and
 // stays below jobs.RescueAfter: a send rescued while still running could go
 // out twice.
-func (w *sendWorker[TTx]) Timeout(*river.Job[sendArgs]) time.Duration { return 150 * time.Second }
+func (w *sendWorker) Timeout(*river.Job[sendArgs]) time.Duration { return 150 * time.Second }
 
-func (w *sendWorker[TTx]) Work(ctx context.Context, job *river.Job[sendArgs]) error {
-	complete := func(ctx context.Context, tx any) error {
-		t, ok := tx.(TTx)
-		if !ok {
-			return fmt.Errorf("complete job: transaction is %T", tx)
-		}
-		_, err := river.JobCompleteTx[riverdriver.Driver[TTx]](ctx, t, job)
-		return err
-	}
+func (w *sendWorker) Work(ctx context.Context, job *river.Job[sendArgs]) error {
+	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
 	return w.cfg.Send(ctx, info(job), job.Args.SendArgs, complete)
 }
 
@@ -191,23 +185,23 @@ type riverQueue[TTx any] struct {
 	cfg    QueueConfig
 }
 
-// NewRiverQueue builds relay's River client on driver through package
-// jobs. Stores call it from NewQueue.
-func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Queue, error) {
+// newRiverQueue builds relay's River client on driver through package
+// jobs (stores call it through River.NewQueue).
+func newRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (*riverQueue[TTx], error) {
 	if cfg.Lanes <= 0 {
 		cfg.Lanes = DefaultLanes
 	}
-	if cfg.Backoff == nil {
-		cfg.Backoff = DefaultBackoff
+	if cfg.Backoff.Min <= 0 && cfg.Backoff.Max <= 0 {
+		cfg.Backoff = DefaultBackoff()
 	}
 	if cfg.SendMaxAttempts <= 0 {
 		cfg.SendMaxAttempts = DefaultSendMaxAttempts
 	}
 	workers := river.NewWorkers()
 	if err := errors.Join(
-		river.AddWorkerSafely(workers, &deliveryWorker[TTx, natsArgs]{channel: ChannelNATS, cfg: &cfg}),
-		river.AddWorkerSafely(workers, &deliveryWorker[TTx, webhookArgs]{channel: ChannelWebhook, cfg: &cfg}),
-		river.AddWorkerSafely(workers, &sendWorker[TTx]{cfg: &cfg}),
+		river.AddWorkerSafely(workers, &deliveryWorker[natsArgs]{channel: ChannelNATS, cfg: &cfg}),
+		river.AddWorkerSafely(workers, &deliveryWorker[webhookArgs]{channel: ChannelWebhook, cfg: &cfg}),
+		river.AddWorkerSafely(workers, &sendWorker{cfg: &cfg}),
 	); err != nil {
 		return nil, fmt.Errorf("river workers: %w", err)
 	}
@@ -278,14 +272,8 @@ func (q *riverQueue[TTx]) params(j Job) (river.InsertManyParams, error) {
 	return river.InsertManyParams{Args: args, InsertOpts: opts}, nil
 }
 
-func (q *riverQueue[TTx]) InsertTx(ctx context.Context, tx any, list []Job) error {
-	if len(list) == 0 {
-		return nil
-	}
-	t, ok := tx.(TTx)
-	if !ok {
-		return fmt.Errorf("insert jobs: transaction is %T", tx)
-	}
+// insertTx inserts jobs in the store transaction tx (Tx.InsertJobs).
+func (q *riverQueue[TTx]) insertTx(ctx context.Context, tx TTx, list []Job) error {
 	params := make([]river.InsertManyParams, 0, len(list))
 	for _, j := range list {
 		p, err := q.params(j)
@@ -294,7 +282,7 @@ func (q *riverQueue[TTx]) InsertTx(ctx context.Context, tx any, list []Job) erro
 		}
 		params = append(params, p)
 	}
-	if _, err := q.client.InsertManyFastTx(ctx, t, params); err != nil {
+	if _, err := q.client.InsertManyFastTx(ctx, tx, params); err != nil {
 		return fmt.Errorf("insert jobs: %w", err)
 	}
 	return nil

@@ -27,11 +27,13 @@
 // commit. Deliveries are at least once: a job that delivered but crashed
 // before River recorded its completion delivers again (same seq, same
 // Nats-Msg-Id, same X-Blacksky-Delivery). A send goes out once per
-// idempotency key, with one window: when the gateway sent the message but
-// relay died (or the gateway's answer was lost) before the transaction that
-// records the outcome and completes the job committed, River runs the job
-// again and the gateway is asked to send it a second time. The request
-// carries the idempotency key so a gateway that remembers keys can close it.
+// idempotency key. When the gateway sent the message but relay died (or the
+// gateway's answer was lost) before the transaction that records the
+// outcome and completes the job committed, River runs the job again and
+// asks the gateway with the same idempotency key; the gateway remembers the
+// keys it sent (in memory, bounded) and answers the repeat without sending.
+// The one window left: the gateway restarts between the send and the
+// commit.
 package relay
 
 import (
@@ -119,15 +121,6 @@ type Stats struct {
 	Jobs        []JobCount
 }
 
-// TxHook runs inside a store transaction; tx is the driver's native
-// transaction (pgx.Tx or *sql.Tx), which River's InsertTx and
-// JobCompleteTx take.
-type TxHook func(ctx context.Context, tx any) error
-
-// SeqHook runs inside the transaction that stores a message or receipt,
-// once its seq (or receipt id) is known.
-type SeqHook func(ctx context.Context, tx any, ref int64) error
-
 // Store keeps relay's rows. Implementations: postgres and sqlite, both
 // checked by the storetest suite.
 type Store interface {
@@ -142,24 +135,24 @@ type Store interface {
 	// the same transaction. A message already stored (same session, chat
 	// and WhatsApp id) is not stored again: its seq is returned with dup
 	// true and hook does not run.
-	InsertMessage(ctx context.Context, m NewMessage, hook SeqHook) (seq int64, dup bool, err error)
+	InsertMessage(ctx context.Context, m NewMessage, hook RefInTx) (seq int64, dup bool, err error)
 	// Message reads one message by seq.
 	Message(ctx context.Context, session string, seq int64) (Stored, error)
 	// Messages reads up to limit messages after seq, in seq order.
 	Messages(ctx context.Context, session string, afterSeq int64, limit int) ([]Stored, error)
 	// InsertReceipt is InsertMessage for receipts (no seq: the row id).
-	InsertReceipt(ctx context.Context, r NewReceipt, hook SeqHook) (id int64, dup bool, err error)
+	InsertReceipt(ctx context.Context, r NewReceipt, hook RefInTx) (id int64, dup bool, err error)
 	Receipt(ctx context.Context, session string, id int64) (Stored, error)
 
 	// InsertSend queues a send unless its key is known, running hook in the
 	// same transaction when it is new. It returns the send as stored (the
 	// first one for a known key) and whether it was inserted now.
-	InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook TxHook) (Send, bool, error)
+	InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook InTx) (Send, bool, error)
 	GetSend(ctx context.Context, session, key string) (Send, error)
 	// FinishSend records the outcome of a queued send and runs hook in the
 	// same transaction; changed is false (and hook does not run) when the
 	// send was no longer queued.
-	FinishSend(ctx context.Context, session, key string, o Outcome, hook TxHook) (changed bool, err error)
+	FinishSend(ctx context.Context, session, key string, o Outcome, hook InTx) (changed bool, err error)
 	CountQueuedSends(ctx context.Context, session string) (int64, error)
 
 	// Prune deletes messages and receipts received before cutoff and sends
@@ -167,7 +160,8 @@ type Store interface {
 	Prune(ctx context.Context, session string, cutoff time.Time) (int64, error)
 	Stats(ctx context.Context, session string) (Stats, error)
 
-	// NewQueue builds relay's River client on this database.
+	// NewQueue builds relay's River client on this database (River.NewQueue);
+	// the Tx of the store's transactions inserts jobs through it.
 	NewQueue(cfg QueueConfig) (Queue, error)
 }
 

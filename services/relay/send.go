@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
@@ -75,8 +76,8 @@ func (s *Service) QueueSend(ctx context.Context, req bus.MsgSend) (Send, error) 
 	if err != nil {
 		return Send{}, err
 	}
-	sd, _, err := st.InsertSend(ctx, s.cfg.Session, req.IdempotencyKey, s.clock.Now(), payload, func(ctx context.Context, tx any) error {
-		return q.InsertTx(ctx, tx, []Job{{Send: &SendArgs{Session: s.cfg.Session, Key: req.IdempotencyKey}}})
+	sd, _, err := st.InsertSend(ctx, s.cfg.Session, req.IdempotencyKey, s.clock.Now(), payload, func(ctx context.Context, tx Tx) error {
+		return tx.InsertJobs(ctx, []Job{{Send: &SendArgs{Session: s.cfg.Session, Key: req.IdempotencyKey}}})
 	})
 	s.dbResult(err)
 	if err != nil {
@@ -150,7 +151,7 @@ var transientSend = []string{"not connected", "shutting down", "rate limited"}
 
 // workSend is the send job: wait for a SEND_RATE slot, ask the gateway to
 // send, and record the outcome in the transaction that completes the job.
-func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complete TxHook) error {
+func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complete InTx) error {
 	st, q := s.backend()
 	if st == nil || q == nil {
 		return errNotReady
@@ -176,8 +177,10 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 	last := job.Attempt >= job.MaxAttempts
 	switch {
 	case err != nil && !last:
-		// No answer: the gateway is down, or died mid-send (the one
-		// window: it may have sent, and this retry sends again).
+		// No answer: the gateway is down, or died mid-send. It may
+		// have sent: the retry carries the same key, which a gateway
+		// still running answers from memory (only a gateway restart in
+		// between sends twice).
 		s.waiters.notify(sd.Key, "the gateway did not answer ("+err.Error()+")")
 		return fmt.Errorf("gateway.send: %w", err)
 	case err != nil:
@@ -226,26 +229,28 @@ func (s *Service) waitSlot(ctx context.Context) error {
 
 // finishSend records an outcome, completes the job and queues the outcome's
 // events, all in one transaction: committed, the send is done for good; not
-// committed, the job runs again. A database that fails right after the
-// gateway sent would send twice on that retry, so the write is retried here
-// for a while first.
-func (s *Service) finishSend(ctx context.Context, key string, o Outcome, complete TxHook) error {
-	st, q := s.backend()
+// committed, the job runs again. The gateway answers that retry from its
+// memory of sent keys, but only while it keeps running: so the write is
+// retried here for a while first rather than leaning on it.
+func (s *Service) finishSend(ctx context.Context, key string, o Outcome, complete InTx) error {
+	st, _ := s.backend()
 	o.FinishedAt = s.clock.Now().UTC()
 	event := "msg.sent"
 	if o.State == SendFailed {
 		event = "msg.send_failed"
 	}
 	jobs := s.deliveries(event, DeliveryArgs{Session: s.cfg.Session, Item: ItemSend, Key: key})
-	hook := func(ctx context.Context, tx any) error {
+	hook := func(ctx context.Context, tx Tx) error {
 		if err := complete(ctx, tx); err != nil {
 			return err
 		}
-		return q.InsertTx(ctx, tx, jobs)
+		return tx.InsertJobs(ctx, jobs)
 	}
+	// About 20 s in 8 tries, 200 ms doubling to 5 s; plain steps: the
+	// database is relay's own, and tests drive the clock step by step.
+	retry := backoff.Backoff{Min: 200 * time.Millisecond, Max: 5 * time.Second}
 	var err error
-	delay := 200 * time.Millisecond
-	for range 8 {
+	for attempt := 1; attempt <= 8; attempt++ {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
 		_, err = st.FinishSend(wctx, s.cfg.Session, key, o, hook)
 		cancel()
@@ -260,9 +265,8 @@ func (s *Service) finishSend(ctx context.Context, key string, o Outcome, complet
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("record send outcome: %w", err)
-		case <-s.clock.After(delay):
+		case <-s.clock.After(retry.Step(attempt)):
 		}
-		delay = min(2*delay, 5*time.Second)
 	}
 	return fmt.Errorf("record send outcome: %w", err)
 }

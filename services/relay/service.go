@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/jobs"
 	"github.com/jonboulle/clockwork"
@@ -33,7 +34,7 @@ type Options struct {
 	// Lanes, Backoff and QueuePollInterval tune River (tests); zero:
 	// defaults.
 	Lanes             int
-	Backoff           func(attempt int) time.Duration
+	Backoff           backoff.Backoff
 	QueuePollInterval time.Duration
 	// HTTPClient posts to the webhook; nil: one with Config.WebhookTimeout.
 	HTTPClient *http.Client
@@ -239,8 +240,10 @@ func (s *Service) spawn(h func(*nats.Msg)) nats.MsgHandler {
 // (nil then). Meanwhile requests are refused with the reason, so the
 // gateway does not acknowledge messages relay could not keep.
 func (s *Service) openStore(ctx context.Context) Store {
-	delay := 500 * time.Millisecond
-	for {
+	// 500 ms doubling to 10 s, without jitter: relay retries its own
+	// database, and tests step the clock.
+	retry := backoff.Backoff{Min: 500 * time.Millisecond, Max: 10 * time.Second}
+	for attempt := 1; ; attempt++ {
 		st, err := s.connect(ctx)
 		if err == nil {
 			return st
@@ -249,13 +252,13 @@ func (s *Service) openStore(ctx context.Context) Store {
 		if ctx.Err() != nil {
 			return nil
 		}
+		delay := retry.Step(attempt)
 		s.log.Warn("database unreachable; retrying", "err", err, "retry_in", delay)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-s.clock.After(delay):
 		}
-		delay = min(delay*2, 10*time.Second)
 	}
 }
 

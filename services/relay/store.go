@@ -61,8 +61,8 @@ func (s *Service) StoreMessage(ctx context.Context, msg bus.MsgIn) (bus.RelaySto
 		return bus.RelayStoreReply{}, err
 	}
 	seq, dup, err := st.InsertMessage(ctx, NewMessage{Session: s.cfg.Session, Chat: msg.Chat, WAID: msg.ID,
-		ReceivedAt: now, Payload: payload}, func(ctx context.Context, tx any, seq int64) error {
-		return q.InsertTx(ctx, tx, s.deliveries("msg.in", DeliveryArgs{Session: s.cfg.Session, Item: ItemMessage, Ref: seq, Chat: msg.Chat}))
+		ReceivedAt: now, Payload: payload}, func(ctx context.Context, tx Tx, seq int64) error {
+		return tx.InsertJobs(ctx, s.deliveries("msg.in", DeliveryArgs{Session: s.cfg.Session, Item: ItemMessage, Ref: seq, Chat: msg.Chat}))
 	})
 	s.dbResult(err)
 	if err != nil {
@@ -87,8 +87,8 @@ func (s *Service) StoreReceipt(ctx context.Context, rc bus.Receipt) (bus.RelaySt
 		return bus.RelayStoreReply{}, err
 	}
 	_, dup, err := st.InsertReceipt(ctx, NewReceipt{Session: s.cfg.Session, Dedup: receiptKey(rc), Chat: rc.Chat,
-		ReceivedAt: now, Payload: payload}, func(ctx context.Context, tx any, id int64) error {
-		return q.InsertTx(ctx, tx, s.deliveries("msg.receipt", DeliveryArgs{Session: s.cfg.Session, Item: ItemReceipt, Ref: id, Chat: rc.Chat}))
+		ReceivedAt: now, Payload: payload}, func(ctx context.Context, tx Tx, id int64) error {
+		return tx.InsertJobs(ctx, s.deliveries("msg.receipt", DeliveryArgs{Session: s.cfg.Session, Item: ItemReceipt, Ref: id, Chat: rc.Chat}))
 	})
 	s.dbResult(err)
 	if err != nil {

@@ -226,3 +226,16 @@ func TestWebhookURLIsRedactedWhereShown(t *testing.T) {
 		t.Fatalf("RedactURL: %s", got)
 	}
 }
+
+// The documented retry schedule (CONTRACT: "1 s doubling to 5 minutes") is
+// the one River's deliveries and sends wait, without jitter.
+func TestDeliveryRetriesDoubleFromOneSecondToFiveMinutes(t *testing.T) {
+	b := relay.DefaultBackoff()
+	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second,
+		32 * time.Second, 64 * time.Second, 128 * time.Second, 256 * time.Second, 5 * time.Minute, 5 * time.Minute}
+	for i, w := range want {
+		if got := b.Step(i + 1); got != w {
+			t.Fatalf("retry %d waits %s, want %s", i+1, got, w)
+		}
+	}
+}

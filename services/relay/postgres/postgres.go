@@ -28,6 +28,9 @@ type Options struct {
 // Store keeps relay's rows in PostgreSQL.
 type Store struct {
 	pool *pgxpool.Pool
+	// river inserts and completes relay's jobs in this store's
+	// transactions (NewQueue builds it).
+	river relay.River[pgx.Tx]
 }
 
 // Open connects and pings; the error never shows the URL's password.
@@ -127,7 +130,7 @@ func (s *Store) Migrate(ctx context.Context) error {
 var errRaced = errors.New("raced")
 
 // InsertMessage stores m under the next seq, or finds it stored.
-func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook relay.SeqHook) (int64, bool, error) {
+func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook relay.RefInTx) (int64, bool, error) {
 	for range 3 {
 		var seq int64
 		dup := false
@@ -151,7 +154,7 @@ func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook rela
 				return err
 			}
 			if hook != nil {
-				return hook(ctx, tx, seq)
+				return hook(ctx, s.river.Tx(tx), seq)
 			}
 			return nil
 		})
@@ -200,7 +203,7 @@ func (s *Store) Messages(ctx context.Context, session string, afterSeq int64, li
 }
 
 // InsertReceipt stores a receipt once.
-func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook relay.SeqHook) (int64, bool, error) {
+func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook relay.RefInTx) (int64, bool, error) {
 	for range 3 {
 		var id int64
 		dup := false
@@ -214,7 +217,7 @@ func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook rela
 				return err
 			}
 			if hook != nil {
-				return hook(ctx, tx, id)
+				return hook(ctx, s.river.Tx(tx), id)
 			}
 			return nil
 		})
@@ -252,7 +255,7 @@ func scanSend(row pgx.Row) (relay.Send, error) {
 }
 
 // InsertSend queues a send unless its key is known.
-func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook relay.TxHook) (relay.Send, bool, error) {
+func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook relay.InTx) (relay.Send, bool, error) {
 	var sd relay.Send
 	inserted := false
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
@@ -268,7 +271,7 @@ func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt t
 		inserted = true
 		sd = relay.Send{Key: key, State: relay.SendQueued, CreatedAt: time.UnixMilli(ms).UTC(), Payload: payload}
 		if hook != nil {
-			return hook(ctx, tx)
+			return hook(ctx, s.river.Tx(tx))
 		}
 		return nil
 	})
@@ -288,7 +291,7 @@ func (s *Store) GetSend(ctx context.Context, session, key string) (relay.Send, e
 }
 
 // FinishSend records a queued send's outcome.
-func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Outcome, hook relay.TxHook) (bool, error) {
+func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Outcome, hook relay.InTx) (bool, error) {
 	changed := false
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		tag, err := tx.Exec(ctx, sqltext.FinishSend, session, key, o.State, o.WAID, relay.UnixMilli(o.SentAt), o.Error, o.FinishedAt.UnixMilli())
@@ -297,7 +300,7 @@ func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Out
 		}
 		changed = true
 		if hook != nil {
-			return hook(ctx, tx)
+			return hook(ctx, s.river.Tx(tx))
 		}
 		return nil
 	})
@@ -359,5 +362,5 @@ func (s *Store) Stats(ctx context.Context, session string) (relay.Stats, error) 
 
 // NewQueue builds River on this pool.
 func (s *Store) NewQueue(cfg relay.QueueConfig) (relay.Queue, error) {
-	return relay.NewRiverQueue(riverpgxv5.New(s.pool), cfg)
+	return s.river.NewQueue(riverpgxv5.New(s.pool), cfg)
 }

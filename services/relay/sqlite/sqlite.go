@@ -24,6 +24,9 @@ var _ relay.Store = (*Store)(nil)
 // Store keeps relay's rows in one SQLite file.
 type Store struct {
 	db *sql.DB
+	// river inserts and completes relay's jobs in this store's
+	// transactions (NewQueue builds it).
+	river relay.River[*sql.Tx]
 }
 
 // Open opens (creating) the database at path: WAL, a busy timeout, one
@@ -128,7 +131,7 @@ func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
 
 // InsertMessage stores m under the next seq, or finds it stored. SQLite
 // has one writer at a time, so no concurrent insert can race it.
-func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook relay.SeqHook) (int64, bool, error) {
+func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook relay.RefInTx) (int64, bool, error) {
 	var seq int64
 	dup := false
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
@@ -147,7 +150,7 @@ func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook rela
 			return err
 		}
 		if hook != nil {
-			return hook(ctx, tx, seq)
+			return hook(ctx, s.river.Tx(tx), seq)
 		}
 		return nil
 	})
@@ -199,7 +202,7 @@ func (s *Store) Messages(ctx context.Context, session string, afterSeq int64, li
 }
 
 // InsertReceipt stores a receipt once.
-func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook relay.SeqHook) (int64, bool, error) {
+func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook relay.RefInTx) (int64, bool, error) {
 	var id int64
 	dup := false
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
@@ -212,7 +215,7 @@ func (s *Store) InsertReceipt(ctx context.Context, r relay.NewReceipt, hook rela
 			return err
 		}
 		if hook != nil {
-			return hook(ctx, tx, id)
+			return hook(ctx, s.river.Tx(tx), id)
 		}
 		return nil
 	})
@@ -245,7 +248,7 @@ func scanSend(row *sql.Row) (relay.Send, error) {
 }
 
 // InsertSend queues a send unless its key is known.
-func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook relay.TxHook) (relay.Send, bool, error) {
+func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt time.Time, payload []byte, hook relay.InTx) (relay.Send, bool, error) {
 	var sd relay.Send
 	inserted := false
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
@@ -261,7 +264,7 @@ func (s *Store) InsertSend(ctx context.Context, session, key string, createdAt t
 		inserted = true
 		sd = relay.Send{Key: key, State: relay.SendQueued, CreatedAt: time.UnixMilli(ms).UTC(), Payload: payload}
 		if hook != nil {
-			return hook(ctx, tx)
+			return hook(ctx, s.river.Tx(tx))
 		}
 		return nil
 	})
@@ -281,7 +284,7 @@ func (s *Store) GetSend(ctx context.Context, session, key string) (relay.Send, e
 }
 
 // FinishSend records a queued send's outcome.
-func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Outcome, hook relay.TxHook) (bool, error) {
+func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Outcome, hook relay.InTx) (bool, error) {
 	changed := false
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, sqltext.FinishSend, session, key, o.State, o.WAID, relay.UnixMilli(o.SentAt), o.Error, o.FinishedAt.UnixMilli())
@@ -293,7 +296,7 @@ func (s *Store) FinishSend(ctx context.Context, session, key string, o relay.Out
 		}
 		changed = true
 		if hook != nil {
-			return hook(ctx, tx)
+			return hook(ctx, s.river.Tx(tx))
 		}
 		return nil
 	})
@@ -364,5 +367,5 @@ func (s *Store) NewQueue(cfg relay.QueueConfig) (relay.Queue, error) {
 		// jobs inserted by another process are found by polling.
 		cfg.PollInterval = time.Second
 	}
-	return relay.NewRiverQueue(riversqlite.New(s.db), cfg)
+	return s.river.NewQueue(riversqlite.New(s.db), cfg)
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/services/relay"
+	"github.com/riverqueue/river/rivertype"
 )
 
 // Open returns a fresh, empty store; the suite migrates and closes it.
@@ -38,6 +39,8 @@ func Run(t *testing.T, open Open) {
 	t.Run("ReceiptsStoredOnce", func(t *testing.T) { receipts(t, setup(t)) })
 	t.Run("SendsByKey", func(t *testing.T) { sends(t, setup(t)) })
 	t.Run("PruneKeepsQueuedSendsAndTheCounter", func(t *testing.T) { prune(t, setup(t)) })
+	t.Run("JobsCommitAndRollBackWithTheirRow", func(t *testing.T) { jobsInTx(t, setup(t)) })
+	t.Run("JobCompletionOutsideItsWorkerIsRefused", func(t *testing.T) { completeOutsideWorker(t, setup(t)) })
 }
 
 var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
@@ -63,7 +66,7 @@ func seqNoGaps(t *testing.T, st relay.Store) {
 				if i%5 == 0 {
 					id = fmt.Sprintf("shared-%d", i)
 				}
-				seq, dup, err := st.InsertMessage(ctx, msg("s", "chat-"+id, id), func(_ context.Context, tx any, seq int64) error {
+				seq, dup, err := st.InsertMessage(ctx, msg("s", "chat-"+id, id), func(_ context.Context, tx relay.Tx, seq int64) error {
 					if tx == nil {
 						return errors.New("hook got no transaction")
 					}
@@ -122,7 +125,7 @@ func redelivery(t *testing.T, st relay.Store) {
 		t.Fatal(err)
 	}
 	ran := false
-	again, dup, err := st.InsertMessage(ctx, msg("s", "c", "A"), func(context.Context, any, int64) error { ran = true; return nil })
+	again, dup, err := st.InsertMessage(ctx, msg("s", "c", "A"), func(context.Context, relay.Tx, int64) error { ran = true; return nil })
 	if err != nil || !dup || again != first || ran {
 		t.Fatalf("redelivery: seq %d dup %v err %v hook %v; want seq %d, dup, no hook", again, dup, err, ran, first)
 	}
@@ -143,7 +146,7 @@ func redelivery(t *testing.T, st relay.Store) {
 func failedHook(t *testing.T, st relay.Store) {
 	ctx := context.Background()
 	boom := errors.New("boom")
-	if _, _, err := st.InsertMessage(ctx, msg("s", "c", "A"), func(context.Context, any, int64) error { return boom }); !errors.Is(err, boom) {
+	if _, _, err := st.InsertMessage(ctx, msg("s", "c", "A"), func(context.Context, relay.Tx, int64) error { return boom }); !errors.Is(err, boom) {
 		t.Fatalf("failing hook: %v", err)
 	}
 	if _, err := st.Message(ctx, "s", 1); !errors.Is(err, relay.ErrNotFound) {
@@ -177,7 +180,7 @@ func receipts(t *testing.T, st relay.Store) {
 	if err != nil || dup {
 		t.Fatalf("%d %v %v", id, dup, err)
 	}
-	again, dup, err := st.InsertReceipt(ctx, r, func(context.Context, any, int64) error { return errors.New("must not run") })
+	again, dup, err := st.InsertReceipt(ctx, r, func(context.Context, relay.Tx, int64) error { return errors.New("must not run") })
 	if err != nil || !dup || again != id {
 		t.Fatalf("receipt redelivery: %d %v %v", again, dup, err)
 	}
@@ -190,7 +193,7 @@ func receipts(t *testing.T, st relay.Store) {
 func sends(t *testing.T, st relay.Store) {
 	ctx := context.Background()
 	hooks := 0
-	hook := func(_ context.Context, tx any) error { hooks++; return nil }
+	hook := func(_ context.Context, tx relay.Tx) error { hooks++; return nil }
 	sd, inserted, err := st.InsertSend(ctx, "s", "k1", t0, []byte("payload"), hook)
 	if err != nil || !inserted || sd.State != relay.SendQueued || hooks != 1 {
 		t.Fatalf("insert: %+v %v %v hooks %d", sd, inserted, err, hooks)
@@ -219,7 +222,7 @@ func sends(t *testing.T, st relay.Store) {
 	if _, err := st.FinishSend(ctx, "s", "k2", o, nil); err != nil {
 		t.Fatalf("finish of an unknown key: %v", err)
 	}
-	if _, _, err := st.InsertSend(ctx, "s", "k3", t0, []byte("x"), func(context.Context, any) error { return boom }); !errors.Is(err, boom) {
+	if _, _, err := st.InsertSend(ctx, "s", "k3", t0, []byte("x"), func(context.Context, relay.Tx) error { return boom }); !errors.Is(err, boom) {
 		t.Fatalf("failing hook: %v", err)
 	}
 	if _, err := st.GetSend(ctx, "s", "k3"); !errors.Is(err, relay.ErrNotFound) {
@@ -262,5 +265,87 @@ func prune(t *testing.T, st relay.Store) {
 	stats, err := st.Stats(ctx, "s")
 	if err != nil || stats.LastSeq != 4 || stats.Stored != 2 || stats.QueuedSends != 1 {
 		t.Fatalf("stats: %+v %v", stats, err)
+	}
+}
+
+// jobCount sums the session's relay jobs in River's table.
+func jobCount(t *testing.T, st relay.Store, session string) int64 {
+	t.Helper()
+	stats, err := st.Stats(context.Background(), session)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, c := range stats.Jobs {
+		n += c.Count
+	}
+	return n
+}
+
+// jobsInTx: the Tx a store hands its hooks inserts River jobs in the
+// store's own transaction, so an item and its deliveries commit together
+// or not at all; before the store has a River client it refuses.
+func jobsInTx(t *testing.T, st relay.Store) {
+	ctx := context.Background()
+	deliver := func(seq int64) []relay.Job {
+		a := relay.DeliveryArgs{Session: "s", Item: relay.ItemMessage, Ref: seq, Chat: "c"}
+		return []relay.Job{{Channel: relay.ChannelNATS, Delivery: a}, {Channel: relay.ChannelWebhook, Delivery: a}}
+	}
+	_, _, err := st.InsertMessage(ctx, msg("s", "c", "early"), func(ctx context.Context, tx relay.Tx, seq int64) error {
+		return tx.InsertJobs(ctx, deliver(seq))
+	})
+	if err == nil {
+		t.Fatal("jobs inserted before NewQueue: want an error")
+	}
+	if _, err := st.NewQueue(relay.QueueConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := st.InsertMessage(ctx, msg("s", "c", "A"), func(ctx context.Context, tx relay.Tx, seq int64) error {
+		return tx.InsertJobs(ctx, deliver(seq))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n := jobCount(t, st, "s"); n != 2 {
+		t.Fatalf("%d jobs after one committed message, want 2", n)
+	}
+	boom := errors.New("boom")
+	if _, _, err := st.InsertMessage(ctx, msg("s", "c", "B"), func(ctx context.Context, tx relay.Tx, seq int64) error {
+		if err := tx.InsertJobs(ctx, deliver(seq)); err != nil {
+			return err
+		}
+		return boom
+	}); !errors.Is(err, boom) {
+		t.Fatalf("failing hook: %v", err)
+	}
+	if n := jobCount(t, st, "s"); n != 2 {
+		t.Fatalf("%d jobs after a rolled-back message, want 2: its jobs outlived it", n)
+	}
+	if _, _, err := st.InsertSend(ctx, "s", "k", t0, []byte("x"), func(ctx context.Context, tx relay.Tx) error {
+		return tx.InsertJobs(ctx, []relay.Job{{Send: &relay.SendArgs{Session: "s", Key: "k"}}})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n := jobCount(t, st, "s"); n != 3 {
+		t.Fatalf("%d jobs after a queued send, want 3", n)
+	}
+}
+
+// completeOutsideWorker: completing a River job needs the job's worker
+// (River finds its client in ctx); anywhere else it is an error that rolls
+// the outcome back, not a panic or a silent success.
+func completeOutsideWorker(t *testing.T, st relay.Store) {
+	ctx := context.Background()
+	if _, _, err := st.InsertSend(ctx, "s", "k", t0, []byte("x"), nil); err != nil {
+		t.Fatal(err)
+	}
+	o := relay.Outcome{State: relay.SendSent, WAID: "3EB0", FinishedAt: t0}
+	_, err := st.FinishSend(ctx, "s", "k", o, func(ctx context.Context, tx relay.Tx) error {
+		return tx.CompleteJob(ctx, &rivertype.JobRow{ID: 1})
+	})
+	if err == nil {
+		t.Fatal("job completed outside its worker: want an error")
+	}
+	if sd, err := st.GetSend(ctx, "s", "k"); err != nil || sd.State != relay.SendQueued {
+		t.Fatalf("outcome of a refused completion kept: %+v %v", sd, err)
 	}
 }
