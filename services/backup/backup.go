@@ -122,6 +122,11 @@ type Lease struct {
 	RenewedAt  time.Time
 	ExpiresAt  time.Time
 	Version    int64
+	// Generation numbers the row's holders: it counts up whenever the row
+	// goes to a new holder (a take, never a renewal), and a fresh row starts
+	// above every generation of the session's points. Points record it and
+	// their insert requires it (fencing).
+	Generation int64
 }
 
 // Same reports whether l and o are the same state of a lease row: nobody
@@ -134,11 +139,12 @@ func (l Lease) Same(o Lease) bool {
 var ErrNotFound = errors.New("snapshot not found")
 
 // Store is one database of snapshots and leases: the three small interfaces
-// below together. Implementations: postgres and sqlite, both checked by the
+// below together (Points in points.go). Implementations: postgres and sqlite, both checked by the
 // storetest suite. Consumers take the smallest one they need (Restorer a
 // Catalog, LeaseKeeper Leases).
 type Store interface {
 	Catalog
+	Points
 	Leases
 	Lifecycle
 }
