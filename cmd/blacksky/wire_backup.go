@@ -70,6 +70,8 @@ func backupConfig(c *config.Config) backup.Config {
 		Heroku:          c.Heroku,
 		Interval:        interval,
 		Retention:       c.BackupRetention,
+		RetentionAge:    c.BackupRetentionAge,
+		SyncInterval:    c.SyncInterval,
 		ShutdownTimeout: c.ShutdownTimeout,
 		DatabaseKind:    kind,
 	}

@@ -104,7 +104,8 @@ func (s *Service) fallbackTicker(ctx context.Context) {
 func (s *Service) startQueue(st Store) error {
 	q, err := st.NewQueue(QueueConfig{
 		Work:         s.work,
-		Interval:     max(s.cfg.Interval, 0),
+		Retain:       s.retain,
+		Schedule:     s.cfg.schedule(),
 		Instance:     s.jobKey,
 		Logger:       s.log,
 		PollInterval: s.cfg.QueuePollInterval,
