@@ -78,9 +78,31 @@ func (ps pointSet) newest(key []byte) (time.Time, bool) {
 	return at, found
 }
 
+// restoreAttempts bounds how often restorePoints reads the points again
+// when pieces went missing under it: retention deleted the chain it was
+// assembling (points newer than those it listed exist by then).
+const restoreAttempts = 3
+
 // restorePoints restores the newest point of ps that verifies: ok false
 // when none does (the caller tries older full snapshots).
 func (r *Restorer) restorePoints(ctx context.Context, ps pointSet) (RestoreResult, bool, error) {
+	for attempt := 1; ; attempt++ {
+		res, ok, vanished, err := r.restorePointsOnce(ctx, ps)
+		if ok || err != nil || !vanished || attempt == restoreAttempts {
+			return res, ok, err
+		}
+		accept := ps.accept
+		if ps, err = r.pointSet(ctx); err != nil {
+			return RestoreResult{}, false, err
+		}
+		ps.accept = accept
+		r.Log.Info("points were deleted while restoring (retention); reading them again")
+	}
+}
+
+// restorePointsOnce is one pass of restorePoints; vanished says a point
+// failed only for lack of a piece or manifest.
+func (r *Restorer) restorePointsOnce(ctx context.Context, ps pointSet) (_ RestoreResult, ok, vanished bool, _ error) {
 	res, err := incr.Restore(ctx, r.SessionPath, ps.sealed, incr.RestoreOptions{Key: r.Key, Pieces: ps.pieces,
 		Check: r.checkRestored, Accept: ps.accept, Log: r.Log})
 	for _, sk := range res.Skipped {
@@ -89,14 +111,19 @@ func (r *Restorer) restorePoints(ctx context.Context, ps pointSet) (RestoreResul
 	}
 	switch {
 	case errors.Is(err, incr.ErrNoPoint):
-		return RestoreResult{}, false, nil
+		for _, sk := range res.Skipped {
+			if errors.Is(sk.Reason, incr.ErrNoPiece) || errors.Is(sk.Reason, incr.ErrBrokenChain) {
+				vanished = true
+			}
+		}
+		return RestoreResult{}, false, vanished, nil
 	case isKeyErr(err) || errors.Is(err, incr.ErrWrongKey) || errors.Is(err, incr.ErrNeedKey) || errors.Is(err, incr.ErrPlaintext):
-		return RestoreResult{}, false, fmt.Errorf("points: %w (%w)", ErrKey, err)
+		return RestoreResult{}, false, false, fmt.Errorf("points: %w (%w)", ErrKey, err)
 	case err != nil:
 		if IsDBError(err) {
-			return RestoreResult{}, false, err
+			return RestoreResult{}, false, false, err
 		}
-		return RestoreResult{}, false, fmt.Errorf("restore points: %w", err)
+		return RestoreResult{}, false, false, fmt.Errorf("restore points: %w", err)
 	}
 	m := res.Point
 	source := bus.SourceLocal
@@ -108,7 +135,7 @@ func (r *Restorer) restorePoints(ctx context.Context, ps pointSet) (RestoreResul
 		CreatedAt: m.Created, Age: res.Age, Skipped: len(res.Skipped)}
 	r.Log.Info("session store restored from a point", "point", id, "kind", rp.Kind, "generation", m.Generation,
 		"seq", m.Seq, "age", res.Age.Round(time.Millisecond), "chain", res.Chain, "skipped_newer", len(res.Skipped), "source", source)
-	return RestoreResult{Restored: true, Source: source, SnapshotID: id, SHA256: m.DBHash.String(), Point: rp}, true, nil
+	return RestoreResult{Restored: true, Source: source, SnapshotID: id, SHA256: m.DBHash.String(), Point: rp}, true, false, nil
 }
 
 // checkRestored is restore's last check of an assembled point: a linked
