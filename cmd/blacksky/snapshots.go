@@ -305,4 +305,3 @@ func (a *app) watchLease(ctx context.Context, seen backup.Lease, take func(stale
 		}
 	}
 }
-

@@ -25,7 +25,7 @@ func (fakeLease) String() string      { return "held" }
 var _ interface{ Generation() int64 } = fakeLease(0)
 
 type incrRig struct {
-	t     *testing.T
+	t     testing.TB
 	pipe  *backup.Incremental
 	st    backup.Store
 	path  string
@@ -34,7 +34,11 @@ type incrRig struct {
 
 // newIncrRig is an Incremental pipeline on a real store and database,
 // holding the lease as "me"; policy decides its bases.
-func newIncrRig(t *testing.T, kind string, policy incr.Policy) *incrRig {
+func newIncrRig(t testing.TB, kind string, policy incr.Policy) *incrRig {
+	return newIncrRigSized(t, kind, policy, 256<<10, clockwork.NewFakeClockAt(time.Now()))
+}
+
+func newIncrRigSized(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock) *incrRig {
 	t.Helper()
 	dir := t.TempDir()
 	st := newDatabase(t, kind).mustOpen(t)
@@ -42,10 +46,11 @@ func newIncrRig(t *testing.T, kind string, policy incr.Policy) *incrRig {
 	if err != nil || !ok {
 		t.Fatalf("lease: %v %v", ok, err)
 	}
-	r := &incrRig{t: t, st: st, path: newStore(t, dir, 256<<10), clock: clockwork.NewFakeClockAt(time.Now())}
+	r := &incrRig{t: t, st: st, path: newStore(t, dir, size)}
+	r.clock, _ = clock.(*clockwork.FakeClock)
 	write(t, r.path, 1)
 	r.pipe = backup.NewIncremental(backup.IncrementalConfig{Session: session, Holder: "me", SessionPath: r.path,
-		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Clock: r.clock, Log: discard(),
+		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Clock: clock, Log: discard(),
 		Lease: fakeLease(lease.Generation)})
 	t.Cleanup(func() { _ = r.pipe.Close() })
 	return r
