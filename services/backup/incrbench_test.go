@@ -150,7 +150,7 @@ func commitToDurable(b *testing.B, interval, run time.Duration) (p50, p99 time.D
 func BenchmarkBusyDayStorage(b *testing.B) {
 	for range b.N {
 		clock := clockwork.NewFakeClock()
-		r := newIncrRigSized(b, "postgres", incr.Policy{}, 8<<20, clock)
+		r := newIncrRigRetaining(b, "postgres", incr.Policy{}, 8<<20, clock, backup.Retention{Count: backup.DefaultRetention})
 		db, err := sql.Open("sqlite", wastore.DSN(r.path))
 		if err != nil {
 			b.Fatal(err)

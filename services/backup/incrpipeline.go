@@ -33,8 +33,11 @@ type IncrementalConfig struct {
 	Key         []byte // nil: plaintext
 	Local       LocalPoints
 	Policy      incr.Policy
-	Clock       clockwork.Clock
-	Log         *slog.Logger
+	// Retention, by count, also runs right after compaction once the old
+	// chain is no longer needed (see retainAfterCompaction).
+	Retention Retention
+	Clock     clockwork.Clock
+	Log       *slog.Logger
 	// Lease says whether this process holds the session lease and under
 	// which generation (the insert's transaction checks both again).
 	Lease interface {
@@ -360,6 +363,7 @@ func (p *Incremental) record(ctx context.Context, run Run, target string, pts Po
 		}
 		p.adopt(pt, bus.StoredDatabase, id, compaction)
 		o.Ref, o.Stored, o.Where = p.lastRef(), pt.StoredBytes(), bus.StoredDatabase
+		p.retainAfterCompaction(ctx, pts)
 		return o, nil
 	}
 	if err := p.cfg.Local.Put(ctx, pt); err != nil {

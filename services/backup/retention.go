@@ -8,6 +8,7 @@ import (
 
 	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/services/backup/incr"
+	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // Retention is BACKUP_RETENTION: a count of points and of snapshots, or an
@@ -136,9 +137,25 @@ func (p *Incremental) Retain(ctx context.Context, st Store, r Retention) (points
 		return 0, 0, ctx.Err()
 	}
 	defer func() { <-p.sem }()
+	points, pieces, err = p.retainPoints(ctx, st, r)
+	if err != nil {
+		return points, pieces, err
+	}
+	cctx, cancel := clockctx.WithTimeout(ctx, p.cfg.Clock, 2*time.Minute)
+	defer cancel()
+	if _, err := pruneSnapshots(cctx, st, p.cfg.Session, r, p.cfg.Clock.Now()); err != nil {
+		return points, pieces, err
+	}
+	return points, pieces, nil
+}
+
+// retainPoints is Retain's work on points; the caller holds the turn.
+func (p *Incremental) retainPoints(ctx context.Context, st Points, r Retention) (points, pieces int64, err error) {
 	var pinned []incr.Hash
-	for _, m := range p.chain {
-		pinned = append(pinned, m.ID)
+	if p.where == bus.StoredDatabase {
+		for _, m := range p.chain {
+			pinned = append(pinned, m.ID)
+		}
 	}
 	clock := p.cfg.Clock
 	cctx, cancel := clockctx.WithTimeout(ctx, clock, 2*time.Minute)
@@ -156,14 +173,30 @@ func (p *Incremental) Retain(ctx context.Context, st Store, r Retention) (points
 			return 0, 0, err
 		}
 	}
-	if _, err := pruneSnapshots(cctx, st, p.cfg.Session, r, clock.Now()); err != nil {
-		return points, pieces, err
-	}
-	stats, err := st.PointStats(cctx, p.cfg.Session)
-	if err == nil {
+	if stats, err := st.PointStats(cctx, p.cfg.Session); err == nil {
 		p.mu.Lock()
 		p.stats.catalog, p.stats.catalogKnown = stats, true
 		p.mu.Unlock()
 	}
 	return points, pieces, nil
+}
+
+// retainAfterCompaction runs retention of points as soon as a count
+// retention no longer needs the chain before the current one (its newest
+// Count points are all in the current chain), rather than at the next
+// periodic job: it bounds the storage to about the old chain, the new base
+// and Count deltas. The caller holds the turn.
+func (p *Incremental) retainAfterCompaction(ctx context.Context, st Points) {
+	r := p.cfg.Retention
+	if r.Age > 0 || r.Count <= 0 || len(p.chain) != r.Count+1 || p.where != bus.StoredDatabase {
+		return
+	}
+	n, pieces, err := p.retainPoints(ctx, st, r)
+	if err != nil {
+		p.cfg.Log.Warn("retention after compaction failed; the periodic job tries again", "err", err)
+		return
+	}
+	if n > 0 {
+		p.cfg.Log.Info("retention", "deleted_points", n, "deleted_pieces", pieces, "keeps", r.String())
+	}
 }

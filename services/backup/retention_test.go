@@ -39,6 +39,12 @@ func newIncrRig(t testing.TB, kind string, policy incr.Policy) *incrRig {
 }
 
 func newIncrRigSized(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock) *incrRig {
+	return newIncrRigRetaining(t, kind, policy, size, clock, backup.Retention{})
+}
+
+// newIncrRigRetaining is newIncrRigSized whose pipeline also retains after
+// compaction by r.
+func newIncrRigRetaining(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock, keep backup.Retention) *incrRig {
 	t.Helper()
 	dir := t.TempDir()
 	st := newDatabase(t, kind).mustOpen(t)
@@ -50,7 +56,7 @@ func newIncrRigSized(t testing.TB, kind string, policy incr.Policy, size int64, 
 	r.clock, _ = clock.(*clockwork.FakeClock)
 	write(t, r.path, 1)
 	r.pipe = backup.NewIncremental(backup.IncrementalConfig{Session: session, Holder: "me", SessionPath: r.path,
-		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Clock: clock, Log: discard(),
+		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Retention: keep, Clock: clock, Log: discard(),
 		Lease: fakeLease(lease.Generation)})
 	t.Cleanup(func() { _ = r.pipe.Close() })
 	return r
@@ -239,4 +245,22 @@ func TestCompactionJobTakesABaseWhenDue(t *testing.T) {
 	if got := kinds2(list); got != "bdb" || list[0].Reason != backup.ReasonCompaction {
 		t.Fatalf("points %s (newest %+v); want a compaction base", got, list[0])
 	}
+}
+
+// With retention by count, the chain before the current one is deleted as
+// soon as the newest points no longer need it, without waiting for the
+// periodic job.
+func TestRetentionRightAfterCompaction(t *testing.T) {
+	r := newIncrRigRetaining(t, "sqlite", incr.Policy{MaxDeltas: 3}, 256<<10, clockwork.NewFakeClock(), backup.Retention{Count: 2})
+	for range 6 {
+		r.point(2, backup.ReasonSync)
+	}
+	if got := kinds2(points(t, r.st)); got != "bdddbd" {
+		t.Fatalf("points %s; the old chain is still needed by the newest two", got)
+	}
+	r.point(2, backup.ReasonSync)
+	if got := kinds2(points(t, r.st)); got != "bdd" {
+		t.Fatalf("points %s; want the old chain gone once the newest two are in the new one", got)
+	}
+	noUnreferencedPieces(t, r.st)
 }

@@ -146,7 +146,8 @@ func New(opts Options) (*Service, error) {
 		StandbyRetry: cfg.StandbyRetry, DBWait: cfg.DBWait, Clock: s.clock, Log: s.log, Observer: leaseObserver{s}})
 	if cfg.SyncInterval > 0 {
 		s.incr = NewIncremental(IncrementalConfig{Session: cfg.SessionID, Holder: opts.Instance, SessionPath: s.sessionPath,
-			Key: cfg.EncryptionKey, Local: s.localPoints(), Policy: cfg.Policy, Clock: s.clock, Log: s.log, Lease: s.lease,
+			Key: cfg.EncryptionKey, Local: s.localPoints(), Policy: cfg.Policy, Retention: Retention{Count: cfg.Retention, Age: cfg.RetentionAge},
+			Clock: s.clock, Log: s.log, Lease: s.lease,
 			Database: s.databaseCall, Report: s.report})
 		s.pipe = s.incr
 		return s, nil
