@@ -263,13 +263,13 @@ func TestDatabaseDownThenBackCatchesUp(t *testing.T) {
 	in.waitPoints(st, 1)
 	local := backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}
 	db.proxy.Down()
-	last := write(t, in.sessionPath(), 5)
+	write(t, in.sessionPath(), 5)
 	testwait.For(t, 60*time.Second, "local points", func() bool {
 		in.clock.Advance(200 * time.Millisecond)
 		l, _ := local.List()
 		return len(l) >= 1
 	})
-	last = write(t, in.sessionPath(), 5)
+	last := write(t, in.sessionPath(), 5)
 	testwait.For(t, 60*time.Second, "a local delta", func() bool {
 		in.clock.Advance(200 * time.Millisecond)
 		l, _ := local.List()

@@ -85,15 +85,14 @@ type Incremental struct {
 
 // replicationStats is what the heartbeat and the minute's summary say.
 type replicationStats struct {
-	points, bases   int64 // taken by this process (for the summary)
-	bytes           int64 // stored by this process
-	catalog         PointStats
-	catalogKnown    bool
-	lastPoint       *time.Time
-	lastBase        *time.Time
-	lastCompaction  *time.Time
-	generation      int64
-	lastPointReason string
+	points, bases  int64 // taken by this process (for the summary)
+	bytes          int64 // stored by this process
+	catalog        PointStats
+	catalogKnown   bool
+	lastPoint      *time.Time
+	lastBase       *time.Time
+	lastCompaction *time.Time
+	generation     int64
 }
 
 var _ Pipeline = (*Incremental)(nil)
