@@ -47,6 +47,10 @@ func TestBackupCommandUsageErrors(t *testing.T) {
 		{"backup-now", "extra"},
 		{"restore", "--id", "x"},
 		{"restore", "--id", "-3"},
+		{"restore", "--id", "p"},
+		{"restore", "--id", "q3"},
+		{"restore", "--at", "yesterday"},
+		{"restore", "--id", "p3", "--at", "2026-11-26T12:00:00Z"},
 		{"snapshots", "--nope"},
 		{"migrate", "now"},
 	} {
@@ -79,6 +83,7 @@ func TestBackupCommands(t *testing.T) {
 		return map[string]string{
 			"SESSION_ID": "Cmd Test", "DATA_DIR": dataDir, "DATABASE_URL": db.URL, "NATS_URL": srv.ClientURL(),
 			"NATS_TOKEN": token, "NATS_INTERNAL_SECRET": secret, "SHUTDOWN_TIMEOUT": "20s", "LOG_LEVEL": "warn",
+			"SYNC_INTERVAL": "0", // full snapshots; TestPointCommands covers continuous replication
 		}
 	}
 	ctx := context.Background()

@@ -35,7 +35,7 @@ func (a *app) schedule() jobs.Schedule {
 	if !a.cfg.EnableSessionBackup {
 		return jobs.Schedule{}
 	}
-	return jobs.Schedule{BackupInterval: a.cfg.BackupInterval}
+	return backupConfig(a.cfg).Schedule()
 }
 
 // newRelay builds the relay service on nc.

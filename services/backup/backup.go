@@ -16,10 +16,47 @@
 //     job or directly) and gets back what was stored and where (Outcome).
 //     Snapshots (fullpipeline.go) is the full-snapshot pipeline; coalescing
 //     (coalesce.go) decides which point covers which request.
-//   - Store is three small interfaces (Catalog, Leases, Lifecycle) with a
-//     typed transaction (Tx, DriverTx) in which River's job completes.
+//   - Incremental (incrpipeline.go) is the continuous-replication Pipeline
+//     (SYNC_INTERVAL > 0; package incr is its engine): a data_version
+//     watcher (incrwatch.go) turns commits into at most one River sync job
+//     per SYNC_INTERVAL (incrservice.go); each job stores a delta on the last
+//     recorded point, or a base, with its new pieces in the job's own
+//     transaction. LocalPoints (incrlocal.go) keeps points while the
+//     database fails; retention.go applies BACKUP_RETENTION to whole chains.
+//   - Store is four small interfaces (Catalog, Points, Leases, Lifecycle)
+//     with a typed transaction (Tx, DriverTx) in which River's job completes.
 //   - Config is what backup uses of the configuration; cmd/blacksky maps
 //     shared/config into it.
+//
+// # Continuous replication: the choices
+//
+// Generations fence points: the lease row's generation counts up in the very
+// statement that gives the row to a new holder (and a row created after a
+// release starts above every point's generation), every point records the
+// generation it was captured under, and its insert requires the lease to be
+// the writer's, unexpired and still of that generation, in the insert's own
+// transaction. Restore tries points by generation, then sequence (incr.Newest):
+// a new holder's points always supersede an older holder's.
+//
+// Each process starts its own chain with a fresh base at its first point
+// rather than Resume on the chain it restored: a base costs one full read,
+// and content-addressed 64-page pieces make the regions that did not change
+// since the last base free, while a resumed chain would build on pieces this
+// process never saw stored. A point going to another store than its chain's
+// (the local fallback when the database fails, the database when it answers
+// again) starts with a base there too, so every store holds whole chains; the
+// catch-up after an outage is that base, after which the fallback is emptied
+// (the points taken during the outage are not copied one by one). Sequence
+// numbers continue those already stored under the same generation (a restart
+// under the same holder name keeps its generation).
+//
+// A point is taken only when the live store has a linked device (checked as
+// the capturer opens); an unlinked point slipping in through a logout racing
+// a capture cannot shadow a linked one, since restore checks the device of
+// the assembled store and falls back. Retention runs in the pipeline's turn
+// (same River queue, one worker, and the pipeline's own lock), keeps whole
+// chains, and by count also runs right after compaction once the old chain is
+// no longer needed.
 //
 // # The lease rule
 //
@@ -122,6 +159,11 @@ type Lease struct {
 	RenewedAt  time.Time
 	ExpiresAt  time.Time
 	Version    int64
+	// Generation numbers the row's holders: it counts up whenever the row
+	// goes to a new holder (a take, never a renewal), and a fresh row starts
+	// above every generation of the session's points. Points record it and
+	// their insert requires it (fencing).
+	Generation int64
 }
 
 // Same reports whether l and o are the same state of a lease row: nobody
@@ -134,11 +176,12 @@ func (l Lease) Same(o Lease) bool {
 var ErrNotFound = errors.New("snapshot not found")
 
 // Store is one database of snapshots and leases: the three small interfaces
-// below together. Implementations: postgres and sqlite, both checked by the
+// below together (Points in points.go). Implementations: postgres and sqlite, both checked by the
 // storetest suite. Consumers take the smallest one they need (Restorer a
 // Catalog, LeaseKeeper Leases).
 type Store interface {
 	Catalog
+	Points
 	Leases
 	Lifecycle
 }

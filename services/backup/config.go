@@ -2,6 +2,9 @@ package backup
 
 import (
 	"time"
+
+	"github.com/blacksky-md/blacksky/services/backup/incr"
+	"github.com/blacksky-md/blacksky/shared/jobs"
 )
 
 // Defaults of Config; the first three match shared/config's defaults of
@@ -28,8 +31,12 @@ type Config struct {
 	Production     bool
 	Heroku         bool // the disk is wiped at every stop: a local-only shutdown snapshot is lost
 
-	Interval        time.Duration // scheduled snapshots; negative: none
-	Retention       int           // snapshots kept per session in the database
+	Interval  time.Duration // scheduled snapshots; negative: none
+	Retention int           // points (with the chains they need) and snapshots kept per session in the database
+	// RetentionAge, when positive, keeps what is younger instead of a
+	// count (BACKUP_RETENTION=7d): points of that age with their chains,
+	// snapshots of that age, and always the newest of each.
+	RetentionAge    time.Duration
 	ShutdownTimeout time.Duration // the whole process's stop budget (backup uses 70% of it)
 
 	// DatabaseKind names the database for the heartbeat while none is
@@ -42,6 +49,33 @@ type Config struct {
 	ReplyTimeout time.Duration // how long a request waits for its snapshot
 	// QueuePollInterval overrides River's poll interval (tests).
 	QueuePollInterval time.Duration
+
+	// SyncInterval is SYNC_INTERVAL: continuous incremental replication
+	// ships committed changes at most this often. Unlike the other fields,
+	// zero (or negative) is not a default but off: the full-snapshot
+	// pipeline of before (cmd maps SYNC_INTERVAL's own default, 1s).
+	SyncInterval time.Duration
+	// Policy decides when a new base is due (compaction); zero fields take
+	// incr's defaults.
+	Policy incr.Policy
+	// Maintenance spaces the compaction and retention jobs while SyncInterval
+	// is on; zero: jobs.BackupMaintenance.
+	Maintenance time.Duration
+	// WatchPoll is how often the store's data_version is polled; zero:
+	// incr's default (50ms).
+	WatchPoll time.Duration
+}
+
+// Schedule is backup's periodic jobs (see package jobs): cmd gives every
+// River client of the process (relay's too) this same schedule, since the
+// leader, whichever client it is, enqueues them.
+func (c Config) Schedule() jobs.Schedule {
+	c = c.withDefaults()
+	s := jobs.Schedule{BackupInterval: max(c.Interval, 0), Retention: c.Maintenance}
+	if c.SyncInterval > 0 {
+		s.Compaction = c.Maintenance
+	}
+	return s
 }
 
 // withDefaults fills the zero fields.
@@ -57,6 +91,7 @@ func (c Config) withDefaults() Config {
 	set(&c.StandbyRetry, DefaultStandbyRetry)
 	set(&c.DBWait, DefaultDBWait)
 	set(&c.ReplyTimeout, DefaultReplyTimeout)
+	set(&c.Maintenance, jobs.BackupMaintenance)
 	if c.Retention == 0 {
 		c.Retention = DefaultRetention
 	}

@@ -53,14 +53,15 @@ func (s *Service) openStore(ctx context.Context) Store {
 	}
 }
 
-// hasLocalState reports whether the disk holds a session store or a
-// fallback snapshot.
+// hasLocalState reports whether the disk holds a session store, a
+// fallback snapshot or fallback points.
 func (s *Service) hasLocalState() bool {
 	if _, err := os.Stat(s.sessionPath); err == nil {
 		return true
 	}
 	files, _ := s.local.List()
-	return len(files) > 0
+	points, _ := s.localPoints().List()
+	return len(files) > 0 || len(points) > 0
 }
 
 func (s *Service) connect(ctx context.Context) (Store, error) {
@@ -104,7 +105,8 @@ func (s *Service) fallbackTicker(ctx context.Context) {
 func (s *Service) startQueue(st Store) error {
 	q, err := st.NewQueue(QueueConfig{
 		Work:         s.work,
-		Interval:     max(s.cfg.Interval, 0),
+		Retain:       s.retain,
+		Schedule:     s.cfg.Schedule(),
 		Instance:     s.jobKey,
 		Logger:       s.log,
 		PollInterval: s.cfg.QueuePollInterval,

@@ -26,7 +26,7 @@ type SnapshotsConfig struct {
 	TmpDir      string // where a copy is checked (same disk as the store)
 	Key         []byte // nil: plaintext
 	Local       Local
-	Retention   int // database snapshots kept per session
+	Retention   Retention // database snapshots kept per session
 	Clock       clockwork.Clock
 	Log         *slog.Logger
 	// Lease says whether this process holds the session lease (a quick
@@ -88,6 +88,9 @@ func (p *Snapshots) Disown() {
 	p.unshippedRead = 0
 	p.mu.Unlock()
 }
+
+// Close does nothing: a snapshot holds nothing open between points.
+func (p *Snapshots) Close() error { return nil }
 
 // Unshipped reports a point in the local fallback only.
 func (p *Snapshots) Unshipped() bool {
@@ -266,7 +269,7 @@ func (p *Snapshots) store(ctx context.Context, run Run, o Outcome, sha string, n
 	o.Ref.ID, o.Where = id, bus.StoredDatabase
 	pctx, pcancel := clockctx.WithTimeout(ctx, clock, dbCallTimeout)
 	defer pcancel()
-	if n, err := cat.Prune(pctx, p.cfg.Session, p.cfg.Retention); err != nil {
+	if n, err := pruneSnapshots(pctx, cat, p.cfg.Session, p.cfg.Retention, clock.Now()); err != nil {
 		p.cfg.Log.Warn("prune snapshots failed", "err", err)
 		p.cfg.Database(false)
 	} else if n > 0 {

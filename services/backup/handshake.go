@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"github.com/blacksky-md/blacksky/internal/clockctx"
+	"github.com/blacksky-md/blacksky/services/backup/incr"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
@@ -88,21 +89,51 @@ func (s *Service) restoreAfterLeaseLoss(ctx context.Context, st Store) bus.Resto
 func (s *Service) restoreAfterTakeover(ctx context.Context, st Store) bus.RestoreReply {
 	cctx, cancel := clockctx.WithTimeout(ctx, s.clock, dbCallTimeout)
 	latest, err := Latest(cctx, st, s.cfg.SessionID)
+	var points []PointInfo
+	if err == nil {
+		points, err = st.ListPoints(cctx, s.cfg.SessionID, 1)
+	}
 	cancel()
 	switch {
-	case err == nil && latest == nil:
+	case err == nil && latest == nil && len(points) == 0:
 		return s.restoreOnStart(ctx, st)
 	case err == nil:
 		if plain, rerr := snapshot.ReadConsistent(ctx, s.sessionPath); rerr == nil {
-			if sum := sha256.Sum256(plain); hex.EncodeToString(sum[:]) == latest.SHA256 {
-				s.log.Info("took the session over from another instance; the store on disk is the newest snapshot's: it stays",
-					"snapshot_id", latest.ID)
+			sum := sha256.Sum256(plain)
+			// The newest of either kind: a point's database hash, or a
+			// snapshot's sha256.
+			same := latest != nil && hex.EncodeToString(sum[:]) == latest.SHA256
+			if len(points) > 0 && (latest == nil || points[0].CreatedAt.After(latest.CreatedAt)) {
+				same = pointHashOf(plain) == points[0].DBSHA256
+			}
+			if same {
+				s.log.Info("took the session over from another instance; the store on disk is the newest snapshot's: it stays")
 				return bus.RestoreReply{OK: true, Source: bus.SourceExisting}
 			}
 		}
 	}
 	s.log.Info("took the session over from another instance: restoring what it left in the database, not the store on disk")
 	return s.restoreAfterLeaseLoss(ctx, st)
+}
+
+// pointHashOf is incr.DBHash of a database file's bytes (hex): what a
+// point records as its database hash.
+func pointHashOf(plain []byte) string {
+	if len(plain) < 100 {
+		return ""
+	}
+	pageSize := int(plain[16])<<8 | int(plain[17])
+	if pageSize == 1 {
+		pageSize = 65536
+	}
+	if pageSize < 512 || len(plain)%pageSize != 0 {
+		return ""
+	}
+	hashes := make([]incr.Hash, 0, len(plain)/pageSize)
+	for off := 0; off < len(plain); off += pageSize {
+		hashes = append(hashes, sha256.Sum256(plain[off:off+pageSize]))
+	}
+	return incr.DBHash(pageSize, hashes).String()
 }
 
 func (s *Service) restoreRetrying(ctx context.Context, st Store, do func(*Restorer) (RestoreResult, error), localFallback bool) bus.RestoreReply {

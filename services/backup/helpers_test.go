@@ -102,6 +102,7 @@ func testEnv(dataDir string) map[string]string {
 		"DATA_DIR":         dataDir,
 		"BACKUP_INTERVAL":  "60m",
 		"BACKUP_RETENTION": "10",
+		"SYNC_INTERVAL":    "0", // the full-snapshot pipeline; incremental tests turn it on
 		"SHUTDOWN_TIMEOUT": "20s",
 	}
 }

@@ -104,6 +104,7 @@ type LeaseKeeper struct {
 	renewedAt  time.Time // when our last successful take or renewal was sent
 	since      time.Time // the row's acquired_at while ours: unchanged means we never lost it
 	kept       bool      // the last take found since unchanged
+	generation int64     // the row's generation as our last take or renewal found it
 	failing    time.Time // first failed renewal since the last success
 	contender  time.Time // a standby of another instance last said it watched our row for half a TTL
 	watchRow   string    // the standby's watch of the holder's row, for the heartbeat
@@ -289,6 +290,7 @@ func (k *LeaseKeeper) hold(l Lease, sent time.Time) {
 	// as before means nobody else held it in between.
 	k.kept = !k.since.IsZero() && k.since.Equal(l.AcquiredAt)
 	k.held, k.until, k.renewedAt, k.since = true, l.ExpiresAt, sent, l.AcquiredAt
+	k.generation = l.Generation
 	k.failing = time.Time{}
 }
 
@@ -298,6 +300,14 @@ func (k *LeaseKeeper) Kept() bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return k.kept
+}
+
+// Generation is the lease generation of our last take or renewal (zero:
+// never held): points are captured and fenced under it.
+func (k *LeaseKeeper) Generation() int64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.generation
 }
 
 // Held is false once the lease may have expired: renewals that kept failing

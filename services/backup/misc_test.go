@@ -37,7 +37,7 @@ func backupConfig(c *config.Config) backup.Config {
 	}
 	return backup.Config{SessionID: c.SessionID, DataDir: c.DataDir, EncryptionKey: c.SessionEncryptionKey,
 		AllowPlaintext: c.AllowPlaintextBackups, Production: c.Production, Heroku: c.Heroku, Interval: c.BackupInterval,
-		Retention: c.BackupRetention, ShutdownTimeout: c.ShutdownTimeout, DatabaseKind: kind}
+		Retention: c.BackupRetention, RetentionAge: c.BackupRetentionAge, SyncInterval: c.SyncInterval, ShutdownTimeout: c.ShutdownTimeout, DatabaseKind: kind}
 }
 
 func clockStart() time.Time { return clockwork.NewFakeClock().Now() }

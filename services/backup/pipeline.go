@@ -35,6 +35,8 @@ type Pipeline interface {
 	// Disown forgets what is unshipped: another instance's store replaces
 	// ours.
 	Disown()
+	// Close releases what the pipeline holds open on the store.
+	Close() error
 }
 
 // Run is one point to take.

@@ -34,7 +34,7 @@ func newPipelineRig(t *testing.T) *pipelineRig {
 	}
 	r := &pipelineRig{st: st, path: newStore(t, dir, 64<<10)}
 	r.pipe = backup.NewSnapshots(backup.SnapshotsConfig{Session: session, Holder: "me", SessionPath: r.path, TmpDir: dir,
-		Local: backup.Local{Dir: filepath.Join(dir, "backups")}, Retention: 10, Clock: clockwork.NewRealClock(), Log: discard(),
+		Local: backup.Local{Dir: filepath.Join(dir, "backups")}, Retention: backup.Retention{Count: 10}, Clock: clockwork.NewRealClock(), Log: discard(),
 		Lease: heldLease(true), Report: func(_ backup.JobInfo, o backup.Outcome, _ time.Duration) {
 			r.mu.Lock()
 			r.reports = append(r.reports, o)

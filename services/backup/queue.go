@@ -2,6 +2,7 @@ package backup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -37,10 +38,15 @@ type Work func(ctx context.Context, job JobInfo, complete InTx) error
 
 // QueueConfig configures the River client of a Store.
 type QueueConfig struct {
-	Work        Work
-	Interval    time.Duration // scheduled snapshots; zero: none
-	MaxAttempts int           // zero: DefaultMaxAttempts
-	Instance    string        // keeps coalescing keys apart between processes
+	Work Work
+	// Retain runs a retention job (nil: retention jobs complete doing
+	// nothing here).
+	Retain func(ctx context.Context) error
+	// Schedule is the product's periodic jobs (scheduled snapshots,
+	// compaction, retention); see package jobs.
+	Schedule    jobs.Schedule
+	MaxAttempts int    // zero: DefaultMaxAttempts
+	Instance    string // keeps coalescing keys apart between processes
 	Logger      *slog.Logger
 	// PollInterval is how often a driver without LISTEN (SQLite) looks for
 	// jobs inserted by other processes; local inserts wake it at once.
@@ -70,6 +76,30 @@ func (snapshotArgs) InsertOpts() river.InsertOpts {
 	return river.InsertOpts{Queue: queueName}
 }
 
+// syncArgs is a continuous-replication point's job: the coalescing key only
+// (its reason is ReasonSync).
+type syncArgs struct {
+	Gen      int64  `json:"gen,omitempty"`
+	Instance string `json:"instance,omitempty"`
+}
+
+func (syncArgs) Kind() string { return jobs.KindSync }
+
+func (syncArgs) InsertOpts() river.InsertOpts { return river.InsertOpts{Queue: queueName} }
+
+// compactionArgs and retentionArgs are the periodic maintenance jobs.
+type compactionArgs struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+func (compactionArgs) Kind() string { return jobs.KindCompaction }
+
+type retentionArgs struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+func (retentionArgs) Kind() string { return jobs.KindRetention }
+
 type snapshotWorker struct {
 	river.WorkerDefaults[snapshotArgs]
 	work Work
@@ -91,6 +121,38 @@ func (w *snapshotWorker) Work(ctx context.Context, job *river.Job[snapshotArgs])
 	return w.work(ctx, JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, Reason: job.Args.Reason}, complete)
 }
 
+// pointWorker runs a job of kind A as a point of a fixed reason.
+type pointWorker[A river.JobArgs] struct {
+	river.WorkerDefaults[A]
+	reason string
+	work   Work
+}
+
+func (w *pointWorker[A]) NextRetry(job *river.Job[A]) time.Time {
+	return job.AttemptedAt.Add(time.Duration(job.Attempt*job.Attempt) * 2 * time.Second)
+}
+
+func (w *pointWorker[A]) Timeout(*river.Job[A]) time.Duration { return 5 * time.Minute }
+
+func (w *pointWorker[A]) Work(ctx context.Context, job *river.Job[A]) error {
+	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
+	return w.work(ctx, JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, Reason: w.reason}, complete)
+}
+
+type retentionWorker struct {
+	river.WorkerDefaults[retentionArgs]
+	retain func(ctx context.Context) error
+}
+
+func (w *retentionWorker) Timeout(*river.Job[retentionArgs]) time.Duration { return 5 * time.Minute }
+
+func (w *retentionWorker) Work(ctx context.Context, _ *river.Job[retentionArgs]) error {
+	if w.retain == nil {
+		return nil
+	}
+	return w.retain(ctx)
+}
+
 type riverQueue[TTx any] struct {
 	client   *river.Client[TTx]
 	instance string
@@ -101,7 +163,13 @@ type riverQueue[TTx any] struct {
 // Stores call it from NewQueue.
 func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Queue, error) {
 	workers := river.NewWorkers()
-	if err := river.AddWorkerSafely(workers, &snapshotWorker{work: cfg.Work}); err != nil {
+	err := errors.Join(
+		river.AddWorkerSafely(workers, &snapshotWorker{work: cfg.Work}),
+		river.AddWorkerSafely(workers, &pointWorker[syncArgs]{reason: ReasonSync, work: cfg.Work}),
+		river.AddWorkerSafely(workers, &pointWorker[compactionArgs]{reason: ReasonCompaction, work: cfg.Work}),
+		river.AddWorkerSafely(workers, &retentionWorker{retain: cfg.Retain}),
+	)
+	if err != nil {
 		return nil, fmt.Errorf("river workers: %w", err)
 	}
 	maxAttempts := cfg.MaxAttempts
@@ -113,7 +181,7 @@ func NewRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (Qu
 		// is what makes "the next job covers a request" hold.
 		Queues:       map[string]river.QueueConfig{queueName: {MaxWorkers: 1}},
 		Workers:      workers,
-		Schedule:     jobs.Schedule{BackupInterval: cfg.Interval},
+		Schedule:     cfg.Schedule,
 		MaxAttempts:  maxAttempts,
 		PollInterval: cfg.PollInterval,
 		Logger:       cfg.Logger,
@@ -141,7 +209,11 @@ var uniqueStates = []rivertype.JobState{
 }
 
 func (q *riverQueue[TTx]) Enqueue(ctx context.Context, reason string, gen int64) (int64, error) {
-	res, err := q.client.Insert(ctx, snapshotArgs{Reason: reason, Gen: gen, Instance: q.instance}, &river.InsertOpts{
+	var args river.JobArgs = snapshotArgs{Reason: reason, Gen: gen, Instance: q.instance}
+	if reason == ReasonSync {
+		args = syncArgs{Gen: gen, Instance: q.instance}
+	}
+	res, err := q.client.Insert(ctx, args, &river.InsertOpts{
 		UniqueOpts: river.UniqueOpts{ByArgs: true, ByState: uniqueStates},
 	})
 	if err != nil {

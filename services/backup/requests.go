@@ -3,6 +3,7 @@ package backup
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -47,7 +48,11 @@ func (s *Service) request(reason string, m *nats.Msg) {
 			_, err := q.Enqueue(ctx, reason, gen)
 			cancel()
 			if err != nil {
-				s.log.Warn("enqueue failed; snapshot goes to the local fallback", "reason", reason, "err", err)
+				level := slog.LevelWarn
+				if reason == ReasonSync {
+					level = slog.LevelDebug // once a SYNC_INTERVAL: the failed points say it once a minute
+				}
+				s.log.Log(ctx, level, "enqueue failed; the point goes to the local fallback", "reason", reason, "err", err)
 				s.noteErr(err)
 				s.noteDB(false)
 				s.lease.Kick() // probe the database until it answers, then ship the local snapshot
@@ -134,12 +139,18 @@ func (s *Service) databaseCall(ok bool) {
 // keeps the heartbeat's last snapshot.
 func (s *Service) report(job JobInfo, o Outcome, d time.Duration) {
 	now := s.clock.Now()
+	quiet := job.Reason == ReasonSync // continuous: the minute's summary speaks for them
 	if o.Err != nil {
 		if errors.Is(o.Err, ErrNoDevice) || errors.Is(o.Err, ErrNoSession) {
-			s.log.Info("snapshot skipped", "reason", job.Reason, "why", o.Err)
+			if !quiet {
+				s.log.Info("snapshot skipped", "reason", job.Reason, "why", o.Err)
+			}
 			return
 		}
 		s.noteErr(o.Err)
+		if quiet && !s.failureWorthLogging(now) {
+			return
+		}
 		s.log.Warn("snapshot failed", "reason", job.Reason, "attempt", job.Attempt, "err", o.Err)
 		ev := bus.BackupFailed{Reason: job.Reason, Error: o.Err.Error(), Attempt: job.Attempt}
 		ev.Stamp(s.cfg.SessionID, now)
@@ -153,12 +164,27 @@ func (s *Service) report(job JobInfo, o Outcome, d time.Duration) {
 		s.lastDBSnapID = ref.ID
 	}
 	s.mu.Unlock()
+	if quiet {
+		return
+	}
 	s.log.Info("snapshot done", "reason", job.Reason, "id", o.Ref.ID, "bytes", o.Ref.Bytes, "unchanged", o.Ref.Unchanged,
 		"duration", d, "job_id", job.ID)
 	ev := bus.BackupDone{SnapshotID: o.Ref.ID, Reason: job.Reason, Bytes: o.Ref.Bytes, StoredBytes: o.Stored,
 		SHA256: o.Ref.SHA256, DurationMS: d.Milliseconds(), Unchanged: o.Ref.Unchanged, JobID: job.ID}
 	ev.Stamp(s.cfg.SessionID, now)
 	_ = bus.Publish(s.opts.NC, s.subj.BackupDone(), ev)
+}
+
+// failureWorthLogging spaces the logs of failed sync points to one a
+// minute: a database outage would otherwise log one a SYNC_INTERVAL.
+func (s *Service) failureWorthLogging(now time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.lastSyncFailLog.IsZero() && now.Sub(s.lastSyncFailLog) < summaryEvery {
+		return false
+	}
+	s.lastSyncFailLog = now
+	return true
 }
 
 // shipLocal has the pipeline store in the database now what reached the

@@ -12,16 +12,18 @@ import (
 	"slices"
 	"time"
 
+	"github.com/blacksky-md/blacksky/services/backup/incr"
 	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
 // Restorer puts a verified snapshot back into the session path.
 type Restorer struct {
-	Store       Catalog // nil: local fallback only (database unreachable)
+	Store       Catalog // nil: local fallback only (database unreachable); a Store also restores points
 	Session     string
 	SessionPath string
 	Local       Local
+	LocalPoints LocalPoints // the incremental local fallback (zero Dir: none)
 	TmpDir      string
 	Key         []byte
 	Log         *slog.Logger
@@ -43,6 +45,21 @@ type RestoreResult struct {
 	Source     string // bus.SourceDatabase, SourceLocal, SourceNone, SourceExisting
 	SnapshotID int64  // database id, when from the database
 	SHA256     string
+	// Point is the incremental point restored (nil: a full snapshot, or
+	// nothing): its catalog id (0: the local fallback's), manifest and age.
+	Point *RestoredPoint
+}
+
+// RestoredPoint is the incremental point a restore wrote.
+type RestoredPoint struct {
+	ID         int64
+	ManifestID string
+	Kind       string
+	Generation int64
+	Seq        uint64
+	CreatedAt  time.Time
+	Age        time.Duration
+	Skipped    int // newer points that did not verify
 }
 
 // ErrKey is a restore refused because of SESSION_ENCRYPTION_KEY.
@@ -166,7 +183,11 @@ func (r *Restorer) NeedsRestore(ctx context.Context) (bool, string, error) {
 	if err != nil {
 		return false, "", err
 	}
-	if len(cands) > 0 {
+	points, err := r.pointSet(ctx)
+	if err != nil {
+		return false, "", err
+	}
+	if len(cands) > 0 || len(points.sealed) > 0 {
 		return true, "session store has no linked device but a snapshot exists", nil
 	}
 	return false, "", nil
@@ -206,21 +227,68 @@ func (r *Restorer) RestoreOnStart(ctx context.Context) (RestoreResult, error) {
 	return res, err
 }
 
-// Restore writes the newest snapshot that verifies (or snapshot id, when not
-// zero) into the session path. Damaged snapshots are skipped with a warning;
-// a key problem stops everything and nothing is written.
+// Restore writes the newest snapshot or point that verifies (or snapshot
+// id, when not zero) into the session path. Damaged ones are skipped with a
+// warning; a key problem stops everything and nothing is written.
 func (r *Restorer) Restore(ctx context.Context, id int64) (RestoreResult, error) {
+	return r.RestoreTarget(ctx, Target{SnapshotID: id})
+}
+
+// Target chooses what RestoreTarget restores; the zero Target is the
+// newest that verifies.
+type Target struct {
+	SnapshotID int64     // this full snapshot only
+	PointID    int64     // this point only
+	At         time.Time // the newest at or before this time
+}
+
+// RestoreTarget writes the snapshot or point t chooses into the session
+// path. Points and full snapshots are merged by time: full snapshots newer
+// than the newest point (a release without continuous replication ran
+// since) come first, then the points (newest verifiable first, highest
+// generation first: incr.Restore), then the older full snapshots.
+func (r *Restorer) RestoreTarget(ctx context.Context, t Target) (RestoreResult, error) {
 	cands, err := r.candidates(ctx)
 	if err != nil {
 		return RestoreResult{}, fmt.Errorf("list snapshots: %w", err)
 	}
-	if id != 0 {
-		cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.source != bus.SourceDatabase || c.id != id })
-		if len(cands) == 0 {
-			return RestoreResult{}, fmt.Errorf("snapshot %d: %w", id, ErrNotFound)
+	var points pointSet
+	if t.SnapshotID == 0 {
+		if points, err = r.pointSet(ctx); err != nil {
+			return RestoreResult{}, fmt.Errorf("list points: %w", err)
 		}
 	}
-	for _, c := range cands {
+	switch {
+	case t.SnapshotID != 0:
+		cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.source != bus.SourceDatabase || c.id != t.SnapshotID })
+		if len(cands) == 0 {
+			return RestoreResult{}, fmt.Errorf("snapshot %d: %w", t.SnapshotID, ErrNotFound)
+		}
+	case t.PointID != 0:
+		cands = nil
+		if points.accept = points.only(t.PointID); points.accept == nil {
+			return RestoreResult{}, fmt.Errorf("point %d: %w", t.PointID, ErrNotFound)
+		}
+	case !t.At.IsZero():
+		cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.at.After(t.At) })
+		points.accept = func(m incr.Manifest) bool { return !m.Created.After(t.At) }
+	}
+	newestPoint, hasPoints := points.newest(r.Key)
+	tried := 0
+	pointsTried := !hasPoints
+	for i := 0; i <= len(cands); i++ {
+		if !pointsTried && (i == len(cands) || !cands[i].at.After(newestPoint)) {
+			pointsTried = true
+			res, ok, err := r.restorePoints(ctx, points)
+			if err != nil || ok {
+				return res, err
+			}
+		}
+		if i == len(cands) {
+			break
+		}
+		c := cands[i]
+		tried++
 		plain, err := r.load(ctx, c)
 		if err != nil {
 			if isKeyErr(err) {
@@ -237,13 +305,16 @@ func (r *Restorer) Restore(ctx context.Context, id int64) (RestoreResult, error)
 		if err := r.write(plain); err != nil {
 			return RestoreResult{}, err
 		}
-		r.Log.Info("session store restored", "snapshot", c.String(), "bytes", len(plain))
+		r.Log.Info("session store restored", "snapshot", c.String(), "bytes", len(plain), "age", time.Since(c.at).Round(time.Second))
 		return RestoreResult{Restored: true, Source: c.source, SnapshotID: c.id, SHA256: c.sha}, nil
 	}
-	if id != 0 {
-		return RestoreResult{}, fmt.Errorf("snapshot %d does not verify; nothing written", id)
+	switch {
+	case t.SnapshotID != 0:
+		return RestoreResult{}, fmt.Errorf("snapshot %d does not verify; nothing written", t.SnapshotID)
+	case t.PointID != 0:
+		return RestoreResult{}, fmt.Errorf("point %d does not verify; nothing written", t.PointID)
 	}
-	r.Log.Warn("no snapshot to restore from", "tried", len(cands))
+	r.Log.Warn("no snapshot to restore from", "tried", tried, "points", len(points.sealed))
 	return RestoreResult{Source: bus.SourceNone}, nil
 }
 

@@ -57,6 +57,7 @@ type Service struct {
 	local Local
 	lease *LeaseKeeper
 	pipe  Pipeline
+	incr  *Incremental // the pipeline when continuous replication is on
 
 	sessionPath string
 	unit        string
@@ -87,6 +88,8 @@ type Service struct {
 	lastSnapAt   *time.Time
 	lastErr      string
 	lastErrAt    *time.Time
+	// lastSyncFailLog spaces the logs of failed sync points.
+	lastSyncFailLog time.Time
 }
 
 var _ interface{ Run(context.Context) error } = (*Service)(nil)
@@ -141,10 +144,23 @@ func New(opts Options) (*Service, error) {
 	}
 	s.lease = NewLeaseKeeper(LeaseConfig{Session: cfg.SessionID, Holder: opts.Instance, TTL: cfg.LeaseTTL,
 		StandbyRetry: cfg.StandbyRetry, DBWait: cfg.DBWait, Clock: s.clock, Log: s.log, Observer: leaseObserver{s}})
+	if cfg.SyncInterval > 0 {
+		s.incr = NewIncremental(IncrementalConfig{Session: cfg.SessionID, Holder: opts.Instance, SessionPath: s.sessionPath,
+			Key: cfg.EncryptionKey, Local: s.localPoints(), Policy: cfg.Policy, Retention: Retention{Count: cfg.Retention, Age: cfg.RetentionAge},
+			Clock: s.clock, Log: s.log, Lease: s.lease,
+			Database: s.databaseCall, Report: s.report})
+		s.pipe = s.incr
+		return s, nil
+	}
 	s.pipe = NewSnapshots(SnapshotsConfig{Session: cfg.SessionID, Holder: opts.Instance, SessionPath: s.sessionPath,
-		TmpDir: cfg.DataDir, Key: cfg.EncryptionKey, Local: s.local, Retention: cfg.Retention, Clock: s.clock, Log: s.log,
-		Lease: s.lease, Database: s.databaseCall, Report: s.report})
+		TmpDir: cfg.DataDir, Key: cfg.EncryptionKey, Local: s.local, Retention: Retention{Count: cfg.Retention, Age: cfg.RetentionAge},
+		Clock: s.clock, Log: s.log, Lease: s.lease, Database: s.databaseCall, Report: s.report})
 	return s, nil
+}
+
+// localPoints is the incremental local fallback under the snapshots'.
+func (s *Service) localPoints() LocalPoints {
+	return LocalPoints{Dir: filepath.Join(s.local.Dir, "incr")}
 }
 
 // SessionPath is where the gateway's store lives.
@@ -166,6 +182,7 @@ func (s *Service) Run(ctx context.Context) error {
 	s.narrowOldFiles()
 	bg, bgCancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer bgCancel()
+	defer func() { _ = s.pipe.Close() }()
 
 	hbCtx, hbStop := context.WithCancel(context.WithoutCancel(ctx))
 	hbDone := make(chan struct{})
@@ -265,6 +282,9 @@ func (s *Service) Run(ctx context.Context) error {
 			s.lease.Start(epoch, store)
 		}
 		s.bgWG.Go(func() { s.fallbackTicker(epoch) })
+		if s.incr != nil {
+			s.bgWG.Go(func() { s.syncLoop(epoch) })
+		}
 
 		if first {
 			for subj, h := range map[string]nats.MsgHandler{
@@ -357,7 +377,7 @@ func (s *Service) enterStandby() Store {
 }
 
 func (s *Service) restorer(st Store) *Restorer {
-	r := &Restorer{Session: s.cfg.SessionID, SessionPath: s.sessionPath, Local: s.local,
+	r := &Restorer{Session: s.cfg.SessionID, SessionPath: s.sessionPath, Local: s.local, LocalPoints: s.localPoints(),
 		TmpDir: s.cfg.DataDir, Key: s.cfg.EncryptionKey, AllowPlaintext: s.cfg.AllowPlaintext, Log: s.log}
 	if st != nil {
 		r.Store = st

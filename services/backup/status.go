@@ -85,6 +85,7 @@ func (s *Service) Status() (string, bus.BackupDetails) {
 	if s.lastSnap != nil {
 		d.LastSnapshotID, d.LastSnapshotAt, d.LastSnapshotBytes = s.lastSnap.ID, s.lastSnapAt, s.lastSnap.Bytes
 	}
+	s.replicationDetails(&d)
 	return s.state, d
 }
 

@@ -49,8 +49,10 @@ type Config struct {
 
 	EnableSessionBackup   bool
 	BackupInterval        time.Duration
-	BackupRetention       int
-	SessionEncryptionKey  []byte // 32 bytes or nil; secret
+	BackupRetention       int           // a count; 0 when BACKUP_RETENTION is an age
+	BackupRetentionAge    time.Duration // BACKUP_RETENTION as an age (7d); 0 when a count
+	SyncInterval          time.Duration // continuous replication; 0: off
+	SessionEncryptionKey  []byte        // 32 bytes or nil; secret
 	AllowPlaintextBackups bool
 
 	EnableMemoryOptimization bool
@@ -191,7 +193,8 @@ func Load(getenv Getenv) (*Config, error) {
 	c.EnableHealthCheck = p.boolean("ENABLE_HEALTH_CHECK")
 	c.EnableSessionBackup = p.boolean("ENABLE_SESSION_BACKUP")
 	c.BackupInterval = p.minutesOrDuration("BACKUP_INTERVAL")
-	c.BackupRetention = p.intRange("BACKUP_RETENTION", 1, 100000)
+	c.BackupRetention, c.BackupRetentionAge = p.retention("BACKUP_RETENTION")
+	c.SyncInterval = p.optionalDuration("SYNC_INTERVAL", 100*time.Millisecond)
 	c.SessionEncryptionKey = p.key("SESSION_ENCRYPTION_KEY")
 	c.AllowPlaintextBackups = p.boolean("ALLOW_PLAINTEXT_BACKUPS")
 	c.EnableMemoryOptimization = p.boolean("ENABLE_MEMORY_OPTIMIZATION")

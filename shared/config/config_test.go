@@ -94,6 +94,12 @@ func TestValues(t *testing.T) {
 		{"internal secret", env("NATS_INTERNAL_SECRET", "0123456789abcdef"), func(c *config.Config) bool { return c.NATSInternalSecret == "0123456789abcdef" }},
 		{"open listen with token", env("NATS_LISTEN", "0.0.0.0:4222", "NATS_TOKEN", "s3cret-token"), func(c *config.Config) bool { return c.NATSToken == "s3cret-token" }},
 		{"owner with dashes", env("OWNER_NUMBER", "+44 7700-900123"), func(c *config.Config) bool { return c.OwnerNumber == "447700900123" }},
+		{"retention as a count", env("BACKUP_RETENTION", "12"), func(c *config.Config) bool { return c.BackupRetention == 12 && c.BackupRetentionAge == 0 }},
+		{"retention in days", env("BACKUP_RETENTION", "7d"), func(c *config.Config) bool { return c.BackupRetention == 0 && c.BackupRetentionAge == 7*24*time.Hour }},
+		{"retention as a duration", env("BACKUP_RETENTION", "36h"), func(c *config.Config) bool { return c.BackupRetentionAge == 36*time.Hour }},
+		{"sync interval default", env(), func(c *config.Config) bool { return c.SyncInterval == time.Second }},
+		{"sync interval off", env("SYNC_INTERVAL", "0"), func(c *config.Config) bool { return c.SyncInterval == 0 }},
+		{"sync interval", env("SYNC_INTERVAL", "250ms"), func(c *config.Config) bool { return c.SyncInterval == 250*time.Millisecond }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -133,6 +139,12 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{env("SHUTDOWN_TIMEOUT", "soon"), "SHUTDOWN_TIMEOUT", "duration"},
 		{env("DATABASE_MAX_CONNS", "0"), "DATABASE_MAX_CONNS", "from 1"},
 		{env("BACKUP_RETENTION", "many"), "BACKUP_RETENTION", "whole number"},
+		{env("BACKUP_RETENTION", "0"), "BACKUP_RETENTION", "from 1 to 100000"},
+		{env("BACKUP_RETENTION", "0d"), "BACKUP_RETENTION", "such as 7d"},
+		{env("BACKUP_RETENTION", "30s"), "BACKUP_RETENTION", "at least a minute"},
+		{env("BACKUP_RETENTION", "-3h"), "BACKUP_RETENTION", "at least a minute"},
+		{env("SYNC_INTERVAL", "fast"), "SYNC_INTERVAL", "0 for off"},
+		{env("SYNC_INTERVAL", "1ms"), "SYNC_INTERVAL", "at least 100ms"},
 		{env("LOG_LEVEL", "loud"), "LOG_LEVEL", "debug, info, warn or error"},
 		{env("LOG_FORMAT", "xml"), "LOG_FORMAT", "text or json"},
 		{env("HEROKU_APP_URL", "my-bot"), "HEROKU_APP_URL", "http(s) URL"},

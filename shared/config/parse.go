@@ -110,6 +110,49 @@ func (p *parser) minutesOrDuration(name string) time.Duration {
 	return d
 }
 
+// retention is a count (48) or an age: a Go duration (36h) or whole days
+// (7d). A count returns age 0; an age returns count 0.
+func (p *parser) retention(name string) (count int, age time.Duration) {
+	s := p.str(name)
+	const accepts = "a whole number of points and snapshots from 1 to 100000 (48), or an age such as 7d or 36h (at least a minute, at most 10 years)"
+	if n, err := strconv.Atoi(s); err == nil {
+		if n < 1 || n > 100000 {
+			p.fail(name, accepts, s)
+			return 0, 0
+		}
+		return n, 0
+	}
+	var err error
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		var n int
+		if n, err = strconv.Atoi(days); err == nil && n >= 1 && n <= 3650 {
+			return 0, time.Duration(n) * 24 * time.Hour
+		}
+		p.fail(name, accepts, s)
+		return 0, 0
+	}
+	age, err = time.ParseDuration(s)
+	if err != nil || age < time.Minute || age > 3650*24*time.Hour {
+		p.fail(name, accepts, s)
+		return 0, 0
+	}
+	return 0, age
+}
+
+// optionalDuration is a duration where 0 turns the feature off.
+func (p *parser) optionalDuration(name string, min time.Duration) time.Duration {
+	s := p.str(name)
+	if s == "0" {
+		return 0
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < min || d > time.Hour {
+		p.fail(name, "a duration such as 1s or 500ms (at least "+min.String()+", at most 1h), or 0 for off", s)
+		return 0
+	}
+	return d
+}
+
 func (p *parser) phone(name string) string {
 	raw := p.str(name)
 	s := strings.TrimPrefix(strings.Join(strings.Fields(raw), ""), "+")

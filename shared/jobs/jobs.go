@@ -44,6 +44,20 @@ const (
 	// runs one job at a time, paced by SEND_RATE.
 	KindRelaySend  = "blacksky_relay_send"
 	QueueRelaySend = "blacksky_relay_send"
+
+	// KindSync is a continuous-replication point (SYNC_INTERVAL): the store
+	// changed; args {"gen": ..., "instance": ...}, unique while waiting, so
+	// commits coalesce into one job.
+	KindSync = "blacksky_sync"
+	// KindCompaction takes a new base of the session when one is due
+	// (backup's compaction policy); periodic.
+	KindCompaction = "blacksky_compaction"
+	// KindRetention deletes the points and snapshots BACKUP_RETENTION no
+	// longer keeps and the pieces nothing references; periodic.
+	KindRetention = "blacksky_retention"
+	// PeriodicCompactionID and PeriodicRetentionID name those periodic jobs.
+	PeriodicCompactionID = "blacksky_compaction"
+	PeriodicRetentionID  = "blacksky_retention"
 )
 
 // RelayLaneQueue is the queue of one lane of relay's deliveries of kind
@@ -57,7 +71,17 @@ func RelayLaneQueue(kind string, lane int) string { return fmt.Sprintf("%s_%d", 
 type Schedule struct {
 	// BackupInterval is BACKUP_INTERVAL: a "scheduled" snapshot job.
 	BackupInterval time.Duration
+	// Compaction and Retention space backup's compaction check and
+	// retention jobs (both in QueueBackup, so they never run beside a
+	// point of the same session).
+	Compaction time.Duration
+	Retention  time.Duration
 }
+
+// BackupMaintenance is how often compaction and retention run when
+// continuous replication is on (SYNC_INTERVAL > 0): Schedule's Compaction
+// and Retention for every client cmd builds.
+const BackupMaintenance = 10 * time.Minute
 
 // periodicArgs is a periodic job's args as inserted: the kind and queue of
 // the service that works it, and a JSON body that service's own args type
@@ -85,6 +109,28 @@ func (s Schedule) PeriodicJobs() []*river.PeriodicJob {
 				}
 			},
 			&river.PeriodicJobOpts{ID: PeriodicSnapshotID},
+		))
+	}
+	for _, pj := range []struct {
+		every      time.Duration
+		kind, id   string
+		reasonText string
+	}{
+		{s.Compaction, KindCompaction, PeriodicCompactionID, "compaction"},
+		{s.Retention, KindRetention, PeriodicRetentionID, "retention"},
+	} {
+		if pj.every <= 0 {
+			continue
+		}
+		out = append(out, river.NewPeriodicJob(
+			river.PeriodicInterval(pj.every),
+			func() (river.JobArgs, *river.InsertOpts) {
+				return periodicArgs{kind: pj.kind, queue: QueueBackup, Reason: pj.reasonText}, &river.InsertOpts{
+					Queue:      QueueBackup,
+					UniqueOpts: river.UniqueOpts{ByArgs: true, ByPeriod: pj.every},
+				}
+			},
+			&river.PeriodicJobOpts{ID: pj.id},
 		))
 	}
 	return out

@@ -26,8 +26,11 @@ type RestoreOptions struct {
 	// Check runs on the assembled file after integrity_check, before it replaces anything (the backup service
 	// checks for a linked device). An error makes restore try the next older point.
 	Check func(ctx context.Context, path string) error
-	Log   *slog.Logger
-	Clock clockwork.Clock
+	// Accept, when set, limits the points restore may pick (a chosen point,
+	// or those at or before a time); their chains may use any point.
+	Accept func(Manifest) bool
+	Log    *slog.Logger
+	Clock  clockwork.Clock
 }
 
 // Skipped is a point restore passed over, and why.
@@ -77,6 +80,9 @@ func Restore(ctx context.Context, path string, sealed [][]byte, opts RestoreOpti
 	removeStale(filepath.Dir(path), tempPattern(path))
 	bad := make(map[Hash]error) // pieces found missing or corrupt
 	for _, target := range Newest(points) {
+		if opts.Accept != nil && !opts.Accept(target) {
+			continue
+		}
 		chain, err := Chain(points, target.ID)
 		if err == nil {
 			err = assembleInto(ctx, path, chain, bad, opts)

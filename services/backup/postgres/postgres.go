@@ -203,7 +203,7 @@ func (s *Store) AcquireLease(ctx context.Context, session, holder string, now ti
 	}
 	l := backup.Lease{SessionID: session}
 	var acq, ren, exp int64
-	err := s.pool.QueryRow(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &ren, &exp, &l.Version)
+	err := s.pool.QueryRow(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &ren, &exp, &l.Version, &l.Generation)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return l, false, nil // released between the two statements: try again
 	}

@@ -206,7 +206,7 @@ func (s *Store) AcquireLease(ctx context.Context, session, holder string, now ti
 			stale.Holder, stale.Version, stale.RenewedAt.UnixMilli()); err != nil {
 			return err
 		}
-		return tx.QueryRowContext(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &ren, &exp, &l.Version)
+		return tx.QueryRowContext(ctx, sqltext.GetLease, session).Scan(&l.Holder, &acq, &ren, &exp, &l.Version, &l.Generation)
 	})
 	if err != nil {
 		return backup.Lease{}, false, fmt.Errorf("acquire lease: %w", err)

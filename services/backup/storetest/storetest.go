@@ -37,6 +37,12 @@ func Run(t *testing.T, open Open) {
 		{"LeaseRace", testLeaseRace},
 		{"WatchedTakeoverRacesRenewal", testWatchedTakeoverRacesRenewal},
 		{"InsertNeedsLease", testInsertNeedsLease},
+		{"LeaseGenerations", testLeaseGenerations},
+		{"PointInsertListRead", testPointInsertListRead},
+		{"PointRollsBackWithItsTransaction", testPointRollsBack},
+		{"PointWithAMissingPieceIsRefused", testPointMissingPiece},
+		{"PointFencedByGeneration", testPointFencedByGeneration},
+		{"DeletePointsCollectsPieces", testDeletePointsCollectsPieces},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
