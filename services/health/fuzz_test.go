@@ -22,6 +22,8 @@ func FuzzTrackerInput(f *testing.F) {
 	f.Add(uint8(1), "connected", []byte(`null`))
 	f.Add(uint8(0), "", []byte(`{"service":"relay","instance":"a","state":"ok","details":{"database":"postgres","database_ok":true,"last_seq":-3,"last_error":"x","last_error_at":"2999-01-01T00:00:00Z"}}`))
 	f.Add(uint8(0), "", []byte(`{"service":"gateway","instance":"a","state":"connected","details":{"wa_state":"connected","relay_unacked":-1,"last_relay_error":"e"}}`))
+	f.Add(uint8(0), "", []byte(`{"service":"backup","instance":"a","state":"ok","at":"2026-11-26T12:00:00Z","details":{"lease_held":true,"generation":3,"replication_lag_ms":-7,"points":9,"stored_bytes":-1,"last_point_at":"2999-01-01T00:00:00Z","last_base_at":"2026-11-26T11:00:00Z","last_compaction_at":"not a time"}}`))
+	f.Add(uint8(0), "", []byte(`{"service":"backup","instance":"a","state":"ok","details":{"lease_held":true,"generation":9223372036854775807,"replication_lag_ms":9223372036854775807,"points":1,"stored_bytes":1,"last_point_at":"0001-01-01T00:00:00Z"}}`))
 	f.Fuzz(func(t *testing.T, which uint8, kind string, data []byte) {
 		clock := clockwork.NewFakeClock()
 		tr := NewTracker(clock, 0, logging.Discard())
@@ -44,6 +46,7 @@ func FuzzTrackerInput(f *testing.F) {
 		_ = MaskJID(wa.JID)
 		tr.Backup()
 		tr.Relay()
+		tr.Replication()
 		if _, err := tr.metrics.reg.Gather(); err != nil {
 			t.Fatalf("metrics gather: %v", err)
 		}

@@ -154,7 +154,7 @@ func (c *trackerCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descAge, descUp, descState, descConnected, descGwReconnects, descReady, descLastSnap} {
 		ch <- d
 	}
-	for _, d := range relayDescs {
+	for _, d := range slices.Concat(relayDescs, replicationDescs) {
 		ch <- d
 	}
 }
@@ -186,6 +186,7 @@ func (c *trackerCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descLastSnap, prometheus.GaugeValue, float64(b.LastAt.Unix()))
 	}
 	c.collectRelay(ch)
+	c.collectReplication(ch)
 }
 
 func (t *Tracker) gatewayReconnects() int64 {

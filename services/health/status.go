@@ -72,6 +72,8 @@ type BackupDoc struct {
 	LastSnapshot *SnapshotDoc `json:"last_snapshot,omitempty"`
 	LastError    string       `json:"last_error,omitempty"`
 	LastErrorAt  *time.Time   `json:"last_error_at,omitempty"`
+	// Replication is continuous replication (SYNC_INTERVAL), token only.
+	Replication *ReplicationDoc `json:"replication,omitempty"`
 }
 
 // SnapshotDoc is the newest snapshot heard of.
@@ -182,6 +184,7 @@ func (s *Service) statusDoc(full bool) StatusDoc {
 	}
 	d.Backup.LastError = s.redact(b.LastErr)
 	d.Backup.LastErrorAt = b.LastErrAt
+	d.Backup.Replication = s.replicationDoc()
 	d.Memory = readMemory()
 	return d
 }

@@ -102,6 +102,8 @@ type Tracker struct {
 	wa      waState
 	backup  backupState
 	relay   relayState
+	// replication is the lease holder's continuous replication figures.
+	replication replicationState
 }
 
 // forgetAfter drops an instance that has not beaten for this long.
@@ -333,4 +335,5 @@ func (t *Tracker) backupBeatLocked(hb bus.Heartbeat) {
 	if d.LastError != "" && (t.backup.lastErrAt == nil || (d.LastErrorAt != nil && d.LastErrorAt.After(*t.backup.lastErrAt))) {
 		t.backup.lastErr, t.backup.lastErrAt = clip(d.LastError), d.LastErrorAt
 	}
+	t.replicationBeatLocked(hb, d)
 }
