@@ -2,47 +2,19 @@ package backup
 
 import (
 	"context"
-	"fmt"
 
-	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/riverdriver"
-	"github.com/riverqueue/river/rivertype"
+	"github.com/blacksky-md/blacksky/shared/jobs"
 )
 
-// Tx is the transaction a snapshot is stored in, as the work that must
-// commit with it sees it: the River job that asked for the snapshot is
-// completed in it, so a crash leaves either both (row and completed job) or
-// neither (the job runs again).
-type Tx interface {
-	// CompleteJob marks the running River job completed in this
-	// transaction. It works only inside that job's worker (River finds its
-	// client in ctx).
-	CompleteJob(ctx context.Context, job *rivertype.JobRow) error
-}
+// Tx is the transaction a snapshot or point is stored in, as the work that
+// must commit with it sees it (package jobs' Tx, shared with relay): the River
+// job that asked for it is completed in it, so a crash leaves either both
+// (row and completed job) or neither (the job runs again).
+type Tx = jobs.Tx
 
 // InTx runs inside the transaction that stores a snapshot; nothing is stored
 // unless it succeeds.
 type InTx func(ctx context.Context, tx Tx) error
 
-// DriverTx is a driver's native transaction (pgx.Tx, *sql.Tx) as a Tx: the
-// Store wraps its own transaction in it, typed by the same parameter as its
-// River driver, so no side ever casts.
-type DriverTx[TTx any] struct{ Tx TTx }
-
-var _ Tx = DriverTx[struct{}]{}
-
-// CompleteJob completes job through River's driver for TTx.
-// Outside a River worker it is an error (River itself would panic).
-func (t DriverTx[TTx]) CompleteJob(ctx context.Context, job *rivertype.JobRow) error {
-	if _, err := river.ClientFromContextSafely[TTx](ctx); err != nil {
-		return fmt.Errorf("complete job %d: %w", job.ID, err)
-	}
-	_, err := river.JobCompleteTx[riverdriver.Driver[TTx]](ctx, t.Tx, &river.Job[completedArgs]{JobRow: job})
-	return err
-}
-
-// completedArgs receives the completed job's arguments, which nobody reads:
-// JobCompleteTx decodes them, and an empty struct accepts any job's.
-type completedArgs struct{}
-
-func (completedArgs) Kind() string { return "" }
+// DriverTx is a driver's native transaction (pgx.Tx, *sql.Tx) as a Tx.
+type DriverTx[TTx any] = jobs.DriverTx[TTx]
