@@ -23,6 +23,7 @@ import (
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver"
 	"github.com/riverqueue/river/rivermigrate"
+	"github.com/riverqueue/river/rivertype"
 )
 
 // Queues and kinds of every job of the product.
@@ -178,6 +179,13 @@ func NewClient[TTx any](driver riverdriver.Driver[TTx], cfg Config) (*river.Clie
 		SkipUnknownJobCheck:         true,
 		RescueStuckJobsAfter:        RescueAfter,
 	}
+	if cfg.Workers != nil {
+		if err := addStandIns(cfg.Workers); err != nil {
+			return nil, err
+		}
+	}
+	// Wall time: River compares scheduled_at with its own clock.
+	rc.Middleware = []rivertype.Middleware{&availableWhenDue{now: time.Now}}
 	if rc.CompletedJobRetentionPeriod == 0 {
 		rc.CompletedJobRetentionPeriod = 24 * time.Hour
 	}
