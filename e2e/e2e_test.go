@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -366,37 +367,6 @@ func getStatus(url, token string) (statusDoc, int, error) {
 	return doc, resp.StatusCode, nil
 }
 
-type snapshotRow struct {
-	ID     int64
-	Reason string
-	SHA256 string
-	Size   int64
-}
-
-func snapshots(t *testing.T, dbURL, session string) []snapshotRow {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, dbURL)
-	if err != nil {
-		t.Fatalf("connect to the test database: %v", err)
-	}
-	defer conn.Close(context.Background())
-	rows, err := conn.Query(ctx, `SELECT id, reason, sha256, size_bytes FROM blacksky_snapshots WHERE session_id = $1 ORDER BY id`, session)
-	if err != nil {
-		t.Fatalf("read blacksky_snapshots: %v", err)
-	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (snapshotRow, error) {
-		var s snapshotRow
-		err := r.Scan(&s.ID, &s.Reason, &s.SHA256, &s.Size)
-		return s, err
-	})
-	if err != nil {
-		t.Fatalf("read blacksky_snapshots: %v", err)
-	}
-	return out
-}
-
 // passwordRole gives the test database a login role with a password and
 // returns a URL that connects as it, so the password can be looked for in
 // logs and /status (CONTRACT guarantee 6). The role may create tables in
@@ -589,6 +559,10 @@ func TestSplitTopology(t *testing.T) {
 	}
 	// One-shot commands run as `docker compose exec backup blacksky ...`.
 	base := local("backup", dataDir, httpPort)
+	syncOn := base["SYNC_INTERVAL"] != "0"
+	if !syncOn {
+		t.Fatal("docker-compose.yml turns continuous replication off by default; this test covers its default")
+	}
 
 	// The Heroku release phase, and what compose's backup does at start.
 	run(t, bin, base, "migrate")
@@ -712,26 +686,34 @@ func TestSplitTopology(t *testing.T) {
 	t.Run("a backup requested over NATS lands in PostgreSQL", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
+		asked := time.Now()
 		if err := bus.Request(ctx, nc, subj.BackupRequest(), bus.BackupRequest{Reason: bus.ReasonManual}, &manual); err != nil {
 			t.Fatalf("backup request: %v", err)
 		}
 		if !manual.OK || manual.Snapshot == nil || manual.Snapshot.ID == 0 {
 			t.Fatalf("backup reply = %+v, want ok with a snapshot", manual)
 		}
-		var row *snapshotRow
-		for _, r := range snapshots(t, db.URL, session) {
-			if r.ID == manual.Snapshot.ID {
-				row = &r
-			}
+		if manual.Stored != bus.StoredDatabase {
+			t.Errorf("backup reply stored %q, want %q", manual.Stored, bus.StoredDatabase)
 		}
-		if row == nil {
-			t.Fatalf("snapshot %d is not in blacksky_snapshots", manual.Snapshot.ID)
+		// Compose replicates continuously (SYNC_INTERVAL 1s): the reply
+		// names the point that covers the request.
+		row, ok := findRow(snapshots(t, db.URL, session), manual.Snapshot.ID, syncOn)
+		if !ok {
+			t.Fatalf("the reply's snapshot %d (a point: %v) is not in the database: %+v", manual.Snapshot.ID, syncOn, snapshots(t, db.URL, session))
 		}
 		if row.SHA256 != manual.Snapshot.SHA256 || row.Size != manual.Snapshot.Bytes {
-			t.Errorf("row %+v does not match the reply %+v", *row, *manual.Snapshot)
+			t.Errorf("row %+v does not match the reply %+v", row, *manual.Snapshot)
 		}
-		if !manual.Snapshot.Unchanged && row.Reason != bus.ReasonManual {
+		// A full snapshot is the request's. The point that covers it may be
+		// one continuous replication took for a change (reason sync), but
+		// then one that read the store after the request came, unless the
+		// store has not changed since an older one.
+		if !manual.Snapshot.Unchanged && !syncOn && row.Reason != bus.ReasonManual {
 			t.Errorf("snapshot %d reason = %q, want manual", row.ID, row.Reason)
+		}
+		if !manual.Snapshot.Unchanged && syncOn && row.At.Before(asked) {
+			t.Errorf("point %s was taken at %s, before the request (%s), and the store had changed since", row.CLIID(), row.At, asked)
 		}
 	})
 
@@ -786,14 +768,7 @@ func TestSplitTopology(t *testing.T) {
 			took := p.stop(t, 25*time.Second)
 			t.Logf("%s stopped %s after SIGTERM", p.name, took.Round(time.Millisecond))
 		}
-		rows := snapshots(t, db.URL, session)
-		if len(rows) == 0 {
-			t.Fatal("no snapshots at all")
-		}
-		shutdown = rows[len(rows)-1]
-		if shutdown.Reason != bus.ReasonShutdown {
-			t.Fatalf("newest snapshot = %+v, want reason shutdown (all: %+v)", shutdown, rows)
-		}
+		shutdown = checkShutdownRow(t, snapshots(t, db.URL, session), backup, sessionPath)
 		if manual.Snapshot != nil && shutdown.SHA256 == manual.Snapshot.SHA256 {
 			t.Error("the shutdown snapshot has the manual one's sha256, though the store changed in between")
 		}
@@ -825,11 +800,11 @@ func TestSplitTopology(t *testing.T) {
 				return false
 			}
 			// Read at once: the gateway opens the store right after.
-			sha = fileSHA(t, freshPath)
+			sha = storeHash(t, freshPath, shutdown)
 			return true
 		})
 		if sha != shutdown.SHA256 {
-			t.Errorf("restored session.db sha256 %s, want the shutdown snapshot's %s", sha, shutdown.SHA256)
+			t.Errorf("restored session.db hash %s, want the shutdown backup's %s", sha, shutdown.SHA256)
 		}
 		if got, want := deviceJID(t, freshPath), wastore.DeviceJID.String(); got != want {
 			t.Errorf("restored device %s, want %s", got, want)
@@ -850,12 +825,12 @@ func TestSplitTopology(t *testing.T) {
 		rows := snapshots(t, db.URL, session)
 		newest := rows[len(rows)-1]
 		out := run(t, bin, base, "snapshots")
-		if !strings.Contains(out, strconv.FormatInt(newest.ID, 10)) {
-			t.Errorf("blacksky snapshots does not list snapshot %d:\n%s", newest.ID, out)
+		if !regexp.MustCompile(`(?m)^\s*` + newest.CLIID() + `\s`).MatchString(out) {
+			t.Errorf("blacksky snapshots does not list %s:\n%s", newest.CLIID(), out)
 		}
 		third := t.TempDir()
 		run(t, bin, base.with("DATA_DIR", third), "restore")
-		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != newest.SHA256 {
+		if sha := storeHash(t, filepath.Join(third, "session.db"), newest); sha != newest.SHA256 {
 			t.Errorf("restored sha256 %s, want the newest snapshot's %s", sha, newest.SHA256)
 		}
 
@@ -865,15 +840,15 @@ func TestSplitTopology(t *testing.T) {
 		if older.ID == newest.ID {
 			t.Fatalf("want at least two snapshots, have %+v", rows)
 		}
-		id := strconv.FormatInt(older.ID, 10)
+		id := older.CLIID()
 		if _, stderr, code := runCode(t, bin, base.with("DATA_DIR", third), "restore", "--id", id); code == 0 {
 			t.Errorf("restore over an existing session.db without --force succeeded: %s", stderr)
 		}
-		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != newest.SHA256 {
+		if sha := storeHash(t, filepath.Join(third, "session.db"), newest); sha != newest.SHA256 {
 			t.Error("a refused restore changed session.db")
 		}
 		run(t, bin, base.with("DATA_DIR", third), "restore", "--id", id, "--force")
-		if sha := fileSHA(t, filepath.Join(third, "session.db")); sha != older.SHA256 {
+		if sha := storeHash(t, filepath.Join(third, "session.db"), older); sha != older.SHA256 {
 			t.Errorf("restore --id %s --force gave sha256 %s, want %s", id, sha, older.SHA256)
 		}
 	})

@@ -68,8 +68,16 @@ func waitHealthz(t *testing.T, p *proc, port int) {
 // migrate`), then `blacksky run` as the one web dyno with app.json's
 // environment. A SIGTERM (the daily restart) ends within SHUTDOWN_TIMEOUT
 // with a shutdown snapshot, and the next dyno, on an empty disk, comes back
-// with the same session.
+// with the same session. Both with app.json's continuous replication and
+// with SYNC_INTERVAL=0, the full-snapshot path an operator can still
+// choose (and the one an app deployed before replication keeps until it
+// takes app.json's new variable).
 func TestHerokuDyno(t *testing.T) {
+	t.Run("continuous replication", func(t *testing.T) { testHerokuDyno(t, nil) })
+	t.Run("SYNC_INTERVAL=0", func(t *testing.T) { testHerokuDyno(t, []string{"SYNC_INTERVAL", "0"}) })
+}
+
+func testHerokuDyno(t *testing.T, override []string) {
 	db := testdb.Postgres(t)
 	bin := buildBinary(t)
 	generated := map[string]string{}
@@ -81,7 +89,7 @@ func TestHerokuDyno(t *testing.T) {
 	port := freePort(t)
 	// The add-on's DATABASE_URL carries a password.
 	dynoDB, dbPassword := passwordRole(t, db)
-	e := herokuEnv(t, dynoDB, disk1, port, generated)
+	e := herokuEnv(t, dynoDB, disk1, port, generated).with(override...)
 	secrets := []string{generated["NATS_TOKEN"], generated["HEALTH_TOKEN"], generated["SESSION_ENCRYPTION_KEY"]}
 	if dbPassword != "" {
 		secrets = append(secrets, dbPassword)
@@ -120,16 +128,15 @@ func TestHerokuDyno(t *testing.T) {
 	}
 	checkLogs(t, secrets, web)
 	session := e["SESSION_ID"]
-	rows := snapshots(t, db.URL, session)
-	if len(rows) == 0 || rows[len(rows)-1].Reason != bus.ReasonShutdown {
-		t.Fatalf("snapshots after SIGTERM = %+v, want a shutdown snapshot last", rows)
+	last := checkShutdownRow(t, snapshots(t, db.URL, session), web, filepath.Join(disk1, "session.db"))
+	if last.Point != (e["SYNC_INTERVAL"] != "0") {
+		t.Errorf("with SYNC_INTERVAL=%q the newest stored backup is %+v", e["SYNC_INTERVAL"], last)
 	}
-	last := rows[len(rows)-1]
 
 	// The next day's dyno: same config vars and database, an empty disk.
 	disk2 := t.TempDir()
 	port2 := freePort(t)
-	web2 := start(t, bin, "web.1 (next dyno)", herokuEnv(t, dynoDB, disk2, port2, generated), "run")
+	web2 := start(t, bin, "web.1 (next dyno)", herokuEnv(t, dynoDB, disk2, port2, generated).with(override...), "run")
 	restored := filepath.Join(disk2, "session.db")
 	var sha string
 	waitFor(t, 30*time.Second, "the session restored on the new dyno", func() bool {
@@ -139,11 +146,11 @@ func TestHerokuDyno(t *testing.T) {
 		if _, err := os.Stat(restored); err != nil {
 			return false
 		}
-		sha = fileSHA(t, restored)
+		sha = storeHash(t, restored, last)
 		return true
 	})
 	if sha != last.SHA256 {
-		t.Errorf("restored session.db sha256 %s, want the shutdown snapshot's %s", sha, last.SHA256)
+		t.Errorf("restored session.db hash %s, want the shutdown backup's %s", sha, last.SHA256)
 	}
 	if got, want := deviceJID(t, restored), wastore.DeviceJID.String(); got != want {
 		t.Errorf("restored device %s, want %s", got, want)
@@ -190,11 +197,7 @@ func TestHerokuPrebootOverlap(t *testing.T) {
 	}
 
 	oldDyno.stop(t, 30*time.Second)
-	rows := snapshots(t, db.URL, oldEnv["SESSION_ID"])
-	if len(rows) == 0 || rows[len(rows)-1].Reason != bus.ReasonShutdown {
-		t.Fatalf("snapshots after the old dyno stopped = %+v, want a shutdown snapshot last", rows)
-	}
-	last := rows[len(rows)-1]
+	last := checkShutdownRow(t, snapshots(t, db.URL, oldEnv["SESSION_ID"]), oldDyno, filepath.Join(oldDisk, "session.db"))
 
 	restored := filepath.Join(newDisk, "session.db")
 	var sha string
@@ -205,11 +208,11 @@ func TestHerokuPrebootOverlap(t *testing.T) {
 		if _, err := os.Stat(restored); err != nil {
 			return false
 		}
-		sha = fileSHA(t, restored)
+		sha = storeHash(t, restored, last)
 		return true
 	})
 	if sha != last.SHA256 {
-		t.Errorf("the new dyno restored sha256 %s, want the old dyno's shutdown snapshot %s", sha, last.SHA256)
+		t.Errorf("the new dyno restored hash %s, want the old dyno's shutdown backup %s", sha, last.SHA256)
 	}
 	waitState(t, newDyno, newPort, generated["HEALTH_TOKEN"], func(g, b string) bool {
 		return b == bus.StateOK && g != bus.StateWaitingRestore && g != bus.StateStandby

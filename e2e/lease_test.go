@@ -42,7 +42,15 @@ func marks(t *testing.T, path string) int {
 // "local", exit code 3), and once the database is back the snapshot reaches
 // it by itself, although no lease renewal ever failed to notice the outage:
 // a SIGKILL 2-30 s later loses nothing, the next dyno restores that write.
+// With continuous replication the local fallback holds points and the
+// catch-up is a fresh base in the database; with SYNC_INTERVAL=0 it is the
+// local full snapshot itself.
 func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
+	t.Run("continuous replication", func(t *testing.T) { testLocalOnlyBackupReachesTheDatabase(t, nil) })
+	t.Run("SYNC_INTERVAL=0", func(t *testing.T) { testLocalOnlyBackupReachesTheDatabase(t, []string{"SYNC_INTERVAL", "0"}) })
+}
+
+func testLocalOnlyBackupReachesTheDatabase(t *testing.T, override []string) {
 	pg := testdb.Postgres(t)
 	u, err := url.Parse(pg.URL)
 	if err != nil {
@@ -60,7 +68,8 @@ func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
 	}
 	touchStore(t, store)
 	port, natsPort := freePort(t), freePort(t)
-	e := herokuEnv(t, u.String(), disk, port, generated).with("NATS_LISTEN", "127.0.0.1:"+strconv.Itoa(natsPort))
+	e := herokuEnv(t, u.String(), disk, port, generated).with("NATS_LISTEN", "127.0.0.1:"+strconv.Itoa(natsPort)).with(override...)
+	points := e["SYNC_INTERVAL"] != "0"
 	run(t, bin, e, "migrate")
 	dyno := start(t, bin, "web.1", e, "run")
 	waitState(t, dyno, port, generated["HEALTH_TOKEN"], func(g, b string) bool { return b == bus.StateOK })
@@ -79,6 +88,9 @@ func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
 	if code != 3 || !rep.OK || rep.Stored != bus.StoredLocal || !strings.Contains(stderr, "local fallback only") {
 		t.Fatalf("backup-now with the database down: exit %d, reply %+v, stderr %q; want exit 3, ok, stored local, said so", code, rep, stderr)
 	}
+	if rep.Snapshot == nil || rep.Snapshot.ID != 0 || rep.Snapshot.SHA256 == "" {
+		t.Fatalf("backup-now answered from the local fallback with %+v; want the store's hash and id 0", rep.Snapshot)
+	}
 	proxy.Up()
 	wait := 2*time.Second + rand.N(3*time.Second) // within the 2-30 s, at its hard end
 	t.Logf("SIGKILL %s after the database came back", wait)
@@ -90,20 +102,37 @@ func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
 	}
 	<-dyno.done
 	killedAt := time.Now()
+	// What the database holds now is all the next dyno can restore.
+	rows := snapshots(t, pg.URL, e["SESSION_ID"])
+	if len(rows) == 0 {
+		t.Fatal("nothing in the database after the kill")
+	}
+	newest := rows[len(rows)-1]
+	if newest.Point != points {
+		t.Fatalf("with SYNC_INTERVAL=%q the newest stored backup is %+v", e["SYNC_INTERVAL"], newest)
+	}
 
 	// The next dyno: an empty disk, the same database. The killed one's
 	// lease is still there: it is taken over after one lease TTL.
 	disk2 := t.TempDir()
 	port2 := freePort(t)
-	next := start(t, bin, "web.1 (next)", herokuEnv(t, pg.URL, disk2, port2, generated), "run")
+	next := start(t, bin, "web.1 (next)", herokuEnv(t, pg.URL, disk2, port2, generated).with(override...), "run")
 	restored := filepath.Join(disk2, "session.db")
+	var sha string
 	waitFor(t, 40*time.Second, "the next dyno's restore", func() bool {
 		if !next.running() {
 			t.Fatalf("the next dyno exited: %v", next.err)
 		}
-		_, err := os.Stat(restored)
-		return err == nil
+		if _, err := os.Stat(restored); err != nil {
+			return false
+		}
+		// Read at once: the gateway opens the store right after.
+		sha = storeHash(t, restored, newest)
+		return true
 	})
+	if sha != newest.SHA256 {
+		t.Errorf("the next dyno restored hash %s, want the newest stored backup %s's %s", sha, newest.CLIID(), newest.SHA256)
+	}
 	if took := time.Since(killedAt); took > 15*time.Second {
 		t.Errorf("the next dyno restored %s after the kill; want a crash takeover within 15 s", took)
 	} else {
@@ -112,12 +141,16 @@ func TestLocalOnlyBackupReachesTheDatabaseBeforeAKill(t *testing.T) {
 	if got := marks(t, restored); got != want {
 		t.Fatalf("the next dyno restored %d writes, want %d: the backup answered from the local fallback never reached the database", got, want)
 	}
+	// The database holds what backup-now answered: the local full snapshot
+	// itself, or (points) a fresh base taken as the database came back,
+	// which is the same database, so the same hash, as nothing wrote to the
+	// store in between (WhatsApp is unreachable here).
 	var shipped bool
-	for _, r := range snapshots(t, pg.URL, e["SESSION_ID"]) {
+	for _, r := range rows {
 		shipped = shipped || r.SHA256 == rep.Snapshot.SHA256
 	}
 	if !shipped {
-		t.Error("no database row holds the snapshot backup-now answered from the local fallback")
+		t.Errorf("no database row holds the store backup-now answered from the local fallback (%s): %+v", rep.Snapshot.SHA256, rows)
 	}
 	next.stop(t, 30*time.Second)
 	checkLogs(t, []string{generated["NATS_TOKEN"], generated["HEALTH_TOKEN"], generated["SESSION_ENCRYPTION_KEY"]}, dyno, next)
@@ -342,10 +375,7 @@ func TestPrebootOverlapOnSharedNATS(t *testing.T) {
 	if releasedAt.IsZero() {
 		t.Fatal("the old dyno did not log that it released the session lease")
 	}
-	rows := snapshots(t, pg.URL, oldEnv["SESSION_ID"])
-	if len(rows) == 0 || rows[len(rows)-1].Reason != bus.ReasonShutdown {
-		t.Fatalf("snapshots after the old dyno stopped = %+v, want its shutdown snapshot last", rows)
-	}
+	checkShutdownRow(t, snapshots(t, pg.URL, oldEnv["SESSION_ID"]), oldDyno, oldStore)
 	restored := filepath.Join(newDisk, "session.db")
 	stoppedAt := time.Now()
 	waitFor(t, 20*time.Second, "the new dyno to take over", func() bool {

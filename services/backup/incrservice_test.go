@@ -2,6 +2,9 @@ package backup_test
 
 import (
 	"context"
+	"fmt"
+	"regexp"
+	"strconv"
 	"testing"
 	"time"
 
@@ -101,7 +104,8 @@ func TestSyncShipsACommitBurstAsOneDelta(t *testing.T) {
 	}
 }
 
-// P.backup.request is answered once a point covering it is committed.
+// P.backup.request is answered once a point covering it is committed; the
+// log names the point as `blacksky snapshots` and `restore --id` do.
 func TestBackupRequestAnsweredByTheCoveringPoint(t *testing.T) {
 	for _, kind := range kinds {
 		t.Run(kind, func(t *testing.T) {
@@ -109,7 +113,8 @@ func TestBackupRequestAnsweredByTheCoveringPoint(t *testing.T) {
 			st := db.mustOpen(t)
 			dir := t.TempDir()
 			newStore(t, dir, 256<<10)
-			in := start(t, db, instOpts{dataDir: dir, env: syncEnv()})
+			var logs syncBuf
+			in := start(t, db, instOpts{dataDir: dir, env: syncEnv(), logTo: logs.write})
 			in.waitPoints(st, 1)
 			last := write(t, in.sessionPath(), 5)
 			rep := in.backupNow(bus.ReasonManual)
@@ -125,6 +130,10 @@ func TestBackupRequestAnsweredByTheCoveringPoint(t *testing.T) {
 			if got == nil || got.DBSHA256 != rep.Snapshot.SHA256 {
 				t.Fatalf("reply names point %d (%s), not in the database", rep.Snapshot.ID, rep.Snapshot.SHA256)
 			}
+			named := regexp.MustCompile(fmt.Sprintf(`msg="snapshot done".* id=p%d `, rep.Snapshot.ID))
+			testwait.For(t, 10*time.Second, "the log to name point p"+strconv.FormatInt(rep.Snapshot.ID, 10), func() bool {
+				return named.MatchString(logs.String())
+			})
 			if _, maxN := restoreNewest(t, st, nil); maxN != last {
 				t.Fatalf("restored up to %d; want %d", maxN, last)
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -167,7 +168,7 @@ func (s *Service) report(job JobInfo, o Outcome, d time.Duration) {
 	if quiet {
 		return
 	}
-	s.log.Info("snapshot done", "reason", job.Reason, "id", o.Ref.ID, "bytes", o.Ref.Bytes, "unchanged", o.Ref.Unchanged,
+	s.log.Info("snapshot done", "reason", job.Reason, "id", s.storedID(o.Ref.ID), "bytes", o.Ref.Bytes, "unchanged", o.Ref.Unchanged,
 		"duration", d, "job_id", job.ID)
 	ev := bus.BackupDone{SnapshotID: o.Ref.ID, Reason: job.Reason, Bytes: o.Ref.Bytes, StoredBytes: o.Stored,
 		SHA256: o.Ref.SHA256, DurationMS: d.Milliseconds(), Unchanged: o.Ref.Unchanged, JobID: job.ID}
@@ -200,7 +201,18 @@ func (s *Service) shipLocal() {
 		defer cancel()
 		o, ran, err := s.pipe.Ship(ctx, st)
 		if ran && err == nil {
-			s.log.Info("the session kept in the local fallback during the database outage is in the database now", "snapshot_id", o.Ref.ID)
+			s.log.Info("the session kept in the local fallback during the database outage is in the database now", "snapshot_id", s.storedID(o.Ref.ID))
 		} // else the next probe tries again
 	})
+}
+
+// storedID is how the log names what the pipeline stored, as `blacksky
+// snapshots` lists it and `blacksky restore --id` takes it: "p17" for a point
+// (continuous replication), "17" for a full snapshot, "0" for the local
+// fallback. A bare 17 for a point would send an operator to full snapshot 17.
+func (s *Service) storedID(id int64) string {
+	if s.incr != nil && id != 0 {
+		return "p" + strconv.FormatInt(id, 10)
+	}
+	return strconv.FormatInt(id, 10)
 }
