@@ -36,7 +36,8 @@ type Options struct {
 	Lanes             int
 	Backoff           backoff.Backoff
 	QueuePollInterval time.Duration
-	// HTTPClient posts to the webhook; nil: one with Config.WebhookTimeout.
+	// HTTPClient posts to the webhook (a copy that follows no redirect);
+	// nil: one with Config.WebhookTimeout.
 	HTTPClient *http.Client
 }
 
@@ -98,10 +99,15 @@ func New(opts Options) (*Service, error) {
 		opts.Instance = "relay"
 	}
 	cfg := opts.Config.withDefaults()
-	hc := opts.HTTPClient
-	if hc == nil {
-		hc = &http.Client{Timeout: cfg.WebhookTimeout}
+	hc := &http.Client{Timeout: cfg.WebhookTimeout}
+	if opts.HTTPClient != nil {
+		c := *opts.HTTPClient
+		hc = &c
 	}
+	// A redirect is never followed: Go would turn a 301, 302 or 303 into a
+	// GET without the body, whose 2xx would count as delivered. post makes
+	// the 3xx itself dead, saying so.
+	hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &Service{
 		opts:     opts,
 		cfg:      cfg,
