@@ -53,6 +53,8 @@ type Service struct {
 	limiter *rate.Limiter
 
 	handlers sync.WaitGroup
+	hmu      sync.Mutex    // guards closed, so handlers.Add never races handlers.Wait
+	closed   bool          // stop began: requests are refused, not run
 	sem      chan struct{} // bounds concurrent request handlers
 	stopping chan struct{} // closed when Run stops: waiting sends answer at once
 	waiters  waiters
@@ -145,14 +147,16 @@ func (s *Service) Run(ctx context.Context) error {
 			_ = sub.Unsubscribe()
 		}
 	}()
-	for subject, h := range map[string]func(*nats.Msg){
-		s.subj.RelayStore(): s.onStore,
-		s.subj.MsgSend():    s.onSend,
-		s.subj.MsgReplay():  s.onReplay,
-		s.subj.RelayRetry(): s.onRetry,
-		s.subj.ConnAll():    s.onConn,
+	refuse := func(v any) func(*nats.Msg) { return func(m *nats.Msg) { s.respond(m, v) } }
+	stopping := errStopping.Error()
+	for subject, h := range map[string][2]func(*nats.Msg){
+		s.subj.RelayStore(): {s.onStore, refuse(bus.RelayStoreReply{Error: stopping})},
+		s.subj.MsgSend():    {s.onSend, refuse(bus.MsgSendReply{Error: stopping + "; nothing was queued"})},
+		s.subj.MsgReplay():  {s.onReplay, refuse(bus.MsgReplayReply{Messages: []bus.MsgIn{}, Error: stopping})},
+		s.subj.RelayRetry(): {s.onRetry, refuse(bus.RelayRetryReply{Error: stopping})},
+		s.subj.ConnAll():    {s.onConn, func(*nats.Msg) {}},
 	} {
-		sub, err := s.opts.NC.QueueSubscribe(subject, queueGroup, s.spawn(h))
+		sub, err := s.opts.NC.QueueSubscribe(subject, queueGroup, s.spawn(h[0], h[1]))
 		if err != nil {
 			return fmt.Errorf("relay: subscribe %s: %w", subject, err)
 		}
@@ -208,6 +212,11 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 		_ = sub.Unsubscribe()
 	}
 	close(s.stopping)
+	// A NATS callback may still be running after Unsubscribe: from here
+	// spawn refuses what it hands over, so Add never races Wait.
+	s.hmu.Lock()
+	s.closed = true
+	s.hmu.Unlock()
 	s.handlers.Wait()
 	var err error
 	if q != nil {
@@ -224,19 +233,32 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 	return nil
 }
 
+// errStopping answers requests that arrive while relay stops.
+var errStopping = errors.New("relay is stopping; ask again once it is back")
+
 // spawn runs h on its own goroutine while fewer than maxHandlers run, so
-// one slow request (a send that waits) does not hold up the others.
-func (s *Service) spawn(h func(*nats.Msg)) nats.MsgHandler {
+// one slow request (a send that waits) does not hold up the others; beyond
+// that, on the subscription's goroutine. Either way stop waits for it. Once
+// stop began, refuse answers instead (the store is being closed).
+func (s *Service) spawn(h, refuse func(*nats.Msg)) nats.MsgHandler {
 	return func(m *nats.Msg) {
+		s.hmu.Lock()
+		if s.closed {
+			s.hmu.Unlock()
+			refuse(m)
+			return
+		}
+		s.handlers.Add(1)
+		s.hmu.Unlock()
 		select {
 		case s.sem <- struct{}{}:
-			s.handlers.Add(1)
 			go func() {
 				defer s.handlers.Done()
 				defer func() { <-s.sem }()
 				h(m)
 			}()
 		default:
+			defer s.handlers.Done()
 			h(m)
 		}
 	}
