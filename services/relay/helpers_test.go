@@ -97,6 +97,9 @@ type setup struct {
 	clock clockwork.Clock
 	// open replaces the database's Open (a database that fails).
 	open func(ctx context.Context) (relay.Store, error)
+	// sendTimeout and sendMaxAttempts tune the send jobs (zero: relay's).
+	sendTimeout     time.Duration
+	sendMaxAttempts int
 }
 
 func newSetup(t testing.TB, kind string) *setup {
@@ -114,7 +117,8 @@ func (s *setup) start(t testing.TB) *instance {
 		open = s.db.open
 	}
 	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test",
-		Open: open, Backoff: backoff.Backoff{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond}, QueuePollInterval: 50 * time.Millisecond})
+		Open: open, Backoff: backoff.Backoff{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond}, QueuePollInterval: 50 * time.Millisecond,
+		SendTimeout: s.sendTimeout, SendMaxAttempts: s.sendMaxAttempts})
 	if err != nil {
 		t.Fatal(err)
 	}

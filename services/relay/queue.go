@@ -103,6 +103,8 @@ type QueueConfig struct {
 	Backoff backoff.Backoff
 	// SendMaxAttempts bounds a send's retries; zero: DefaultSendMaxAttempts.
 	SendMaxAttempts int
+	// SendTimeout bounds one send attempt; zero: DefaultSendTimeout.
+	SendTimeout time.Duration
 	// Schedule is the product's periodic jobs (package jobs: every client
 	// carries them all).
 	Schedule jobs.Schedule
@@ -115,6 +117,10 @@ type QueueConfig struct {
 const (
 	DefaultLanes           = 4
 	DefaultSendMaxAttempts = 12
+	// DefaultSendTimeout covers the wait for a SEND_RATE slot and the
+	// gateway's answer, and stays below jobs.RescueAfter: a send rescued
+	// while still running could go out twice.
+	DefaultSendTimeout = 150 * time.Second
 	// DeliveryMaxAttempts is high: a webhook delivery ends by
 	// WEBHOOK_RETRY_FOR, a bus delivery retries until it is made (or its
 	// item is pruned).
@@ -170,10 +176,8 @@ func (w *sendWorker) NextRetry(job *river.Job[sendArgs]) time.Time {
 	return time.Now().Add(w.cfg.Backoff.Step(job.Attempt))
 }
 
-// Timeout covers the wait for a SEND_RATE slot and the gateway's answer, and
-// stays below jobs.RescueAfter: a send rescued while still running could go
-// out twice.
-func (w *sendWorker) Timeout(*river.Job[sendArgs]) time.Duration { return 150 * time.Second }
+// Timeout is QueueConfig.SendTimeout (DefaultSendTimeout says why).
+func (w *sendWorker) Timeout(*river.Job[sendArgs]) time.Duration { return w.cfg.SendTimeout }
 
 func (w *sendWorker) Work(ctx context.Context, job *river.Job[sendArgs]) error {
 	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
@@ -196,6 +200,9 @@ func newRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (*r
 	}
 	if cfg.SendMaxAttempts <= 0 {
 		cfg.SendMaxAttempts = DefaultSendMaxAttempts
+	}
+	if cfg.SendTimeout <= 0 {
+		cfg.SendTimeout = DefaultSendTimeout
 	}
 	workers := river.NewWorkers()
 	if err := errors.Join(

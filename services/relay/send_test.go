@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"golang.org/x/time/rate"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -183,4 +184,27 @@ func TestWaitingSendAnswersAtOnceWhileWhatsAppIsDownAndStaysQueued(t *testing.T)
 	if !again.OK || again.ID != "3EB0DOWN" || sent.len() != 1 {
 		t.Fatalf("after the gateway connected: %+v, %d msg.sent", again, sent.len())
 	}
+}
+
+// A send whose last attempt runs out of time waiting for its SEND_RATE
+// slot fails for good with the reason: it is not left queued with no job
+// to send it, and a waiting bot hears it.
+func TestSendThatGetsNoRateSlotOnItsLastAttemptFailsWithTheReason(t *testing.T) {
+	s := newSetup(t, "sqlite")
+	s.cfg.SendRate = rate.Every(time.Hour)
+	s.sendTimeout = 300 * time.Millisecond
+	s.sendMaxAttempts = 1
+	failed := collect(t, s.bus.nc, subj.MsgSendFailed())
+	s.start(t)
+	startGateway(t, s.bus.nc)
+	bot := s.bus.conn(t, bus.RoleBot)
+	if rep := send(t, bot, `{"to":"15551234567","text":"first","idempotency_key":"first"}`); !rep.OK {
+		t.Fatalf("first send: %+v", rep)
+	}
+	// The next slot is an hour away; the attempt has 300 ms.
+	rep := send(t, bot, `{"to":"15551234567","text":"second","idempotency_key":"second"}`)
+	if rep.OK || rep.Queued || !strings.Contains(rep.Error, "SEND_RATE") {
+		t.Fatalf("second send: %+v, want ok:false naming SEND_RATE", rep)
+	}
+	testwait.For(t, 20*time.Second, "P.msg.send_failed", func() bool { return failed.len() >= 1 })
 }

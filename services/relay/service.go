@@ -36,6 +36,10 @@ type Options struct {
 	Lanes             int
 	Backoff           backoff.Backoff
 	QueuePollInterval time.Duration
+	// SendTimeout and SendMaxAttempts bound a send job's attempts
+	// (tests); zero: DefaultSendTimeout, DefaultSendMaxAttempts.
+	SendTimeout     time.Duration
+	SendMaxAttempts int
 	// HTTPClient posts to the webhook (a copy that follows no redirect);
 	// nil: one with Config.WebhookTimeout.
 	HTTPClient *http.Client
@@ -172,13 +176,15 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.setupJetStream(ctx)
 	q, err := st.NewQueue(QueueConfig{
-		Deliver:      s.deliver,
-		Send:         s.workSend,
-		Lanes:        s.opts.Lanes,
-		Backoff:      s.opts.Backoff,
-		Schedule:     s.opts.Schedule,
-		PollInterval: s.opts.QueuePollInterval,
-		Logger:       s.log,
+		Deliver:         s.deliver,
+		Send:            s.workSend,
+		Lanes:           s.opts.Lanes,
+		Backoff:         s.opts.Backoff,
+		Schedule:        s.opts.Schedule,
+		PollInterval:    s.opts.QueuePollInterval,
+		SendTimeout:     s.opts.SendTimeout,
+		SendMaxAttempts: s.opts.SendMaxAttempts,
+		Logger:          s.log,
 	})
 	if err != nil {
 		st.Close()
