@@ -100,6 +100,8 @@ type setup struct {
 	// sendTimeout and sendMaxAttempts tune the send jobs (zero: relay's).
 	sendTimeout     time.Duration
 	sendMaxAttempts int
+	// backoff between job attempts; zero: 10 ms.
+	backoff time.Duration
 }
 
 func newSetup(t testing.TB, kind string) *setup {
@@ -116,8 +118,12 @@ func (s *setup) start(t testing.TB) *instance {
 	if open == nil {
 		open = s.db.open
 	}
+	wait := s.backoff
+	if wait == 0 {
+		wait = 10 * time.Millisecond
+	}
 	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test",
-		Open: open, Backoff: backoff.Backoff{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond}, QueuePollInterval: 50 * time.Millisecond,
+		Open: open, Backoff: backoff.Backoff{Min: wait, Max: wait}, QueuePollInterval: 50 * time.Millisecond,
 		SendTimeout: s.sendTimeout, SendMaxAttempts: s.sendMaxAttempts})
 	if err != nil {
 		t.Fatal(err)

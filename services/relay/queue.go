@@ -86,6 +86,11 @@ type Queue interface {
 	// RetryDead puts the session's dead deliveries (discarded or cancelled)
 	// back in their queues as new jobs and returns how many.
 	RetryDead(ctx context.Context, session string) (int, error)
+	// RequeueSends inserts a send job for each key of queued (the
+	// session's queued sends) that has no job in a live state, then
+	// deletes the dead jobs of those keys, and returns how many it
+	// inserted.
+	RequeueSends(ctx context.Context, session string, queued []string) (int, error)
 }
 
 // QueueConfig configures relay's River client.
@@ -351,4 +356,84 @@ func (q *riverQueue[TTx]) RetryDead(ctx context.Context, session string) (int, e
 		}
 		params = params.After(res.LastCursor)
 	}
+}
+
+// Live states: a job in one of them runs (again) by itself.
+var liveStates = []rivertype.JobState{rivertype.JobStateAvailable, rivertype.JobStatePending, rivertype.JobStateRunning,
+	rivertype.JobStateRetryable, rivertype.JobStateScheduled}
+
+// sendJobs lists the session's send jobs in states, by key.
+func (q *riverQueue[TTx]) sendJobs(ctx context.Context, session string, states ...rivertype.JobState) (map[string][]int64, error) {
+	out := map[string][]int64{}
+	params := river.NewJobListParams().Kinds(jobs.KindRelaySend).States(states...).First(500)
+	for {
+		res, err := q.client.JobList(ctx, params)
+		if err != nil {
+			return nil, fmt.Errorf("list send jobs: %w", err)
+		}
+		for _, row := range res.Jobs {
+			var a SendArgs
+			if err := json.Unmarshal(row.EncodedArgs, &a); err != nil || a.Session != session {
+				continue
+			}
+			out[a.Key] = append(out[a.Key], row.ID)
+		}
+		if len(res.Jobs) == 0 || res.LastCursor == nil {
+			return out, nil
+		}
+		params = params.After(res.LastCursor)
+	}
+}
+
+// RequeueSends gives a queued send that lost its job a new one. A job is
+// lost when River's rescuer discards the job of a worker that died (a
+// SIGKILL mid-send on its last attempt) or a job ends without recording an
+// outcome; the send row stays queued and nothing would ever send it. The
+// queued keys are read before the jobs: a send queued in between has its
+// job committed with its row, and a job that finished in between makes at
+// most one extra job, which finds its send done and completes.
+func (q *riverQueue[TTx]) RequeueSends(ctx context.Context, session string, queued []string) (int, error) {
+	if len(queued) == 0 {
+		return 0, nil
+	}
+	live, err := q.sendJobs(ctx, session, liveStates...)
+	if err != nil {
+		return 0, err
+	}
+	var params []river.InsertManyParams
+	var keys []string
+	for _, key := range queued {
+		if len(live[key]) > 0 {
+			continue
+		}
+		p, err := q.params(Job{Send: &SendArgs{Session: session, Key: key}})
+		if err != nil {
+			return 0, err
+		}
+		params = append(params, p)
+		keys = append(keys, key)
+	}
+	if len(params) == 0 {
+		return 0, nil
+	}
+	if _, err := q.client.InsertManyFast(ctx, params); err != nil {
+		return 0, fmt.Errorf("queue sends again: %w", err)
+	}
+	// The dead jobs of those sends are history now: deleted, so River UI
+	// and a later retry do not count them again. Failing that only leaves
+	// them listed.
+	dead, err := q.sendJobs(ctx, session, rivertype.JobStateDiscarded, rivertype.JobStateCancelled)
+	for _, key := range keys {
+		for _, id := range dead[key] {
+			if err == nil {
+				if _, err = q.client.JobDelete(ctx, id); errors.Is(err, rivertype.ErrNotFound) {
+					err = nil
+				}
+			}
+		}
+	}
+	if err != nil && q.cfg.Logger != nil {
+		q.cfg.Logger.Warn("sends queued again; their dead jobs stay listed", "err", err)
+	}
+	return len(params), nil
 }

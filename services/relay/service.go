@@ -61,6 +61,7 @@ type Service struct {
 	closed   bool          // stop began: requests are refused, not run
 	sem      chan struct{} // bounds concurrent request handlers
 	stopping chan struct{} // closed when Run stops: waiting sends answer at once
+	dbBack   chan struct{} // signalled when the database answers again after failing
 	waiters  waiters
 
 	mu        sync.Mutex
@@ -125,6 +126,7 @@ func New(opts Options) (*Service, error) {
 		limiter:  rate.NewLimiter(cfg.SendRate, 1),
 		sem:      make(chan struct{}, maxHandlers),
 		stopping: make(chan struct{}),
+		dbBack:   make(chan struct{}, 1),
 		waiters:  waiters{m: map[string][]*waiter{}},
 		state:    bus.StateStarting,
 	}, nil
@@ -334,24 +336,74 @@ func (s *Service) noteErr(err error) {
 
 func (s *Service) setDBOK(ok bool) {
 	s.mu.Lock()
+	back := ok && !s.dbOK && s.store != nil
 	s.dbOK = ok
 	s.mu.Unlock()
+	if back {
+		select {
+		case s.dbBack <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // pruneLoop deletes what MESSAGE_RETENTION no longer keeps, on relay's own
 // clock (a River periodic job would have to be in every client's Schedule,
-// see package jobs), until ctx ends.
+// see package jobs), until ctx ends. It also gives queued sends that lost
+// their job a new one (requeueSends): now, at each tick, and when the
+// database answers again after failing.
 func (s *Service) pruneLoop(ctx context.Context, st Store) {
 	t := s.clock.NewTicker(s.cfg.PruneEvery)
 	defer t.Stop()
+	s.requeueLost(ctx)
 	for {
 		s.prune(ctx, st)
 		select {
 		case <-ctx.Done():
 			return
+		case <-s.dbBack:
+			s.requeueLost(ctx)
+			continue
 		case <-t.Chan():
 		}
+		s.requeueLost(ctx)
 	}
+}
+
+// requeueLost is requeueSends for pruneLoop: a failure waits for the next
+// tick (or the database coming back).
+func (s *Service) requeueLost(ctx context.Context) {
+	if _, err := s.requeueSends(ctx); err != nil && ctx.Err() == nil {
+		s.noteErr(err)
+		s.log.Warn("cannot check queued sends for lost jobs; trying again later", "err", err)
+	}
+}
+
+// requeueSends inserts a send job for every queued send of the session that
+// has none in a live state, and returns how many. After a SIGKILL a send
+// whose job was running can be left queued with no job: River's rescuer
+// discards a job whose worker died on its last attempt (or of a kind its
+// client has no worker for).
+func (s *Service) requeueSends(ctx context.Context) (int, error) {
+	st, q := s.backend()
+	if st == nil || q == nil {
+		return 0, errNotReady
+	}
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	keys, err := st.QueuedSendKeys(rctx, s.cfg.Session)
+	s.dbResult(err)
+	if err != nil {
+		return 0, err
+	}
+	n, err := q.RequeueSends(rctx, s.cfg.Session, keys)
+	if err != nil {
+		return 0, err
+	}
+	if n > 0 {
+		s.log.Warn("queued sends had no live job (lost in a crash, or discarded); queued again", "count", n)
+	}
+	return n, nil
 }
 
 func (s *Service) prune(ctx context.Context, st Store) {

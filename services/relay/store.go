@@ -246,6 +246,14 @@ func (s *Service) onRetry(m *nats.Msg) {
 		s.respond(m, bus.RelayRetryReply{Retried: n, Error: err.Error()})
 		return
 	}
+	// A queued send whose job is dead (discarded) is dead too, for the
+	// operator: it goes out again as well.
+	sends, err := s.requeueSends(ctx)
+	n += sends
+	if err != nil {
+		s.respond(m, bus.RelayRetryReply{Retried: n, Error: "queued sends: " + err.Error()})
+		return
+	}
 	s.log.Info("dead deliveries queued again", "count", n)
 	s.respond(m, bus.RelayRetryReply{OK: true, Retried: n})
 }

@@ -319,6 +319,19 @@ func (s *Store) CountQueuedSends(ctx context.Context, session string) (int64, er
 	return n, nil
 }
 
+// QueuedSendKeys lists the keys of queued sends, oldest first.
+func (s *Store) QueuedSendKeys(ctx context.Context, session string) ([]string, error) {
+	rows, err := s.pool.Query(ctx, sqltext.QueuedSendKeys, session)
+	if err != nil {
+		return nil, fmt.Errorf("queued sends: %w", err)
+	}
+	keys, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("queued sends: %w", err)
+	}
+	return keys, nil
+}
+
 // Prune deletes what is older than cutoff.
 func (s *Store) Prune(ctx context.Context, session string, cutoff time.Time) (int64, error) {
 	var n int64
