@@ -73,6 +73,7 @@ type Service struct {
 	lastErr   string
 	lastErrAt *time.Time
 	startedAt time.Time
+	known     knownFigures // the heartbeat's last figures from the database
 }
 
 var _ interface{ Run(context.Context) error } = (*Service)(nil)
