@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/services/relay"
 	"github.com/blacksky-md/blacksky/services/relay/postgres"
 	"github.com/blacksky-md/blacksky/services/relay/sqlite"
@@ -20,8 +21,18 @@ import (
 // openRelayStore connects relay to the database backup uses: DATABASE_URL,
 // or the embedded SQLite in DATA_DIR.
 func (a *app) openRelayStore(ctx context.Context) (relay.Store, error) {
+	return a.openRelayStoreTraced(ctx, nil)
+}
+
+// openRelayStoreTraced is openRelayStore with tracer watching the
+// PostgreSQL pool (relay's outage filter).
+func (a *app) openRelayStoreTraced(ctx context.Context, tracer *dboutage.Outage) (relay.Store, error) {
 	if a.cfg.DatabaseURL != "" {
-		return postgres.Open(ctx, postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns})
+		opts := postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns}
+		if tracer != nil {
+			opts.Tracer = tracer
+		}
+		return postgres.Open(ctx, opts)
 	}
 	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("DATA_DIR: %w", err)
@@ -43,6 +54,8 @@ func (a *app) newRelay(nc *nats.Conn) (runner, error) {
 	if a.cfg.Production && len(a.cfg.SessionEncryptionKey) == 0 {
 		a.log.Warn("SESSION_ENCRYPTION_KEY is not set: relay stores incoming messages and sends in plaintext")
 	}
+	// One outage filter hears the pool fail and quiets River's log of it.
+	outage := dboutage.New(a.log.With("service", bus.ServiceRelay), "relay")
 	return relay.New(relay.Options{
 		Config: relay.Config{
 			Session:         a.cfg.SessionID,
@@ -58,7 +71,8 @@ func (a *app) newRelay(nc *nats.Conn) (runner, error) {
 		Log:      a.log,
 		Clock:    a.clock,
 		Instance: a.instance,
-		Open:     a.openRelayStore,
+		Open:     func(ctx context.Context) (relay.Store, error) { return a.openRelayStoreTraced(ctx, outage) },
+		Outage:   outage,
 		Schedule: a.schedule(),
 	})
 }

@@ -43,10 +43,13 @@ type Outage struct {
 // New is an Outage for the logs of what ("river ui", "relay") going to log.
 func New(log *slog.Logger, what string) *Outage { return &Outage{log: log, what: what} }
 
-// Logger is log with the outage's filter in front of its handler: give it
-// to River, River UI, or whatever logs each failed attempt.
-func (o *Outage) Logger() *slog.Logger {
-	return slog.New(&outageHandler{next: o.log.Handler(), o: o})
+// Logger is the outage's log with its filter in front of its handler: give
+// it to River, River UI, or whatever logs each failed attempt.
+func (o *Outage) Logger() *slog.Logger { return o.Wrap(o.log) }
+
+// Wrap is log with the outage's filter in front of its handler.
+func (o *Outage) Wrap(log *slog.Logger) *slog.Logger {
+	return slog.New(&outageHandler{next: log.Handler(), o: o})
 }
 
 // pass reports whether record r is written, and whether it is the first

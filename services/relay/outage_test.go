@@ -1,16 +1,14 @@
 package relay_test
 
 import (
-	"context"
 	"encoding/json"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/testproxy"
 	"github.com/blacksky-md/blacksky/internal/testwait"
-	"github.com/blacksky-md/blacksky/services/relay"
-	"github.com/blacksky-md/blacksky/services/relay/postgres"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -24,10 +22,7 @@ func proxied(t *testing.T, s *setup) *testproxy.Proxy {
 	}
 	p := testproxy.Start(t, u.Host)
 	u.Host = p.Addr()
-	through := u.String()
-	s.open = func(ctx context.Context) (relay.Store, error) {
-		return postgres.Open(ctx, postgres.Options{URL: through, MaxConns: 10})
-	}
+	s.through = u.String()
 	return p
 }
 
@@ -76,6 +71,37 @@ func TestHeartbeatKeepsTheLastKnownFiguresWhileTheDatabaseIsDown(t *testing.T) {
 	p.Up()
 	lastBeat(t, beats, "a heartbeat with the database back", func(_ bus.Heartbeat, d bus.RelayDetails) bool {
 		return d.DatabaseOK && d.LastSeq == 2
+	})
+	in.stop(t)
+}
+
+// River logs a failed fetch for each queue several times a second while
+// the database is away: relay's log gets one line when it goes (saying
+// repeats are held back) and one when it is back, counting them.
+func TestDatabaseOutageIsLoggedOnceNotOnEveryRiverFetch(t *testing.T) {
+	s := newSetup(t, "postgres")
+	p := proxied(t, s)
+	beats := collect(t, s.bus.nc, subj.Heartbeat(bus.ServiceRelay))
+	in := s.start(t)
+	store(t, s.bus.nc, message("c", "A", "x"))
+	p.Down()
+	// Two heartbeats after the outage began: River polled every 50 ms
+	// of it, each of its 9 queues.
+	lastBeat(t, beats, "a heartbeat saying the database is down", func(_ bus.Heartbeat, d bus.RelayDetails) bool {
+		return !d.DatabaseOK
+	})
+	n := beats.len()
+	testwait.Every(t, 3*bus.HeartbeatInterval, 100*time.Millisecond, "the next heartbeat", func() bool { return beats.len() > n })
+	down := in.logs.String()
+	if got := strings.Count(down, "Error fetching jobs"); got > 1 {
+		t.Fatalf("River's fetch error logged %d times during the outage, want at most once:\n%.3000s", got, down)
+	}
+	if !strings.Contains(down, "not logged until") {
+		t.Fatalf("no line says the repeats are held back:\n%.3000s", down)
+	}
+	p.Up()
+	testwait.Every(t, 4*bus.HeartbeatInterval, 100*time.Millisecond, "a line saying the database is back", func() bool {
+		return strings.Contains(in.logs.String(), "relay: the database answers again")
 	})
 	in.stop(t)
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/jobs"
 	"github.com/jonboulle/clockwork"
@@ -40,6 +41,11 @@ type Options struct {
 	// (tests); zero: DefaultSendTimeout, DefaultSendMaxAttempts.
 	SendTimeout     time.Duration
 	SendMaxAttempts int
+	// Outage collapses the log of a database outage (River logs each
+	// failed poll); give the same one to the store's pool as its tracer
+	// (postgres.Options.Tracer) so it hears of the outage first. Nil: one
+	// that only hears what relay's own queries say.
+	Outage *dboutage.Outage
 	// HTTPClient posts to the webhook (a copy that follows no redirect);
 	// nil: one with Config.WebhookTimeout.
 	HTTPClient *http.Client
@@ -55,6 +61,7 @@ type Service struct {
 	codec   Codec
 	http    *http.Client
 	limiter *rate.Limiter
+	outage  *dboutage.Outage
 
 	handlers sync.WaitGroup
 	hmu      sync.Mutex    // guards closed, so handlers.Add never races handlers.Wait
@@ -107,6 +114,9 @@ func New(opts Options) (*Service, error) {
 		opts.Instance = "relay"
 	}
 	cfg := opts.Config.withDefaults()
+	if opts.Outage == nil {
+		opts.Outage = dboutage.New(opts.Log.With("service", bus.ServiceRelay), "relay")
+	}
 	hc := &http.Client{Timeout: cfg.WebhookTimeout}
 	if opts.HTTPClient != nil {
 		c := *opts.HTTPClient
@@ -125,6 +135,7 @@ func New(opts Options) (*Service, error) {
 		codec:    Codec{Key: cfg.Key},
 		http:     hc,
 		limiter:  rate.NewLimiter(cfg.SendRate, 1),
+		outage:   opts.Outage,
 		sem:      make(chan struct{}, maxHandlers),
 		stopping: make(chan struct{}),
 		dbBack:   make(chan struct{}, 1),
@@ -187,7 +198,10 @@ func (s *Service) Run(ctx context.Context) error {
 		PollInterval:    s.opts.QueuePollInterval,
 		SendTimeout:     s.opts.SendTimeout,
 		SendMaxAttempts: s.opts.SendMaxAttempts,
-		Logger:          s.log,
+		// River logs every failed fetch (each queue, several a second)
+		// while the database is away: one line when it goes, one when
+		// it is back.
+		Logger: s.outage.Wrap(s.log),
 	})
 	if err != nil {
 		st.Close()

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
@@ -120,15 +121,20 @@ func (s *Service) deliveries(event string, a DeliveryArgs) []Job {
 	return out
 }
 
-// dbResult keeps the heartbeat's database_ok truthful.
+// dbResult keeps the heartbeat's database_ok truthful, and tells the
+// outage filter of River's log what relay's own queries found.
 func (s *Service) dbResult(err error) {
 	if err != nil && !errors.Is(err, context.Canceled) {
 		s.noteErr(err)
 		s.setDBOK(false)
+		if dboutage.ConnError(err) {
+			s.outage.ConnFailed()
+		}
 		return
 	}
 	if err == nil {
 		s.setDBOK(true)
+		s.outage.OK()
 	}
 }
 
