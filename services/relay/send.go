@@ -12,6 +12,7 @@ import (
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/recipient"
 	"github.com/nats-io/nats.go"
 )
 
@@ -26,6 +27,12 @@ func (s *Service) onSend(m *nats.Msg) {
 	fail := func(err string) { s.respond(m, bus.MsgSendReply{Error: err}) }
 	req, err := bus.DecodeMsgSend(m.Data)
 	if err != nil {
+		fail(err.Error())
+		return
+	}
+	// The gateway's own rule: a recipient it could never send to is
+	// refused now, not queued to fail a SEND_RATE slot later.
+	if _, err := recipient.Parse(req.To); err != nil {
 		fail(err.Error())
 		return
 	}
