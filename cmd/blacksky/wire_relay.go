@@ -49,8 +49,27 @@ func (a *app) schedule() jobs.Schedule {
 	return backupConfig(a.cfg).Schedule()
 }
 
+// relayStartWait bounds how long blacksky run holds the gateway back for
+// relay: with its database down relay may take minutes, and the gateway
+// still works meanwhile (messages stay unacknowledged until relay is back).
+const relayStartWait = 30 * time.Second
+
+// awaitRelay waits until relay is ready (its database open), it stopped,
+// ctx ends or relayStartWait passes, so the gateway starts after relay.
+func (a *app) awaitRelay(ctx context.Context, r *relay.Service) {
+	t := time.NewTimer(relayStartWait) // real time: a bound on startup, not behaviour under test
+	defer t.Stop()
+	select {
+	case <-r.Ready():
+	case <-ctx.Done():
+	case <-t.C:
+		a.log.Warn("relay is not ready yet (its database?); starting the gateway anyway: "+
+			"messages stay unacknowledged to WhatsApp until relay stores them", "waited", relayStartWait)
+	}
+}
+
 // newRelay builds the relay service on nc.
-func (a *app) newRelay(nc *nats.Conn) (runner, error) {
+func (a *app) newRelay(nc *nats.Conn) (*relay.Service, error) {
 	if a.cfg.Production && len(a.cfg.SessionEncryptionKey) == 0 {
 		a.log.Warn("SESSION_ENCRYPTION_KEY is not set: relay stores incoming messages and sends in plaintext")
 	}

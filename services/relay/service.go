@@ -69,6 +69,8 @@ type Service struct {
 	sem      chan struct{} // bounds concurrent request handlers
 	stopping chan struct{} // closed when Run stops: waiting sends answer at once
 	dbBack   chan struct{} // signalled when the database answers again after failing
+	ready    chan struct{} // closed once relay serves with its database, or Run returned
+	readyOne sync.Once
 	waiters  waiters
 
 	mu        sync.Mutex
@@ -139,6 +141,7 @@ func New(opts Options) (*Service, error) {
 		sem:      make(chan struct{}, maxHandlers),
 		stopping: make(chan struct{}),
 		dbBack:   make(chan struct{}, 1),
+		ready:    make(chan struct{}),
 		waiters:  waiters{m: map[string][]*waiter{}},
 		state:    bus.StateStarting,
 	}, nil
@@ -149,6 +152,7 @@ func New(opts Options) (*Service, error) {
 // and closes the database. It returns nil after a graceful stop.
 func (s *Service) Run(ctx context.Context) error {
 	s.startedAt = s.clock.Now()
+	defer s.markReady()
 	hbCtx, hbStop := context.WithCancel(context.WithoutCancel(ctx))
 	hbDone := make(chan struct{})
 	go func() {
@@ -219,10 +223,18 @@ func (s *Service) Run(ctx context.Context) error {
 	s.mu.Unlock()
 	s.log.Info("relay ready", "database", st.Kind(), "jetstream", s.jetStream() != nil,
 		"webhook", webhookShown(s.cfg.WebhookURL), "retention", s.cfg.Retention.String())
+	s.markReady()
 
 	s.pruneLoop(ctx, st)
 	return s.stop(subs)
 }
+
+// Ready is closed once relay serves with its database open (it stores what
+// the gateway hands it), or once Run has returned: blacksky run starts the
+// gateway after it, so the gateway's first messages find relay there.
+func (s *Service) Ready() <-chan struct{} { return s.ready }
+
+func (s *Service) markReady() { s.readyOne.Do(func() { close(s.ready) }) }
 
 // stop ends a Run: no new requests, handlers done, River stopped (running
 // jobs finish within the budget), database closed.
