@@ -81,7 +81,7 @@ var commands = []struct{ name, brief, about string }{
 	{"migrate", "", "create or upgrade every table (Heroku's release phase runs it)"},
 	{"backup-now", "[--reason R] [--timeout D]", "ask the running backup service for a snapshot and print the reply"},
 	{"snapshots", "", "list stored snapshots, newest first"},
-	{"messages", "[--after N] [--limit L] [--timeout D]", "print the stored messages after seq N, one JSON object a line, as on P.msg.in"},
+	{"messages", "[--after N] [--limit L] [--timeout D]", "print the stored messages after seq N (all of them, or at most L), one JSON object a line, as on P.msg.in"},
 	{"deliveries", "retry [--timeout D]", "send dead deliveries (webhook or bus) again"},
 	{"restore", "[--id N] [--force] [--ignore-lease]", "write a snapshot into the session path"},
 	{"sandbox", "link | inject | fault KIND | outbox", "drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true)"},

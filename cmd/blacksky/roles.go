@@ -197,14 +197,16 @@ func (m *Main) cmdRun(ctx context.Context, args []string) error {
 		}
 		sup.start("backup", b)
 	}
-	// relay starts before the gateway and stops after it: the gateway
-	// acknowledges a message to WhatsApp only once relay has stored it.
+	// relay starts before the gateway (which waits until relay is ready,
+	// within relayStartWait) and stops after it: the gateway acknowledges
+	// a message to WhatsApp only once relay has stored it.
 	r, err := a.newRelay(bh.conn(bus.RoleRelay))
 	if err != nil {
 		sup.wait(canceled(), a.cfg.ShutdownTimeout)
 		return err
 	}
 	sup.start("relay", r)
+	a.awaitRelay(ctx, r)
 	g, err := a.newGateway(bh.conn(bus.RoleGateway))
 	if err != nil {
 		sup.wait(canceled(), a.cfg.ShutdownTimeout)

@@ -134,6 +134,20 @@ func TestRunComesBackLinked(t *testing.T) {
 	// The gateway got its restore answer ("existing"), opened the store and
 	// keeps retrying the unreachable WhatsApp.
 	testwait.For(t, 30*time.Second, "conn.reconnecting", seen(bus.ConnReconnecting))
+	// Relay is ready (its database open) before the gateway starts: the
+	// gateway acknowledges messages to WhatsApp only once relay stored them.
+	var firstGateway, relayReady = -1, -1
+	for i, line := range strings.Split(logs.String(), "\n") {
+		if firstGateway < 0 && strings.Contains(line, "service=gateway") {
+			firstGateway = i
+		}
+		if relayReady < 0 && strings.Contains(line, "relay ready") {
+			relayReady = i
+		}
+	}
+	if relayReady < 0 || firstGateway < relayReady {
+		t.Fatalf("the gateway logged (line %d) before relay was ready (line %d):\n%s", firstGateway, relayReady, logs.String())
+	}
 
 	// A manual snapshot over NATS is committed before the reply comes.
 	msg, err := nc.Request(subj.BackupRequest(), []byte(`{"reason":"manual"}`), 60*time.Second)

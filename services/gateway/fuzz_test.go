@@ -6,6 +6,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/recipient"
 )
 
 // FuzzMsgSend feeds P.msg.send bodies through the decoder and the recipient
@@ -33,14 +34,14 @@ func FuzzMsgSend(f *testing.F) {
 		if req.To == "" || req.Text == "" || len(req.Text) > bus.MaxTextLen {
 			t.Fatalf("decoder accepted %q as %+v", data, req)
 		}
-		jid, err := ParseRecipient(req.To)
+		jid, err := recipient.Parse(req.To)
 		if err != nil {
 			return
 		}
 		if jid.User == "" || jid.Device != 0 || !utf8.ValidString(jid.String()) {
 			t.Fatalf("recipient %q parsed as %#v", req.To, jid)
 		}
-		again, err := ParseRecipient(jid.String())
+		again, err := recipient.Parse(jid.String())
 		if err != nil || again != jid {
 			t.Fatalf("recipient %q -> %s does not round-trip: %v, %v", req.To, jid, again, err)
 		}

@@ -3,62 +3,12 @@ package gateway
 import (
 	"context"
 	"errors"
-	"strings"
 	"time"
 
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/recipient"
 	"github.com/nats-io/nats.go"
-	"go.mau.fi/whatsmeow/types"
 )
-
-// ParseRecipient reads the "to" of P.msg.send (and P.gateway.send): a phone number in
-// international form (digits; a leading + and spaces or dashes are
-// tolerated) or a JID of a user, LID, group or newsletter.
-func ParseRecipient(to string) (types.JID, error) {
-	s := strings.TrimSpace(to)
-	if !strings.Contains(s, "@") {
-		digits := strings.NewReplacer(" ", "", "-", "").Replace(strings.TrimPrefix(s, "+"))
-		if len(digits) < 7 || len(digits) > 15 || strings.HasPrefix(digits, "0") || !allDigits(digits) {
-			return types.JID{}, errUnknownRecipient
-		}
-		return types.NewJID(digits, types.DefaultUserServer), nil
-	}
-	jid, err := types.ParseJID(s)
-	if err != nil || jid.User == "" || strings.ContainsAny(jid.User, "@ ") {
-		return types.JID{}, errUnknownRecipient
-	}
-	switch jid.Server {
-	case types.DefaultUserServer, types.HiddenUserServer:
-		if !allDigits(jid.User) {
-			return types.JID{}, errUnknownRecipient
-		}
-	case types.GroupServer:
-		if !allDigits(strings.ReplaceAll(jid.User, "-", "")) {
-			return types.JID{}, errUnknownRecipient
-		}
-	case types.NewsletterServer:
-		if !allDigits(jid.User) {
-			return types.JID{}, errUnknownRecipient
-		}
-	default:
-		return types.JID{}, errUnknownRecipient
-	}
-	return jid.ToNonAD(), nil
-}
-
-var errUnknownRecipient = errors.New(`unknown recipient form: want a phone number with country code (digits) or a JID such as 15551234567@s.whatsapp.net or 123456789-987654@g.us`)
-
-func allDigits(s string) bool {
-	if s == "" {
-		return false
-	}
-	for _, r := range s {
-		if r < '0' || r > '9' {
-			return false
-		}
-	}
-	return true
-}
 
 // onSend serves P.gateway.send: relay asks for one message to go out now.
 // Cheap checks answer at once; the send itself runs on its own goroutine
@@ -82,7 +32,7 @@ func (g *Gateway) onSend(m *nats.Msg) {
 		fail(err.Error())
 		return
 	}
-	to, err := ParseRecipient(req.To)
+	to, err := recipient.Parse(req.To)
 	if err != nil {
 		fail(err.Error())
 		return

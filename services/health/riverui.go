@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
@@ -27,7 +28,8 @@ const RiverUIPrefix = "/riverui"
 // NewRiverUI builds the UI for the PostgreSQL database at dsn. The pool
 // connects lazily, so a database that is down now does not stop the health
 // service from starting; while it is down, log gets one line when it goes
-// and one when it is back (see outage), not River UI's error every 10 s.
+// and one when it is back (package dboutage), not River UI's error every
+// 10 s.
 func NewRiverUI(dsn string, maxConns int32, log *slog.Logger) (*RiverUI, error) {
 	pc, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
@@ -37,9 +39,9 @@ func NewRiverUI(dsn string, maxConns int32, log *slog.Logger) (*RiverUI, error) 
 	if maxConns > 0 {
 		pc.MaxConns = maxConns
 	}
-	out := newOutage(log)
+	out := dboutage.New(log, "river ui")
 	pc.ConnConfig.Tracer = out
-	log = out.logger()
+	log = out.Logger()
 	pool, err := pgxpool.NewWithConfig(context.Background(), pc)
 	if err != nil {
 		return nil, fmt.Errorf("river ui: pool: %w", err)

@@ -100,3 +100,26 @@ func BenchmarkWebhookDeliveriesPostgres(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "deliveries/s")
 }
+
+// BenchmarkReplayPagePostgres is one P.msg.replay answer of 100 stored
+// messages as a bot asks it: read, opened, each measured as JSON against
+// the payload bound, and sent.
+func BenchmarkReplayPagePostgres(b *testing.B) {
+	s := newSetup(b, "postgres")
+	s.start(b)
+	for i := range 100 {
+		storeOnce(b, s, fmt.Sprintf("R%03d", i))
+	}
+	req, _ := json.Marshal(bus.MsgReplayRequest{Limit: 100})
+	b.ResetTimer()
+	for b.Loop() {
+		msg, err := s.bus.nc.Request(subj.MsgReplay(), req, 30*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var rep bus.MsgReplayReply
+		if err := json.Unmarshal(msg.Data, &rep); err != nil || !rep.OK || len(rep.Messages) != 100 {
+			b.Fatalf("replay: %v %d", err, len(rep.Messages))
+		}
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/internal/testdb"
 	"github.com/blacksky-md/blacksky/internal/testlog"
 	"github.com/blacksky-md/blacksky/internal/testwait"
@@ -97,6 +98,14 @@ type setup struct {
 	clock clockwork.Clock
 	// open replaces the database's Open (a database that fails).
 	open func(ctx context.Context) (relay.Store, error)
+	// sendTimeout and sendMaxAttempts tune the send jobs (zero: relay's).
+	sendTimeout     time.Duration
+	sendMaxAttempts int
+	// backoff between job attempts; zero: 10 ms.
+	backoff time.Duration
+	// through, when set, is the PostgreSQL URL relay opens (a proxy the
+	// test cuts), with an outage filter as cmd wires it.
+	through string
 }
 
 func newSetup(t testing.TB, kind string) *setup {
@@ -113,8 +122,20 @@ func (s *setup) start(t testing.TB) *instance {
 	if open == nil {
 		open = s.db.open
 	}
+	var outage *dboutage.Outage
+	if s.through != "" {
+		outage = dboutage.New(log, "relay")
+		open = func(ctx context.Context) (relay.Store, error) {
+			return postgres.Open(ctx, postgres.Options{URL: s.through, MaxConns: 10, Tracer: outage})
+		}
+	}
+	wait := s.backoff
+	if wait == 0 {
+		wait = 10 * time.Millisecond
+	}
 	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test",
-		Open: open, Backoff: backoff.Backoff{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond}, QueuePollInterval: 50 * time.Millisecond})
+		Open: open, Backoff: backoff.Backoff{Min: wait, Max: wait}, QueuePollInterval: 50 * time.Millisecond,
+		SendTimeout: s.sendTimeout, SendMaxAttempts: s.sendMaxAttempts, Outage: outage})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,8 +23,13 @@ func StreamSubjects(s bus.Subjects) []string {
 }
 
 // StreamDuplicates is the stream's duplicate window: a delivery repeated
-// within it (a retry after a lost ack) is stored once.
-const StreamDuplicates = 2 * time.Minute
+// within it (a retry after a lost ack) is stored once. The repeat that
+// matters most comes after a crash: a job that published but died before
+// River recorded it runs again only once River's rescuer takes it back
+// (jobs.RescueAfter, 3 minutes) plus its retry backoff, so the window is
+// several times that. The server keeps one id per message for the window:
+// at relay's rates (hundreds a second at most) that is a few MB.
+const StreamDuplicates = 10 * time.Minute
 
 // setupJetStream finds out whether the server has JetStream and, if so,
 // creates or updates the session's stream (file storage, kept for

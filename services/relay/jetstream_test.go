@@ -13,6 +13,7 @@ import (
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/services/relay"
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/jobs"
 )
 
 func jsSetup(t *testing.T) *setup {
@@ -144,6 +145,30 @@ func TestJetStreamKeepsARepeatedDeliveryOnce(t *testing.T) {
 	ack, err := js.PublishMsg(ctx, natsMsg{subject: m.Subject, data: m.Data, id: m.Header.Get(jetstream.MsgIDHeader)}.msg())
 	if err != nil || !ack.Duplicate {
 		t.Fatalf("republish: %+v %v, want a duplicate", ack, err)
+	}
+}
+
+// A delivery whose worker died mid-job runs again only once River's rescuer
+// takes it back (jobs.RescueAfter), plus its backoff: the stream's duplicate
+// window must still remember the first publish by then.
+func TestJetStreamDuplicateWindowOutlastsCrashRecovery(t *testing.T) {
+	s := jsSetup(t)
+	s.start(t)
+	ctx := context.Background()
+	js, err := jetstream.New(s.bus.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := js.Stream(ctx, relay.StreamName(session))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := str.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := info.Config.Duplicates; w < 3*jobs.RescueAfter {
+		t.Fatalf("duplicate window %s, want well over the rescue delay %s", w, jobs.RescueAfter)
 	}
 }
 

@@ -86,6 +86,11 @@ type Queue interface {
 	// RetryDead puts the session's dead deliveries (discarded or cancelled)
 	// back in their queues as new jobs and returns how many.
 	RetryDead(ctx context.Context, session string) (int, error)
+	// RequeueSends inserts a send job for each key of queued (the
+	// session's queued sends) that has no job in a live state, then
+	// deletes the dead jobs of those keys, and returns how many it
+	// inserted.
+	RequeueSends(ctx context.Context, session string, queued []string) (int, error)
 }
 
 // QueueConfig configures relay's River client.
@@ -103,6 +108,8 @@ type QueueConfig struct {
 	Backoff backoff.Backoff
 	// SendMaxAttempts bounds a send's retries; zero: DefaultSendMaxAttempts.
 	SendMaxAttempts int
+	// SendTimeout bounds one send attempt; zero: DefaultSendTimeout.
+	SendTimeout time.Duration
 	// Schedule is the product's periodic jobs (package jobs: every client
 	// carries them all).
 	Schedule jobs.Schedule
@@ -115,6 +122,10 @@ type QueueConfig struct {
 const (
 	DefaultLanes           = 4
 	DefaultSendMaxAttempts = 12
+	// DefaultSendTimeout covers the wait for a SEND_RATE slot and the
+	// gateway's answer, and stays below jobs.RescueAfter: a send rescued
+	// while still running could go out twice.
+	DefaultSendTimeout = 150 * time.Second
 	// DeliveryMaxAttempts is high: a webhook delivery ends by
 	// WEBHOOK_RETRY_FOR, a bus delivery retries until it is made (or its
 	// item is pruned).
@@ -170,10 +181,8 @@ func (w *sendWorker) NextRetry(job *river.Job[sendArgs]) time.Time {
 	return time.Now().Add(w.cfg.Backoff.Step(job.Attempt))
 }
 
-// Timeout covers the wait for a SEND_RATE slot and the gateway's answer, and
-// stays below jobs.RescueAfter: a send rescued while still running could go
-// out twice.
-func (w *sendWorker) Timeout(*river.Job[sendArgs]) time.Duration { return 150 * time.Second }
+// Timeout is QueueConfig.SendTimeout (DefaultSendTimeout says why).
+func (w *sendWorker) Timeout(*river.Job[sendArgs]) time.Duration { return w.cfg.SendTimeout }
 
 func (w *sendWorker) Work(ctx context.Context, job *river.Job[sendArgs]) error {
 	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
@@ -196,6 +205,9 @@ func newRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (*r
 	}
 	if cfg.SendMaxAttempts <= 0 {
 		cfg.SendMaxAttempts = DefaultSendMaxAttempts
+	}
+	if cfg.SendTimeout <= 0 {
+		cfg.SendTimeout = DefaultSendTimeout
 	}
 	workers := river.NewWorkers()
 	if err := errors.Join(

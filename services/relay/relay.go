@@ -154,6 +154,9 @@ type Store interface {
 	// send was no longer queued.
 	FinishSend(ctx context.Context, session, key string, o Outcome, hook InTx) (changed bool, err error)
 	CountQueuedSends(ctx context.Context, session string) (int64, error)
+	// QueuedSendKeys lists the keys of the session's queued sends, oldest
+	// first (at most Config.MaxQueuedSends and a few).
+	QueuedSendKeys(ctx context.Context, session string) ([]string, error)
 
 	// Prune deletes messages and receipts received before cutoff and sends
 	// finished before it.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
 	"github.com/blacksky-md/blacksky/shared/bus"
+	"github.com/blacksky-md/blacksky/shared/recipient"
 	"github.com/nats-io/nats.go"
 )
 
@@ -26,6 +27,12 @@ func (s *Service) onSend(m *nats.Msg) {
 	fail := func(err string) { s.respond(m, bus.MsgSendReply{Error: err}) }
 	req, err := bus.DecodeMsgSend(m.Data)
 	if err != nil {
+		fail(err.Error())
+		return
+	}
+	// The gateway's own rule: a recipient it could never send to is
+	// refused now, not queued to fail a SEND_RATE slot later.
+	if _, err := recipient.Parse(req.To); err != nil {
 		fail(err.Error())
 		return
 	}
@@ -167,14 +174,20 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 	if err := s.codec.Open(sd.Payload, &req); err != nil {
 		return s.finishSend(ctx, sd.Key, Outcome{State: SendFailed, Error: "stored send cannot be opened: " + err.Error()}, complete)
 	}
+	last := job.Attempt >= job.MaxAttempts
 	if err := s.waitSlot(ctx); err != nil {
-		return err
+		if !last {
+			return err
+		}
+		// River would discard the job and leave the send queued with
+		// nothing to send it: the last attempt records why instead.
+		return s.finishSend(ctx, sd.Key, Outcome{State: SendFailed, Error: fmt.Sprintf(
+			"gave up after %d attempts: no SEND_RATE slot came within the attempt (%v)", job.Attempt, err)}, complete)
 	}
 	gctx, cancel := context.WithTimeout(ctx, s.cfg.GatewayTimeout)
 	var rep bus.MsgSendReply
 	err = bus.Request(gctx, s.opts.NC, s.subj.GatewaySend(), req, &rep)
 	cancel()
-	last := job.Attempt >= job.MaxAttempts
 	switch {
 	case err != nil && !last:
 		// No answer: the gateway is down, or died mid-send. It may

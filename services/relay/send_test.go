@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"golang.org/x/time/rate"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -134,18 +135,18 @@ func TestRefusedSendFailsForGoodWithTheReason(t *testing.T) {
 	failed := collect(t, s.bus.nc, subj.MsgSendFailed())
 	s.start(t)
 	gw := startGateway(t, s.bus.nc)
-	gw.refuse = "unknown recipient form: want a phone number"
+	gw.refuse = "15550000000 is not on WhatsApp"
 	bot := s.bus.conn(t, bus.RoleBot)
-	rep := send(t, bot, `{"to":"nobody","text":"x","idempotency_key":"bad"}`)
-	if rep.OK || !strings.Contains(rep.Error, "unknown recipient") {
+	rep := send(t, bot, `{"to":"15550000000","text":"x","idempotency_key":"bad"}`)
+	if rep.OK || !strings.Contains(rep.Error, "not on WhatsApp") {
 		t.Fatalf("refused send: %+v", rep)
 	}
 	testwait.For(t, 20*time.Second, "P.msg.send_failed", func() bool { return failed.len() >= 1 })
 	var ev bus.MsgSendOutcome
-	if err := json.Unmarshal(failed.all()[0].Data, &ev); err != nil || ev.IdempotencyKey != "bad" || !strings.Contains(ev.Error, "unknown recipient") {
+	if err := json.Unmarshal(failed.all()[0].Data, &ev); err != nil || ev.IdempotencyKey != "bad" || !strings.Contains(ev.Error, "not on WhatsApp") {
 		t.Fatalf("send_failed: %+v %v", ev, err)
 	}
-	if again := send(t, bot, `{"to":"nobody","text":"x","idempotency_key":"bad"}`); again.OK || gw.count("bad") != 1 {
+	if again := send(t, bot, `{"to":"15550000000","text":"x","idempotency_key":"bad"}`); again.OK || gw.count("bad") != 1 {
 		t.Fatalf("repeat of a failed send: %+v, gateway asked %d times", again, gw.count("bad"))
 	}
 	for body, want := range map[string]string{
@@ -182,5 +183,48 @@ func TestWaitingSendAnswersAtOnceWhileWhatsAppIsDownAndStaysQueued(t *testing.T)
 	again := send(t, bot, `{"to":"15551234567","text":"hi","idempotency_key":"down"}`)
 	if !again.OK || again.ID != "3EB0DOWN" || sent.len() != 1 {
 		t.Fatalf("after the gateway connected: %+v, %d msg.sent", again, sent.len())
+	}
+}
+
+// A send whose last attempt runs out of time waiting for its SEND_RATE
+// slot fails for good with the reason: it is not left queued with no job
+// to send it, and a waiting bot hears it.
+func TestSendThatGetsNoRateSlotOnItsLastAttemptFailsWithTheReason(t *testing.T) {
+	s := newSetup(t, "sqlite")
+	s.cfg.SendRate = rate.Every(time.Hour)
+	s.sendTimeout = 300 * time.Millisecond
+	s.sendMaxAttempts = 1
+	failed := collect(t, s.bus.nc, subj.MsgSendFailed())
+	s.start(t)
+	startGateway(t, s.bus.nc)
+	bot := s.bus.conn(t, bus.RoleBot)
+	if rep := send(t, bot, `{"to":"15551234567","text":"first","idempotency_key":"first"}`); !rep.OK {
+		t.Fatalf("first send: %+v", rep)
+	}
+	// The next slot is an hour away; the attempt has 300 ms.
+	rep := send(t, bot, `{"to":"15551234567","text":"second","idempotency_key":"second"}`)
+	if rep.OK || rep.Queued || !strings.Contains(rep.Error, "SEND_RATE") {
+		t.Fatalf("second send: %+v, want ok:false naming SEND_RATE", rep)
+	}
+	testwait.For(t, 20*time.Second, "P.msg.send_failed", func() bool { return failed.len() >= 1 })
+}
+
+// A recipient in no form the gateway can send to is refused when the send
+// is asked, not queued to fail later: nothing is stored under its key.
+func TestSendToAnUnknownRecipientFormIsRefusedAtOnce(t *testing.T) {
+	s := newSetup(t, "sqlite")
+	s.start(t)
+	gw := startGateway(t, s.bus.nc)
+	bot := s.bus.conn(t, bus.RoleBot)
+	rep := send(t, bot, `{"to":"abc","text":"x","idempotency_key":"bad-to","wait":false}`)
+	if rep.OK || rep.Queued || !strings.Contains(rep.Error, "unknown recipient") {
+		t.Fatalf("send to abc: %+v, want ok:false naming the recipient, not queued", rep)
+	}
+	if gw.count("bad-to") != 0 {
+		t.Fatal("the gateway was asked to send to abc")
+	}
+	// Nothing kept the key: the same key with a good recipient is a new send.
+	if ok := send(t, bot, `{"to":"15551234567","text":"x","idempotency_key":"bad-to"}`); !ok.OK || gw.count("bad-to") != 1 {
+		t.Fatalf("the key after the refusal: %+v", ok)
 	}
 }

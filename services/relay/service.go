@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/jobs"
 	"github.com/jonboulle/clockwork"
@@ -36,7 +37,17 @@ type Options struct {
 	Lanes             int
 	Backoff           backoff.Backoff
 	QueuePollInterval time.Duration
-	// HTTPClient posts to the webhook; nil: one with Config.WebhookTimeout.
+	// SendTimeout and SendMaxAttempts bound a send job's attempts
+	// (tests); zero: DefaultSendTimeout, DefaultSendMaxAttempts.
+	SendTimeout     time.Duration
+	SendMaxAttempts int
+	// Outage collapses the log of a database outage (River logs each
+	// failed poll); give the same one to the store's pool as its tracer
+	// (postgres.Options.Tracer) so it hears of the outage first. Nil: one
+	// that only hears what relay's own queries say.
+	Outage *dboutage.Outage
+	// HTTPClient posts to the webhook (a copy that follows no redirect);
+	// nil: one with Config.WebhookTimeout.
 	HTTPClient *http.Client
 }
 
@@ -50,10 +61,16 @@ type Service struct {
 	codec   Codec
 	http    *http.Client
 	limiter *rate.Limiter
+	outage  *dboutage.Outage
 
 	handlers sync.WaitGroup
+	hmu      sync.Mutex    // guards closed, so handlers.Add never races handlers.Wait
+	closed   bool          // stop began: requests are refused, not run
 	sem      chan struct{} // bounds concurrent request handlers
 	stopping chan struct{} // closed when Run stops: waiting sends answer at once
+	dbBack   chan struct{} // signalled when the database answers again after failing
+	ready    chan struct{} // closed once relay serves with its database, or Run returned
+	readyOne sync.Once
 	waiters  waiters
 
 	mu        sync.Mutex
@@ -65,6 +82,7 @@ type Service struct {
 	lastErr   string
 	lastErrAt *time.Time
 	startedAt time.Time
+	known     knownFigures // the heartbeat's last figures from the database
 }
 
 var _ interface{ Run(context.Context) error } = (*Service)(nil)
@@ -98,10 +116,18 @@ func New(opts Options) (*Service, error) {
 		opts.Instance = "relay"
 	}
 	cfg := opts.Config.withDefaults()
-	hc := opts.HTTPClient
-	if hc == nil {
-		hc = &http.Client{Timeout: cfg.WebhookTimeout}
+	if opts.Outage == nil {
+		opts.Outage = dboutage.New(opts.Log.With("service", bus.ServiceRelay), "relay")
 	}
+	hc := &http.Client{Timeout: cfg.WebhookTimeout}
+	if opts.HTTPClient != nil {
+		c := *opts.HTTPClient
+		hc = &c
+	}
+	// A redirect is never followed: Go would turn a 301, 302 or 303 into a
+	// GET without the body, whose 2xx would count as delivered. post makes
+	// the 3xx itself dead, saying so.
+	hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &Service{
 		opts:     opts,
 		cfg:      cfg,
@@ -111,8 +137,11 @@ func New(opts Options) (*Service, error) {
 		codec:    Codec{Key: cfg.Key},
 		http:     hc,
 		limiter:  rate.NewLimiter(cfg.SendRate, 1),
+		outage:   opts.Outage,
 		sem:      make(chan struct{}, maxHandlers),
 		stopping: make(chan struct{}),
+		dbBack:   make(chan struct{}, 1),
+		ready:    make(chan struct{}),
 		waiters:  waiters{m: map[string][]*waiter{}},
 		state:    bus.StateStarting,
 	}, nil
@@ -123,6 +152,7 @@ func New(opts Options) (*Service, error) {
 // and closes the database. It returns nil after a graceful stop.
 func (s *Service) Run(ctx context.Context) error {
 	s.startedAt = s.clock.Now()
+	defer s.markReady()
 	hbCtx, hbStop := context.WithCancel(context.WithoutCancel(ctx))
 	hbDone := make(chan struct{})
 	go func() {
@@ -139,14 +169,16 @@ func (s *Service) Run(ctx context.Context) error {
 			_ = sub.Unsubscribe()
 		}
 	}()
-	for subject, h := range map[string]func(*nats.Msg){
-		s.subj.RelayStore(): s.onStore,
-		s.subj.MsgSend():    s.onSend,
-		s.subj.MsgReplay():  s.onReplay,
-		s.subj.RelayRetry(): s.onRetry,
-		s.subj.ConnAll():    s.onConn,
+	refuse := func(v any) func(*nats.Msg) { return func(m *nats.Msg) { s.respond(m, v) } }
+	stopping := errStopping.Error()
+	for subject, h := range map[string][2]func(*nats.Msg){
+		s.subj.RelayStore(): {s.onStore, refuse(bus.RelayStoreReply{Error: stopping})},
+		s.subj.MsgSend():    {s.onSend, refuse(bus.MsgSendReply{Error: stopping + "; nothing was queued"})},
+		s.subj.MsgReplay():  {s.onReplay, refuse(bus.MsgReplayReply{Messages: []bus.MsgIn{}, Error: stopping})},
+		s.subj.RelayRetry(): {s.onRetry, refuse(bus.RelayRetryReply{Error: stopping})},
+		s.subj.ConnAll():    {s.onConn, func(*nats.Msg) {}},
 	} {
-		sub, err := s.opts.NC.QueueSubscribe(subject, queueGroup, s.spawn(h))
+		sub, err := s.opts.NC.QueueSubscribe(subject, queueGroup, s.spawn(h[0], h[1]))
 		if err != nil {
 			return fmt.Errorf("relay: subscribe %s: %w", subject, err)
 		}
@@ -162,13 +194,18 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.setupJetStream(ctx)
 	q, err := st.NewQueue(QueueConfig{
-		Deliver:      s.deliver,
-		Send:         s.workSend,
-		Lanes:        s.opts.Lanes,
-		Backoff:      s.opts.Backoff,
-		Schedule:     s.opts.Schedule,
-		PollInterval: s.opts.QueuePollInterval,
-		Logger:       s.log,
+		Deliver:         s.deliver,
+		Send:            s.workSend,
+		Lanes:           s.opts.Lanes,
+		Backoff:         s.opts.Backoff,
+		Schedule:        s.opts.Schedule,
+		PollInterval:    s.opts.QueuePollInterval,
+		SendTimeout:     s.opts.SendTimeout,
+		SendMaxAttempts: s.opts.SendMaxAttempts,
+		// River logs every failed fetch (each queue, several a second)
+		// while the database is away: one line when it goes, one when
+		// it is back.
+		Logger: s.outage.Wrap(s.log),
 	})
 	if err != nil {
 		st.Close()
@@ -186,10 +223,18 @@ func (s *Service) Run(ctx context.Context) error {
 	s.mu.Unlock()
 	s.log.Info("relay ready", "database", st.Kind(), "jetstream", s.jetStream() != nil,
 		"webhook", webhookShown(s.cfg.WebhookURL), "retention", s.cfg.Retention.String())
+	s.markReady()
 
 	s.pruneLoop(ctx, st)
 	return s.stop(subs)
 }
+
+// Ready is closed once relay serves with its database open (it stores what
+// the gateway hands it), or once Run has returned: blacksky run starts the
+// gateway after it, so the gateway's first messages find relay there.
+func (s *Service) Ready() <-chan struct{} { return s.ready }
+
+func (s *Service) markReady() { s.readyOne.Do(func() { close(s.ready) }) }
 
 // stop ends a Run: no new requests, handlers done, River stopped (running
 // jobs finish within the budget), database closed.
@@ -202,6 +247,11 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 		_ = sub.Unsubscribe()
 	}
 	close(s.stopping)
+	// A NATS callback may still be running after Unsubscribe: from here
+	// spawn refuses what it hands over, so Add never races Wait.
+	s.hmu.Lock()
+	s.closed = true
+	s.hmu.Unlock()
 	s.handlers.Wait()
 	var err error
 	if q != nil {
@@ -218,19 +268,32 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 	return nil
 }
 
+// errStopping answers requests that arrive while relay stops.
+var errStopping = errors.New("relay is stopping; ask again once it is back")
+
 // spawn runs h on its own goroutine while fewer than maxHandlers run, so
-// one slow request (a send that waits) does not hold up the others.
-func (s *Service) spawn(h func(*nats.Msg)) nats.MsgHandler {
+// one slow request (a send that waits) does not hold up the others; beyond
+// that, on the subscription's goroutine. Either way stop waits for it. Once
+// stop began, refuse answers instead (the store is being closed).
+func (s *Service) spawn(h, refuse func(*nats.Msg)) nats.MsgHandler {
 	return func(m *nats.Msg) {
+		s.hmu.Lock()
+		if s.closed {
+			s.hmu.Unlock()
+			refuse(m)
+			return
+		}
+		s.handlers.Add(1)
+		s.hmu.Unlock()
 		select {
 		case s.sem <- struct{}{}:
-			s.handlers.Add(1)
 			go func() {
 				defer s.handlers.Done()
 				defer func() { <-s.sem }()
 				h(m)
 			}()
 		default:
+			defer s.handlers.Done()
 			h(m)
 		}
 	}
@@ -300,39 +363,14 @@ func (s *Service) noteErr(err error) {
 
 func (s *Service) setDBOK(ok bool) {
 	s.mu.Lock()
+	back := ok && !s.dbOK && s.store != nil
 	s.dbOK = ok
 	s.mu.Unlock()
-}
-
-// pruneLoop deletes what MESSAGE_RETENTION no longer keeps, on relay's own
-// clock (a River periodic job would have to be in every client's Schedule,
-// see package jobs), until ctx ends.
-func (s *Service) pruneLoop(ctx context.Context, st Store) {
-	t := s.clock.NewTicker(s.cfg.PruneEvery)
-	defer t.Stop()
-	for {
-		s.prune(ctx, st)
+	if back {
 		select {
-		case <-ctx.Done():
-			return
-		case <-t.Chan():
+		case s.dbBack <- struct{}{}:
+		default:
 		}
-	}
-}
-
-func (s *Service) prune(ctx context.Context, st Store) {
-	pctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	n, err := st.Prune(pctx, s.cfg.Session, s.clock.Now().Add(-s.cfg.Retention))
-	if err != nil {
-		if ctx.Err() == nil {
-			s.noteErr(err)
-			s.log.Warn("prune failed; next try at the next tick", "err", err)
-		}
-		return
-	}
-	if n > 0 {
-		s.log.Info("pruned", "rows", n, "retention", s.cfg.Retention.String())
 	}
 }
 

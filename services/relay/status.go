@@ -31,7 +31,19 @@ func (s *Service) beat() (string, any) {
 	stats, err := st.Stats(ctx, s.cfg.Session)
 	s.dbResult(err)
 	if err != nil {
+		// The last figures the database gave stand until it answers
+		// again: an outage does not empty the store, and /status
+		// showing 0 would say it did.
+		s.mu.Lock()
+		k := s.known
+		d.LastError, d.LastErrorAt = s.lastErr, s.lastErrAt // this failure's
+		s.mu.Unlock()
 		d.DatabaseOK = false
+		d.LastSeq, d.Stored, d.QueuedSends, d.PendingDeliveries, d.DeadDeliveries = k.LastSeq, k.Stored, k.QueuedSends,
+			k.PendingDeliveries, k.DeadDeliveries
+		if k.oldestMS > 0 {
+			d.OldestPendingMS = max(0, s.clock.Now().UnixMilli()-k.oldestMS)
+		}
 		if state == bus.StateOK {
 			state = bus.StateDegraded
 		}
@@ -40,6 +52,11 @@ func (s *Service) beat() (string, any) {
 	d.DatabaseOK = true
 	d.LastSeq, d.Stored, d.QueuedSends = stats.LastSeq, stats.Stored, stats.QueuedSends
 	var oldest int64
+	defer func() {
+		s.mu.Lock()
+		s.known = knownFigures{RelayDetails: d, oldestMS: oldest}
+		s.mu.Unlock()
+	}()
 	for _, c := range stats.Jobs {
 		if c.Kind == jobs.KindRelaySend {
 			continue
@@ -58,4 +75,11 @@ func (s *Service) beat() (string, any) {
 		d.OldestPendingMS = max(0, s.clock.Now().UnixMilli()-oldest)
 	}
 	return state, d
+}
+
+// knownFigures are the heartbeat's figures as the database last gave them,
+// and the creation time (unix ms) of the oldest pending delivery then.
+type knownFigures struct {
+	bus.RelayDetails
+	oldestMS int64
 }

@@ -4,10 +4,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
@@ -118,28 +121,41 @@ func (s *Service) deliveries(event string, a DeliveryArgs) []Job {
 	return out
 }
 
-// dbResult keeps the heartbeat's database_ok truthful.
+// dbResult keeps the heartbeat's database_ok truthful, and tells the
+// outage filter of River's log what relay's own queries found.
 func (s *Service) dbResult(err error) {
 	if err != nil && !errors.Is(err, context.Canceled) {
 		s.noteErr(err)
 		s.setDBOK(false)
+		if dboutage.ConnError(err) {
+			s.outage.ConnFailed()
+		}
 		return
 	}
 	if err == nil {
 		s.setDBOK(true)
+		s.outage.OK()
 	}
 }
 
-// respond answers a request; a reply subject outside the inboxes is a
-// bot's mistake or forgery (bus.Respond refuses it), logged at debug.
+// respond answers a request. A reply subject outside the inboxes is a
+// bot's mistake or forgery (bus.Respond refuses it), logged at debug; any
+// other failure means a requester waits for nothing, logged at warn.
 func (s *Service) respond(m *nats.Msg, v any) {
 	if m.Reply == "" {
 		return
 	}
 	if err := bus.Respond(m, v); err != nil {
-		s.log.Debug("reply not sent", "subject", m.Subject, "err", err)
+		if errors.Is(err, bus.ErrReplySubject) {
+			s.log.Debug("reply not sent", "subject", m.Subject, "err", err)
+			return
+		}
+		s.log.Warn("reply not sent; the requester times out", "subject", m.Subject, "err", err)
 	}
 }
+
+// replayShare is the part of NATS's payload limit a replay answer may use.
+const replayShare = 0.75
 
 // onReplay serves P.msg.replay: stored messages after a seq, in seq order,
 // each shaped as on P.msg.in. The answer stays under NATS's payload limit:
@@ -152,7 +168,7 @@ func (s *Service) onReplay(m *nats.Msg) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
-	msgs, err := s.Replay(ctx, req.AfterSeq, req.Limit, int(s.opts.NC.MaxPayload())*3/4)
+	msgs, err := s.Replay(ctx, req.AfterSeq, req.Limit, int(float64(s.opts.NC.MaxPayload())*replayShare))
 	if err != nil {
 		s.respond(m, bus.MsgReplayReply{Messages: []bus.MsgIn{}, Error: err.Error()})
 		return
@@ -160,10 +176,19 @@ func (s *Service) onReplay(m *nats.Msg) {
 	s.respond(m, bus.MsgReplayReply{OK: true, Messages: msgs})
 }
 
+// replayEnvelope is the JSON of an ok answer without its messages.
+var replayEnvelope = func() int {
+	b, _ := json.Marshal(bus.MsgReplayReply{OK: true, Messages: []bus.MsgIn{}})
+	return len(b)
+}()
+
 // Replay returns up to limit stored messages after afterSeq (limit 0:
-// Config.ReplayLimit), at most maxBytes of JSON in all (0: no bound). A
-// message that cannot be opened (sealed under another key) is skipped
-// with a warning.
+// Config.ReplayLimit) whose answer (bus.MsgReplayReply) is at most maxBytes
+// of JSON (0: no bound). Each message is measured as encoded: JSON escapes
+// '<', '>', '&' and control characters to six bytes each, so a text's
+// length says little. A first message over maxBytes alone is an error
+// naming its seq (the bot can ask past it). A message that cannot be opened
+// (sealed under another key) is skipped with a warning.
 func (s *Service) Replay(ctx context.Context, afterSeq int64, limit, maxBytes int) ([]bus.MsgIn, error) {
 	st, _ := s.backend()
 	if st == nil {
@@ -179,7 +204,7 @@ func (s *Service) Replay(ctx context.Context, afterSeq int64, limit, maxBytes in
 		return nil, err
 	}
 	out := make([]bus.MsgIn, 0, len(rows))
-	size := 64
+	size := replayEnvelope
 	for _, row := range rows {
 		var msg bus.MsgIn
 		if err := s.codec.Open(row.Payload, &msg); err != nil {
@@ -187,10 +212,23 @@ func (s *Service) Replay(ctx context.Context, afterSeq int64, limit, maxBytes in
 			continue
 		}
 		msg.Seq = row.Ref
-		size += len(msg.Text) + len(msg.PushName) + 512
-		if maxBytes > 0 && size > maxBytes && len(out) > 0 {
+		b, err := json.Marshal(msg)
+		if err != nil {
+			return nil, fmt.Errorf("replay: encode seq %d: %w", row.Ref, err)
+		}
+		n := len(b)
+		if len(out) > 0 {
+			n++ // the comma between messages
+		}
+		if maxBytes > 0 && size+n > maxBytes {
+			if len(out) == 0 {
+				return nil, fmt.Errorf("message seq %d is %d bytes as JSON, more than a replay answer may carry (%d bytes, "+
+					"3/4 of the NATS payload limit): it cannot be replayed; ask with after_seq %d to go on past it",
+					row.Ref, len(b), maxBytes, row.Ref)
+			}
 			break
 		}
+		size += n
 		out = append(out, msg)
 	}
 	return out, nil
@@ -212,6 +250,14 @@ func (s *Service) onRetry(m *nats.Msg) {
 	n, err := q.RetryDead(ctx, s.cfg.Session)
 	if err != nil {
 		s.respond(m, bus.RelayRetryReply{Retried: n, Error: err.Error()})
+		return
+	}
+	// A queued send whose job is dead (discarded) is dead too, for the
+	// operator: it goes out again as well.
+	sends, err := s.requeueSends(ctx)
+	n += sends
+	if err != nil {
+		s.respond(m, bus.RelayRetryReply{Retried: n, Error: "queued sends: " + err.Error()})
 		return
 	}
 	s.log.Info("dead deliveries queued again", "count", n)

@@ -41,7 +41,8 @@ func Sign(secret string, timestamp int64, body []byte) string {
 
 // post delivers one item to the webhook. 2xx is delivered. 408, 429, 5xx, a
 // timeout or no answer retry with backoff until WEBHOOK_RETRY_FOR has passed
-// since the first attempt failed; then, or at once for any other status, the
+// since the first attempt failed; then, or at once for any other status
+// (a 3xx too: redirects are not followed), the
 // delivery is dead (a cancelled River job: River UI, /status and
 // blacksky deliveries retry show it).
 func (s *Service) post(ctx context.Context, job JobInfo, r rendered) error {
@@ -54,18 +55,30 @@ func (s *Service) post(ctx context.Context, job JobInfo, r rendered) error {
 	}
 	var perm *permanentError
 	if errors.As(err, &perm) {
-		return river.JobCancel(err)
+		return s.dead(r, err)
 	}
 	if !job.FirstFailedAt.IsZero() && job.AttemptedAt.Sub(job.FirstFailedAt) >= s.cfg.WebhookRetryFor {
-		return river.JobCancel(fmt.Errorf("gave up after WEBHOOK_RETRY_FOR (%s): %w", s.cfg.WebhookRetryFor, err))
+		return s.dead(r, fmt.Errorf("gave up after WEBHOOK_RETRY_FOR (%s): %w", s.cfg.WebhookRetryFor, err))
 	}
 	return err
+}
+
+// dead ends a webhook delivery for good, saying why where an operator looks
+// (River keeps the error on the job too): blacksky deliveries retry sends it
+// again once the receiver is fixed.
+func (s *Service) dead(r rendered, err error) error {
+	s.log.Warn("webhook delivery dead; blacksky deliveries retry sends it again", "event", r.event, "delivery", r.id, "err", err)
+	return river.JobCancel(err)
 }
 
 // permanentError is a status a retry will not change.
 type permanentError struct{ status int }
 
 func (e *permanentError) Error() string {
+	if e.status >= 300 && e.status < 400 {
+		return fmt.Sprintf("webhook answered %d, a redirect: not followed (a redirected POST arrives as a GET "+
+			"without its body) and not retried; set WEBHOOK_URL to the address it redirects to", e.status)
+	}
 	return fmt.Sprintf("webhook answered %d: not retried", e.status)
 }
 

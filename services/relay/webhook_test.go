@@ -239,3 +239,41 @@ func TestDeliveryRetriesDoubleFromOneSecondToFiveMinutes(t *testing.T) {
 		}
 	}
 }
+
+// A redirect is not followed: following it would turn the POST into a
+// body-less GET whose 2xx would count as delivered. It is dead at once,
+// saying why, and nothing reaches the address it points at.
+func TestWebhookRedirectIsDeadAtOnceAndNotFollowed(t *testing.T) {
+	for _, code := range []int{http.StatusMovedPermanently, http.StatusFound, http.StatusSeeOther, http.StatusTemporaryRedirect} {
+		t.Run(strconv.Itoa(code), func(t *testing.T) {
+			var mu sync.Mutex
+			var seen []string
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+				mu.Lock()
+				seen = append(seen, req.Method+" "+req.URL.Path)
+				mu.Unlock()
+				if req.URL.Path == "/hook" {
+					http.Redirect(w, req, "/moved", code)
+					return
+				}
+				w.WriteHeader(http.StatusOK)
+			}))
+			t.Cleanup(srv.Close)
+			s := newSetup(t, "sqlite")
+			s.cfg.WebhookURL = srv.URL + "/hook"
+			s.cfg.WebhookTimeout = time.Second
+			in := s.start(t)
+			store(t, s.bus.nc, message("c", "A", "x"))
+			testwait.For(t, 20*time.Second, "a dead delivery", func() bool { return openStats(t, s).dead == 1 })
+			mu.Lock()
+			got := append([]string(nil), seen...)
+			mu.Unlock()
+			if len(got) != 1 || got[0] != "POST /hook" {
+				t.Fatalf("requests %v, want the one POST, the redirect not followed", got)
+			}
+			testwait.For(t, 10*time.Second, "the reason in the log", func() bool {
+				return strings.Contains(in.logs.String(), "redirect") && strings.Contains(in.logs.String(), strconv.Itoa(code))
+			})
+		})
+	}
+}

@@ -23,6 +23,9 @@ type Options struct {
 	// URL is config.PostgresURL(): Heroku's sslmode rule already applied.
 	URL      string
 	MaxConns int
+	// Tracer, when set, sees every query and acquire of the pool (a
+	// dboutage.Outage: it hears of an outage before River logs it).
+	Tracer pgx.QueryTracer
 }
 
 // Store keeps relay's rows in PostgreSQL.
@@ -43,6 +46,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		cfg.MaxConns = int32(opts.MaxConns)
 	}
 	cfg.ConnConfig.ConnectTimeout = 5 * time.Second
+	if opts.Tracer != nil {
+		cfg.ConnConfig.Tracer = opts.Tracer
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)
@@ -317,6 +323,19 @@ func (s *Store) CountQueuedSends(ctx context.Context, session string) (int64, er
 		return 0, fmt.Errorf("count sends: %w", err)
 	}
 	return n, nil
+}
+
+// QueuedSendKeys lists the keys of queued sends, oldest first.
+func (s *Store) QueuedSendKeys(ctx context.Context, session string) ([]string, error) {
+	rows, err := s.pool.Query(ctx, sqltext.QueuedSendKeys, session)
+	if err != nil {
+		return nil, fmt.Errorf("queued sends: %w", err)
+	}
+	keys, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("queued sends: %w", err)
+	}
+	return keys, nil
 }
 
 // Prune deletes what is older than cutoff.

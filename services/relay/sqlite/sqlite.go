@@ -315,6 +315,27 @@ func (s *Store) CountQueuedSends(ctx context.Context, session string) (int64, er
 	return n, nil
 }
 
+// QueuedSendKeys lists the keys of queued sends, oldest first.
+func (s *Store) QueuedSendKeys(ctx context.Context, session string) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, sqltext.QueuedSendKeys, session)
+	if err != nil {
+		return nil, fmt.Errorf("queued sends: %w", err)
+	}
+	defer rows.Close()
+	var keys []string
+	for rows.Next() {
+		var k string
+		if err := rows.Scan(&k); err != nil {
+			return nil, fmt.Errorf("queued sends: %w", err)
+		}
+		keys = append(keys, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("queued sends: %w", err)
+	}
+	return keys, nil
+}
+
 // Prune deletes what is older than cutoff.
 func (s *Store) Prune(ctx context.Context, session string, cutoff time.Time) (int64, error) {
 	var n int64

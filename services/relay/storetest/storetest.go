@@ -205,6 +205,15 @@ func sends(t *testing.T, st relay.Store) {
 	if n, err := st.CountQueuedSends(ctx, "s"); n != 1 || err != nil {
 		t.Fatalf("queued: %d %v", n, err)
 	}
+	if _, _, err := st.InsertSend(ctx, "s", "k0", t0.Add(-time.Minute), []byte("older"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := st.InsertSend(ctx, "other", "k9", t0, []byte("other session"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if keys, err := st.QueuedSendKeys(ctx, "s"); err != nil || len(keys) != 2 || keys[0] != "k0" || keys[1] != "k1" {
+		t.Fatalf("queued keys: %v %v, want k0, k1 (oldest first, this session only)", keys, err)
+	}
 	o := relay.Outcome{State: relay.SendSent, WAID: "3EB0", SentAt: t0.Add(time.Second), FinishedAt: t0.Add(2 * time.Second)}
 	changed, err := st.FinishSend(ctx, "s", "k1", o, hook)
 	if err != nil || !changed || hooks != 2 {
@@ -221,6 +230,9 @@ func sends(t *testing.T, st relay.Store) {
 	boom := errors.New("boom")
 	if _, err := st.FinishSend(ctx, "s", "k2", o, nil); err != nil {
 		t.Fatalf("finish of an unknown key: %v", err)
+	}
+	if keys, err := st.QueuedSendKeys(ctx, "s"); err != nil || len(keys) != 1 || keys[0] != "k0" {
+		t.Fatalf("queued keys after k1 was sent: %v %v, want k0", keys, err)
 	}
 	if _, _, err := st.InsertSend(ctx, "s", "k3", t0, []byte("x"), func(context.Context, relay.Tx) error { return boom }); !errors.Is(err, boom) {
 		t.Fatalf("failing hook: %v", err)

@@ -141,6 +141,10 @@ WHERE session_id = $1 AND idempotency_key = $2 AND state = 'queued'`
 // CountQueuedSends counts sends waiting to go out.
 const CountQueuedSends = `SELECT count(*) FROM blacksky_sends WHERE session_id = $1 AND state = 'queued'`
 
+// QueuedSendKeys lists the keys of sends waiting to go out, oldest first.
+const QueuedSendKeys = `SELECT idempotency_key FROM blacksky_sends WHERE session_id = $1 AND state = 'queued'
+ORDER BY created_at_ms, idempotency_key`
+
 // Pruning: messages and receipts older than the retention; sends finished
 // before it (a queued send is never dropped).
 const (

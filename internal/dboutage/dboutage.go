@@ -1,4 +1,9 @@
-package health
+// Package dboutage collapses the log of a database outage: River, River UI
+// and their pools log each failed poll or query (several a second), and an
+// outage of minutes buries everything else. Through an Outage's logger the
+// first failure is written, saying repeats are held back, and one line
+// when the database answers again counts them.
+package dboutage
 
 import (
 	"context"
@@ -14,20 +19,20 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// outage turns River UI's logging of a database outage into two lines: the
-// first failure when it goes down, and one line when a query succeeds again.
-// Unwrapped, River UI's query loop logs "Error running query" every 10 s
-// (and every API call one more) for as long as the database is away.
+// Outage turns the logging of a database outage into two lines: the first
+// failure when it goes down, and one line when a query succeeds again.
 //
 // Only connection errors say the database is down: the pool's tracer seeing
-// an acquire or a query fail with one (see connError), or a logged record
-// carrying one. River UI's ordinary failures (a 404 "job not found" logged
-// as "API error response" with an error) pass through and change nothing.
-// While it is down, the first failure passes, saying that repeats are held
-// back, and every later one is counted; a query that succeeds, seen by the
-// tracer, ends the outage.
-type outage struct {
-	log *slog.Logger // the unwrapped logger, for the line saying it is back
+// an acquire or a query fail with one (see ConnError), a logged record
+// carrying one, or the owner calling ConnFailed. Ordinary failures (River
+// UI's 404 "job not found" logged as "API error response" with an error)
+// pass through and change nothing. While it is down, the first failure
+// passes, saying that repeats are held back, and every later one is
+// counted; a query that succeeds (seen by the tracer, or told by OK) ends
+// the outage.
+type Outage struct {
+	log  *slog.Logger // the unwrapped logger, for the line saying it is back
+	what string       // who logs: "river ui", "relay"
 
 	mu         sync.Mutex
 	down       bool // a connection error was seen, no query succeeded since
@@ -35,16 +40,21 @@ type outage struct {
 	suppressed int
 }
 
-func newOutage(log *slog.Logger) *outage { return &outage{log: log} }
+// New is an Outage for the logs of what ("river ui", "relay") going to log.
+func New(log *slog.Logger, what string) *Outage { return &Outage{log: log, what: what} }
 
-// logger is log with outage's filter in front of its handler.
-func (o *outage) logger() *slog.Logger {
-	return slog.New(&outageHandler{next: o.log.Handler(), o: o})
+// Logger is the outage's log with its filter in front of its handler: give
+// it to River, River UI, or whatever logs each failed attempt.
+func (o *Outage) Logger() *slog.Logger { return o.Wrap(o.log) }
+
+// Wrap is log with the outage's filter in front of its handler.
+func (o *Outage) Wrap(log *slog.Logger) *slog.Logger {
+	return slog.New(&outageHandler{next: log.Handler(), o: o})
 }
 
 // pass reports whether record r is written, and whether it is the first
 // failure of an outage.
-func (o *outage) pass(r slog.Record) (ok, first bool) {
+func (o *Outage) pass(r slog.Record) (ok, first bool) {
 	if !failure(r) {
 		return true, false
 	}
@@ -82,7 +92,7 @@ func failure(r slog.Record) bool {
 func carriesConnError(r slog.Record) bool {
 	found := false
 	r.Attrs(func(a slog.Attr) bool {
-		if err, ok := a.Value.Any().(error); ok && connError(err) {
+		if err, ok := a.Value.Any().(error); ok && ConnError(err) {
 			found = true
 		}
 		return !found
@@ -90,10 +100,10 @@ func carriesConnError(r slog.Record) bool {
 	return found
 }
 
-// connError reports whether err says the database cannot be reached or
+// ConnError reports whether err says the database cannot be reached or
 // dropped the connection, rather than that a query or request was wrong.
 // A cancelled request (a browser leaving the page) is neither.
-func connError(err error) bool {
+func ConnError(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
 	}
@@ -112,15 +122,16 @@ func connError(err error) bool {
 	return false
 }
 
-// connFailed is a connection error seen by the pool's tracer.
-func (o *outage) connFailed() {
+// ConnFailed starts an outage: a connection error seen by the pool's tracer
+// or by the owner.
+func (o *Outage) ConnFailed() {
 	o.mu.Lock()
 	o.down = true
 	o.mu.Unlock()
 }
 
-// ok is a query that succeeded: an outage, if any, is over.
-func (o *outage) ok() {
+// OK is a query that succeeded: an outage, if any, is over.
+func (o *Outage) OK() {
 	o.mu.Lock()
 	if !o.down {
 		o.mu.Unlock()
@@ -130,46 +141,46 @@ func (o *outage) ok() {
 	o.down, o.reported, o.suppressed = false, false, 0
 	o.mu.Unlock()
 	if reported {
-		o.log.Info("river ui: the database answers again", "errors_not_logged", n)
+		o.log.Info(o.what+": the database answers again", "errors_not_logged", n)
 	}
 }
 
 // TraceQueryStart implements pgx.QueryTracer.
-func (o *outage) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+func (o *Outage) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
 	return ctx
 }
 
 // TraceQueryEnd implements pgx.QueryTracer: a query without error ends an
 // outage, one failing with a connection error starts one.
-func (o *outage) TraceQueryEnd(_ context.Context, _ *pgx.Conn, data pgx.TraceQueryEndData) {
+func (o *Outage) TraceQueryEnd(_ context.Context, _ *pgx.Conn, data pgx.TraceQueryEndData) {
 	switch {
 	case data.Err == nil:
-		o.ok()
-	case connError(data.Err):
-		o.connFailed()
+		o.OK()
+	case ConnError(data.Err):
+		o.ConnFailed()
 	}
 }
 
 // TraceAcquireStart implements pgxpool.AcquireTracer.
-func (o *outage) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
+func (o *Outage) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
 	return ctx
 }
 
 // TraceAcquireEnd implements pgxpool.AcquireTracer: the pool could not
 // connect. It runs before River UI hears of the failure and logs it.
-func (o *outage) TraceAcquireEnd(_ context.Context, _ *pgxpool.Pool, data pgxpool.TraceAcquireEndData) {
-	if connError(data.Err) {
-		o.connFailed()
+func (o *Outage) TraceAcquireEnd(_ context.Context, _ *pgxpool.Pool, data pgxpool.TraceAcquireEndData) {
+	if ConnError(data.Err) {
+		o.ConnFailed()
 	}
 }
 
-var _ pgxpool.AcquireTracer = (*outage)(nil)
-var _ pgx.QueryTracer = (*outage)(nil)
+var _ pgxpool.AcquireTracer = (*Outage)(nil)
+var _ pgx.QueryTracer = (*Outage)(nil)
 
-// outageHandler is the slog.Handler River UI logs through.
+// outageHandler is the slog.Handler an Outage's logger writes through.
 type outageHandler struct {
 	next slog.Handler
-	o    *outage
+	o    *Outage
 }
 
 func (h *outageHandler) Enabled(ctx context.Context, l slog.Level) bool {
