@@ -173,7 +173,7 @@ func NewClient[TTx any](driver riverdriver.Driver[TTx], cfg Config) (*river.Clie
 		Queues:                      cfg.Queues,
 		Workers:                     cfg.Workers,
 		MaxAttempts:                 cfg.MaxAttempts,
-		Logger:                      log.With("component", "river"),
+		Logger:                      slog.New(quietHandler{next: log.With("component", "river").Handler()}),
 		CompletedJobRetentionPeriod: cfg.CompletedRetention,
 		PeriodicJobs:                cfg.Schedule.PeriodicJobs(),
 		SkipUnknownJobCheck:         true,

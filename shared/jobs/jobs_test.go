@@ -4,7 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"log/slog"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,5 +76,18 @@ func TestEveryClientEnqueuesTheWholeSchedule(t *testing.T) {
 	}
 	if err := json.Unmarshal(job.EncodedArgs, &args); err != nil || args.Reason != "scheduled" || job.Queue != jobs.QueueBackup {
 		t.Fatalf("scheduled job = queue %q args %s (%v)", job.Queue, job.EncodedArgs, err)
+	}
+}
+
+// River's log reaches ours at warning level and above only.
+func TestRiverLogsWarningsOnly(t *testing.T) {
+	var buf strings.Builder
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	q := slog.New(jobs.QuietHandlerForTest(log.Handler()))
+	q.Info("producer: Producer job counts")
+	q.Debug("noise")
+	q.Warn("something to act on")
+	if strings.Contains(buf.String(), "job counts") || strings.Contains(buf.String(), "noise") || !strings.Contains(buf.String(), "something to act on") {
+		t.Fatalf("log = %q", buf.String())
 	}
 }
