@@ -33,8 +33,8 @@ type IncrementalConfig struct {
 	Key         []byte // nil: plaintext
 	Local       LocalPoints
 	Policy      incr.Policy
-	// Retention, by count, also runs right after compaction once the old
-	// chain is no longer needed (see retainAfterCompaction).
+	// Retention also runs right after a point when it may delete
+	// something (see retainIfDue); zero: only when Retain is called.
 	Retention Retention
 	Clock     clockwork.Clock
 	Log       *slog.Logger
@@ -76,6 +76,10 @@ type Incremental struct {
 	lastID  int64           // the catalog id of chain's last point (database)
 	seqGen  int64           // the generation seq counts in
 	seq     uint64          // the last sequence number used in seqGen (0: look it up)
+	// When retention may next delete without a new base (planRetention):
+	// after retainAfter more database points, or at retainAt.
+	retainAfter, sinceRetain int
+	retainAt                 time.Time
 
 	mu        sync.Mutex
 	unshipped bool
@@ -362,7 +366,7 @@ func (p *Incremental) record(ctx context.Context, run Run, target string, pts Po
 		}
 		p.adopt(pt, bus.StoredDatabase, id, compaction)
 		o.Ref, o.Stored, o.Where = p.lastRef(), pt.StoredBytes(), bus.StoredDatabase
-		p.retainAfterCompaction(ctx, pts)
+		p.retainIfDue(ctx, pts, pt.Manifest.Kind == incr.KindBase)
 		return o, nil
 	}
 	if err := p.cfg.Local.Put(ctx, pt); err != nil {

@@ -84,7 +84,7 @@ func kinds2(list []backup.PointInfo) string {
 }
 
 // noUnreferencedPieces: every piece left is referenced by a point.
-func noUnreferencedPieces(t *testing.T, st backup.Store) {
+func noUnreferencedPieces(t testing.TB, st backup.Store) {
 	t.Helper()
 	if _, pieces, err := st.DeletePoints(context.Background(), session, nil); err != nil || pieces != 0 {
 		t.Fatalf("retention left %d unreferenced pieces (%v)", pieces, err)
@@ -249,18 +249,38 @@ func TestCompactionJobTakesABaseWhenDue(t *testing.T) {
 
 // With retention by count, the chain before the current one is deleted as
 // soon as the newest points no longer need it, without waiting for the
-// periodic job.
+// periodic job; with retention by age, as soon as its newest point is older.
 func TestRetentionRightAfterCompaction(t *testing.T) {
 	r := newIncrRigRetaining(t, "sqlite", incr.Policy{MaxDeltas: 3}, 256<<10, clockwork.NewFakeClock(), backup.Retention{Count: 2})
-	for range 6 {
+	for range 5 {
 		r.point(2, backup.ReasonSync)
 	}
-	if got := kinds2(points(t, r.st)); got != "bdddbd" {
+	if got := kinds2(points(t, r.st)); got != "bdddb" {
 		t.Fatalf("points %s; the old chain is still needed by the newest two", got)
 	}
 	r.point(2, backup.ReasonSync)
-	if got := kinds2(points(t, r.st)); got != "bdd" {
+	if got := kinds2(points(t, r.st)); got != "bd" {
 		t.Fatalf("points %s; want the old chain gone once the newest two are in the new one", got)
+	}
+	noUnreferencedPieces(t, r.st)
+}
+
+// Retention by age runs after a point once the old chain's newest point is
+// older than the age, not only at the periodic job.
+func TestRetentionByAgeRunsAfterAPointOnceTheOldChainAges(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	r := newIncrRigRetaining(t, "sqlite", incr.Policy{MaxDeltas: 1}, 256<<10, clock, backup.Retention{Age: time.Hour})
+	r.point(2, backup.ReasonSync)
+	r.point(2, backup.ReasonSync)
+	clock.Advance(time.Minute)
+	r.point(2, backup.ReasonSync) // a new base: the old chain is a minute old
+	if got := kinds2(points(t, r.st)); got != "bdb" {
+		t.Fatalf("points %s; the old chain is younger than the age", got)
+	}
+	clock.Advance(time.Hour)
+	r.point(2, backup.ReasonSync)
+	if got := kinds2(points(t, r.st)); got != "bd" {
+		t.Fatalf("points %s; want the old chain gone once older than the age", got)
 	}
 	noUnreferencedPieces(t, r.st)
 }
