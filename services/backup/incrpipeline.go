@@ -233,7 +233,9 @@ func (p *Incremental) Point(ctx context.Context, run Run) (o Outcome, err error)
 		return o, err
 	}
 	if pt.Manifest.Kind == incr.KindBase && len(p.chain) > 0 && due {
-		p.cfg.Log.Info("incremental backup: new base", "why", why)
+		// Debug: under churn a base is due every few points; the minute's
+		// summary counts them.
+		p.cfg.Log.Debug("incremental backup: new base", "why", why)
 	}
 	return p.record(ctx, run, target, pts, pt, due && len(p.chain) > 0)
 }

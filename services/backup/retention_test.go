@@ -1,7 +1,9 @@
 package backup_test
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -46,6 +48,12 @@ func newIncrRigSized(t testing.TB, kind string, policy incr.Policy, size int64, 
 // compaction by r.
 func newIncrRigRetaining(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock, keep backup.Retention) *incrRig {
 	t.Helper()
+	return newIncrRigLogging(t, kind, policy, size, clock, keep, discard())
+}
+
+// newIncrRigLogging is newIncrRigRetaining whose pipeline logs to log.
+func newIncrRigLogging(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock, keep backup.Retention, log *slog.Logger) *incrRig {
+	t.Helper()
 	dir := t.TempDir()
 	st := newDatabase(t, kind).mustOpen(t)
 	lease, ok, err := st.AcquireLease(context.Background(), session, "me", time.Now(), 24*365*time.Hour, backup.Lease{})
@@ -56,7 +64,7 @@ func newIncrRigRetaining(t testing.TB, kind string, policy incr.Policy, size int
 	r.clock, _ = clock.(*clockwork.FakeClock)
 	write(t, r.path, 1)
 	r.pipe = backup.NewIncremental(backup.IncrementalConfig{Session: session, Holder: "me", SessionPath: r.path,
-		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Retention: keep, Clock: clock, Log: discard(),
+		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Retention: keep, Clock: clock, Log: log,
 		Lease: fakeLease(lease.Generation)})
 	t.Cleanup(func() { _ = r.pipe.Close() })
 	return r
@@ -283,4 +291,22 @@ func TestRetentionByAgeRunsAfterAPointOnceTheOldChainAges(t *testing.T) {
 		t.Fatalf("points %s; want the old chain gone once older than the age", got)
 	}
 	noUnreferencedPieces(t, r.st)
+}
+
+// Under churn (a base every other point, retention after each) the pipeline
+// logs nothing at INFO: the minute's summary counts bases and says what is
+// stored.
+func TestBasesAndRetentionAfterAPointLogBelowInfo(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	r := newIncrRigLogging(t, "sqlite", incr.Policy{MaxDeltas: 1}, 256<<10, clockwork.NewFakeClock(), backup.Retention{Count: 1}, log)
+	for range 8 {
+		r.point(2, backup.ReasonSync)
+	}
+	if got := kinds2(points(t, r.st)); got != "bd" {
+		t.Fatalf("points %s; want bases taken and old chains retired", got)
+	}
+	if buf.Len() > 0 {
+		t.Fatalf("logged at INFO or above:\n%s", buf.String())
+	}
 }
