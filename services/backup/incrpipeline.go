@@ -19,10 +19,13 @@ import (
 )
 
 // ReasonSync records a point taken because the store changed (continuous
-// replication); ReasonCompaction one taken because a new base was due.
+// replication); ReasonCompaction one taken because a new base was due;
+// ReasonCatchUp the base that brings the database up to date with the local
+// fallback once the database answers again (Ship).
 const (
 	ReasonSync       = "sync"
 	ReasonCompaction = "compaction"
+	ReasonCatchUp    = "catch-up"
 )
 
 // IncrementalConfig configures Incremental.
@@ -172,7 +175,7 @@ func (p *Incremental) Ship(ctx context.Context, cat Catalog) (Outcome, bool, err
 		return Outcome{}, false, nil
 	}
 	defer p.shipping.Store(false)
-	o, err := p.Point(ctx, Run{Job: JobInfo{Reason: bus.ReasonScheduled, Attempt: 1, MaxAttempts: 1}, Catalog: cat})
+	o, err := p.Point(ctx, Run{Job: JobInfo{Reason: ReasonCatchUp, Attempt: 1, MaxAttempts: 1}, Catalog: cat})
 	return o, true, err
 }
 

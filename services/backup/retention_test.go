@@ -310,3 +310,23 @@ func TestBasesAndRetentionAfterAPointLogBelowInfo(t *testing.T) {
 		t.Fatalf("logged at INFO or above:\n%s", buf.String())
 	}
 }
+
+// The base that brings the database up to date with the local fallback
+// after an outage is recorded as a catch-up, not as a scheduled point.
+func TestCatchUpPointIsRecordedAsCatchUp(t *testing.T) {
+	r := newIncrRig(t, "sqlite", incr.Policy{})
+	r.point(2, backup.ReasonSync)
+	write(t, r.path, 2)
+	o, err := r.pipe.Point(context.Background(), backup.Run{Job: backup.JobInfo{Reason: backup.ReasonSync}}) // the database is away
+	if err != nil || o.Where != bus.StoredLocal {
+		t.Fatalf("point without the database = %+v, %v", o, err)
+	}
+	o, ran, err := r.pipe.Ship(context.Background(), r.st)
+	if err != nil || !ran || o.Where != bus.StoredDatabase {
+		t.Fatalf("ship = %+v, %v, %v", o, ran, err)
+	}
+	list := points(t, r.st)
+	if list[0].Reason != backup.ReasonCatchUp || list[0].Kind != backup.PointBase {
+		t.Fatalf("catch-up point = %+v; want a base recorded as %q", list[0], backup.ReasonCatchUp)
+	}
+}
