@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -65,7 +66,7 @@ func (s *Service) hasLocalState() bool {
 }
 
 func (s *Service) connect(ctx context.Context) (Store, error) {
-	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	cctx, cancel := clockctx.WithTimeout(ctx, s.clock, 15*time.Second)
 	defer cancel()
 	st, err := s.opts.Open(cctx)
 	if err != nil {
