@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/backoff"
-	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -66,7 +65,11 @@ func (s *Service) hasLocalState() bool {
 }
 
 func (s *Service) connect(ctx context.Context) (Store, error) {
-	cctx, cancel := clockctx.WithTimeout(ctx, s.clock, 15*time.Second)
+	// Real time, unlike the other calls' timeouts: opening runs migrations
+	// (hundreds of ms of real I/O), and a test's fake clock, advanced while
+	// it waits for something else, would cut them short. ctx is Run's, so a
+	// shutdown still cancels it.
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	st, err := s.opts.Open(cctx)
 	if err != nil {
