@@ -65,6 +65,10 @@ func (s *Service) hasLocalState() bool {
 }
 
 func (s *Service) connect(ctx context.Context) (Store, error) {
+	// Real time, unlike the other calls' timeouts: opening runs migrations
+	// (hundreds of ms of real I/O), and a test's fake clock, advanced while
+	// it waits for something else, would cut them short. ctx is Run's, so a
+	// shutdown still cancels it.
 	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	st, err := s.opts.Open(cctx)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -205,8 +206,10 @@ func TestRestoreAtTimeAndPointID(t *testing.T) {
 	if err != nil || res.Point == nil || res.Point.ID != list[1].ID || maxN != writes[1] {
 		t.Fatalf("--at %s = %+v, %d, %v", list[1].CreatedAt, res.Point, maxN, err)
 	}
-	if res, _, err := restore(backup.Target{At: list[2].CreatedAt.Add(-time.Second)}); err != nil || res.Restored {
-		t.Fatalf("--at before every point = %+v, %v; want nothing restored", res, err)
+	// Before every point: says so, rather than "nothing verifies".
+	if res, _, err := restore(backup.Target{At: list[2].CreatedAt.Add(-time.Second)}); !errors.Is(err, backup.ErrNotFound) ||
+		res.Restored || !strings.Contains(err.Error(), "nothing stored at or before") {
+		t.Fatalf("--at before every point = %+v, %v; want nothing restored: nothing stored at or before", res, err)
 	}
 	if _, _, err := restore(backup.Target{PointID: list[0].ID + 100}); !errors.Is(err, backup.ErrNotFound) {
 		t.Fatalf("unknown point = %v; want ErrNotFound", err)

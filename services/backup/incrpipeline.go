@@ -19,10 +19,13 @@ import (
 )
 
 // ReasonSync records a point taken because the store changed (continuous
-// replication); ReasonCompaction one taken because a new base was due.
+// replication); ReasonCompaction one taken because a new base was due;
+// ReasonCatchUp the base that brings the database up to date with the local
+// fallback once the database answers again (Ship).
 const (
 	ReasonSync       = "sync"
 	ReasonCompaction = "compaction"
+	ReasonCatchUp    = "catch-up"
 )
 
 // IncrementalConfig configures Incremental.
@@ -33,8 +36,8 @@ type IncrementalConfig struct {
 	Key         []byte // nil: plaintext
 	Local       LocalPoints
 	Policy      incr.Policy
-	// Retention, by count, also runs right after compaction once the old
-	// chain is no longer needed (see retainAfterCompaction).
+	// Retention also runs right after a point when it may delete
+	// something (see retainIfDue); zero: only when Retain is called.
 	Retention Retention
 	Clock     clockwork.Clock
 	Log       *slog.Logger
@@ -76,6 +79,10 @@ type Incremental struct {
 	lastID  int64           // the catalog id of chain's last point (database)
 	seqGen  int64           // the generation seq counts in
 	seq     uint64          // the last sequence number used in seqGen (0: look it up)
+	// When retention may next delete without a new base (planRetention):
+	// after retainAfter more database points, or at retainAt.
+	retainAfter, sinceRetain int
+	retainAt                 time.Time
 
 	mu        sync.Mutex
 	unshipped bool
@@ -168,7 +175,7 @@ func (p *Incremental) Ship(ctx context.Context, cat Catalog) (Outcome, bool, err
 		return Outcome{}, false, nil
 	}
 	defer p.shipping.Store(false)
-	o, err := p.Point(ctx, Run{Job: JobInfo{Reason: bus.ReasonScheduled, Attempt: 1, MaxAttempts: 1}, Catalog: cat})
+	o, err := p.Point(ctx, Run{Job: JobInfo{Reason: ReasonCatchUp, Attempt: 1, MaxAttempts: 1}, Catalog: cat})
 	return o, true, err
 }
 
@@ -229,7 +236,9 @@ func (p *Incremental) Point(ctx context.Context, run Run) (o Outcome, err error)
 		return o, err
 	}
 	if pt.Manifest.Kind == incr.KindBase && len(p.chain) > 0 && due {
-		p.cfg.Log.Info("incremental backup: new base", "why", why)
+		// Debug: under churn a base is due every few points; the minute's
+		// summary counts them.
+		p.cfg.Log.Debug("incremental backup: new base", "why", why)
 	}
 	return p.record(ctx, run, target, pts, pt, due && len(p.chain) > 0)
 }
@@ -362,7 +371,7 @@ func (p *Incremental) record(ctx context.Context, run Run, target string, pts Po
 		}
 		p.adopt(pt, bus.StoredDatabase, id, compaction)
 		o.Ref, o.Stored, o.Where = p.lastRef(), pt.StoredBytes(), bus.StoredDatabase
-		p.retainAfterCompaction(ctx, pts)
+		p.retainIfDue(ctx, pts, pt.Manifest.Kind == incr.KindBase)
 		return o, nil
 	}
 	if err := p.cfg.Local.Put(ctx, pt); err != nil {

@@ -47,7 +47,7 @@ func (in *instance) waitPoints(st backup.Store, n int) []backup.PointInfo {
 
 // restorePointsInto restores the newest point (or snapshot) of st into a
 // fresh dir and returns the highest write it holds.
-func restoreNewest(t *testing.T, st backup.Store, key []byte) (backup.RestoreResult, int64) {
+func restoreNewest(t testing.TB, st backup.Store, key []byte) (backup.RestoreResult, int64) {
 	t.Helper()
 	path, res := restoreInto(t, st, key)
 	if !res.Restored {

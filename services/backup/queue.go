@@ -105,16 +105,27 @@ type snapshotWorker struct {
 	work Work
 }
 
-// NextRetry retries quickly: the default (attempt^4 seconds) would leave the
-// session without a fresh snapshot for minutes.
-func (w *snapshotWorker) NextRetry(job *river.Job[snapshotArgs]) time.Time {
-	d := time.Duration(job.Attempt*job.Attempt) * 2 * time.Second
-	return job.AttemptedAt.Add(d)
+// quickRetry is every backup worker's NextRetry: River's default
+// (attempt^4 seconds) would leave the session without a fresh point for
+// minutes.
+func quickRetry(attempt int, attempted *time.Time) time.Time {
+	d := time.Duration(attempt*attempt) * 2 * time.Second
+	if attempted == nil {
+		return time.Now().Add(d)
+	}
+	return attempted.Add(d)
 }
 
-// Timeout bounds one attempt (a 100 MB store takes a few seconds) and stays
-// below jobs.RescueAfter, so a slow snapshot is never rescued while it runs.
-func (w *snapshotWorker) Timeout(*river.Job[snapshotArgs]) time.Duration { return 150 * time.Second }
+// attemptTimeout bounds one attempt of every backup job (a 100 MB store
+// takes a few seconds) and stays below jobs.RescueAfter, so a slow job is
+// never rescued, and run again, while it runs.
+const attemptTimeout = 150 * time.Second
+
+func (w *snapshotWorker) NextRetry(job *river.Job[snapshotArgs]) time.Time {
+	return quickRetry(job.Attempt, job.AttemptedAt)
+}
+
+func (w *snapshotWorker) Timeout(*river.Job[snapshotArgs]) time.Duration { return attemptTimeout }
 
 func (w *snapshotWorker) Work(ctx context.Context, job *river.Job[snapshotArgs]) error {
 	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
@@ -129,10 +140,10 @@ type pointWorker[A river.JobArgs] struct {
 }
 
 func (w *pointWorker[A]) NextRetry(job *river.Job[A]) time.Time {
-	return job.AttemptedAt.Add(time.Duration(job.Attempt*job.Attempt) * 2 * time.Second)
+	return quickRetry(job.Attempt, job.AttemptedAt)
 }
 
-func (w *pointWorker[A]) Timeout(*river.Job[A]) time.Duration { return 5 * time.Minute }
+func (w *pointWorker[A]) Timeout(*river.Job[A]) time.Duration { return attemptTimeout }
 
 func (w *pointWorker[A]) Work(ctx context.Context, job *river.Job[A]) error {
 	complete := func(ctx context.Context, tx Tx) error { return tx.CompleteJob(ctx, job.JobRow) }
@@ -144,7 +155,7 @@ type retentionWorker struct {
 	retain func(ctx context.Context) error
 }
 
-func (w *retentionWorker) Timeout(*river.Job[retentionArgs]) time.Duration { return 5 * time.Minute }
+func (w *retentionWorker) Timeout(*river.Job[retentionArgs]) time.Duration { return attemptTimeout }
 
 func (w *retentionWorker) Work(ctx context.Context, _ *river.Job[retentionArgs]) error {
 	if w.retain == nil {

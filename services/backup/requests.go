@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/nats-io/nats.go"
 )
@@ -45,7 +46,7 @@ func (s *Service) request(reason string, m *nats.Msg) {
 	w, gen, enqueue := s.pipe.Want(reason, want)
 	if enqueue {
 		if _, q := s.backend(); q != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			ctx, cancel := s.lifeTimeout(10 * time.Second)
 			_, err := q.Enqueue(ctx, reason, gen)
 			cancel()
 			if err != nil {
@@ -85,6 +86,12 @@ func (s *Service) request(reason string, m *nats.Msg) {
 	}
 }
 
+// lifeTimeout bounds a handler's call by d on the service's clock; Run's
+// end cancels it.
+func (s *Service) lifeTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return clockctx.WithTimeout(s.life, s.clock, d)
+}
+
 // spawn runs f in a tracked goroutine unless Run is ending: a NATS callback
 // may still be running after Unsubscribe.
 func (s *Service) spawn(f func()) bool {
@@ -108,7 +115,7 @@ func reply(o Outcome) bus.BackupReply {
 // direct takes a point outside River: the database is unreachable, so it
 // goes to the local fallback only.
 func (s *Service) direct(reason string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := s.lifeTimeout(5 * time.Minute)
 	defer cancel()
 	_, _ = s.pipe.Point(ctx, Run{Job: JobInfo{Reason: reason, Attempt: 1, MaxAttempts: 1}})
 }
@@ -197,7 +204,7 @@ func (s *Service) shipLocal() {
 		return
 	}
 	s.spawn(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		ctx, cancel := s.lifeTimeout(5 * time.Minute)
 		defer cancel()
 		o, ran, err := s.pipe.Ship(ctx, st)
 		if ran && err == nil {

@@ -270,8 +270,14 @@ func (r *Restorer) RestoreTarget(ctx context.Context, t Target) (RestoreResult, 
 			return RestoreResult{}, fmt.Errorf("point %d: %w", t.PointID, ErrNotFound)
 		}
 	case !t.At.IsZero():
+		_, anyPoint := points.newest(r.Key)
+		stored := len(cands) > 0 || anyPoint
 		cands = slices.DeleteFunc(cands, func(c candidate) bool { return c.at.After(t.At) })
 		points.accept = func(m incr.Manifest) bool { return !m.Created.After(t.At) }
+		if _, ok := points.newest(r.Key); stored && !ok && len(cands) == 0 {
+			// Not "nothing verifies": everything stored is newer.
+			return RestoreResult{}, fmt.Errorf("nothing stored at or before %s: %w", t.At.UTC().Format(time.RFC3339), ErrNotFound)
+		}
 	}
 	newestPoint, hasPoints := points.newest(r.Key)
 	tried := 0

@@ -1,7 +1,9 @@
 package backup_test
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -46,6 +48,12 @@ func newIncrRigSized(t testing.TB, kind string, policy incr.Policy, size int64, 
 // compaction by r.
 func newIncrRigRetaining(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock, keep backup.Retention) *incrRig {
 	t.Helper()
+	return newIncrRigLogging(t, kind, policy, size, clock, keep, discard())
+}
+
+// newIncrRigLogging is newIncrRigRetaining whose pipeline logs to log.
+func newIncrRigLogging(t testing.TB, kind string, policy incr.Policy, size int64, clock clockwork.Clock, keep backup.Retention, log *slog.Logger) *incrRig {
+	t.Helper()
 	dir := t.TempDir()
 	st := newDatabase(t, kind).mustOpen(t)
 	lease, ok, err := st.AcquireLease(context.Background(), session, "me", time.Now(), 24*365*time.Hour, backup.Lease{})
@@ -56,7 +64,7 @@ func newIncrRigRetaining(t testing.TB, kind string, policy incr.Policy, size int
 	r.clock, _ = clock.(*clockwork.FakeClock)
 	write(t, r.path, 1)
 	r.pipe = backup.NewIncremental(backup.IncrementalConfig{Session: session, Holder: "me", SessionPath: r.path,
-		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Retention: keep, Clock: clock, Log: discard(),
+		Local: backup.LocalPoints{Dir: filepath.Join(dir, "backups", "incr")}, Policy: policy, Retention: keep, Clock: clock, Log: log,
 		Lease: fakeLease(lease.Generation)})
 	t.Cleanup(func() { _ = r.pipe.Close() })
 	return r
@@ -84,7 +92,7 @@ func kinds2(list []backup.PointInfo) string {
 }
 
 // noUnreferencedPieces: every piece left is referenced by a point.
-func noUnreferencedPieces(t *testing.T, st backup.Store) {
+func noUnreferencedPieces(t testing.TB, st backup.Store) {
 	t.Helper()
 	if _, pieces, err := st.DeletePoints(context.Background(), session, nil); err != nil || pieces != 0 {
 		t.Fatalf("retention left %d unreferenced pieces (%v)", pieces, err)
@@ -249,18 +257,76 @@ func TestCompactionJobTakesABaseWhenDue(t *testing.T) {
 
 // With retention by count, the chain before the current one is deleted as
 // soon as the newest points no longer need it, without waiting for the
-// periodic job.
+// periodic job; with retention by age, as soon as its newest point is older.
 func TestRetentionRightAfterCompaction(t *testing.T) {
 	r := newIncrRigRetaining(t, "sqlite", incr.Policy{MaxDeltas: 3}, 256<<10, clockwork.NewFakeClock(), backup.Retention{Count: 2})
-	for range 6 {
+	for range 5 {
 		r.point(2, backup.ReasonSync)
 	}
-	if got := kinds2(points(t, r.st)); got != "bdddbd" {
+	if got := kinds2(points(t, r.st)); got != "bdddb" {
 		t.Fatalf("points %s; the old chain is still needed by the newest two", got)
 	}
 	r.point(2, backup.ReasonSync)
-	if got := kinds2(points(t, r.st)); got != "bdd" {
+	if got := kinds2(points(t, r.st)); got != "bd" {
 		t.Fatalf("points %s; want the old chain gone once the newest two are in the new one", got)
 	}
 	noUnreferencedPieces(t, r.st)
+}
+
+// Retention by age runs after a point once the old chain's newest point is
+// older than the age, not only at the periodic job.
+func TestRetentionByAgeRunsAfterAPointOnceTheOldChainAges(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	r := newIncrRigRetaining(t, "sqlite", incr.Policy{MaxDeltas: 1}, 256<<10, clock, backup.Retention{Age: time.Hour})
+	r.point(2, backup.ReasonSync)
+	r.point(2, backup.ReasonSync)
+	clock.Advance(time.Minute)
+	r.point(2, backup.ReasonSync) // a new base: the old chain is a minute old
+	if got := kinds2(points(t, r.st)); got != "bdb" {
+		t.Fatalf("points %s; the old chain is younger than the age", got)
+	}
+	clock.Advance(time.Hour)
+	r.point(2, backup.ReasonSync)
+	if got := kinds2(points(t, r.st)); got != "bd" {
+		t.Fatalf("points %s; want the old chain gone once older than the age", got)
+	}
+	noUnreferencedPieces(t, r.st)
+}
+
+// Under churn (a base every other point, retention after each) the pipeline
+// logs nothing at INFO: the minute's summary counts bases and says what is
+// stored.
+func TestBasesAndRetentionAfterAPointLogBelowInfo(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	r := newIncrRigLogging(t, "sqlite", incr.Policy{MaxDeltas: 1}, 256<<10, clockwork.NewFakeClock(), backup.Retention{Count: 1}, log)
+	for range 8 {
+		r.point(2, backup.ReasonSync)
+	}
+	if got := kinds2(points(t, r.st)); got != "bd" {
+		t.Fatalf("points %s; want bases taken and old chains retired", got)
+	}
+	if buf.Len() > 0 {
+		t.Fatalf("logged at INFO or above:\n%s", buf.String())
+	}
+}
+
+// The base that brings the database up to date with the local fallback
+// after an outage is recorded as a catch-up, not as a scheduled point.
+func TestCatchUpPointIsRecordedAsCatchUp(t *testing.T) {
+	r := newIncrRig(t, "sqlite", incr.Policy{})
+	r.point(2, backup.ReasonSync)
+	write(t, r.path, 2)
+	o, err := r.pipe.Point(context.Background(), backup.Run{Job: backup.JobInfo{Reason: backup.ReasonSync}}) // the database is away
+	if err != nil || o.Where != bus.StoredLocal {
+		t.Fatalf("point without the database = %+v, %v", o, err)
+	}
+	o, ran, err := r.pipe.Ship(context.Background(), r.st)
+	if err != nil || !ran || o.Where != bus.StoredDatabase {
+		t.Fatalf("ship = %+v, %v, %v", o, ran, err)
+	}
+	list := points(t, r.st)
+	if list[0].Reason != backup.ReasonCatchUp || list[0].Kind != backup.PointBase {
+		t.Fatalf("catch-up point = %+v; want a base recorded as %q", list[0], backup.ReasonCatchUp)
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/clockctx"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 	"github.com/jonboulle/clockwork"
@@ -69,11 +70,15 @@ type Service struct {
 
 	// epoch is the current lease epoch's restore answer (guarded by mu):
 	// replaced when the lease is lost, so requests wait for the new restore.
-	epoch     *epochState
-	handlers  sync.WaitGroup
-	hmu       sync.Mutex // guards closed against handlers.Go racing Wait
-	closed    bool
-	stopping  chan struct{}
+	epoch    *epochState
+	handlers sync.WaitGroup
+	hmu      sync.Mutex // guards closed against handlers.Go racing Wait
+	closed   bool
+	stopping chan struct{}
+	// life ends with stopping: the calls of handlers (a request's enqueue,
+	// a point outside River, shipping the local fallback) end with Run.
+	life      context.Context
+	endLife   context.CancelFunc
 	bgWG      sync.WaitGroup
 	startedAt time.Time
 
@@ -142,6 +147,7 @@ func New(opts Options) (*Service, error) {
 		stopping:    make(chan struct{}),
 		state:       bus.StateStarting,
 	}
+	s.life, s.endLife = context.WithCancel(context.Background())
 	s.lease = NewLeaseKeeper(LeaseConfig{Session: cfg.SessionID, Holder: opts.Instance, TTL: cfg.LeaseTTL,
 		StandbyRetry: cfg.StandbyRetry, DBWait: cfg.DBWait, Clock: s.clock, Log: s.log, Observer: leaseObserver{s}})
 	if cfg.SyncInterval > 0 {
@@ -209,6 +215,7 @@ func (s *Service) Run(ctx context.Context) error {
 		s.hmu.Lock()
 		s.closed = true
 		close(s.stopping)
+		s.endLife()
 		s.hmu.Unlock()
 		s.answerPending(bus.RestoreReply{OK: false, Error: ErrStopping.Error()})
 		s.handlers.Wait()
@@ -363,7 +370,8 @@ func (s *Service) enterStandby() Store {
 	s.publishStandby("lease lost: another instance may hold the session")
 	st, q := s.backend()
 	if q != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		// Not the service's life: a shutdown must not cut River's stop short.
+		ctx, cancel := clockctx.WithTimeout(context.Background(), s.clock, 15*time.Second)
 		if err := q.Stop(ctx); err != nil {
 			s.log.Warn("river stop", "err", err)
 		}

@@ -22,7 +22,7 @@ import (
 
 // restoreInto restores the newest snapshot of db into a fresh dir and returns
 // the session path.
-func restoreInto(t *testing.T, st backup.Store, key []byte) (string, backup.RestoreResult) {
+func restoreInto(t testing.TB, st backup.Store, key []byte) (string, backup.RestoreResult) {
 	t.Helper()
 	dir := t.TempDir()
 	r := &backup.Restorer{Store: st, Session: session, SessionPath: dir + "/session.db",

@@ -10,8 +10,12 @@ import (
 // replicationState is continuous replication as the lease holder's backup
 // heartbeat last told it (issue 10). Only the holder's beats count: a
 // standby writes no point, and its zeros must not hide the holder's lag.
+// The instance that last held the lease keeps counting after its lease
+// lapses (a database outage): its lag is the one that grows, and freezing
+// the last figure would show a healthy lag through the outage.
 type replicationState struct {
-	seen bool
+	seen     bool
+	instance string // the instance whose beats count
 	// srcAt is the sender's time of the beat kept: a holder's late beat,
 	// handled after a newer one, must not undo it.
 	srcAt            time.Time
@@ -25,10 +29,17 @@ type replicationState struct {
 }
 
 // replicationBeatLocked keeps the replication fields of a lease holder's
-// beat. A generation is what every point is written under: without one the
-// beat says nothing about replication (an older backup, or no lease yet).
+// beat, or of the instance that last held it while its lease lapsed (under
+// a generation no older than the one shown). A generation is what every
+// point is written under: without one the beat says nothing about
+// replication (an older backup, or no lease yet).
 func (t *Tracker) replicationBeatLocked(hb bus.Heartbeat, d bus.BackupDetails) {
-	if !d.LeaseHeld || d.Generation <= 0 || hb.At.Before(t.replication.srcAt) {
+	cur := t.replication
+	if d.Generation <= 0 || hb.At.Before(cur.srcAt) {
+		return
+	}
+	lastHolder := cur.seen && hb.Instance == cur.instance && d.Generation >= cur.generation
+	if !d.LeaseHeld && !lastHolder {
 		return
 	}
 	// A time ahead of our clock would show a point that does not exist yet;
@@ -41,7 +52,7 @@ func (t *Tracker) replicationBeatLocked(hb bus.Heartbeat, d bus.BackupDetails) {
 		return &v
 	}
 	t.replication = replicationState{
-		seen: true, srcAt: hb.At, generation: d.Generation,
+		seen: true, instance: hb.Instance, srcAt: hb.At, generation: d.Generation,
 		lagMS: max(d.ReplicationLagMS, 0), points: max(d.Points, 0), storedBytes: max(d.StoredBytes, 0),
 		lastPointAt: at(d.LastPointAt), lastBaseAt: at(d.LastBaseAt), lastCompactionAt: at(d.LastCompactionAt),
 	}

@@ -105,6 +105,47 @@ func TestReplicationKeepsTheNewestHolderBeat(t *testing.T) {
 	}
 }
 
+// Through a database outage the lease lapses (no renewal for a TTL), but
+// the instance that last held it keeps replicating into its local fallback
+// and its growing lag stays shown; a standby's beat does not replace it,
+// and once another instance takes the lease its figures win.
+func TestReplicationLagKeepsGrowingThroughAnOutage(t *testing.T) {
+	t.Parallel()
+	b := setup(t, nil)
+	b.healthy(t)
+	d := holderReplication(b.clock.Now())
+	b.beat(t, bus.ServiceBackup, "web.1", bus.StateOK, d)
+
+	out := d
+	out.DatabaseOK, out.LeaseHeld, out.ReplicationLagMS = false, false, 53_000
+	b.beat(t, bus.ServiceBackup, "web.1", bus.StateDegraded, out)
+	if r := b.svc.tracker.Replication(); r.Lag != 53*time.Second || r.Generation != 7 {
+		t.Fatalf("during the outage: %+v, want the last holder's 53 s", r)
+	}
+	_, metrics, _ := b.get(t, "/metrics", nil)
+	if got := metricValue(t, metrics, "blacksky_backup_replication_lag_seconds"); got != 53 {
+		t.Fatalf("/metrics lag = %v during the outage, want 53", got)
+	}
+	_, full, _ := b.get(t, "/status", bearer(testToken))
+	if r := decode[StatusDoc](t, full).Backup.Replication; r == nil || r.LagMS != 53_000 {
+		t.Fatalf("/status replication during the outage = %+v", r)
+	}
+
+	b.beat(t, bus.ServiceBackup, "web.2", bus.StateStandby, bus.BackupDetails{Database: "postgres", Generation: 7})
+	if r := b.svc.tracker.Replication(); r.Lag != 53*time.Second {
+		t.Fatalf("a standby's beat replaced the last holder's: %+v", r)
+	}
+
+	took := holderReplication(b.clock.Now())
+	took.Generation, took.ReplicationLagMS = 8, 300
+	b.beat(t, bus.ServiceBackup, "web.2", bus.StateOK, took)
+	out.ReplicationLagMS = 90_000
+	b.beat(t, bus.ServiceBackup, "web.1", bus.StateDegraded, out)
+	if r := b.svc.tracker.Replication(); r.Generation != 8 || r.Lag != 300*time.Millisecond {
+		t.Fatalf("after web.2 took the lease: %+v, want its figures", r)
+	}
+}
+
 // The largest backup heartbeat the service can send (every replication
 // field, a clipped error, a long lease holder name) passes health's
 // decoding bounds.

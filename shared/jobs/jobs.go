@@ -131,7 +131,9 @@ func (s Schedule) PeriodicJobs() []*river.PeriodicJob {
 					UniqueOpts: river.UniqueOpts{ByArgs: true, ByPeriod: pj.every},
 				}
 			},
-			&river.PeriodicJobOpts{ID: pj.id},
+			// On start too: a process restarted more often than the
+			// interval would otherwise never compact or prune.
+			&river.PeriodicJobOpts{ID: pj.id, RunOnStart: true},
 		))
 	}
 	return out
