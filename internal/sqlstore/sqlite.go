@@ -96,17 +96,25 @@ func appliedSQLite(ctx context.Context, db *sql.DB, m Migrations) (map[int]bool,
 }
 
 func applySQLite(ctx context.Context, db *sql.DB, m Migrations, step Migration) error {
+	return InTx(ctx, db, func(tx *sql.Tx) error {
+		for _, q := range step.SQL {
+			if _, err := tx.ExecContext(ctx, q); err != nil {
+				return err
+			}
+		}
+		_, err := tx.ExecContext(ctx, m.record(), step.Version, step.Name, time.Now().UnixMilli())
+		return err
+	})
+}
+
+// InTx runs fn in a transaction on db: committed when fn returns nil, rolled
+// back otherwise.
+func InTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
-	for _, q := range step.SQL {
-		if _, err := tx.ExecContext(ctx, q); err != nil {
-			_ = tx.Rollback()
-			return err
-		}
-	}
-	if _, err := tx.ExecContext(ctx, m.record(), step.Version, step.Name, time.Now().UnixMilli()); err != nil {
+	if err := fn(tx); err != nil {
 		_ = tx.Rollback()
 		return err
 	}

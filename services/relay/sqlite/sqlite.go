@@ -56,15 +56,7 @@ func (s *Store) Migrate(ctx context.Context) error {
 }
 
 func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	if err := fn(tx); err != nil {
-		_ = tx.Rollback()
-		return err
-	}
-	return tx.Commit()
+	return sqlstore.InTx(ctx, s.db, fn)
 }
 
 // InsertMessage stores m under the next seq, or finds it stored. SQLite
