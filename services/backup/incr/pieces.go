@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+
+	"github.com/blacksky-md/blacksky/services/backup/snapshot"
 )
 
 // ErrNoPiece is what a PieceStore's Get returns for an id it does not hold.
@@ -144,7 +146,7 @@ func (s *DirStore) Put(_ context.Context, id Hash, sealed []byte) error {
 		_ = os.Remove(f.Name())
 		return fmt.Errorf("incr: put piece %s: %w", id, err)
 	}
-	if err := renameDurable(f.Name(), s.path(id)); err != nil {
+	if err := snapshot.RenameDurable(f.Name(), s.path(id)); err != nil {
 		_ = os.Remove(f.Name())
 		return fmt.Errorf("incr: put piece %s: %w", id, err)
 	}

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -77,7 +76,7 @@ func Restore(ctx context.Context, path string, sealed [][]byte, opts RestoreOpti
 		}
 		points = append(points, m)
 	}
-	removeStale(filepath.Dir(path), tempPattern(path))
+	snapshot.RemoveStale(filepath.Dir(path), tempPattern(path))
 	bad := make(map[Hash]error) // pieces found missing or corrupt
 	for _, target := range Newest(points) {
 		if opts.Accept != nil && !opts.Accept(target) {
@@ -140,7 +139,7 @@ func assembleInto(ctx context.Context, path string, chain []Manifest, bad map[Ha
 	tmp := f.Name()
 	defer func() {
 		if err != nil {
-			removeDB(tmp)
+			snapshot.RemoveDB(tmp)
 		}
 	}()
 	if err := f.Chmod(0o600); err != nil {
@@ -168,7 +167,7 @@ func assembleInto(ctx context.Context, path string, chain []Manifest, bad map[Ha
 	for _, side := range []string{"-wal", "-shm"} {
 		_ = os.Remove(tmp + side)
 	}
-	if err := installDB(tmp, path); err != nil {
+	if err := snapshot.InstallDB(tmp, path); err != nil {
 		return fmt.Errorf("incr: install restored store: %w", err)
 	}
 	return nil
@@ -273,26 +272,4 @@ func assemble(ctx context.Context, w writerAt, chain []Manifest, bad map[Hash]er
 		}
 	}
 	return nil
-}
-
-// staleAge is how old a restore temp file must be before a later restore removes it: no restore takes that long,
-// so it was left by a process that died mid-restore.
-const staleAge = 15 * time.Minute
-
-func removeStale(dir, pattern string) {
-	matches, _ := filepath.Glob(filepath.Join(dir, pattern))
-	for _, m := range matches {
-		if strings.HasSuffix(m, "-wal") || strings.HasSuffix(m, "-shm") || strings.HasSuffix(m, "-journal") {
-			continue
-		}
-		if fi, err := os.Stat(m); err == nil && time.Since(fi.ModTime()) > staleAge {
-			removeDB(m)
-		}
-	}
-}
-
-func removeDB(path string) {
-	for _, p := range []string{path, path + "-wal", path + "-shm", path + "-journal"} {
-		_ = os.Remove(p)
-	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/sqlstore"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/internal/sqltext"
 	"github.com/jackc/pgx/v5"
@@ -31,24 +32,11 @@ type Store struct {
 
 // Open connects and pings; the error never shows the URL's password.
 func Open(ctx context.Context, opts Options) (*Store, error) {
-	cfg, err := pgxpool.ParseConfig(opts.URL)
+	pool, err := sqlstore.OpenPostgres(ctx, sqlstore.PostgresOptions{URL: opts.URL, MaxConns: opts.MaxConns})
 	if err != nil {
-		return nil, errors.New("DATABASE_URL: not a valid PostgreSQL URL")
-	}
-	if opts.MaxConns > 0 {
-		cfg.MaxConns = int32(opts.MaxConns)
-	}
-	cfg.ConnConfig.ConnectTimeout = 5 * time.Second
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("postgres: %w", err)
-	}
-	s := &Store{pool: pool}
-	if err := s.Ping(ctx); err != nil {
-		pool.Close()
 		return nil, err
 	}
-	return s, nil
+	return &Store{pool: pool}, nil
 }
 
 // Pool is the connection pool (River UI uses it).
@@ -58,69 +46,16 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 func (s *Store) Kind() string { return "postgres" }
 
 // Ping checks the server answers.
-func (s *Store) Ping(ctx context.Context) error {
-	if err := s.pool.Ping(ctx); err != nil {
-		return fmt.Errorf("postgres ping: %w", err)
-	}
-	return nil
-}
+func (s *Store) Ping(ctx context.Context) error { return sqlstore.PingPostgres(ctx, s.pool) }
 
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
 
-// migrationLock serialises migrations of concurrent processes (a release
-// phase and a starting dyno).
-const migrationLock = 0x626b736b // "bksk"
-
-// Migrate runs River's migrations and ours under an advisory lock.
+// Migrate runs River's migrations and ours under the advisory lock every
+// service's migrations take.
 func (s *Store) Migrate(ctx context.Context) error {
-	conn, err := s.pool.Acquire(ctx)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	defer conn.Release()
-	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1)`, migrationLock); err != nil {
-		return fmt.Errorf("migrate: lock: %w", err)
-	}
-	defer func() {
-		_, _ = conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, migrationLock)
-	}()
-	if err := backup.MigrateRiver(ctx, riverpgxv5.New(s.pool)); err != nil {
-		return err
-	}
-	if _, err := conn.Exec(ctx, sqltext.CreateMigrations); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	rows, err := conn.Query(ctx, sqltext.AppliedVersions)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	applied, err := pgx.CollectRows(rows, pgx.RowTo[int])
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	done := map[int]bool{}
-	for _, v := range applied {
-		done[v] = true
-	}
-	for _, m := range sqltext.PostgresMigrations {
-		if done[m.Version] {
-			continue
-		}
-		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			for _, q := range m.SQL {
-				if _, err := tx.Exec(ctx, q); err != nil {
-					return err
-				}
-			}
-			_, err := tx.Exec(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
-		}
-	}
-	return nil
+	river := func(ctx context.Context) error { return backup.MigrateRiver(ctx, riverpgxv5.New(s.pool)) }
+	return sqlstore.MigratePostgres(ctx, s.pool, river, sqlstore.Migrations{Table: sqltext.MigrationsTable, Steps: sqltext.PostgresMigrations})
 }
 
 // InsertSnapshot inserts the row and runs inTx in one transaction.

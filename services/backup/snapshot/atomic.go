@@ -42,18 +42,31 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	for _, side := range []string{"-wal", "-shm", "-journal"} {
-		if err := os.Remove(path + side); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("write %s: remove stale %s: %w", path, side, err)
-		}
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: rename: %w", path, err)
-	}
-	if err := syncDir(dir); err != nil {
+	if err := InstallDB(tmp, path); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return nil
+}
+
+// InstallDB puts the complete, fsynced database file tmp at path, removing the target's stale side files first
+// (see WriteFileAtomic for why, and why before the rename). incr's restore uses it for a database it assembled on
+// disk.
+func InstallDB(tmp, path string) error {
+	for _, side := range []string{"-wal", "-shm", "-journal"} {
+		if err := os.Remove(path + side); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove stale %s: %w", side, err)
+		}
+	}
+	return RenameDurable(tmp, path)
+}
+
+// RenameDurable renames a complete, fsynced file into place and fsyncs the directory, so that after a crash the
+// target is either the old file or the new one, and a power loss cannot forget the new directory entry.
+func RenameDurable(tmp, path string) error {
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rename: %w", err)
+	}
+	return syncDir(filepath.Dir(path))
 }
 
 // syncDir makes the rename durable: without it a power loss can forget the new directory entry.

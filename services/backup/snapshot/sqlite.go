@@ -68,14 +68,14 @@ func ReadConsistent(ctx context.Context, path string) ([]byte, error) {
 	defer src.Close()
 
 	copyPattern := "." + filepath.Base(path) + ".copy-*"
-	removeStale(filepath.Dir(path), copyPattern)
+	RemoveStale(filepath.Dir(path), copyPattern)
 	tmp, err := os.CreateTemp(filepath.Dir(path), copyPattern)
 	if err != nil {
 		return nil, fmt.Errorf("read session store: temp file: %w", err)
 	}
 	tmpPath := tmp.Name()
 	_ = tmp.Close()
-	defer removeDB(tmpPath)
+	defer RemoveDB(tmpPath)
 
 	conn, err := src.Conn(ctx)
 	if err != nil {
@@ -176,13 +176,13 @@ func HasDevice(ctx context.Context, path string) (bool, error) {
 // Verify writes plain into a temp file in tmpDir and runs Check and HasDevice on it (used before restoring: nothing
 // is written to the session path until the bytes are known to be a sound store). The temp file is removed.
 func Verify(ctx context.Context, plain []byte, tmpDir string) (hasDevice bool, err error) {
-	removeStale(tmpDir, verifyPattern)
+	RemoveStale(tmpDir, verifyPattern)
 	f, err := os.CreateTemp(tmpDir, verifyPattern)
 	if err != nil {
 		return false, fmt.Errorf("verify snapshot: temp file: %w", err)
 	}
 	p := f.Name()
-	defer removeDB(p)
+	defer RemoveDB(p)
 	_, werr := f.Write(plain)
 	cerr := f.Close()
 	if err := errors.Join(werr, cerr); err != nil {
@@ -206,20 +206,20 @@ const verifyPattern = ".verify-*.db"
 const staleAge = 15 * time.Minute
 
 // removeStale removes scratch files matching pattern in dir that are older than staleAge, with their side files.
-func removeStale(dir, pattern string) {
+func RemoveStale(dir, pattern string) {
 	matches, _ := filepath.Glob(filepath.Join(dir, pattern))
 	for _, m := range matches {
 		if strings.HasSuffix(m, "-wal") || strings.HasSuffix(m, "-shm") || strings.HasSuffix(m, "-journal") {
 			continue
 		}
 		if fi, err := os.Stat(m); err == nil && time.Since(fi.ModTime()) > staleAge {
-			removeDB(m)
+			RemoveDB(m)
 		}
 	}
 }
 
-// removeDB removes a scratch database and the side files SQLite may have created next to it.
-func removeDB(path string) {
+// RemoveDB removes a scratch database and the side files SQLite may have created next to it.
+func RemoveDB(path string) {
 	for _, p := range []string{path, path + "-wal", path + "-shm", path + "-journal"} {
 		_ = os.Remove(p)
 	}

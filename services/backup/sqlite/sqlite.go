@@ -8,14 +8,12 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
-	"github.com/blacksky-md/blacksky/internal/sqlitefile"
+	"github.com/blacksky-md/blacksky/internal/sqlstore"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/internal/sqltext"
 	"github.com/riverqueue/river/riverdriver/riversqlite"
-	_ "modernc.org/sqlite" // the "sqlite" database/sql driver
 )
 
 var _ backup.Store = (*Store)(nil)
@@ -25,25 +23,14 @@ type Store struct {
 	db *sql.DB
 }
 
-// Open opens (creating) the database at path: WAL, a busy timeout, and one
-// connection, since SQLite has one writer and River shares the pool.
+// Open opens (creating) the database at path. It holds snapshots (plaintext
+// without a key) and the lease: the file is its owner's only.
 func Open(ctx context.Context, path string) (*Store, error) {
-	// It holds snapshots (plaintext without a key) and the lease: owner only.
-	if err := sqlitefile.Prepare(path); err != nil {
-		return nil, fmt.Errorf("sqlite: %w", err)
-	}
-	dsn := sqlitefile.URI(path, url.Values{"_pragma": {"journal_mode(WAL)", "busy_timeout(10000)", "foreign_keys(1)", "synchronous(NORMAL)"}})
-	db, err := sql.Open("sqlite", dsn)
+	db, err := sqlstore.OpenSQLite(ctx, path, sqlstore.SQLiteOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("sqlite %s: %w", path, err)
-	}
-	db.SetMaxOpenConns(1)
-	s := &Store{db: db}
-	if err := s.Ping(ctx); err != nil {
-		db.Close()
 		return nil, err
 	}
-	return s, nil
+	return &Store{db: db}, nil
 }
 
 // DB is the database handle.
@@ -53,71 +40,19 @@ func (s *Store) DB() *sql.DB { return s.db }
 func (s *Store) Kind() string { return "sqlite" }
 
 // Ping checks the file opens.
-func (s *Store) Ping(ctx context.Context) error {
-	if err := s.db.PingContext(ctx); err != nil {
-		return fmt.Errorf("sqlite: %w", err)
-	}
-	return nil
-}
+func (s *Store) Ping(ctx context.Context) error { return sqlstore.PingSQLite(ctx, s.db) }
 
 // Close closes the database.
 func (s *Store) Close() { _ = s.db.Close() }
 
 // Migrate runs River's migrations and ours.
 func (s *Store) Migrate(ctx context.Context) error {
-	if err := backup.MigrateRiver(ctx, riversqlite.New(s.db)); err != nil {
-		return err
-	}
-	if _, err := s.db.ExecContext(ctx, sqltext.CreateMigrations); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	done := map[int]bool{}
-	rows, err := s.db.QueryContext(ctx, sqltext.AppliedVersions)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	for rows.Next() {
-		var v int
-		if err := rows.Scan(&v); err != nil {
-			rows.Close()
-			return fmt.Errorf("migrate: %w", err)
-		}
-		done[v] = true
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	for _, m := range sqltext.SQLiteMigrations {
-		if done[m.Version] {
-			continue
-		}
-		err := s.inTx(ctx, func(tx *sql.Tx) error {
-			for _, q := range m.SQL {
-				if _, err := tx.ExecContext(ctx, q); err != nil {
-					return err
-				}
-			}
-			_, err := tx.ExecContext(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
-		}
-	}
-	return nil
+	river := func(ctx context.Context) error { return backup.MigrateRiver(ctx, riversqlite.New(s.db)) }
+	return sqlstore.MigrateSQLite(ctx, s.db, river, sqlstore.Migrations{Table: sqltext.MigrationsTable, Steps: sqltext.SQLiteMigrations})
 }
 
 func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	if err := fn(tx); err != nil {
-		_ = tx.Rollback()
-		return err
-	}
-	return tx.Commit()
+	return sqlstore.InTx(ctx, s.db, fn)
 }
 
 // InsertSnapshot inserts the row and runs inTx in one transaction.

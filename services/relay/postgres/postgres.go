@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/sqlstore"
 	"github.com/blacksky-md/blacksky/services/relay"
 	"github.com/blacksky-md/blacksky/services/relay/internal/sqltext"
 	"github.com/blacksky-md/blacksky/shared/jobs"
@@ -38,96 +39,28 @@ type Store struct {
 
 // Open connects and pings; the error never shows the URL's password.
 func Open(ctx context.Context, opts Options) (*Store, error) {
-	cfg, err := pgxpool.ParseConfig(opts.URL)
+	pool, err := sqlstore.OpenPostgres(ctx, sqlstore.PostgresOptions{URL: opts.URL, MaxConns: opts.MaxConns, Tracer: opts.Tracer})
 	if err != nil {
-		return nil, errors.New("DATABASE_URL: not a valid PostgreSQL URL")
-	}
-	if opts.MaxConns > 0 {
-		cfg.MaxConns = int32(opts.MaxConns)
-	}
-	cfg.ConnConfig.ConnectTimeout = 5 * time.Second
-	if opts.Tracer != nil {
-		cfg.ConnConfig.Tracer = opts.Tracer
-	}
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("postgres: %w", err)
-	}
-	s := &Store{pool: pool}
-	if err := s.Ping(ctx); err != nil {
-		pool.Close()
 		return nil, err
 	}
-	return s, nil
+	return &Store{pool: pool}, nil
 }
 
 // Kind is "postgres".
 func (s *Store) Kind() string { return "postgres" }
 
 // Ping checks the server answers.
-func (s *Store) Ping(ctx context.Context) error {
-	if err := s.pool.Ping(ctx); err != nil {
-		return fmt.Errorf("postgres ping: %w", err)
-	}
-	return nil
-}
+func (s *Store) Ping(ctx context.Context) error { return sqlstore.PingPostgres(ctx, s.pool) }
 
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
 
-// migrationLock is backup's: River's migrations must not run twice at once,
+// Migrate runs River's migrations and relay's under the advisory lock
+// backup's migrations take too: River's must not run twice at once,
 // whichever service starts them.
-const migrationLock = 0x626b736b // "bksk"
-
-// Migrate runs River's migrations and relay's under the advisory lock.
 func (s *Store) Migrate(ctx context.Context) error {
-	conn, err := s.pool.Acquire(ctx)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	defer conn.Release()
-	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1)`, migrationLock); err != nil {
-		return fmt.Errorf("migrate: lock: %w", err)
-	}
-	defer func() {
-		_, _ = conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, migrationLock)
-	}()
-	if err := jobs.Migrate(ctx, riverpgxv5.New(s.pool)); err != nil {
-		return err
-	}
-	if _, err := conn.Exec(ctx, sqltext.CreateMigrations); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	rows, err := conn.Query(ctx, sqltext.AppliedVersions)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	applied, err := pgx.CollectRows(rows, pgx.RowTo[int])
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	done := map[int]bool{}
-	for _, v := range applied {
-		done[v] = true
-	}
-	for _, m := range sqltext.PostgresMigrations {
-		if done[m.Version] {
-			continue
-		}
-		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			for _, q := range m.SQL {
-				if _, err := tx.Exec(ctx, q); err != nil {
-					return err
-				}
-			}
-			_, err := tx.Exec(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
-		}
-	}
-	return nil
+	river := func(ctx context.Context) error { return jobs.Migrate(ctx, riverpgxv5.New(s.pool)) }
+	return sqlstore.MigratePostgres(ctx, s.pool, river, sqlstore.Migrations{Table: sqltext.MigrationsTable, Steps: sqltext.PostgresMigrations})
 }
 
 // errRaced is an insert that lost to a concurrent insert of the same item:

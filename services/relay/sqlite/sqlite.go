@@ -8,15 +8,13 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
-	"github.com/blacksky-md/blacksky/internal/sqlitefile"
+	"github.com/blacksky-md/blacksky/internal/sqlstore"
 	"github.com/blacksky-md/blacksky/services/relay"
 	"github.com/blacksky-md/blacksky/services/relay/internal/sqltext"
 	"github.com/blacksky-md/blacksky/shared/jobs"
 	"github.com/riverqueue/river/riverdriver/riversqlite"
-	_ "modernc.org/sqlite" // the "sqlite" database/sql driver
 )
 
 var _ relay.Store = (*Store)(nil)
@@ -29,42 +27,21 @@ type Store struct {
 	river relay.River[*sql.Tx]
 }
 
-// Open opens (creating) the database at path: WAL, a busy timeout, one
-// connection (SQLite has one writer and River shares the pool), and
-// transactions that take the write lock when they begin (_txlock=immediate):
-// backup's connection writes the same file, and a deferred transaction that
-// read before writing would fail with SQLITE_BUSY instead of waiting.
+// Open opens (creating) the database at path, with transactions that take
+// the write lock when they begin: backup's connection writes the same file.
 func Open(ctx context.Context, path string) (*Store, error) {
-	if err := sqlitefile.Prepare(path); err != nil {
-		return nil, fmt.Errorf("sqlite: %w", err)
-	}
-	dsn := sqlitefile.URI(path, url.Values{
-		"_pragma": {"journal_mode(WAL)", "busy_timeout(10000)", "foreign_keys(1)", "synchronous(NORMAL)"},
-		"_txlock": {"immediate"},
-	})
-	db, err := sql.Open("sqlite", dsn)
+	db, err := sqlstore.OpenSQLite(ctx, path, sqlstore.SQLiteOptions{ImmediateTx: true})
 	if err != nil {
-		return nil, fmt.Errorf("sqlite %s: %w", path, err)
-	}
-	db.SetMaxOpenConns(1)
-	s := &Store{db: db}
-	if err := s.Ping(ctx); err != nil {
-		db.Close()
 		return nil, err
 	}
-	return s, nil
+	return &Store{db: db}, nil
 }
 
 // Kind is "sqlite".
 func (s *Store) Kind() string { return "sqlite" }
 
 // Ping checks the file opens.
-func (s *Store) Ping(ctx context.Context) error {
-	if err := s.db.PingContext(ctx); err != nil {
-		return fmt.Errorf("sqlite: %w", err)
-	}
-	return nil
-}
+func (s *Store) Ping(ctx context.Context) error { return sqlstore.PingSQLite(ctx, s.db) }
 
 // Close closes the database.
 func (s *Store) Close() { _ = s.db.Close() }
@@ -74,59 +51,12 @@ func (s *Store) Close() { _ = s.db.Close() }
 // both); River's SQLite migrations then fail on the loser's side, and
 // relay's start loop tries again.
 func (s *Store) Migrate(ctx context.Context) error {
-	if err := jobs.Migrate(ctx, riversqlite.New(s.db)); err != nil {
-		return err
-	}
-	if _, err := s.db.ExecContext(ctx, sqltext.CreateMigrations); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	done := map[int]bool{}
-	rows, err := s.db.QueryContext(ctx, sqltext.AppliedVersions)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	for rows.Next() {
-		var v int
-		if err := rows.Scan(&v); err != nil {
-			rows.Close()
-			return fmt.Errorf("migrate: %w", err)
-		}
-		done[v] = true
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	for _, m := range sqltext.SQLiteMigrations {
-		if done[m.Version] {
-			continue
-		}
-		err := s.inTx(ctx, func(tx *sql.Tx) error {
-			for _, q := range m.SQL {
-				if _, err := tx.ExecContext(ctx, q); err != nil {
-					return err
-				}
-			}
-			_, err := tx.ExecContext(ctx, sqltext.RecordMigration, m.Version, m.Name, time.Now().UnixMilli())
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("migrate %d (%s): %w", m.Version, m.Name, err)
-		}
-	}
-	return nil
+	river := func(ctx context.Context) error { return jobs.Migrate(ctx, riversqlite.New(s.db)) }
+	return sqlstore.MigrateSQLite(ctx, s.db, river, sqlstore.Migrations{Table: sqltext.MigrationsTable, Steps: sqltext.SQLiteMigrations})
 }
 
 func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	if err := fn(tx); err != nil {
-		_ = tx.Rollback()
-		return err
-	}
-	return tx.Commit()
+	return sqlstore.InTx(ctx, s.db, fn)
 }
 
 // InsertMessage stores m under the next seq, or finds it stored. SQLite

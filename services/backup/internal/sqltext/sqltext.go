@@ -3,26 +3,13 @@
 // parameters, ON CONFLICT and RETURNING); only the table definitions differ.
 package sqltext
 
+import "github.com/blacksky-md/blacksky/internal/sqlstore"
+
 // Migration is one numbered schema step.
-type Migration struct {
-	Version int
-	Name    string
-	SQL     []string
-}
+type Migration = sqlstore.Migration
 
-// CreateMigrations creates the version table; idempotent.
-const CreateMigrations = `CREATE TABLE IF NOT EXISTS blacksky_migrations (
-	version INTEGER PRIMARY KEY,
-	name TEXT NOT NULL,
-	applied_at_ms BIGINT NOT NULL
-)`
-
-// AppliedVersions lists applied migrations.
-const AppliedVersions = `SELECT version FROM blacksky_migrations`
-
-// RecordMigration marks a migration applied.
-const RecordMigration = `INSERT INTO blacksky_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3)
-ON CONFLICT (version) DO NOTHING`
+// MigrationsTable records which of backup's migrations ran.
+const MigrationsTable = "blacksky_migrations"
 
 // Lease times are unix milliseconds in both databases: SQLite has no time
 // type, and comparing them must be exact.

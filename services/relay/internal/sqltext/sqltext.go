@@ -3,29 +3,19 @@
 // RETURNING); only the table definitions differ.
 package sqltext
 
-import "strings"
+import (
+	"strings"
+
+	"github.com/blacksky-md/blacksky/internal/sqlstore"
+)
 
 // Migration is one numbered schema step.
-type Migration struct {
-	Version int
-	Name    string
-	SQL     []string
-}
+type Migration = sqlstore.Migration
 
-// Relay keeps its own version table: backup's blacksky_migrations numbers
-// backup's steps, and two services numbering one table would collide.
-const CreateMigrations = `CREATE TABLE IF NOT EXISTS blacksky_relay_migrations (
-	version INTEGER PRIMARY KEY,
-	name TEXT NOT NULL,
-	applied_at_ms BIGINT NOT NULL
-)`
-
-// AppliedVersions lists applied migrations.
-const AppliedVersions = `SELECT version FROM blacksky_relay_migrations`
-
-// RecordMigration marks a migration applied.
-const RecordMigration = `INSERT INTO blacksky_relay_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3)
-ON CONFLICT (version) DO NOTHING`
+// MigrationsTable records which of relay's migrations ran. Relay keeps its
+// own version table: backup's blacksky_migrations numbers backup's steps, and
+// two services numbering one table would collide.
+const MigrationsTable = "blacksky_relay_migrations"
 
 // Times are unix milliseconds in both databases: SQLite has no time type.
 //
