@@ -226,9 +226,16 @@ func TestQueuedSendGoesOutOnceAfterARestart(t *testing.T) {
 	if !rep.OK || !rep.Queued || rep.IdempotencyKey != key {
 		t.Fatalf("msg.send wait:false = %+v, want ok, queued, key %s", rep, key)
 	}
+	// outbox counts the sends of text the sandbox received (asked until
+	// the sandbox of a process just started answers).
 	outbox := func(w *sandboxWatch) int {
 		var ob bus.SandboxOutboxReply
-		w.request(w.subj.SandboxOutbox(), bus.SandboxOutboxRequest{Limit: 1000}, &ob)
+		waitFor(t, 20*time.Second, "sandbox.outbox", func() bool {
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			ob = bus.SandboxOutboxReply{}
+			return bus.Request(ctx, w.nc, w.subj.SandboxOutbox(), bus.SandboxOutboxRequest{Limit: 1000}, &ob) == nil
+		})
 		if !ob.OK {
 			t.Fatalf("sandbox.outbox: %s", ob.Error)
 		}
