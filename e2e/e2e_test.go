@@ -466,7 +466,8 @@ type service struct {
 }
 
 // composeTopology loads docker-compose.yml as `docker compose` does, with
-// dotenv as the content of .env, and returns the blacksky services.
+// dotenv as the content of .env, and returns the blacksky services
+// (gateway, backup, health, relay).
 func composeTopology(t *testing.T, dotenv map[string]string) map[string]service {
 	t.Helper()
 	var list []string
@@ -482,7 +483,7 @@ func composeTopology(t *testing.T, dotenv map[string]string) map[string]service 
 		t.Fatalf("load docker-compose.yml: %v", err)
 	}
 	out := map[string]service{}
-	for _, name := range []string{"gateway", "backup", "health"} {
+	for _, name := range []string{"gateway", "backup", "health", "relay"} {
 		s, ok := p.Services[name]
 		if !ok {
 			t.Fatalf("docker-compose.yml has no %s service", name)

@@ -340,7 +340,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.sends.Wait()
 	grace.Stop()
 	cancelSends()
-	_ = sendSub.Unsubscribe()
+	g.drain(sendSub)
 	_ = doneSub.Unsubscribe()
 	_ = beatSub.Unsubscribe()
 	cancel()
@@ -487,4 +487,29 @@ func (g *Gateway) onBackupDone(m *nats.Msg) {
 	g.mu.Lock()
 	g.st.lastSnapshot = &d
 	g.mu.Unlock()
+}
+
+// drainWait bounds how long a stopping gateway waits for the requests
+// already routed to its gateway.send subscription.
+const drainWait = 2 * time.Second
+
+// drain ends the gateway.send subscription without dropping a request the
+// server already handed to this connection: Unsubscribe would discard it
+// unanswered, leaving relay waiting out its request timeout (2 minutes,
+// longer than relay's own stop budget when both stop together). Drained,
+// it is answered "shutting down" (accepting is false by now) and relay
+// keeps the send queued.
+func (g *Gateway) drain(sub *nats.Subscription) {
+	closed := sub.StatusChanged(nats.SubscriptionClosed)
+	if err := sub.Drain(); err != nil {
+		_ = sub.Unsubscribe()
+		return
+	}
+	t := g.clock.NewTimer(drainWait)
+	defer t.Stop()
+	select {
+	case <-closed:
+	case <-t.Chan():
+		_ = sub.Unsubscribe()
+	}
 }

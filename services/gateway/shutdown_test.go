@@ -1,8 +1,10 @@
 package gateway
 
 import (
+	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -136,5 +138,50 @@ func TestShutdownSendGrace(t *testing.T) {
 				t.Fatalf("closes = %d", c)
 			}
 		})
+	}
+}
+
+// Every gateway.send that reaches the gateway while it stops is answered
+// (sent, "shutting down", or "no responders" once the subscription is
+// gone), never left unanswered: relay would wait out its 2-minute request
+// timeout, past its own stop budget.
+func TestStoppingGatewayAnswersEverySendRoutedToIt(t *testing.T) {
+	h := start(t)
+	h.connected()
+	var (
+		wg         sync.WaitGroup
+		mu         sync.Mutex
+		unanswered int
+		asked      int
+	)
+	done := make(chan struct{})
+	for range 8 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				_, err := h.nc.Request(h.subj.GatewaySend(), []byte(`{"to":"15551234567","text":"x"}`), 2*time.Second)
+				mu.Lock()
+				asked++
+				if errors.Is(err, nats.ErrTimeout) {
+					unanswered++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	testwait.For(t, 5*time.Second, "sends under way", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return asked > 50
+	})
+	h.shutdown()
+	close(done)
+	wg.Wait()
+	if unanswered > 0 {
+		t.Fatalf("%d of %d gateway.send requests were left unanswered while the gateway stopped", unanswered, asked)
 	}
 }
