@@ -329,6 +329,12 @@ func relayDelivery(t *testing.T, cfg deliveryRun) {
 		}
 	}
 	requests, failed, stalled := rcv.requests, rcv.failed, rcv.stalled
+	reposted := 0 // messages whose msg.in was posted more than once (retries: same id and seq each time, checked in serve)
+	for seq := range bySeq {
+		if rcv.attempts["msg."+strconv.FormatInt(seq, 10)] > 1 {
+			reposted++
+		}
+	}
 	rcv.mu.Unlock()
 	for _, b := range bad {
 		t.Error("webhook:", b)
@@ -376,9 +382,9 @@ func relayDelivery(t *testing.T, cfg deliveryRun) {
 		return delays[int(q*float64(len(delays)-1))].Round(10 * time.Millisecond)
 	}
 	t.Logf("FIGURES: %d messages, %d contacts, %d kills: %d accepted by the webhook in %s; %d webhook requests (%d answered 500, %d stalled past %s); "+
-		"%d jobs rescued after the kills (%d of them discarded); %d duplicate acceptances (at most %d copies of one message); delivery delay from due to first acceptance p50 %s p99 %s max %s",
+		"%d jobs rescued after the kills (%d of them discarded); %d messages posted more than once, %d duplicate acceptances (at most %d copies of one message); delivery delay from due to first acceptance p50 %s p99 %s max %s",
 		len(ids), cfg.contacts, cfg.kills, len(delays), took.Round(time.Second), requests, failed, stalled, webhookTimeout,
-		rescued, discarded, dups, maxCopies, pct(0.5), pct(0.99), delays[len(delays)-1].Round(10*time.Millisecond))
+		rescued, discarded, reposted, dups, maxCopies, pct(0.5), pct(0.99), delays[len(delays)-1].Round(10*time.Millisecond))
 }
 
 // explainMissing logs, for each message the webhook has not accepted, what
@@ -417,20 +423,28 @@ func explainMissing(t *testing.T, dbURL string, rcv *receiver, ids []string) {
 		}
 		for rows.Next() {
 			var (
-				jid             int64
-				kind, q, st, es string
-				attempt         int
-				sched           time.Time
-				attempted       *time.Time
+				jid         int64
+				kind, q, st string
+				es          *string // NULL: no attempt failed
+				attempt     int
+				sched       time.Time
+				attempted   *time.Time
 			)
 			if err := rows.Scan(&jid, &kind, &q, &st, &attempt, &sched, &attempted, &es); err != nil {
 				t.Logf("river_job: %v", err)
 				break
 			}
-			t.Logf("  job %d %s %s %s attempt %d scheduled %s attempted %v errors %.600v", jid, kind, q, st, attempt, sched, attempted, es)
+			t.Logf("  job %d %s %s %s attempt %d scheduled %s attempted %v errors %.600s", jid, kind, q, st, attempt, sched, attempted, deref(es))
 		}
 		rows.Close()
 	}
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return "none"
+	}
+	return *s
 }
 
 // rescuedJobs counts the River jobs whose errors say River's rescuer took
