@@ -87,12 +87,12 @@ func TestRetryQueuesAgainASendWhoseJobWasDiscarded(t *testing.T) {
 	if !rep.OK || !rep.Queued {
 		t.Fatalf("queued send: %+v", rep)
 	}
-	// No gateway: the first attempt fails and the job waits an hour; then
+	// No gateway: the first attempt is snoozed (or fails) and the job waits; then
 	// it is discarded, as River's rescuer does to a job whose worker died
 	// on its last attempt.
 	testwait.For(t, 20*time.Second, "the send job discarded", func() bool {
 		return s.db.exec(t, `UPDATE river_job SET state = 'discarded', finalized_at = CURRENT_TIMESTAMP
-			WHERE kind = 'blacksky_relay_send' AND state = 'retryable'`) == 1
+			WHERE kind = 'blacksky_relay_send' AND state IN ('retryable', 'scheduled')`) == 1
 	})
 	gw := startGateway(t, s.bus.nc)
 	sent := collect(t, s.bus.nc, subj.MsgSent())

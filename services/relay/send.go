@@ -14,6 +14,7 @@ import (
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/recipient"
 	"github.com/nats-io/nats.go"
+	"github.com/riverqueue/river"
 )
 
 // errQueueFull refuses a send while Config.MaxQueuedSends wait.
@@ -189,6 +190,12 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 	err = bus.Request(gctx, s.opts.NC, s.subj.GatewaySend(), req, &rep)
 	cancel()
 	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		// No gateway subscribed: nothing was sent. Snoozing does not
+		// count an attempt, so a send stays queued however long the
+		// gateway is away (CONTRACT: it goes out once it can).
+		s.waiters.notify(sd.Key, "the gateway is not running")
+		return river.JobSnooze(transientRetry)
 	case err != nil && !last:
 		// No answer: the gateway is down, or died mid-send. It may
 		// have sent: the retry carries the same key, which a gateway
@@ -204,13 +211,21 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 			o.SentAt = rep.Timestamp.UTC()
 		}
 		return s.finishSend(ctx, sd.Key, o, complete)
-	case !last && isTransient(rep.Error):
+	case isTransient(rep.Error):
+		// Nothing was sent (WhatsApp not connected, the gateway
+		// stopping): snooze, which counts no attempt, so the send waits
+		// for WhatsApp however long it takes instead of failing after
+		// the retries run out.
 		s.waiters.notify(sd.Key, rep.Error)
-		return fmt.Errorf("gateway.send: %s", rep.Error)
+		return river.JobSnooze(transientRetry)
 	default:
 		return s.finishSend(ctx, sd.Key, Outcome{State: SendFailed, Error: rep.Error}, complete)
 	}
 }
+
+// transientRetry is how soon a send refused for a passing reason is tried
+// again: also how long, at most, a queued send waits after WhatsApp is back.
+const transientRetry = 15 * time.Second
 
 func isTransient(msg string) bool {
 	for _, t := range transientSend {

@@ -165,6 +165,9 @@ func TestRefusedSendFailsForGoodWithTheReason(t *testing.T) {
 // stays queued and goes out once the gateway can send it.
 func TestWaitingSendAnswersAtOnceWhileWhatsAppIsDownAndStaysQueued(t *testing.T) {
 	s := newSetup(t, "sqlite")
+	// One attempt only: refusals that say nothing was sent must not use
+	// attempts up, or a send would fail for good while WhatsApp is away.
+	s.sendMaxAttempts = 1
 	sent := collect(t, s.bus.nc, subj.MsgSent())
 	s.start(t)
 	gw := startGateway(t, s.bus.nc)
