@@ -114,7 +114,19 @@ func commitToDurable(b *testing.B, interval, run time.Duration) (p50, p99 time.D
 		mu.Unlock()
 	}
 	tick.Stop()
-	time.Sleep(2 * interval) // the last commits ship
+	// The last commits ship: wait for a point that started after the last
+	// commit, at most a few intervals.
+	lastCommit := commitAt[len(commitAt)-1]
+	deadline := time.Now().Add(10 * interval)
+	for {
+		mu.Lock()
+		done := len(points) > 0 && !points[len(points)-1].started.Before(lastCommit)
+		mu.Unlock()
+		if done || time.Now().After(deadline) {
+			break
+		}
+		<-time.After(interval / 10)
+	}
 	cancel()
 	wg.Wait()
 	var lags []time.Duration
