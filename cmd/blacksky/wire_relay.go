@@ -85,6 +85,9 @@ func (a *app) newRelay(nc *nats.Conn) (*relay.Service, error) {
 			WebhookSecret:   a.cfg.WebhookSecret,
 			WebhookEvents:   a.cfg.WebhookEvents,
 			WebhookRetryFor: a.cfg.WebhookRetryFor,
+			// A fifth of the stop budget: backup stops after relay
+			// and its shutdown snapshot needs most of what is left.
+			StopGrace: a.cfg.ShutdownTimeout / 5,
 		},
 		NC:       nc,
 		Log:      a.log,

@@ -54,6 +54,13 @@ type Config struct {
 	// ReplayLimit is P.msg.replay's default limit, ReplayMax its largest.
 	ReplayLimit int
 	ReplayMax   int
+
+	// StopGrace is how long jobs running when relay stops may finish
+	// (a webhook POST, a send waiting for the gateway) before they are
+	// cancelled; a cancelled job counts no attempt and runs again once
+	// relay is back. cmd gives a fifth of SHUTDOWN_TIMEOUT, so backup's
+	// shutdown snapshot after relay keeps its time. Zero: DefaultStopGrace.
+	StopGrace time.Duration
 }
 
 // Defaults of Config.
@@ -67,6 +74,7 @@ const (
 	DefaultSendRate        = rate.Limit(20.0 / 60)
 	DefaultReplayLimit     = 100
 	DefaultReplayMax       = 1000
+	DefaultStopGrace       = 5 * time.Second
 )
 
 // DefaultWebhookEvents is WEBHOOK_EVENTS' default.
@@ -105,6 +113,7 @@ func (c Config) withDefaults() Config {
 	c.WebhookTimeout = cmp.Or(c.WebhookTimeout, DefaultWebhookTimeout)
 	c.ReplayLimit = cmp.Or(c.ReplayLimit, DefaultReplayLimit)
 	c.ReplayMax = cmp.Or(c.ReplayMax, DefaultReplayMax)
+	c.StopGrace = cmp.Or(c.StopGrace, DefaultStopGrace)
 	return c
 }
 

@@ -115,7 +115,10 @@ type QueueConfig struct {
 	Schedule jobs.Schedule
 	// PollInterval for drivers without LISTEN (SQLite); zero: River's.
 	PollInterval time.Duration
-	Logger       *slog.Logger
+	// StopGrace is how long running jobs may finish at Stop before their
+	// contexts are cancelled; zero: until Stop's ctx ends.
+	StopGrace time.Duration
+	Logger    *slog.Logger
 }
 
 // Defaults of QueueConfig.
@@ -234,6 +237,7 @@ func newRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (*r
 		Schedule:     cfg.Schedule,
 		MaxAttempts:  DeliveryMaxAttempts,
 		PollInterval: cfg.PollInterval,
+		StopGrace:    cfg.StopGrace,
 		Logger:       cfg.Logger,
 	})
 	if err != nil {

@@ -176,8 +176,11 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 		return s.finishSend(ctx, sd.Key, Outcome{State: SendFailed, Error: "stored send cannot be opened: " + err.Error()}, complete)
 	}
 	last := job.Attempt >= job.MaxAttempts
+	// A last attempt that relay's stop cut short is not the last: it
+	// runs again when relay is back (cutByStop).
+	cut := func() bool { return ctx.Err() != nil && s.isStopping() }
 	if err := s.waitSlot(ctx); err != nil {
-		if !last {
+		if !last || cut() {
 			return err
 		}
 		// River would discard the job and leave the send queued with
@@ -196,7 +199,7 @@ func (s *Service) workSend(ctx context.Context, job JobInfo, a SendArgs, complet
 		// gateway is away (CONTRACT: it goes out once it can).
 		s.waiters.notify(sd.Key, "the gateway is not running")
 		return river.JobSnooze(transientRetry)
-	case err != nil && !last:
+	case err != nil && (!last || cut()):
 		// No answer: the gateway is down, or died mid-send. It may
 		// have sent: the retry carries the same key, which a gateway
 		// still running answers from memory (only a gateway restart in

@@ -16,6 +16,7 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/riverqueue/river"
 	"golang.org/x/time/rate"
 )
 
@@ -194,14 +195,15 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.setupJetStream(ctx)
 	q, err := st.NewQueue(QueueConfig{
-		Deliver:         s.deliver,
-		Send:            s.workSend,
+		Deliver:         s.deliverJob,
+		Send:            s.sendJob,
 		Lanes:           s.opts.Lanes,
 		Backoff:         s.opts.Backoff,
 		Schedule:        s.opts.Schedule,
 		PollInterval:    s.opts.QueuePollInterval,
 		SendTimeout:     s.opts.SendTimeout,
 		SendMaxAttempts: s.opts.SendMaxAttempts,
+		StopGrace:       s.cfg.StopGrace,
 		// River logs every failed fetch (each queue, several a second)
 		// while the database is away: one line when it goes, one when
 		// it is back.
@@ -237,7 +239,9 @@ func (s *Service) Ready() <-chan struct{} { return s.ready }
 func (s *Service) markReady() { s.readyOne.Do(func() { close(s.ready) }) }
 
 // stop ends a Run: no new requests, handlers done, River stopped (running
-// jobs finish within the budget), database closed.
+// jobs get StopGrace to finish, then are cancelled and snoozed: cutByStop),
+// database closed. A stop that cancelled jobs is still a clean stop:
+// nothing is lost, the jobs run again once relay is back.
 func (s *Service) stop(subs []*nats.Subscription) error {
 	s.mu.Lock()
 	s.state = bus.StateStopping
@@ -255,7 +259,10 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 	s.handlers.Wait()
 	var err error
 	if q != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		// Past the grace, a cancelled job has its outcome recorded in
+		// well under stopRecord; only a job that ignores its context
+		// (none should) would make River's stop fail.
+		sctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopGrace+stopRecord)
 		err = q.Stop(sctx)
 		cancel()
 	}
@@ -266,6 +273,49 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 		return fmt.Errorf("relay: %w", err)
 	}
 	return nil
+}
+
+// stopRecord is the time River's stop has after StopGrace to record the
+// outcome of the jobs it cancelled.
+const stopRecord = 5 * time.Second
+
+// deliverJob and sendJob are the jobs River runs: deliver and workSend,
+// with the end of a job that relay's stop cut short made a snooze.
+func (s *Service) deliverJob(ctx context.Context, channel string, job JobInfo, a DeliveryArgs) error {
+	return s.cutByStop(ctx, s.deliver(ctx, channel, job, a))
+}
+
+func (s *Service) sendJob(ctx context.Context, job JobInfo, a SendArgs, complete InTx) error {
+	return s.cutByStop(ctx, s.workSend(ctx, job, a, complete))
+}
+
+// cutByStop turns the failure of a job whose context relay's stop
+// cancelled (past StopGrace: a webhook POST to a slow receiver, a send
+// waiting for the gateway) into a snooze: the job did nothing wrong, so it
+// counts no attempt, and it runs again at once when relay is back. A send
+// cut mid-request carries its idempotency key again, which the gateway
+// answers from memory if it had sent. Decisions the job made itself
+// (dead, snoozed) stand.
+func (s *Service) cutByStop(ctx context.Context, err error) error {
+	if err == nil || ctx.Err() == nil || !s.isStopping() {
+		return err
+	}
+	var cancel *river.JobCancelError
+	var snooze *river.JobSnoozeError
+	if errors.As(err, &cancel) || errors.As(err, &snooze) {
+		return err
+	}
+	return river.JobSnooze(time.Second)
+}
+
+// isStopping reports whether Run is stopping.
+func (s *Service) isStopping() bool {
+	select {
+	case <-s.stopping:
+		return true
+	default:
+		return false
+	}
 }
 
 // errStopping answers requests that arrive while relay stops.

@@ -162,7 +162,12 @@ type Config struct {
 	PollInterval time.Duration
 	// CompletedRetention keeps completed jobs as history; zero: a day.
 	CompletedRetention time.Duration
-	Logger             *slog.Logger
+	// StopGrace is how long running jobs may go on once Stop is called
+	// before their contexts are cancelled (River's SoftStopTimeout): the
+	// jobs then end, their outcome is recorded and Stop returns. Zero: no
+	// limit but Stop's ctx.
+	StopGrace time.Duration
+	Logger    *slog.Logger
 }
 
 // NewClient builds a River client on driver.
@@ -180,6 +185,7 @@ func NewClient[TTx any](driver riverdriver.Driver[TTx], cfg Config) (*river.Clie
 		PeriodicJobs:                cfg.Schedule.PeriodicJobs(),
 		SkipUnknownJobCheck:         true,
 		RescueStuckJobsAfter:        RescueAfter,
+		SoftStopTimeout:             cfg.StopGrace,
 	}
 	if cfg.Workers != nil {
 		if err := addStandIns(cfg.Workers); err != nil {

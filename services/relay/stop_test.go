@@ -1,0 +1,88 @@
+package relay_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/shared/bus"
+)
+
+// A webhook POST still running when relay stops (a receiver that hangs)
+// gets StopGrace, is then cancelled, and relay stops cleanly: the delivery
+// counts no attempt and is made once relay is back, with the same id.
+func TestStopCancelsASlowDeliveryAfterTheGraceAndItRunsAgainWithoutAnAttempt(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			rcv := newReceiver(t, 200)
+			rcv.sleep[0] = time.Hour // hangs until relay gives up the request
+			s := webhookSetup(t, kind, rcv)
+			s.cfg.WebhookTimeout = time.Minute
+			s.cfg.StopGrace = 200 * time.Millisecond
+			in := s.start(t)
+			store(t, s.bus.nc, message("c", "A", "x"))
+			testwait.For(t, 20*time.Second, "the POST to hang", func() bool { return len(rcv.deliveries()) == 1 })
+
+			began := time.Now()
+			in.stop(t) // fails the test if Run returned an error
+			if took := time.Since(began); took > 5*time.Second {
+				t.Fatalf("relay took %s to stop with a 200ms StopGrace", took.Round(time.Millisecond))
+			}
+			waiting := s.db.exec(t, `UPDATE river_job SET attempt = attempt
+				WHERE kind = 'blacksky_relay_webhook' AND state IN ('available', 'scheduled') AND attempt = 0`)
+			if waiting != 1 {
+				t.Fatalf("%d webhook jobs wait with no attempt counted after the stop, want 1 (cancelled, not failed)", waiting)
+			}
+
+			s.start(t)
+			testwait.For(t, 20*time.Second, "the delivery after the restart", func() bool { return len(rcv.deliveries()) >= 2 })
+			got := rcv.deliveries()
+			if a, b := got[0].header.Get("X-Blacksky-Delivery"), got[1].header.Get("X-Blacksky-Delivery"); a == "" || a != b {
+				t.Fatalf("the delivery after the restart has id %q, the cancelled one %q", b, a)
+			}
+			testwait.For(t, 20*time.Second, "the delivery recorded as made", func() bool {
+				st := openStats(t, s)
+				return st.dead == 0 && st.pending == 0
+			})
+		})
+	}
+}
+
+// A send waiting for the gateway's answer when relay stops, on its last
+// allowed attempt, is not failed by the stop: it stays queued and goes out
+// once relay is back.
+func TestStopDoesNotFailASendCutShortOnItsLastAttempt(t *testing.T) {
+	s := newSetup(t, "postgres")
+	s.cfg.GatewayTimeout = time.Minute
+	s.cfg.StopGrace = 200 * time.Millisecond
+	s.sendMaxAttempts = 1
+	asked := make(chan struct{}, 1)
+	silent, err := s.bus.nc.Subscribe(subj.GatewaySend(), func(*nats.Msg) { asked <- struct{}{} }) // never answers
+	if err != nil {
+		t.Fatal(err)
+	}
+	failed := collect(t, s.bus.nc, subj.MsgSendFailed())
+	first := s.start(t)
+	bot := s.bus.conn(t, bus.RoleBot)
+	if rep := send(t, bot, `{"to":"15551234567","text":"cut","idempotency_key":"cut","wait":false}`); !rep.OK || !rep.Queued {
+		t.Fatalf("queued send: %+v", rep)
+	}
+	testwait.For(t, 20*time.Second, "relay to ask the gateway", func() bool { return len(asked) == 1 })
+	first.stop(t)
+	if err := silent.Unsubscribe(); err != nil {
+		t.Fatal(err)
+	}
+
+	gw := startGateway(t, s.bus.nc)
+	sent := collect(t, s.bus.nc, subj.MsgSent())
+	s.start(t)
+	testwait.For(t, 60*time.Second, "the send after the restart", func() bool { return sent.len() >= 1 })
+	if n := gw.count("cut"); n != 1 {
+		t.Fatalf("the gateway was asked %d times after the restart, want once", n)
+	}
+	if n := failed.len(); n != 0 {
+		t.Fatalf("%d send_failed events: the stop failed the send", n)
+	}
+}
