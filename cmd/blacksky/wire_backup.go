@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/services/backup"
 	"github.com/blacksky-md/blacksky/services/backup/postgres"
 	"github.com/blacksky-md/blacksky/services/backup/sqlite"
@@ -20,8 +21,18 @@ import (
 
 // openStore connects to DATABASE_URL, or the embedded SQLite in DATA_DIR.
 func (a *app) openStore(ctx context.Context) (backup.Store, error) {
+	return a.openStoreTraced(ctx, nil)
+}
+
+// openStoreTraced is openStore with tracer watching the PostgreSQL pool
+// (backup's outage filter).
+func (a *app) openStoreTraced(ctx context.Context, tracer *dboutage.Outage) (backup.Store, error) {
 	if a.cfg.DatabaseURL != "" {
-		return postgres.Open(ctx, postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns})
+		opts := postgres.Options{URL: a.cfg.PostgresURL(), MaxConns: a.cfg.DatabaseMaxConns}
+		if tracer != nil {
+			opts.Tracer = tracer
+		}
+		return postgres.Open(ctx, opts)
 	}
 	if err := os.MkdirAll(a.cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("DATA_DIR: %w", err)
@@ -35,6 +46,8 @@ func (a *app) newBackup(nc *nats.Conn) (runner, error) {
 	if err != nil {
 		return nil, err
 	}
+	// One outage filter hears the pool fail and quiets River's log of it.
+	outage := dboutage.New(a.log.With("service", bus.ServiceBackup), "backup")
 	svc, err := backup.New(backup.Options{
 		Config:   backupConfig(a.cfg),
 		NC:       nc,
@@ -42,7 +55,8 @@ func (a *app) newBackup(nc *nats.Conn) (runner, error) {
 		Clock:    a.clock,
 		Instance: a.instance,
 		Unit:     unit,
-		Open:     a.openStore,
+		Open:     func(ctx context.Context) (backup.Store, error) { return a.openStoreTraced(ctx, outage) },
+		Outage:   outage,
 	})
 	if err != nil {
 		return nil, err

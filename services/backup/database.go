@@ -108,11 +108,13 @@ func (s *Service) fallbackTicker(ctx context.Context) {
 
 func (s *Service) startQueue(st Store) error {
 	q, err := st.NewQueue(QueueConfig{
-		Work:         s.work,
-		Retain:       s.retain,
-		Schedule:     s.cfg.Schedule(),
-		Instance:     s.jobKey,
-		Logger:       s.log,
+		Work:     s.work,
+		Retain:   s.retain,
+		Schedule: s.cfg.Schedule(),
+		Instance: s.jobKey,
+		// One line when the database goes, one when it is back, not
+		// River's failed fetch of every queue several times a second.
+		Logger:       s.opts.Outage.Wrap(s.log),
 		PollInterval: s.cfg.QueuePollInterval,
 	})
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"maps"
 	"path/filepath"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
 
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/internal/testdb"
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/internal/wastore"
@@ -89,9 +91,10 @@ type instOpts struct {
 	noWait   bool // do not wait for the restore to be done
 	leaseTTL time.Duration
 	retry    time.Duration
-	logTo    func([]byte)         // also receives every log line
-	clock    *clockwork.FakeClock // nil: its own
-	bus      *bus.Server          // nil: its own (a dyno's embedded NATS)
+	logTo    func([]byte)                        // also receives every log line
+	clock    *clockwork.FakeClock                // nil: its own
+	bus      *bus.Server                         // nil: its own (a dyno's embedded NATS)
+	outage   func(*slog.Logger) *dboutage.Outage // builds the outage filter on the instance's log; nil: the service's own
 }
 
 const session = "Test-Session"
@@ -144,8 +147,12 @@ func start(t testing.TB, db database, o instOpts) *instance {
 	}
 	bcfg := backupConfig(cfg)
 	bcfg.DBWait, bcfg.LeaseTTL, bcfg.StandbyRetry, bcfg.QueuePollInterval = o.dbWait, o.leaseTTL, o.retry, 50*time.Millisecond
+	var outage *dboutage.Outage
+	if o.outage != nil {
+		outage = o.outage(log.With("instance", o.name))
+	}
 	svc, err := backup.New(backup.Options{Config: bcfg, NC: nc, Log: log.With("instance", o.name), Clock: clock,
-		Instance: o.name, Open: open})
+		Instance: o.name, Open: open, Outage: outage})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -417,7 +417,7 @@ func TestScheduledSnapshotsWhileDatabaseDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := sha256Hex(plain)
-	testwait.For(t, 10*time.Second, "a scheduled local snapshot", func() bool {
+	testwait.For(t, 30*time.Second, "a scheduled local snapshot", func() bool {
 		in.clock.Advance(time.Minute)
 		files, _ := backup.Local{Dir: dir + "/backups"}.List()
 		return len(files) > 0 && files[0].SHA256 == want && files[0].Reason == bus.ReasonScheduled

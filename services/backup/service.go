@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/blacksky-md/blacksky/internal/clockctx"
+	"github.com/blacksky-md/blacksky/internal/dboutage"
 	"github.com/blacksky-md/blacksky/shared/bus"
 	"github.com/blacksky-md/blacksky/shared/config"
 	"github.com/jonboulle/clockwork"
@@ -46,6 +47,11 @@ type Options struct {
 	// Open connects to the database (PostgreSQL or SQLite); the service
 	// migrates it and retries Open with backoff while it fails.
 	Open func(ctx context.Context) (Store, error)
+	// Outage collapses the log of a database outage (River logs each
+	// failed fetch of each queue); give the same one to the store's pool
+	// as its tracer (postgres.Options.Tracer) so it hears of the outage.
+	// Nil: one of its own, which only River's log records tell of it.
+	Outage *dboutage.Outage
 }
 
 // Service is the backup service: a runner for the role supervisor.
@@ -132,6 +138,9 @@ func New(opts Options) (*Service, error) {
 		return nil, errors.New("backup: Open and NC are required")
 	}
 	opts.Config = cfg
+	if opts.Outage == nil {
+		opts.Outage = dboutage.New(opts.Log.With("service", bus.ServiceBackup), "backup")
+	}
 	s := &Service{
 		opts:        opts,
 		cfg:         cfg,

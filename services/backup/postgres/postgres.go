@@ -23,6 +23,9 @@ type Options struct {
 	// URL is config.PostgresURL(): Heroku's sslmode rule already applied.
 	URL      string
 	MaxConns int
+	// Tracer, when set, sees every query and acquire of the pool (a
+	// dboutage.Outage: it hears of an outage before River logs it).
+	Tracer pgx.QueryTracer
 }
 
 // Store keeps snapshots and leases in PostgreSQL.
@@ -32,7 +35,7 @@ type Store struct {
 
 // Open connects and pings; the error never shows the URL's password.
 func Open(ctx context.Context, opts Options) (*Store, error) {
-	pool, err := sqlstore.OpenPostgres(ctx, sqlstore.PostgresOptions{URL: opts.URL, MaxConns: opts.MaxConns})
+	pool, err := sqlstore.OpenPostgres(ctx, sqlstore.PostgresOptions{URL: opts.URL, MaxConns: opts.MaxConns, Tracer: opts.Tracer})
 	if err != nil {
 		return nil, err
 	}
