@@ -128,7 +128,11 @@ func (s *Service) outcomeEvent(sd Send) (bus.MsgSendOutcome, error) {
 // stream's duplicate window), or with a core publish confirmed by a flush.
 // Core subscribers receive it either way.
 func (s *Service) publish(ctx context.Context, r rendered) error {
-	if js := s.jetStream(); js != nil {
+	js, err := s.jetStreamFor(ctx)
+	if err != nil {
+		return err
+	}
+	if js != nil {
 		if _, err := js.PublishMsg(ctx, jsMsg(r)); err != nil {
 			return fmt.Errorf("jetstream publish %s: %w", r.subject, err)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -183,4 +184,76 @@ func (n natsMsg) msg() *nats.Msg {
 	m.Data = n.data
 	m.Header.Set(jetstream.MsgIDHeader, n.id)
 	return m
+}
+
+// A MESSAGE_RETENTION shorter than the ten-minute duplicate window still
+// gets its stream (the server refuses a window longer than the stream's
+// age): the window shrinks to the retention, and messages go into it.
+func TestShortRetentionStillPublishesIntoTheStream(t *testing.T) {
+	s := jsSetup(t)
+	s.cfg.Retention = 5 * time.Minute
+	s.start(t)
+	store(t, s.bus.nc, message("c", "A", "kept five minutes"))
+	js, err := jetstream.New(s.bus.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, 30*time.Second, "the message in the stream", func() bool {
+		st, err := js.Stream(context.Background(), relay.StreamName(session))
+		if err != nil {
+			return false
+		}
+		info, err := st.Info(context.Background())
+		return err == nil && info.State.Msgs == 1
+	})
+	st, err := js.Stream(context.Background(), relay.StreamName(session))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Config.MaxAge != 5*time.Minute || info.Config.Duplicates != 5*time.Minute {
+		t.Fatalf("stream max age %s, duplicate window %s; want both 5m", info.Config.MaxAge, info.Config.Duplicates)
+	}
+}
+
+// While the server has JetStream but will not take the session's stream
+// (here another stream holds its subjects), bus deliveries wait and retry
+// instead of going out on core NATS, where a bot's durable consumer would
+// never see them; once the stream can be made they go into it.
+func TestDeliveriesWaitWhileTheStreamCannotBeMade(t *testing.T) {
+	s := jsSetup(t)
+	ctx := context.Background()
+	admin, err := jetstream.New(s.bus.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CreateStream(ctx, jetstream.StreamConfig{Name: "squatter", Subjects: []string{subj.MsgIn()}}); err != nil {
+		t.Fatal(err)
+	}
+	core := collect(t, s.bus.nc, subj.MsgIn())
+	in := s.start(t)
+	store(t, s.bus.nc, message("c", "A", "waits for the stream"))
+	testwait.For(t, 30*time.Second, "a bus delivery to fail and retry", func() bool {
+		return s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind = 'blacksky_relay_nats' AND errors IS NOT NULL`) == 1
+	})
+	if !strings.Contains(in.logs.String(), "cannot create the session's stream") {
+		t.Fatalf("no line says why:\n%s", in.logs.String())
+	}
+	if n := core.len(); n != 0 {
+		t.Fatalf("%d messages went out on core NATS while the stream could not be made", n)
+	}
+	if err := admin.DeleteStream(ctx, "squatter"); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, 60*time.Second, "the message in the session's stream", func() bool {
+		st, err := admin.Stream(ctx, relay.StreamName(session))
+		if err != nil {
+			return false
+		}
+		info, err := st.Info(ctx)
+		return err == nil && info.State.Msgs == 1
+	})
 }

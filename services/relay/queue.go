@@ -73,6 +73,14 @@ type JobInfo struct {
 	AttemptedAt time.Time
 	// FirstFailedAt is when the first attempt failed (zero: none has).
 	FirstFailedAt time.Time
+	// ScheduledAt is when the job was due: its place in its lane.
+	ScheduledAt time.Time
+}
+
+// Cut is a job relay's stop interrupted, and when it was due.
+type Cut struct {
+	ID  int64
+	Due time.Time
 }
 
 // Queue is relay's River client as the service sees it.
@@ -80,6 +88,10 @@ type Queue interface {
 	Start(ctx context.Context) error
 	// Stop waits for running jobs until ctx ends.
 	Stop(ctx context.Context) error
+	// PutBack makes jobs Stop interrupted due again when they were, so
+	// each takes its old place in its lane (River makes an interrupted
+	// job due at the stop, behind the later jobs of its chat).
+	PutBack(ctx context.Context, cuts []Cut) error
 	// Insert inserts jobs in a transaction of their own (inside a store
 	// transaction: Tx.InsertJobs).
 	Insert(ctx context.Context, jobs []Job) error
@@ -154,7 +166,7 @@ func (a natsArgs) args() DeliveryArgs    { return a.DeliveryArgs }
 func (a webhookArgs) args() DeliveryArgs { return a.DeliveryArgs }
 
 func info[A river.JobArgs](job *river.Job[A]) JobInfo {
-	ji := JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, CreatedAt: job.CreatedAt}
+	ji := JobInfo{ID: job.ID, Attempt: job.Attempt, MaxAttempts: job.MaxAttempts, CreatedAt: job.CreatedAt, ScheduledAt: job.ScheduledAt}
 	if job.AttemptedAt != nil {
 		ji.AttemptedAt = *job.AttemptedAt
 	}
@@ -254,6 +266,27 @@ func (q *riverQueue[TTx]) Start(ctx context.Context) error {
 }
 
 func (q *riverQueue[TTx]) Stop(ctx context.Context) error { return jobs.Stop(ctx, q.client) }
+
+// PutBack sets each cut job's scheduled_at back while it is still
+// available (not yet taken by another relay). River has no call for it:
+// the statement is plain SQL on its table, the time in the form each
+// driver stores.
+func (q *riverQueue[TTx]) PutBack(ctx context.Context, cuts []Cut) error {
+	driver := q.client.Driver()
+	exec := driver.GetExecutor()
+	for _, c := range cuts {
+		var due any = c.Due.UTC()
+		if driver.DatabaseName() == riverdriver.DatabaseNameSQLite {
+			// riversqlite's own format: other forms store fine and then
+			// compare wrongly with its times.
+			due = c.Due.UTC().Round(time.Millisecond).Format("2006-01-02 15:04:05.000")
+		}
+		if err := exec.Exec(ctx, `UPDATE river_job SET scheduled_at = $1 WHERE id = $2 AND state = 'available'`, due, c.ID); err != nil {
+			return fmt.Errorf("put back job %d: %w", c.ID, err)
+		}
+	}
+	return nil
+}
 
 // lane is the lane of a chat: every delivery of one chat goes through the
 // same one.

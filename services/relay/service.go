@@ -73,11 +73,15 @@ type Service struct {
 	ready    chan struct{} // closed once relay serves with its database, or Run returned
 	readyOne sync.Once
 	waiters  waiters
+	cutMu    sync.Mutex
+	cuts     []Cut // jobs the stop interrupted, put back in place after it
 
 	mu        sync.Mutex
 	store     Store
 	queue     Queue
 	js        jetstream.JetStream // nil: no JetStream, core NATS only
+	jsKnown   bool                // whether the server's answer about JetStream is known
+	jsTried   time.Time           // the last time relay asked, while unknown
 	state     string
 	dbOK      bool
 	lastErr   string
@@ -189,47 +193,89 @@ func (s *Service) Run(ctx context.Context) error {
 		s.log.Warn("bus not reachable yet; relay answers once it is", "err", err)
 	}
 
-	st := s.openStore(ctx)
+	s.setupJetStream(ctx)
+	st, err := s.startBackend(ctx)
+	if err != nil {
+		_ = s.stop(subs)
+		return err
+	}
 	if st == nil {
 		return s.stop(subs)
 	}
-	s.setupJetStream(ctx)
-	q, err := st.NewQueue(QueueConfig{
-		Deliver:         s.deliverJob,
-		Send:            s.sendJob,
-		Lanes:           s.opts.Lanes,
-		Backoff:         s.opts.Backoff,
-		Schedule:        s.opts.Schedule,
-		PollInterval:    s.opts.QueuePollInterval,
-		SendTimeout:     s.opts.SendTimeout,
-		SendMaxAttempts: s.opts.SendMaxAttempts,
-		StopGrace:       s.cfg.StopGrace,
-		// River logs every failed fetch (each queue, several a second)
-		// while the database is away: one line when it goes, one when
-		// it is back.
-		Logger: s.outage.Wrap(s.log),
-	})
-	if err != nil {
-		st.Close()
-		return fmt.Errorf("relay: %w", err)
-	}
-	if err := q.Start(context.WithoutCancel(ctx)); err != nil {
-		st.Close()
-		return fmt.Errorf("relay: %w", err)
-	}
-	// Store and queue appear together: a request either finds both or
-	// hears that relay is not ready.
 	s.mu.Lock()
-	s.store, s.queue, s.dbOK = st, q, true
 	s.state = bus.StateOK
 	s.mu.Unlock()
-	s.log.Info("relay ready", "database", st.Kind(), "jetstream", s.jetStream() != nil,
+	s.mu.Lock()
+	jsOn := s.js != nil
+	s.mu.Unlock()
+	s.log.Info("relay ready", "database", st.Kind(), "jetstream", jsOn,
 		"webhook", webhookShown(s.cfg.WebhookURL), "retention", s.cfg.Retention.String())
 	s.markReady()
 
 	s.pruneLoop(ctx, st)
 	return s.stop(subs)
 }
+
+// startBackend opens the database and starts River on it, both retried
+// while the database fails (River's start queries it too); it returns nil
+// once ctx ends, and an error only for a queue that cannot be built.
+func (s *Service) startBackend(ctx context.Context) (Store, error) {
+	for attempt := 1; ; attempt++ {
+		st := s.openStore(ctx)
+		if st == nil {
+			return nil, nil
+		}
+		q, err := st.NewQueue(QueueConfig{
+			Deliver:         s.deliverJob,
+			Send:            s.sendJob,
+			Lanes:           s.opts.Lanes,
+			Backoff:         s.opts.Backoff,
+			Schedule:        s.opts.Schedule,
+			PollInterval:    s.opts.QueuePollInterval,
+			SendTimeout:     s.opts.SendTimeout,
+			SendMaxAttempts: s.opts.SendMaxAttempts,
+			StopGrace:       s.cfg.StopGrace,
+			// River logs every failed fetch (each queue, several a
+			// second) while the database is away: one line when it
+			// goes, one when it is back.
+			Logger: s.outage.Wrap(s.log),
+		})
+		if err != nil {
+			st.Close()
+			return nil, fmt.Errorf("relay: %w", err)
+		}
+		// Store and queue appear together, before River starts: a
+		// request either finds both or hears that relay is not ready,
+		// and the first jobs River hands out find them (not "not
+		// ready", a failed attempt that would also put the job behind
+		// its chat's later ones). Jobs inserted before Start wait in
+		// the database.
+		s.mu.Lock()
+		s.store, s.queue, s.dbOK = st, q, true
+		s.mu.Unlock()
+		err = q.Start(context.WithoutCancel(ctx))
+		if err == nil {
+			return st, nil
+		}
+		s.mu.Lock()
+		s.store, s.queue = nil, nil
+		s.mu.Unlock()
+		st.Close()
+		s.dbResult(err)
+		delay := dbRetry.Step(attempt)
+		s.log.Warn("cannot start the job queue; retrying", "err", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-s.clock.After(delay):
+		}
+	}
+}
+
+// dbRetry paces relay's retries of its database: 500 ms doubling to 10 s,
+// without jitter (relay retries its own database, and tests step the
+// clock).
+var dbRetry = backoff.Backoff{Min: 500 * time.Millisecond, Max: 10 * time.Second}
 
 // Ready is closed once relay serves with its database open (it stores what
 // the gateway hands it), or once Run has returned: blacksky run starts the
@@ -265,6 +311,7 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 		sctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopGrace+stopRecord)
 		err = q.Stop(sctx)
 		cancel()
+		s.putBack(q)
 	}
 	if st != nil {
 		st.Close()
@@ -280,23 +327,25 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 const stopRecord = 5 * time.Second
 
 // deliverJob and sendJob are the jobs River runs: deliver and workSend,
-// with the end of a job that relay's stop cut short made a snooze.
+// with the end of a job that relay's stop cut short told to River as such.
 func (s *Service) deliverJob(ctx context.Context, channel string, job JobInfo, a DeliveryArgs) error {
-	return s.cutByStop(ctx, s.deliver(ctx, channel, job, a))
+	return s.cutByStop(ctx, job, s.deliver(ctx, channel, job, a))
 }
 
 func (s *Service) sendJob(ctx context.Context, job JobInfo, a SendArgs, complete InTx) error {
-	return s.cutByStop(ctx, s.workSend(ctx, job, a, complete))
+	return s.cutByStop(ctx, job, s.workSend(ctx, job, a, complete))
 }
 
-// cutByStop turns the failure of a job whose context relay's stop
-// cancelled (past StopGrace: a webhook POST to a slow receiver, a send
-// waiting for the gateway) into a snooze: the job did nothing wrong, so it
-// counts no attempt, and it runs again at once when relay is back. A send
-// cut mid-request carries its idempotency key again, which the gateway
-// answers from memory if it had sent. Decisions the job made itself
-// (dead, snoozed) stand.
-func (s *Service) cutByStop(ctx context.Context, err error) error {
+// cutByStop handles a job whose context relay's stop cancelled past
+// StopGrace (a webhook POST to a slow receiver, a send waiting for the
+// gateway): the job did nothing wrong. Its failure becomes River's
+// "stopped by the client" (context.Canceled under River's stop), which
+// makes it available again with no attempt counted and no error; relay
+// notes it so that putBack restores its place in its lane. A send cut
+// mid-request carries its idempotency key again, which the gateway answers
+// from memory if it had sent. Decisions the job made itself (dead,
+// snoozed) stand.
+func (s *Service) cutByStop(ctx context.Context, job JobInfo, err error) error {
 	if err == nil || ctx.Err() == nil || !s.isStopping() {
 		return err
 	}
@@ -305,7 +354,30 @@ func (s *Service) cutByStop(ctx context.Context, err error) error {
 	if errors.As(err, &cancel) || errors.As(err, &snooze) {
 		return err
 	}
-	return river.JobSnooze(time.Second)
+	s.cutMu.Lock()
+	s.cuts = append(s.cuts, Cut{ID: job.ID, Due: job.ScheduledAt})
+	s.cutMu.Unlock()
+	return fmt.Errorf("relay stopped during the job: %w", context.Canceled)
+}
+
+// putBack restores the lane places of the jobs the stop interrupted. If
+// the database refuses, nothing is lost: those jobs only run after the
+// later ones of their chats.
+func (s *Service) putBack(q Queue) {
+	s.cutMu.Lock()
+	cuts := s.cuts
+	s.cuts = nil
+	s.cutMu.Unlock()
+	if len(cuts) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), stopRecord)
+	defer cancel()
+	if err := q.PutBack(ctx, cuts); err != nil {
+		s.log.Warn("jobs interrupted by the stop run again after the later ones of their chats", "jobs", len(cuts), "err", err)
+		return
+	}
+	s.log.Info("jobs interrupted by the stop run again first when relay is back", "jobs", len(cuts))
 }
 
 // isStopping reports whether Run is stopping.
@@ -353,9 +425,6 @@ func (s *Service) spawn(h, refuse func(*nats.Msg)) nats.MsgHandler {
 // (nil then). Meanwhile requests are refused with the reason, so the
 // gateway does not acknowledge messages relay could not keep.
 func (s *Service) openStore(ctx context.Context) Store {
-	// 500 ms doubling to 10 s, without jitter: relay retries its own
-	// database, and tests step the clock.
-	retry := backoff.Backoff{Min: 500 * time.Millisecond, Max: 10 * time.Second}
 	for attempt := 1; ; attempt++ {
 		st, err := s.connect(ctx)
 		if err == nil {
@@ -365,7 +434,7 @@ func (s *Service) openStore(ctx context.Context) Store {
 		if ctx.Err() != nil {
 			return nil
 		}
-		delay := retry.Step(attempt)
+		delay := dbRetry.Step(attempt)
 		s.log.Warn("database unreachable; retrying", "err", err, "retry_in", delay)
 		select {
 		case <-ctx.Done():
@@ -394,12 +463,6 @@ func (s *Service) backend() (Store, Queue) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.store, s.queue
-}
-
-func (s *Service) jetStream() jetstream.JetStream {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.js
 }
 
 // noteErr records the last error for the heartbeat, and whether the

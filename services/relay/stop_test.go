@@ -1,6 +1,7 @@
 package relay_test
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -12,8 +13,9 @@ import (
 
 // A webhook POST still running when relay stops (a receiver that hangs)
 // gets StopGrace, is then cancelled, and relay stops cleanly: the delivery
-// counts no attempt and is made once relay is back, with the same id.
-func TestStopCancelsASlowDeliveryAfterTheGraceAndItRunsAgainWithoutAnAttempt(t *testing.T) {
+// counts no attempt and no error, and once relay is back it goes first,
+// with the same id, before the chat's later messages.
+func TestStopCancelsASlowDeliveryAfterTheGraceAndItRunsAgainFirstWithoutAnAttempt(t *testing.T) {
 	for _, kind := range kinds {
 		t.Run(kind, func(t *testing.T) {
 			rcv := newReceiver(t, 200)
@@ -22,7 +24,9 @@ func TestStopCancelsASlowDeliveryAfterTheGraceAndItRunsAgainWithoutAnAttempt(t *
 			s.cfg.WebhookTimeout = time.Minute
 			s.cfg.StopGrace = 200 * time.Millisecond
 			in := s.start(t)
-			store(t, s.bus.nc, message("c", "A", "x"))
+			for _, id := range []string{"A", "B", "C"} {
+				store(t, s.bus.nc, message("c", id, "x"))
+			}
 			testwait.For(t, 20*time.Second, "the POST to hang", func() bool { return len(rcv.deliveries()) == 1 })
 
 			began := time.Now()
@@ -31,21 +35,27 @@ func TestStopCancelsASlowDeliveryAfterTheGraceAndItRunsAgainWithoutAnAttempt(t *
 				t.Fatalf("relay took %s to stop with a 200ms StopGrace", took.Round(time.Millisecond))
 			}
 			waiting := s.db.exec(t, `UPDATE river_job SET attempt = attempt
-				WHERE kind = 'blacksky_relay_webhook' AND state IN ('available', 'scheduled') AND attempt = 0`)
-			if waiting != 1 {
-				t.Fatalf("%d webhook jobs wait with no attempt counted after the stop, want 1 (cancelled, not failed)", waiting)
+				WHERE kind = 'blacksky_relay_webhook' AND state = 'available' AND attempt = 0 AND errors IS NULL`)
+			if waiting != 3 {
+				t.Fatalf("%d webhook jobs wait with no attempt and no error after the stop, want 3", waiting)
 			}
 
 			s.start(t)
-			testwait.For(t, 20*time.Second, "the delivery after the restart", func() bool { return len(rcv.deliveries()) >= 2 })
-			got := rcv.deliveries()
-			if a, b := got[0].header.Get("X-Blacksky-Delivery"), got[1].header.Get("X-Blacksky-Delivery"); a == "" || a != b {
-				t.Fatalf("the delivery after the restart has id %q, the cancelled one %q", b, a)
+			testwait.For(t, 20*time.Second, "the deliveries after the restart", func() bool { return len(rcv.deliveries()) >= 4 })
+			var order []string
+			for _, d := range rcv.deliveries() {
+				order = append(order, d.header.Get("X-Blacksky-Delivery"))
 			}
-			testwait.For(t, 20*time.Second, "the delivery recorded as made", func() bool {
+			if want := []string{"msg.1", "msg.1", "msg.2", "msg.3"}; !slices.Equal(order[:4], want) {
+				t.Fatalf("deliveries %v, want %v: the interrupted one again first, then the chat's later ones", order, want)
+			}
+			testwait.For(t, 20*time.Second, "the deliveries recorded as made", func() bool {
 				st := openStats(t, s)
 				return st.dead == 0 && st.pending == 0
 			})
+			if failed := s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind LIKE 'blacksky_relay_%' AND errors IS NOT NULL`); failed != 0 {
+				t.Fatalf("%d relay jobs recorded an error: a stop and a start are no failure", failed)
+			}
 		})
 	}
 }
