@@ -24,15 +24,17 @@ type rendered struct {
 	id string
 }
 
-// deliver makes one delivery job's delivery. An item pruned meanwhile has
-// nothing left to deliver; one that cannot be opened (sealed under another
-// SESSION_ENCRYPTION_KEY) never will be: dead at once.
+// deliver makes one delivery job's delivery. An item pruned meanwhile
+// (MESSAGE_RETENTION) or one that cannot be opened (sealed under another
+// SESSION_ENCRYPTION_KEY) has nothing left to deliver: dead at once,
+// saying why, so /status and River UI count it.
 func (s *Service) deliver(ctx context.Context, channel string, job JobInfo, a DeliveryArgs) error {
 	r, err := s.render(ctx, a)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		s.log.Info("delivery skipped: the item is no longer stored (MESSAGE_RETENTION)", "item", a.Item, "ref", a.Ref)
-		return nil
+		s.log.Warn("delivery dead: its item was deleted by MESSAGE_RETENTION before it could be delivered", "item", a.Item, "ref", a.Ref,
+			"channel", channel)
+		return river.JobCancel(fmt.Errorf("the %s was deleted by MESSAGE_RETENTION before it could be delivered", a.Item))
 	case errors.Is(err, snapshot.ErrWrongKey), errors.Is(err, snapshot.ErrNeedKey), errors.Is(err, snapshot.ErrCorrupt):
 		return river.JobCancel(fmt.Errorf("stored %s cannot be opened: %w", a.Item, err))
 	case err != nil:

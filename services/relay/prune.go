@@ -42,4 +42,17 @@ func (s *Service) prune(ctx context.Context, st Store) {
 	if n > 0 {
 		s.log.Info("pruned", "rows", n, "retention", s.cfg.Retention.String())
 	}
+	if _, q := s.backend(); q != nil {
+		dead, err := q.PruneDead(pctx, s.cfg.Session, s.clock.Now().Add(-s.cfg.Retention))
+		if err != nil {
+			if ctx.Err() == nil {
+				s.noteErr(err)
+				s.log.Warn("pruning dead deliveries failed; next try at the next tick", "err", err)
+			}
+			return
+		}
+		if dead > 0 {
+			s.log.Info("pruned dead deliveries", "jobs", dead, "retention", s.cfg.Retention.String())
+		}
+	}
 }

@@ -98,6 +98,9 @@ type Queue interface {
 	// RetryDead puts the session's dead deliveries (discarded or cancelled)
 	// back in their queues as new jobs and returns how many.
 	RetryDead(ctx context.Context, session string) (int, error)
+	// PruneDead deletes the session's dead jobs created before cutoff:
+	// their items are deleted at the same age (MESSAGE_RETENTION).
+	PruneDead(ctx context.Context, session string, cutoff time.Time) (int, error)
 	// RequeueSends inserts a send job for each key of queued (the
 	// session's queued sends) that has no job in a live state, then
 	// deletes the dead jobs of those keys, and returns how many it
@@ -350,6 +353,42 @@ func (q *riverQueue[TTx]) Insert(ctx context.Context, list []Job) error {
 		return fmt.Errorf("insert jobs: %w", err)
 	}
 	return nil
+}
+
+// PruneDead deletes, page by page, the session's dead relay jobs that
+// were created before cutoff.
+func (q *riverQueue[TTx]) PruneDead(ctx context.Context, session string, cutoff time.Time) (int, error) {
+	n := 0
+	params := river.NewJobListParams().
+		Kinds(jobs.KindRelayNATS, jobs.KindRelayWebhook, jobs.KindRelaySend).
+		States(rivertype.JobStateDiscarded, rivertype.JobStateCancelled).
+		First(500)
+	for {
+		res, err := q.client.JobList(ctx, params)
+		if err != nil {
+			return n, fmt.Errorf("list dead jobs: %w", err)
+		}
+		var old []int64
+		for _, row := range res.Jobs {
+			var a struct {
+				Session string `json:"session"`
+			}
+			if json.Unmarshal(row.EncodedArgs, &a) == nil && a.Session == session && row.CreatedAt.Before(cutoff) {
+				old = append(old, row.ID)
+			}
+		}
+		if len(old) > 0 {
+			del, err := q.client.JobDeleteMany(ctx, river.NewJobDeleteManyParams().IDs(old...).First(len(old)))
+			if err != nil {
+				return n, fmt.Errorf("delete dead jobs: %w", err)
+			}
+			n += len(del.Jobs)
+		}
+		if len(res.Jobs) == 0 || res.LastCursor == nil {
+			return n, nil
+		}
+		params = params.After(res.LastCursor)
+	}
 }
 
 // RetryDead inserts each dead delivery again as a new job (a fresh start

@@ -1,6 +1,7 @@
 package relay_test
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -39,5 +40,29 @@ func TestMessagesOlderThanRetentionArePrunedOnRelaysClock(t *testing.T) {
 				t.Fatalf("seq after pruning: %d, want 3 (never reused)", rep.Seq)
 			}
 		})
+	}
+}
+
+// A delivery still retrying when MESSAGE_RETENTION deletes its message is
+// dead, saying why (not completed as if delivered), and dead deliveries go
+// with their messages: nothing is left for deliveries retry to pretend to
+// send again.
+func TestADeliveryOutlivedByItsMessageIsDeadSayingWhyAndPrunedWithIt(t *testing.T) {
+	rcv := newReceiver(t, 503)
+	s := webhookSetup(t, "postgres", rcv)
+	s.cfg.Retention = 3 * time.Second // wall time: River's own times are
+	in := s.start(t)
+	store(t, s.bus.nc, message("c", "A", "x"))
+	testwait.For(t, 30*time.Second, "the delivery to die saying why", func() bool {
+		return strings.Contains(in.logs.String(), "deleted by MESSAGE_RETENTION before it could be delivered")
+	})
+	testwait.For(t, 30*time.Second, "the dead delivery pruned with its message", func() bool {
+		st := openStats(t, s)
+		return st.dead == 0 && st.pending == 0
+	})
+	var rep bus.RelayRetryReply
+	request(t, s.bus.nc, subj.RelayRetry(), []byte(`{}`), &rep)
+	if !rep.OK || rep.Retried != 0 {
+		t.Fatalf("deliveries retry after the prune: %+v, want nothing retried", rep)
 	}
 }

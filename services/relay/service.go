@@ -69,6 +69,10 @@ type Service struct {
 	closed   bool          // stop began: requests are refused, not run
 	sem      chan struct{} // bounds concurrent request handlers
 	stopping chan struct{} // closed when Run stops: waiting sends answer at once
+	// stopCtx ends with stopping: long requests (deliveries retry) give
+	// up rather than hold the stop, which waits for every handler.
+	stopCtx  context.Context
+	stopDone context.CancelFunc
 	dbBack   chan struct{} // signalled when the database answers again after failing
 	ready    chan struct{} // closed once relay serves with its database, or Run returned
 	readyOne sync.Once
@@ -133,6 +137,7 @@ func New(opts Options) (*Service, error) {
 	// GET without the body, whose 2xx would count as delivered. post makes
 	// the 3xx itself dead, saying so.
 	hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	stopCtx, stopDone := context.WithCancel(context.Background())
 	return &Service{
 		opts:     opts,
 		cfg:      cfg,
@@ -145,6 +150,8 @@ func New(opts Options) (*Service, error) {
 		outage:   opts.Outage,
 		sem:      make(chan struct{}, maxHandlers),
 		stopping: make(chan struct{}),
+		stopCtx:  stopCtx,
+		stopDone: stopDone,
 		dbBack:   make(chan struct{}, 1),
 		ready:    make(chan struct{}),
 		waiters:  waiters{m: map[string][]*waiter{}},
@@ -297,6 +304,7 @@ func (s *Service) stop(subs []*nats.Subscription) error {
 		_ = sub.Unsubscribe()
 	}
 	close(s.stopping)
+	s.stopDone()
 	// A NATS callback may still be running after Unsubscribe: from here
 	// spawn refuses what it hands over, so Add never races Wait.
 	s.hmu.Lock()

@@ -245,7 +245,7 @@ func (s *Service) onRetry(m *nats.Msg) {
 		s.respond(m, bus.RelayRetryReply{Error: errNotReady.Error()})
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(s.stopCtx, time.Minute)
 	defer cancel()
 	n, err := q.RetryDead(ctx, s.cfg.Session)
 	if err != nil {

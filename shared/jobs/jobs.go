@@ -146,6 +146,14 @@ func (s Schedule) PeriodicJobs() []*river.PeriodicJob {
 // slow job would run twice at once.
 const RescueAfter = 3 * time.Minute
 
+// DeadRetention is how long River keeps dead jobs (cancelled or
+// discarded) before its cleaner deletes them. River's defaults (a day for
+// cancelled ones) lost relay's dead deliveries before an operator back
+// from a weekend could retry them. Like the schedule it is product-wide:
+// the cleaner runs on the leader, with the leader's setting. Relay deletes
+// its own dead deliveries sooner, with their messages (MESSAGE_RETENTION).
+const DeadRetention = 30 * 24 * time.Hour
+
 // Config builds one service's River client. Zero values are defaults.
 type Config struct {
 	// Queues the client works, with their worker counts.
@@ -186,6 +194,8 @@ func NewClient[TTx any](driver riverdriver.Driver[TTx], cfg Config) (*river.Clie
 		SkipUnknownJobCheck:         true,
 		RescueStuckJobsAfter:        RescueAfter,
 		SoftStopTimeout:             cfg.StopGrace,
+		CancelledJobRetentionPeriod: DeadRetention,
+		DiscardedJobRetentionPeriod: DeadRetention,
 	}
 	if cfg.Workers != nil {
 		if err := addStandIns(cfg.Workers); err != nil {
