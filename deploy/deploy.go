@@ -51,8 +51,8 @@ const natsConfHeader = `# nats-server configuration for an external NATS_URL, wi
 # NATS_TOKEN as the password (nats://bot:TOKEN@host:4222): a nats-server
 # cannot attach permissions to a bare token. For the sandbox
 # (WHATSAPP_SANDBOX), add "blacksky.*.sandbox.link", "blacksky.*.sandbox.inject",
-# "blacksky.*.sandbox.fault" and "blacksky.*.sandbox.outbox" to the bot's
-# publish list.
+# "blacksky.*.sandbox.fault", "blacksky.*.sandbox.receipt" and
+# "blacksky.*.sandbox.outbox" to the bot's publish list.
 #
 # Add TLS (tls { cert_file, key_file }) when clients reach it over the
 # internet: passwords travel with every connection.

@@ -84,7 +84,7 @@ var commands = []struct{ name, brief, about string }{
 	{"messages", "[--after N] [--limit L] [--timeout D]", "print the stored messages after seq N (all of them, or at most L), one JSON object a line, as on P.msg.in"},
 	{"deliveries", "retry [--timeout D]", "send dead deliveries (webhook or bus) again"},
 	{"restore", "[--id N|pN] [--at T] [--force] [--ignore-lease]", "write a snapshot or point into the session path"},
-	{"sandbox", "link | inject | fault KIND | outbox", "drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true)"},
+	{"sandbox", "link | inject | fault KIND | receipt | outbox", "drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true)"},
 	{"healthcheck", "[--url U] [--timeout D]", "exit 0 if /healthz answers 200"},
 	{"version", "", "print version, commit and Go version"},
 }

@@ -13,7 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-const sandboxUsage = `usage: blacksky sandbox link | inject | fault KIND | outbox [flags]
+const sandboxUsage = `usage: blacksky sandbox link | inject | fault KIND | receipt | outbox [flags]
 
 drive the WhatsApp sandbox of a running gateway (WHATSAPP_SANDBOX=true).
 It reaches the process over the bus as backup-now does (NATS_URL, else
@@ -26,6 +26,7 @@ commands:
                                               an incoming message (or a flood of them)
   fault    KIND [--code N] [--message M] [--expire D] [--duration D] [--count N]
                                               make WhatsApp misbehave (see docs/sandbox.md)
+  receipt  --id ID [--id ID]... [--type T]    the contact reports a sent message read (or delivered)
   outbox   [--limit N]                        the newest messages the bot sent
 `
 
@@ -37,7 +38,7 @@ func (m *Main) cmdSandbox(ctx context.Context, args []string) error {
 	}
 	if len(args) == 0 {
 		fmt.Fprint(m.Stderr, sandboxUsage)
-		return &UsageError{Msg: "sandbox: a command is required (link, inject, fault, outbox)"}
+		return &UsageError{Msg: "sandbox: a command is required (link, inject, fault, receipt, outbox)"}
 	}
 	cmd, args := args[0], args[1:]
 	fs := m.flags("sandbox " + cmd)
@@ -92,6 +93,20 @@ func (m *Main) cmdSandbox(ctx context.Context, args []string) error {
 			return err
 		}
 		body, subject = r, bus.Subjects.SandboxFault
+	case "receipt":
+		var r bus.SandboxReceiptRequest
+		fs.Func("id", "the id of a message the bot sent (repeat: several sent to one contact, in one receipt)", func(s string) error {
+			r.IDs = append(r.IDs, s)
+			return nil
+		})
+		fs.StringVar(&r.Type, "type", "read", "read or delivered")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		if len(r.IDs) == 0 {
+			return &UsageError{Msg: "sandbox receipt: --id is required (a message id from P.sandbox.out or blacksky sandbox outbox)"}
+		}
+		body, subject = r, bus.Subjects.SandboxReceipt
 	case "outbox":
 		limit := fs.Int("limit", 20, "how many of the newest sends")
 		if err := parseFlags(fs, args); err != nil {

@@ -17,6 +17,7 @@ func TestSandboxCommandAndVariableErrorsExit2(t *testing.T) {
 		{"unknown subcommand", nil, []string{"sandbox", "teleport"}, "unknown command"},
 		{"fault without a kind", nil, []string{"sandbox", "fault", "--code", "1"}, "kind comes first"},
 		{"bad flag", nil, []string{"sandbox", "inject", "--count", "many"}, "invalid value"},
+		{"receipt without an id", nil, []string{"sandbox", "receipt", "--type", "read"}, "--id is required"},
 		{"sandbox in production", map[string]string{"WHATSAPP_SANDBOX": "true", "NODE_ENV": "production"}, []string{"run"}, "WHATSAPP_SANDBOX"},
 	} {
 		code, _, stderr := runMain(t, context.Background(), c.env, c.args...)

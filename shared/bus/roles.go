@@ -128,7 +128,7 @@ var grants = map[Role]grant{
 	},
 	RoleBot: {
 		publish:        []string{"msg.send", "backup.request", "msg.replay", "relay.retry"},
-		sandboxPublish: []string{"sandbox.link", "sandbox.inject", "sandbox.fault", "sandbox.outbox"},
+		sandboxPublish: []string{"sandbox.link", "sandbox.inject", "sandbox.fault", "sandbox.receipt", "sandbox.outbox"},
 		// Events only: a bot that could subscribe to a command subject
 		// (session.restore, msg.send) would receive the requests and could
 		// answer them in place of our services.

@@ -88,11 +88,12 @@ var wantPublish = map[string][]bus.Role{
 	"sandbox.link":      {bus.RoleHealth}, // /pair's "link now" button
 	"sandbox.inject":    {},
 	"sandbox.fault":     {},
+	"sandbox.receipt":   {},
 	"sandbox.outbox":    {},
 	"sandbox.out":       {bus.RoleGateway},
 }
 
-var sandboxCommands = []string{"sandbox.link", "sandbox.inject", "sandbox.fault", "sandbox.outbox"}
+var sandboxCommands = []string{"sandbox.link", "sandbox.inject", "sandbox.fault", "sandbox.receipt", "sandbox.outbox"}
 
 func mayPublish(role bus.Role, subj string, sandbox bool) bool {
 	if strings.HasPrefix(subj, "conn.") {

@@ -9,8 +9,9 @@ import (
 )
 
 // The WhatsApp sandbox's control surface (WHATSAPP_SANDBOX=true): requests
-// answered by the process that runs the gateway in sandbox mode, and one
-// event for every message the bot sent.
+// answered by the process that runs the gateway in sandbox mode (link,
+// inject, fault, receipt, outbox), and one event for every message the bot
+// sent.
 
 // SandboxLink is P.sandbox.link.
 func (s Subjects) SandboxLink() string { return s.Prefix + ".sandbox.link" }
@@ -23,6 +24,9 @@ func (s Subjects) SandboxFault() string { return s.Prefix + ".sandbox.fault" }
 
 // SandboxOutbox is P.sandbox.outbox.
 func (s Subjects) SandboxOutbox() string { return s.Prefix + ".sandbox.outbox" }
+
+// SandboxReceipt is P.sandbox.receipt.
+func (s Subjects) SandboxReceipt() string { return s.Prefix + ".sandbox.receipt" }
 
 // SandboxOut is P.sandbox.out.
 func (s Subjects) SandboxOut() string { return s.Prefix + ".sandbox.out" }
@@ -90,6 +94,27 @@ type SandboxOutboxRequest struct {
 	Limit int `json:"limit,omitempty"`
 }
 
+// SandboxReceiptRequest is a P.sandbox.receipt body: the contact's phone
+// reports messages the bot sent it delivered or read. ID names one message
+// (an id from P.sandbox.out or the outbox), IDs several sent to the same
+// contact (a phone reads a chat's unread messages in one receipt); exactly
+// one of them.
+type SandboxReceiptRequest struct {
+	ID   string   `json:"id,omitempty"`
+	IDs  []string `json:"ids,omitempty"`
+	Type string   `json:"type"` // delivered or read
+}
+
+// SandboxReceiptReply answers P.sandbox.receipt once the receipt is
+// committed to the sandbox's server file: the chat it comes from and its
+// timestamp (whole seconds, as WhatsApp's).
+type SandboxReceiptReply struct {
+	OK        bool       `json:"ok"`
+	Chat      string     `json:"chat,omitempty"`
+	Timestamp *time.Time `json:"timestamp,omitempty"`
+	Error     string     `json:"error,omitempty"`
+}
+
 // SandboxSent is one message the bot sent, as P.sandbox.out and in outbox
 // replies. Refused is set when the sandbox refused it as WhatsApp would.
 type SandboxSent struct {
@@ -116,6 +141,8 @@ const (
 	MaxSandboxLimit  = 1000
 	MaxSandboxField  = 1024 // names, file names, targets, options
 	MaxSandboxOption = 12   // poll options
+	// MaxSandboxReceiptIDs bounds the messages one receipt names.
+	MaxSandboxReceiptIDs = 100
 )
 
 // DecodeSandboxLink reads a P.sandbox.link body; an empty body is {}.
@@ -205,6 +232,34 @@ func DecodeSandboxOutbox(data []byte) (SandboxOutboxRequest, error) {
 	}
 	if r.Limit == 0 {
 		r.Limit = 20
+	}
+	return r, nil
+}
+
+// DecodeSandboxReceipt reads a P.sandbox.receipt body: exactly one of "id"
+// and "ids", and "type" delivered or read. Whether the ids are messages
+// the bot sent is the sandbox's to check. The request is returned with IDs
+// holding every id (ID folded in).
+func DecodeSandboxReceipt(data []byte) (SandboxReceiptRequest, error) {
+	var r SandboxReceiptRequest
+	if err := decodeStrict(data, &r); err != nil {
+		return SandboxReceiptRequest{}, err
+	}
+	switch {
+	case (r.ID == "") == (len(r.IDs) == 0):
+		return SandboxReceiptRequest{}, errors.New(`exactly one of "id" (a message the bot sent) and "ids" is required`)
+	case len(r.IDs) > MaxSandboxReceiptIDs:
+		return SandboxReceiptRequest{}, fmt.Errorf(`"ids": at most %d`, MaxSandboxReceiptIDs)
+	case r.Type != "delivered" && r.Type != "read":
+		return SandboxReceiptRequest{}, errors.New(`"type": delivered or read`)
+	}
+	if r.ID != "" {
+		r.IDs, r.ID = []string{r.ID}, ""
+	}
+	for _, id := range r.IDs {
+		if id == "" || len(id) > MaxIDLen {
+			return SandboxReceiptRequest{}, fmt.Errorf(`"id": a message id of 1 to %d bytes`, MaxIDLen)
+		}
 	}
 	return r, nil
 }

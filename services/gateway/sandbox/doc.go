@@ -36,7 +36,8 @@
 // QR (six codes; the gateway shows the first for 60 s and each other for
 // 20 s, WhatsApp's schedule, and Link refuses once they are all expired),
 // PairSuccess then Connected (whatsmeow's reconnect after pairing),
-// Connected on login, Message, and on faults Disconnected, KeepAliveTimeout
+// Connected on login, Message, Receipt (contacts reporting the bot's sends
+// delivered or read, see Outbound), and on faults Disconnected, KeepAliveTimeout
 // (on whatsmeow's ping schedule, then KeepAliveRestored), StreamReplaced,
 // LoggedOut (OnConnect when the device was logged out while away),
 // TemporaryBan (at every login while the ban lasts, never on an open
@@ -68,6 +69,11 @@
 // the buffered plaintext; once a dispatch succeeds only the hash stays.
 // OnEvent is whatsmeow's plain AddEventHandler, for tests of the client.
 //
+// Receipts are acknowledged the same way (whatsmeow's handleReceipt acks
+// after its handlers, and not when one reported failure); having no
+// plaintext to buffer, an unacknowledged receipt is simply dispatched
+// again after the next reconnect.
+//
 // # Determinism
 //
 // With a seed (SANDBOX_SEED; empty: the one stored in the server file, or a
@@ -86,6 +92,17 @@
 // it refuses as armed by send_not_on_whatsapp / send_rate_limited (the
 // refusal is recorded too).
 //
+// As WhatsApp does, the contact's phone then reports the message delivered:
+// an accepted send to a contact commits, with the send, a delivery receipt
+// due a second later (never for a group: the sandbox has no members; never
+// for a refused send). Server.Receipt (P.sandbox.receipt) makes the contact
+// report sends delivered or read on demand, several ids in one receipt as a
+// phone reading a chat does. Receipts wait in the server file for the
+// device linked when they were made and are delivered by the socket's one
+// delivery loop, interleaved with incoming messages by due time, as
+// events.Receipt (Chat and Sender the contact, MessageIDs, Timestamp in
+// whole seconds, Type "" or "read").
+//
 // This package knows nothing of NATS: package sandboxbus puts Link, Inject,
-// Fault and Outbox on the bus.
+// Fault, Receipt and Outbox on the bus.
 package sandbox

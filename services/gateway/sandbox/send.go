@@ -42,7 +42,7 @@ func (c *Client) SendText(ctx context.Context, to types.JID, text string) (gatew
 		if kind == FaultSendNotOnWhatsApp {
 			err = fmt.Errorf("%s: %w", to.User, ErrNotOnWhatsApp)
 		}
-		if rerr := c.srv.recordSent(ctx, Sent{To: to.String(), Text: text, Timestamp: now.UTC(), Refused: err.Error()}); rerr != nil {
+		if rerr := c.srv.recordSent(ctx, Sent{To: to.String(), Text: text, Timestamp: now.UTC(), Refused: err.Error()}, types.EmptyJID); rerr != nil {
 			c.log.Warn("sandbox: record refused send", "err", rerr)
 		}
 		return gateway.Sent{}, fmt.Errorf("send message: %w", err)
@@ -56,7 +56,7 @@ func (c *Client) SendText(ctx context.Context, to types.JID, text string) (gatew
 		return gateway.Sent{}, fmt.Errorf("send message: %w", err)
 	}
 	m := Sent{ID: c.srv.seed.outgoingID(), To: to.String(), Text: text, Timestamp: now.Truncate(time.Second).UTC()}
-	if err := c.srv.recordSent(ctx, m); err != nil {
+	if err := c.srv.recordSent(ctx, m, own); err != nil {
 		return gateway.Sent{}, fmt.Errorf("send message: %w", err)
 	}
 	return gateway.Sent{ID: m.ID, Timestamp: m.Timestamp}, nil

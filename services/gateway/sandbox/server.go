@@ -33,8 +33,8 @@ type ServerOptions struct {
 }
 
 // Server is WhatsApp's side of the sandbox: the accounts it has linked, the
-// contacts it simulates, messages not yet acknowledged and every message the
-// bot sent, in its own SQLite file. One per process; the gateway's Conns
+// contacts it simulates, messages not yet acknowledged, every message the
+// bot sent and the receipts contacts send for them, in its own SQLite file. One per process; the gateway's Conns
 // (Open) attach to it one at a time.
 type Server struct {
 	db     *sql.DB
@@ -55,7 +55,9 @@ type Server struct {
 	refuseN int
 }
 
-// schema is the server file. Times are Unix nanoseconds.
+// schema is the server file. Times are Unix nanoseconds. receipts are
+// what contacts' phones say about the bot's sends (ids a JSON array, type
+// whatsmeow's ReceiptType), queued and acknowledged like the inbox.
 const schema = `
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (jid TEXT PRIMARY KEY, state TEXT NOT NULL, linked_at INTEGER NOT NULL);
@@ -84,6 +86,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 	at INTEGER NOT NULL,
 	refused TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS outbox_id ON outbox (id);
+CREATE TABLE IF NOT EXISTS receipts (
+	seq INTEGER PRIMARY KEY,
+	ids TEXT NOT NULL,
+	chat TEXT NOT NULL,
+	type TEXT NOT NULL,
+	at INTEGER NOT NULL,
+	deliver_at INTEGER NOT NULL,
+	deliveries INTEGER NOT NULL DEFAULT 0,
+	acked_at INTEGER,
+	device TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_unacked ON receipts (deliver_at, seq) WHERE acked_at IS NULL;
 `
 
 // serverDSN: WAL with synchronous=NORMAL survives a killed process (the

@@ -238,58 +238,120 @@ func (c *Client) receive(ctx context.Context, dev *store.Device, p *pending) (*e
 	return evt, nil
 }
 
-// deliver hands queued messages to the handler until s closes, oldest due
-// first, each once per socket; a message is acknowledged when the handler
-// has returned (reported success) while s is still the open socket.
-// Unacknowledged ones come again on the next socket.
+// deliver hands queued messages and receipts to the handler until s
+// closes, as whatsmeow's one reader does: oldest due first (a message
+// before a receipt due at the same time), each once per socket; one is
+// acknowledged when the handler has returned (reported success) while s is
+// still the open socket. Unacknowledged ones come again on the next socket.
 func (c *Client) deliver(s *socket, dev *store.Device) {
 	ctx := s.ctx
-	afterAt, afterSeq := int64(-1<<63), int64(0)
+	msgs, rcpts := newCursor(), newCursor()
 	for ctx.Err() == nil {
 		now := c.srv.clock.Now()
-		p, next, err := c.srv.nextPending(ctx, *dev.ID, afterAt, afterSeq, now)
+		p, nextP, err := c.srv.nextPending(ctx, *dev.ID, msgs.at, msgs.seq, now)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Warn("sandbox: read the queue", "err", err)
 			}
-			next = now.Add(time.Second)
+			p, nextP = nil, now.Add(time.Second)
 		}
-		if p == nil {
-			c.wait(s, next)
-			continue
-		}
-		afterAt, afterSeq = p.deliverAt.UnixNano(), p.seq
-		if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
-			c.log.Warn("sandbox: count delivery", "err", err)
-		}
-		evt, processed, err := c.decrypt(ctx, dev, p)
+		r, nextR, err := c.srv.nextReceipt(ctx, *dev.ID, rcpts.at, rcpts.seq, now)
 		if err != nil {
 			if ctx.Err() == nil {
-				c.log.Warn("sandbox: receive message", "id", p.id, "err", err)
+				c.log.Warn("sandbox: read the receipts", "err", err)
 			}
-			continue
+			r, nextR = nil, now.Add(time.Second)
 		}
-		ok := true
-		if !processed {
-			ok = c.dispatch(evt)
-			if ok {
-				// The handlers are done with it: whatsmeow keeps only
-				// the hash, so a redelivery is ignored (and acked).
-				if err := dev.EventBuffer.ClearBufferedEventPlaintext(context.WithoutCancel(ctx), bufferHash(p)); err != nil {
-					c.log.Warn("sandbox: clear the decrypted event", "err", err)
-				}
-			}
-		}
-		c.mu.Lock()
-		current := c.sock == s
-		c.mu.Unlock()
-		if !ok || !current {
-			continue // no ack: WhatsApp sends it again after a reconnect
-		}
-		if err := c.srv.ack(context.WithoutCancel(ctx), p.seq); err != nil {
-			c.log.Warn("sandbox: ack", "err", err)
+		switch {
+		case p != nil && (r == nil || !r.deliverAt.Before(p.deliverAt)):
+			msgs.move(p.deliverAt, p.seq)
+			c.deliverMessage(s, dev, p)
+		case r != nil:
+			rcpts.move(r.deliverAt, r.seq)
+			c.deliverReceipt(s, r)
+		default:
+			c.wait(s, earliest(nextP, nextR))
 		}
 	}
+}
+
+// cursor is how far one queue was delivered on a socket: the delivery time
+// and seq of the last item handed over.
+type cursor struct{ at, seq int64 }
+
+func newCursor() cursor { return cursor{at: -1 << 63} }
+
+func (cu *cursor) move(at time.Time, seq int64) { cu.at, cu.seq = at.UnixNano(), seq }
+
+// earliest is the sooner of two due times; zero is none.
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || !b.IsZero() && b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// deliverMessage decrypts p (moving the store), dispatches it and
+// acknowledges it as whatsmeow does.
+func (c *Client) deliverMessage(s *socket, dev *store.Device, p *pending) {
+	ctx := s.ctx
+	if err := c.srv.markDelivered(ctx, p.seq); err != nil && ctx.Err() == nil {
+		c.log.Warn("sandbox: count delivery", "err", err)
+	}
+	evt, processed, err := c.decrypt(ctx, dev, p)
+	if err != nil {
+		if ctx.Err() == nil {
+			c.log.Warn("sandbox: receive message", "id", p.id, "err", err)
+		}
+		return
+	}
+	ok := true
+	if !processed {
+		ok = c.dispatch(evt)
+		if ok {
+			// The handlers are done with it: whatsmeow keeps only
+			// the hash, so a redelivery is ignored (and acked).
+			if err := dev.EventBuffer.ClearBufferedEventPlaintext(context.WithoutCancel(ctx), bufferHash(p)); err != nil {
+				c.log.Warn("sandbox: clear the decrypted event", "err", err)
+			}
+		}
+	}
+	if !ok || !c.current(s) {
+		return // no ack: WhatsApp sends it again after a reconnect
+	}
+	if err := c.srv.ack(context.WithoutCancel(ctx), p.seq); err != nil {
+		c.log.Warn("sandbox: ack", "err", err)
+	}
+}
+
+// deliverReceipt dispatches r as whatsmeow's handleReceipt does with
+// SynchronousAck: receipts are not encrypted and leave the store alone; the
+// ack waits for the handler, and a handler reporting failure leaves the
+// receipt unacknowledged, so WhatsApp sends it again after a reconnect
+// (there is no event buffer for receipts: it is dispatched again).
+func (c *Client) deliverReceipt(s *socket, r *queuedReceipt) {
+	ctx := s.ctx
+	if err := c.srv.markReceiptDelivered(ctx, r.seq); err != nil && ctx.Err() == nil {
+		c.log.Warn("sandbox: count receipt delivery", "err", err)
+	}
+	evt, err := buildReceipt(r)
+	if err != nil {
+		c.log.Warn("sandbox: receipt", "seq", r.seq, "err", err)
+		return
+	}
+	if !c.dispatch(evt) || !c.current(s) {
+		return
+	}
+	if err := c.srv.ackReceipt(context.WithoutCancel(ctx), r.seq); err != nil {
+		c.log.Warn("sandbox: ack receipt", "err", err)
+	}
+}
+
+// current reports whether s is still the open socket.
+func (c *Client) current(s *socket) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sock == s
 }
 
 // bufferHash stands for the hash of the message's ciphertext, the key of

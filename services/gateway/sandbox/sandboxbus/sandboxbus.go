@@ -1,8 +1,8 @@
 // Package sandboxbus puts the WhatsApp sandbox's control surface on the bus:
-// P.sandbox.link, P.sandbox.inject, P.sandbox.fault and P.sandbox.outbox are
-// answered (ok:false with the reason for bad input), and every message the
-// bot sends is published on P.sandbox.out. The sandbox itself knows nothing
-// of NATS.
+// P.sandbox.link, P.sandbox.inject, P.sandbox.fault, P.sandbox.receipt and
+// P.sandbox.outbox are answered (ok:false with the reason for bad input),
+// and every message the bot sends is published on P.sandbox.out. The
+// sandbox itself knows nothing of NATS.
 package sandboxbus
 
 import (
@@ -51,10 +51,11 @@ func (s *Service) Run(ctx context.Context) error {
 	})
 	defer s.Server.OnSent(nil)
 	handlers := map[string]func(context.Context, []byte) any{
-		subj.SandboxLink():   s.link,
-		subj.SandboxInject(): s.inject,
-		subj.SandboxFault():  s.fault,
-		subj.SandboxOutbox(): s.outbox,
+		subj.SandboxLink():    s.link,
+		subj.SandboxInject():  s.inject,
+		subj.SandboxFault():   s.fault,
+		subj.SandboxReceipt(): s.receipt,
+		subj.SandboxOutbox():  s.outbox,
 	}
 	// Handlers run on nats.go's goroutines: Run owns them through inflight
 	// and returns only after the last one finished, so whoever closes the
@@ -169,6 +170,18 @@ func (s *Service) fault(ctx context.Context, data []byte) any {
 		return bus.SandboxFaultReply{Error: err.Error()}
 	}
 	return bus.SandboxFaultReply{OK: true}
+}
+
+func (s *Service) receipt(ctx context.Context, data []byte) any {
+	req, err := bus.DecodeSandboxReceipt(data)
+	if err != nil {
+		return bus.SandboxReceiptReply{Error: err.Error()}
+	}
+	q, err := s.Server.Receipt(ctx, sandbox.ReceiptRequest{IDs: req.IDs, Type: req.Type})
+	if err != nil {
+		return bus.SandboxReceiptReply{Error: err.Error()}
+	}
+	return bus.SandboxReceiptReply{OK: true, Chat: q.Chat.String(), Timestamp: &q.Timestamp}
 }
 
 func (s *Service) outbox(ctx context.Context, data []byte) any {

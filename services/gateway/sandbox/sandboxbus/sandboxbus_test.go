@@ -11,6 +11,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 	"github.com/nats-io/nats.go"
+	"go.mau.fi/whatsmeow/types"
 	"go.mau.fi/whatsmeow/types/events"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
@@ -86,6 +87,9 @@ func TestBadRequestsGetOkFalseWithTheReason(t *testing.T) {
 		{subj.SandboxFault(), `{"kind":"disconnect"}`, "not connected"},
 		{subj.SandboxLink(), `{}`, "not pairing"},
 		{subj.SandboxOutbox(), `{"limit":-1}`, "limit"},
+		{subj.SandboxReceipt(), `{"type":"read"}`, `"id"`},
+		{subj.SandboxReceipt(), `{"id":"3EB0AB","type":"played"}`, `"type"`},
+		{subj.SandboxReceipt(), `{"id":"3EB0AB","type":"read"}`, "not linked"},
 	} {
 		v := ask(t, nc, c.subject, c.body)
 		if v["ok"] != false || !strings.Contains(v["error"].(string), c.want) {
@@ -130,6 +134,51 @@ func TestInjectIsCommittedBeforeTheAnswer(t *testing.T) {
 	}
 	if v := ask(t, nc, subj.SandboxOutbox(), ``); v["ok"] != true {
 		t.Errorf("outbox: %v", v)
+	}
+}
+
+// A receipt request is answered once the receipt is committed, with the
+// contact it comes from; an id the bot never sent gets ok:false.
+func TestReceiptIsAnsweredWithItsContact(t *testing.T) {
+	nc, subj, srv := serve(t)
+	c, err := srv.Open(t.Context(), sandbox.Options{Path: filepath.Join(t.TempDir(), "session.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	received := make(chan *events.Receipt, 4)
+	c.OnEvent(func(evt any) {
+		if r, ok := evt.(*events.Receipt); ok {
+			received <- r
+		}
+	})
+	if err := c.Connect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, 5*time.Second, "the link", func() bool {
+		_, err := srv.Link(t.Context(), "")
+		return err == nil
+	})
+	testwait.For(t, 5*time.Second, "logged in", c.IsConnected)
+	to := types.NewJID("4915112345678", types.DefaultUserServer)
+	sent, err := c.SendText(t.Context(), to, "hi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := ask(t, nc, subj.SandboxReceipt(), `{"id":"`+sent.ID+`","type":"read"}`)
+	if v["ok"] != true || v["chat"] != to.String() || v["timestamp"] != "2026-11-26T12:00:00Z" {
+		t.Fatalf("receipt reply %v", v)
+	}
+	select {
+	case r := <-received:
+		if r.Type != types.ReceiptTypeRead || len(r.MessageIDs) != 1 || r.MessageIDs[0] != sent.ID || r.Chat != to {
+			t.Errorf("the client got %+v, want the read receipt of %s", r, sent.ID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no receipt reached the client")
+	}
+	if v := ask(t, nc, subj.SandboxReceipt(), `{"ids":["3EB0FFFF"],"type":"delivered"}`); v["ok"] != false || !strings.Contains(v["error"].(string), "no message the bot sent") {
+		t.Errorf("receipt of an unknown id: %v", v)
 	}
 }
 
