@@ -51,6 +51,7 @@ func (s *Service) setupJetStream(ctx context.Context) {
 func (s *Service) askJetStream(ctx context.Context) (jetstream.JetStream, bool) {
 	js, err := jetstream.New(s.opts.NC)
 	if err != nil {
+		s.noteErr(err)
 		s.log.Warn("jetstream: cannot ask the server; bus deliveries wait", "err", err)
 		return nil, false
 	}

@@ -96,8 +96,10 @@ type Queue interface {
 	// transaction: Tx.InsertJobs).
 	Insert(ctx context.Context, jobs []Job) error
 	// RetryDead puts the session's dead deliveries (discarded or cancelled)
-	// back in their queues as new jobs and returns how many.
-	RetryDead(ctx context.Context, session string) (int, error)
+	// back in their queues as new jobs and returns how many. One whose
+	// item is gone (gone reports it: MESSAGE_RETENTION deleted it) is
+	// deleted instead: it has nothing left to deliver.
+	RetryDead(ctx context.Context, session string, gone func(context.Context, DeliveryArgs) bool) (int, error)
 	// PruneDead deletes the session's dead jobs created before cutoff:
 	// their items are deleted at the same age (MESSAGE_RETENTION).
 	PruneDead(ctx context.Context, session string, cutoff time.Time) (int, error)
@@ -395,7 +397,7 @@ func (q *riverQueue[TTx]) PruneDead(ctx context.Context, session string, cutoff 
 // for WEBHOOK_RETRY_FOR), then deletes the dead one. A crash in between
 // leaves the dead job too: retried again later, it delivers twice, which
 // at-least-once allows.
-func (q *riverQueue[TTx]) RetryDead(ctx context.Context, session string) (int, error) {
+func (q *riverQueue[TTx]) RetryDead(ctx context.Context, session string, gone func(context.Context, DeliveryArgs) bool) (int, error) {
 	n := 0
 	params := river.NewJobListParams().
 		Kinds(jobs.KindRelayNATS, jobs.KindRelayWebhook).
@@ -409,6 +411,12 @@ func (q *riverQueue[TTx]) RetryDead(ctx context.Context, session string) (int, e
 		for _, row := range res.Jobs {
 			var a DeliveryArgs
 			if err := json.Unmarshal(row.EncodedArgs, &a); err != nil || a.Session != session {
+				continue
+			}
+			if gone(ctx, a) {
+				if _, err := q.client.JobDelete(ctx, row.ID); err != nil && !errors.Is(err, rivertype.ErrNotFound) {
+					return n, fmt.Errorf("delete dead delivery %d: %w", row.ID, err)
+				}
 				continue
 			}
 			channel := ChannelNATS

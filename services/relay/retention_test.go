@@ -1,11 +1,13 @@
 package relay_test
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jonboulle/clockwork"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
 	"github.com/blacksky-md/blacksky/shared/bus"
@@ -43,13 +45,18 @@ func TestMessagesOlderThanRetentionArePrunedOnRelaysClock(t *testing.T) {
 	}
 }
 
-// A delivery still retrying when MESSAGE_RETENTION deletes its message is
-// dead, saying why (not completed as if delivered), and dead deliveries go
-// with their messages: nothing is left for deliveries retry to pretend to
-// send again.
+// A bus delivery still waiting (here for a JetStream stream another stream
+// blocks) when MESSAGE_RETENTION deletes its message is dead, saying why
+// (not completed as if delivered), and is pruned with its message.
 func TestADeliveryOutlivedByItsMessageIsDeadSayingWhyAndPrunedWithIt(t *testing.T) {
-	rcv := newReceiver(t, 503)
-	s := webhookSetup(t, "postgres", rcv)
+	s := jsSetup(t)
+	admin, err := jetstream.New(s.bus.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CreateStream(context.Background(), jetstream.StreamConfig{Name: "squatter", Subjects: []string{subj.MsgIn()}}); err != nil {
+		t.Fatal(err)
+	}
 	s.cfg.Retention = 3 * time.Second // wall time: River's own times are
 	in := s.start(t)
 	store(t, s.bus.nc, message("c", "A", "x"))
@@ -57,12 +64,41 @@ func TestADeliveryOutlivedByItsMessageIsDeadSayingWhyAndPrunedWithIt(t *testing.
 		return strings.Contains(in.logs.String(), "deleted by MESSAGE_RETENTION before it could be delivered")
 	})
 	testwait.For(t, 30*time.Second, "the dead delivery pruned with its message", func() bool {
-		st := openStats(t, s)
-		return st.dead == 0 && st.pending == 0
+		return s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind LIKE 'blacksky_relay_%' AND state <> 'completed'`) == 0
+	})
+}
+
+// deliveries retry of a dead delivery whose message MESSAGE_RETENTION has
+// deleted does not pretend to send it again: the dead job is deleted and
+// not counted.
+func TestRetryDeletesADeadDeliveryWhoseMessageIsGone(t *testing.T) {
+	rcv := newReceiver(t, 400)
+	s := webhookSetup(t, "sqlite", rcv)
+	// Relay's clock decides what is pruned; River's jobs carry wall
+	// times, which this clock never reaches: the dead job outlives its
+	// message, as one retried late would.
+	clock := clockwork.NewFakeClockAt(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC))
+	s.clock = clock
+	s.cfg.Retention = time.Hour
+	s.start(t)
+	store(t, s.bus.nc, message("c", "A", "x"))
+	testwait.For(t, 20*time.Second, "a dead delivery", func() bool { return openStats(t, s).dead == 1 })
+	clock.Advance(2 * time.Hour)
+	testwait.Every(t, 20*time.Second, 50*time.Millisecond, "the message pruned", func() bool {
+		clock.Advance(time.Second)
+		var rep bus.MsgReplayReply
+		request(t, s.bus.nc, subj.MsgReplay(), []byte(`{}`), &rep)
+		return rep.OK && len(rep.Messages) == 0
 	})
 	var rep bus.RelayRetryReply
 	request(t, s.bus.nc, subj.RelayRetry(), []byte(`{}`), &rep)
 	if !rep.OK || rep.Retried != 0 {
-		t.Fatalf("deliveries retry after the prune: %+v, want nothing retried", rep)
+		t.Fatalf("deliveries retry after the message was pruned: %+v, want nothing retried", rep)
+	}
+	if st := openStats(t, s); st.dead != 0 || st.pending != 0 {
+		t.Fatalf("after the retry: %+v, want the dead delivery deleted", st)
+	}
+	if n := len(rcv.deliveries()); n != 1 {
+		t.Fatalf("the receiver got %d requests, want the one before the prune", n)
 	}
 }

@@ -125,6 +125,12 @@ func New(opts Options) (*Service, error) {
 		opts.Instance = "relay"
 	}
 	cfg := opts.Config.withDefaults()
+	if cfg.WebhookURL != "" && cfg.WebhookRetryFor > cfg.Retention {
+		// A delivery retried longer would find its message deleted.
+		opts.Log.Warn("WEBHOOK_RETRY_FOR is longer than MESSAGE_RETENTION: webhook deliveries are retried for MESSAGE_RETENTION at most",
+			"webhook_retry_for", cfg.WebhookRetryFor.String(), "message_retention", cfg.Retention.String())
+		cfg.WebhookRetryFor = cfg.Retention
+	}
 	if opts.Outage == nil {
 		opts.Outage = dboutage.New(opts.Log.With("service", bus.ServiceRelay), "relay")
 	}
@@ -385,7 +391,7 @@ func (s *Service) putBack(q Queue) {
 		s.log.Warn("jobs interrupted by the stop run again after the later ones of their chats", "jobs", len(cuts), "err", err)
 		return
 	}
-	s.log.Info("jobs interrupted by the stop run again first when relay is back", "jobs", len(cuts))
+	s.log.Info("jobs interrupted by the stop put back in their places (those not taken by another relay meanwhile)", "jobs", len(cuts))
 }
 
 // isStopping reports whether Run is stopping.

@@ -1,13 +1,18 @@
 package relay_test
 
 import (
+	"context"
+	"errors"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/blacksky-md/blacksky/internal/testwait"
+	"github.com/blacksky-md/blacksky/services/relay"
 	"github.com/blacksky-md/blacksky/shared/bus"
 )
 
@@ -94,5 +99,52 @@ func TestStopDoesNotFailASendCutShortOnItsLastAttempt(t *testing.T) {
 	}
 	if n := failed.len(); n != 0 {
 		t.Fatalf("%d send_failed events: the stop failed the send", n)
+	}
+}
+
+// startsFailing is a store whose River client fails to start the first
+// `fails` times, as when the database drops between the store's opening
+// and River's start.
+type startsFailing struct {
+	relay.Store
+	fails *atomic.Int32
+}
+
+func (s startsFailing) NewQueue(cfg relay.QueueConfig) (relay.Queue, error) {
+	q, err := s.Store.NewQueue(cfg)
+	return failingQueue{Queue: q, fails: s.fails}, err
+}
+
+type failingQueue struct {
+	relay.Queue
+	fails *atomic.Int32
+}
+
+func (q failingQueue) Start(ctx context.Context) error {
+	if q.fails.Add(-1) >= 0 {
+		return errors.New("start river: unexpected EOF")
+	}
+	return q.Queue.Start(ctx)
+}
+
+// A job queue that fails to start is started again, with a new store, and
+// what relay stored meanwhile is delivered once it runs.
+func TestStartOfTheJobQueueIsRetriedWhileItFails(t *testing.T) {
+	s := newSetup(t, "postgres")
+	fails := &atomic.Int32{}
+	fails.Store(2)
+	s.open = func(ctx context.Context) (relay.Store, error) {
+		st, err := s.db.open(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return startsFailing{Store: st, fails: fails}, nil
+	}
+	msgIn := collect(t, s.bus.nc, subj.MsgIn())
+	in := s.start(t)
+	store(t, s.bus.nc, message("c", "A", "x"))
+	testwait.For(t, 30*time.Second, "the message on the bus", func() bool { return msgIn.len() == 1 })
+	if got := strings.Count(in.logs.String(), "cannot start the job queue; retrying"); got != 2 {
+		t.Fatalf("%d lines say the start is retried, want 2:\n%s", got, in.logs.String())
 	}
 }

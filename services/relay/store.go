@@ -247,7 +247,10 @@ func (s *Service) onRetry(m *nats.Msg) {
 	}
 	ctx, cancel := context.WithTimeout(s.stopCtx, time.Minute)
 	defer cancel()
-	n, err := q.RetryDead(ctx, s.cfg.Session)
+	n, err := q.RetryDead(ctx, s.cfg.Session, func(ctx context.Context, a DeliveryArgs) bool {
+		_, err := s.render(ctx, a)
+		return errors.Is(err, ErrNotFound)
+	})
 	if err != nil {
 		s.respond(m, bus.RelayRetryReply{Retried: n, Error: err.Error()})
 		return

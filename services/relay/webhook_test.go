@@ -277,3 +277,16 @@ func TestWebhookRedirectIsDeadAtOnceAndNotFollowed(t *testing.T) {
 		})
 	}
 }
+
+// A WEBHOOK_RETRY_FOR longer than MESSAGE_RETENTION would retry
+// deliveries whose messages are deleted: relay cuts it, saying so.
+func TestWebhookRetryLongerThanRetentionIsCutToItWithAWarning(t *testing.T) {
+	rcv := newReceiver(t, 200)
+	s := webhookSetup(t, "sqlite", rcv)
+	s.cfg.Retention = time.Hour
+	s.cfg.WebhookRetryFor = 24 * time.Hour
+	in := s.start(t)
+	if !strings.Contains(in.logs.String(), "WEBHOOK_RETRY_FOR is longer than MESSAGE_RETENTION") {
+		t.Fatalf("no warning:\n%s", in.logs.String())
+	}
+}

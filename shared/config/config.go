@@ -240,12 +240,6 @@ func Load(getenv Getenv) (*Config, error) {
 		p.fail("WEBHOOK_EVENTS", "a comma-separated list of msg.in, msg.receipt, msg.sent, msg.send_failed, conn.* or conn.<kind>", p.str("WEBHOOK_EVENTS"))
 	}
 	c.WebhookRetryFor = p.days("WEBHOOK_RETRY_FOR", time.Second)
-	// A delivery still retrying must find its message: relay deletes
-	// messages older than MESSAGE_RETENTION.
-	if p.err == nil && c.WebhookURL != "" && c.WebhookRetryFor > c.MessageRetention {
-		p.fail("WEBHOOK_RETRY_FOR", "at most MESSAGE_RETENTION ("+p.str("MESSAGE_RETENTION")+"): a delivery still retrying would find its message deleted",
-			p.str("WEBHOOK_RETRY_FOR"))
-	}
 
 	c.LogLevel = p.level("LOG_LEVEL")
 	c.LogFormat = p.str("LOG_FORMAT")

@@ -53,7 +53,7 @@ var Vars = []Var{
 	{Name: "WEBHOOK_URL", Default: "", Description: "relay POSTs events here (JSON, signed with WEBHOOK_SECRET); empty: no webhook. Logs show it without its userinfo and query.", Secret: true},
 	{Name: "WEBHOOK_SECRET", Default: "", Description: "Key of the webhook's X-Blacksky-Signature (HMAC-SHA256 over timestamp and body; docs/relay.md).", Secret: true, Generate: "secret"},
 	{Name: "WEBHOOK_EVENTS", Default: "msg.in,conn.*", Description: "Events posted to the webhook, comma-separated: msg.in, msg.receipt, msg.sent, msg.send_failed, conn.* or conn.<kind>."},
-	{Name: "WEBHOOK_RETRY_FOR", Default: "24h", Description: "How long a webhook delivery answered 408, 429, 5xx or not at all is retried before it is dead (blacksky deliveries retry sends dead ones again); at most MESSAGE_RETENTION."},
+	{Name: "WEBHOOK_RETRY_FOR", Default: "24h", Description: "How long a webhook delivery answered 408, 429, 5xx or not at all is retried before it is dead (blacksky deliveries retry sends dead ones again); cut to MESSAGE_RETENTION when longer."},
 	{Name: "SHUTDOWN_TIMEOUT", Default: "25s", Description: "Everything stops within this after SIGTERM (Heroku kills at 30s)."},
 	{Name: "LOG_LEVEL", Default: "info", Description: "debug, info, warn or error."},
 	{Name: "LOG_FORMAT", Default: "", Description: "text or json (default: text, json in production)."},
