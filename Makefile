@@ -8,7 +8,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 COMMIT   ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: build test test/short lint fmt bench bench-backup crash-soak fuzz rss relay-soak ci
+.PHONY: build test test/short lint fmt bench bench-backup bench-relay crash-soak fuzz rss relay-soak ci
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/blacksky ./cmd/blacksky
@@ -36,6 +36,14 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./services/backup/...
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./services/health/...
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./services/gateway/sandbox/
+	$(MAKE) bench-relay
+
+# Issue 11's relay figures: P.relay.store per second and its p99 on
+# PostgreSQL, webhook deliveries per second, a replay page, and the
+# gateway's hand-over to relay; BENCH_COUNT runs each, report the medians.
+bench-relay:
+	$(GO) test -run '^$$' -bench . -benchtime 3000x -count $(BENCH_COUNT) ./services/relay/
+	$(GO) test -run '^$$' -bench MessageHandOver -count $(BENCH_COUNT) ./services/gateway/
 
 # Issue 10's backup figures, reproducible: the incremental engine against the
 # full snapshot (1% delta, restore of a base and 1,000 deltas) and the
