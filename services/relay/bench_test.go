@@ -80,7 +80,7 @@ func BenchmarkStoreLatencyPostgres(b *testing.B) {
 }
 
 // BenchmarkWebhookDeliveriesPostgres is webhook deliveries per second to a
-// receiver that answers 200 at once, over the 4 lanes, from the first store
+// receiver that answers 200 at once, over the webhook lanes, from the first store
 // to the last delivery (each message also has its bus delivery).
 func BenchmarkWebhookDeliveriesPostgres(b *testing.B) {
 	var got atomic.Int64

@@ -106,6 +106,11 @@ type setup struct {
 	// through, when set, is the PostgreSQL URL relay opens (a proxy the
 	// test cuts), with an outage filter as cmd wires it.
 	through string
+	// webhookLanes: zero is 4 here, -1 relay's default. Tests poll every
+	// 50 ms, and sixteen lanes' producers polling that often double the
+	// suite's time under -race; TestWebhookDeliveriesSpreadOverSixteen
+	// Lanes keeps the default.
+	webhookLanes int
 }
 
 func newSetup(t testing.TB, kind string) *setup {
@@ -133,7 +138,14 @@ func (s *setup) start(t testing.TB) *instance {
 	if wait == 0 {
 		wait = 10 * time.Millisecond
 	}
-	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test",
+	lanes := s.webhookLanes
+	switch lanes {
+	case 0:
+		lanes = 4
+	case -1:
+		lanes = 0
+	}
+	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test", WebhookLanes: lanes,
 		Open: open, Backoff: backoff.Backoff{Min: wait, Max: wait}, QueuePollInterval: 50 * time.Millisecond,
 		SendTimeout: s.sendTimeout, SendMaxAttempts: s.sendMaxAttempts, Outage: outage})
 	if err != nil {

@@ -86,7 +86,7 @@ func TestDatabaseOutageIsLoggedOnceNotOnEveryRiverFetch(t *testing.T) {
 	store(t, s.bus.nc, message("c", "A", "x"))
 	p.Down()
 	// Two heartbeats after the outage began: River polled every 50 ms
-	// of it, each of its 9 queues.
+	// of it, each of its queues.
 	lastBeat(t, beats, "a heartbeat saying the database is down", func(_ bus.Heartbeat, d bus.RelayDetails) bool {
 		return !d.DatabaseOK
 	})

@@ -118,8 +118,10 @@ type QueueConfig struct {
 	// Send makes one send and must run complete inside the transaction
 	// that records its outcome (or return an error to retry).
 	Send func(ctx context.Context, job JobInfo, args SendArgs, complete InTx) error
-	// Lanes per delivery channel; zero: DefaultLanes.
-	Lanes int
+	// Lanes is the number of NATS lanes, WebhookLanes of webhook lanes;
+	// zero: DefaultLanes, DefaultWebhookLanes.
+	Lanes        int
+	WebhookLanes int
 	// Backoff is the wait before retry n (1-based, Step: no jitter); zero:
 	// DefaultBackoff.
 	Backoff backoff.Backoff
@@ -141,6 +143,11 @@ type QueueConfig struct {
 // Defaults of QueueConfig.
 const (
 	DefaultLanes           = 4
+	// DefaultWebhookLanes is higher: a receiver that stalls holds its
+	// lane for WebhookTimeout, and every chat of that lane waits (the
+	// soak's 5 % stalls made 4 lanes a backlog of minutes). A lane costs
+	// one River producer, one fetch a second when idle.
+	DefaultWebhookLanes = 16
 	DefaultSendMaxAttempts = 12
 	// DefaultSendTimeout covers the wait for a SEND_RATE slot and the
 	// gateway's answer, and stays below jobs.RescueAfter: a send rescued
@@ -220,6 +227,9 @@ func newRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (*r
 	if cfg.Lanes <= 0 {
 		cfg.Lanes = DefaultLanes
 	}
+	if cfg.WebhookLanes <= 0 {
+		cfg.WebhookLanes = DefaultWebhookLanes
+	}
 	if cfg.Backoff.Min <= 0 && cfg.Backoff.Max <= 0 {
 		cfg.Backoff = DefaultBackoff()
 	}
@@ -241,10 +251,10 @@ func newRiverQueue[TTx any](driver riverdriver.Driver[TTx], cfg QueueConfig) (*r
 		// One send at a time: SEND_RATE paces them in order.
 		jobs.QueueRelaySend: {MaxWorkers: 1},
 	}
-	for lane := range cfg.Lanes {
-		// One worker per lane keeps a chat in order; a short fetch
-		// cooldown lets that one worker take the next job at once.
-		for _, kind := range []string{jobs.KindRelayNATS, jobs.KindRelayWebhook} {
+	// One worker per lane keeps a chat in order; a short fetch cooldown
+	// lets that one worker take the next job at once.
+	for kind, lanes := range map[string]int{jobs.KindRelayNATS: cfg.Lanes, jobs.KindRelayWebhook: cfg.WebhookLanes} {
+		for lane := range lanes {
 			queues[jobs.RelayLaneQueue(kind, lane)] = river.QueueConfig{MaxWorkers: 1, FetchCooldown: river.FetchCooldownMin}
 		}
 	}
@@ -293,12 +303,12 @@ func (q *riverQueue[TTx]) PutBack(ctx context.Context, cuts []Cut) error {
 	return nil
 }
 
-// lane is the lane of a chat: every delivery of one chat goes through the
-// same one.
-func (q *riverQueue[TTx]) lane(chat string) int {
+// lane is the lane of a chat among lanes: every delivery of one chat on
+// one channel goes through the same one.
+func lane(chat string, lanes int) int {
 	h := fnv.New32a()
 	_, _ = h.Write([]byte(chat))
-	return int(h.Sum32() % uint32(q.cfg.Lanes))
+	return int(h.Sum32() % uint32(lanes))
 }
 
 func (q *riverQueue[TTx]) params(j Job) (river.InsertManyParams, error) {
@@ -316,10 +326,10 @@ func (q *riverQueue[TTx]) params(j Job) (river.InsertManyParams, error) {
 	switch j.Channel {
 	case ChannelNATS:
 		args = natsArgs{j.Delivery}
-		opts.Queue = jobs.RelayLaneQueue(jobs.KindRelayNATS, q.lane(j.Delivery.Chat))
+		opts.Queue = jobs.RelayLaneQueue(jobs.KindRelayNATS, lane(j.Delivery.Chat, q.cfg.Lanes))
 	case ChannelWebhook:
 		args = webhookArgs{j.Delivery}
-		opts.Queue = jobs.RelayLaneQueue(jobs.KindRelayWebhook, q.lane(j.Delivery.Chat))
+		opts.Queue = jobs.RelayLaneQueue(jobs.KindRelayWebhook, lane(j.Delivery.Chat, q.cfg.WebhookLanes))
 	default:
 		return river.InsertManyParams{}, fmt.Errorf("relay: unknown channel %q", j.Channel)
 	}

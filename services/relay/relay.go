@@ -11,9 +11,9 @@
 //
 // # Order
 //
-// Each item's deliveries are River jobs in lanes: Config.Lanes queues per
-// channel (NATS, webhook), each worked by one worker, with every chat hashed
-// to one lane. A lane runs its jobs one at a time in River's fetch order
+// Each item's deliveries are River jobs in lanes: queues per channel (4
+// for NATS, 16 for the webhook, whose receiver may stall), each worked by
+// one worker, with every chat hashed to one lane of each. A lane runs its jobs one at a time in River's fetch order
 // (scheduled_at, then id), and a job's scheduled_at is read after its seq
 // was taken, under the seq lock, so within a chat jobs run in seq order. A
 // job that fails is retried later with exponential backoff while the lane

@@ -33,9 +33,10 @@ type Options struct {
 	Open func(ctx context.Context) (Store, error)
 	// Schedule is the product's periodic jobs (package jobs).
 	Schedule jobs.Schedule
-	// Lanes, Backoff and QueuePollInterval tune River (tests); zero:
-	// defaults.
+	// Lanes, WebhookLanes, Backoff and QueuePollInterval tune River
+	// (tests); zero: defaults.
 	Lanes             int
+	WebhookLanes      int
 	Backoff           backoff.Backoff
 	QueuePollInterval time.Duration
 	// SendTimeout and SendMaxAttempts bound a send job's attempts
@@ -242,6 +243,7 @@ func (s *Service) startBackend(ctx context.Context) (Store, error) {
 			Deliver:         s.deliverJob,
 			Send:            s.sendJob,
 			Lanes:           s.opts.Lanes,
+			WebhookLanes:    s.opts.WebhookLanes,
 			Backoff:         s.opts.Backoff,
 			Schedule:        s.opts.Schedule,
 			PollInterval:    s.opts.QueuePollInterval,

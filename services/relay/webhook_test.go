@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -288,5 +289,36 @@ func TestWebhookRetryLongerThanRetentionIsCutToItWithAWarning(t *testing.T) {
 	in := s.start(t)
 	if !strings.Contains(in.logs.String(), "WEBHOOK_RETRY_FOR is longer than MESSAGE_RETENTION") {
 		t.Fatalf("no warning:\n%s", in.logs.String())
+	}
+}
+
+// By default webhook deliveries spread over sixteen lanes (a stalling
+// receiver holds one lane's chats only), each chat always in the same one.
+func TestWebhookDeliveriesSpreadOverSixteenLanes(t *testing.T) {
+	rcv := newReceiver(t, 200)
+	s := webhookSetup(t, "postgres", rcv)
+	s.webhookLanes = -1
+	s.start(t)
+	for i := range 64 {
+		store(t, s.bus.nc, message(fmt.Sprintf("chat-%d", i), "A", "x"))
+		store(t, s.bus.nc, message(fmt.Sprintf("chat-%d", i), "B", "y"))
+	}
+	testwait.For(t, 60*time.Second, "every delivery", func() bool { return len(rcv.deliveries()) >= 128 })
+	lanes := s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind = 'blacksky_relay_webhook'
+		AND queue NOT IN ('blacksky_relay_webhook_0', 'blacksky_relay_webhook_1', 'blacksky_relay_webhook_2', 'blacksky_relay_webhook_3')`)
+	if lanes == 0 {
+		t.Fatal("no webhook delivery went past the first four lanes")
+	}
+	if n := s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind = 'blacksky_relay_webhook'
+		AND CAST(substr(queue, length('blacksky_relay_webhook_') + 1) AS INTEGER) >= 16`); n != 0 {
+		t.Fatalf("%d deliveries in a lane past the sixteenth", n)
+	}
+	if n := s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind = 'blacksky_relay_webhook' AND args->>'chat' IS NULL`); n != 0 {
+		t.Fatalf("%d deliveries carry no chat", n)
+	}
+	split := s.db.exec(t, `UPDATE river_job SET attempt = attempt WHERE kind = 'blacksky_relay_webhook' AND queue <> (
+		SELECT min(o.queue) FROM river_job o WHERE o.kind = 'blacksky_relay_webhook' AND o.args->>'chat' = river_job.args->>'chat')`)
+	if split != 0 {
+		t.Fatalf("%d deliveries went through another lane than their chat's first", split)
 	}
 }
