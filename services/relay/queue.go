@@ -142,12 +142,12 @@ type QueueConfig struct {
 
 // Defaults of QueueConfig.
 const (
-	DefaultLanes           = 4
+	DefaultLanes = 4
 	// DefaultWebhookLanes is higher: a receiver that stalls holds its
 	// lane for WebhookTimeout, and every chat of that lane waits (the
 	// soak's 5 % stalls made 4 lanes a backlog of minutes). A lane costs
 	// one River producer, one fetch a second when idle.
-	DefaultWebhookLanes = 16
+	DefaultWebhookLanes    = 16
 	DefaultSendMaxAttempts = 12
 	// DefaultSendTimeout covers the wait for a SEND_RATE slot and the
 	// gateway's answer, and stays below jobs.RescueAfter: a send rescued
