@@ -82,10 +82,7 @@ func (s *Store) InsertMessage(ctx context.Context, m relay.NewMessage, hook rela
 			if !errors.Is(err, pgx.ErrNoRows) {
 				return err
 			}
-			if err := tx.QueryRow(ctx, sqltext.NextSeq, m.Session).Scan(&seq); err != nil {
-				return err
-			}
-			err = tx.QueryRow(ctx, sqltext.InsertMessage, m.Session, seq, m.Chat, m.WAID, m.ReceivedAt.UnixMilli(), m.Payload).Scan(&seq)
+			err = tx.QueryRow(ctx, sqltext.PostgresInsertMessageSeq, m.Session, m.Chat, m.WAID, m.ReceivedAt.UnixMilli(), m.Payload).Scan(&seq)
 			if errors.Is(err, pgx.ErrNoRows) {
 				return errRaced
 			}

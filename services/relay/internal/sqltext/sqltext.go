@@ -99,6 +99,15 @@ RETURNING last_seq`
 const InsertMessage = `INSERT INTO blacksky_messages (session_id, seq, chat, wa_id, received_at_ms, payload)
 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id, chat, wa_id) DO NOTHING RETURNING seq`
 
+// PostgresInsertMessageSeq takes the session's next seq (locking its
+// counter row until the transaction ends) and inserts the message with it
+// in one statement: one round trip fewer while the lock that serializes
+// the session's stores is held. No row: a concurrent insert of the same
+// message won; the caller rolls back, which gives the seq back.
+const PostgresInsertMessageSeq = `WITH s AS (` + NextSeq + `)
+INSERT INTO blacksky_messages (session_id, seq, chat, wa_id, received_at_ms, payload)
+SELECT $1, s.last_seq, $2, $3, $4, $5 FROM s ON CONFLICT (session_id, chat, wa_id) DO NOTHING RETURNING seq`
+
 // GetMessage reads one message.
 const GetMessage = `SELECT seq, chat, received_at_ms, payload FROM blacksky_messages WHERE session_id = $1 AND seq = $2`
 
