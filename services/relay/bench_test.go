@@ -37,12 +37,20 @@ func p99(ds []time.Duration) time.Duration {
 	return ds[len(ds)*99/100]
 }
 
+// benchSetup is relay as it runs in production: River polling each queue
+// once a second (tests poll every 50 ms) and its default lanes.
+func benchSetup(b *testing.B) *setup {
+	s := newSetup(b, "postgres")
+	s.pollInterval, s.webhookLanes = -1, -1
+	return s
+}
+
 // BenchmarkStoreThroughputPostgres is sustained P.relay.store requests per
 // second for one session on PostgreSQL, 16 requests in flight (whatsmeow
 // hands messages over from several goroutines), each committed with its
 // delivery job before the answer.
 func BenchmarkStoreThroughputPostgres(b *testing.B) {
-	s := newSetup(b, "postgres")
+	s := benchSetup(b)
 	s.start(b)
 	var n atomic.Int64
 	var mu sync.Mutex
@@ -68,7 +76,7 @@ func BenchmarkStoreThroughputPostgres(b *testing.B) {
 // BenchmarkStoreLatencyPostgres is the time one P.relay.store adds before
 // the gateway may acknowledge a message, one request at a time.
 func BenchmarkStoreLatencyPostgres(b *testing.B) {
-	s := newSetup(b, "postgres")
+	s := benchSetup(b)
 	s.start(b)
 	lat := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
@@ -86,7 +94,7 @@ func BenchmarkWebhookDeliveriesPostgres(b *testing.B) {
 	var got atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { got.Add(1) }))
 	defer srv.Close()
-	s := newSetup(b, "postgres")
+	s := benchSetup(b)
 	s.cfg.WebhookURL = srv.URL
 	s.start(b)
 	// From the first store: deliveries start as soon as items are stored.
@@ -105,7 +113,7 @@ func BenchmarkWebhookDeliveriesPostgres(b *testing.B) {
 // messages as a bot asks it: read, opened, each measured as JSON against
 // the payload bound, and sent.
 func BenchmarkReplayPagePostgres(b *testing.B) {
-	s := newSetup(b, "postgres")
+	s := benchSetup(b)
 	s.start(b)
 	for i := range 100 {
 		storeOnce(b, s, fmt.Sprintf("R%03d", i))

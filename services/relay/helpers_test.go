@@ -111,6 +111,10 @@ type setup struct {
 	// suite's time under -race; TestWebhookDeliveriesSpreadOverSixteen
 	// Lanes keeps the default.
 	webhookLanes int
+	// pollInterval is River's fetch poll: zero is 50 ms (tests wait
+	// less), -1 River's own second, as relay runs in production
+	// (benchmarks).
+	pollInterval time.Duration
 }
 
 func newSetup(t testing.TB, kind string) *setup {
@@ -145,8 +149,15 @@ func (s *setup) start(t testing.TB) *instance {
 	case -1:
 		lanes = 0
 	}
+	poll := s.pollInterval
+	switch poll {
+	case 0:
+		poll = 50 * time.Millisecond
+	case -1:
+		poll = 0
+	}
 	svc, err := relay.New(relay.Options{Config: s.cfg, NC: nc, Log: log, Clock: s.clock, Instance: "relay-test", WebhookLanes: lanes,
-		Open: open, Backoff: backoff.Backoff{Min: wait, Max: wait}, QueuePollInterval: 50 * time.Millisecond,
+		Open: open, Backoff: backoff.Backoff{Min: wait, Max: wait}, QueuePollInterval: poll,
 		SendTimeout: s.sendTimeout, SendMaxAttempts: s.sendMaxAttempts, Outage: outage})
 	if err != nil {
 		t.Fatal(err)
