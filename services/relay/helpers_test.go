@@ -166,6 +166,15 @@ func (s *setup) start(t testing.TB) *instance {
 	in := &instance{svc: svc, cancel: cancel, done: make(chan error, 1), logs: buf, nc: nc}
 	go func() { in.done <- svc.Run(ctx) }()
 	t.Cleanup(func() { in.stop(t) })
+	if s.open == nil {
+		// Ready: River started and lost sends queued again (requests
+		// are answered a little earlier, from the store's opening).
+		select {
+		case <-svc.Ready():
+		case <-time.After(30 * time.Second):
+			t.Fatal("relay not ready within 30 s")
+		}
+	}
 	// Ready once replay answers ok (with a failing database: once it
 	// answers at all, its subscriptions being up).
 	testwait.Every(t, 30*time.Second, 10*time.Millisecond, "relay to be ready", func() bool {

@@ -8,12 +8,11 @@ import (
 // pruneLoop deletes what MESSAGE_RETENTION no longer keeps, on relay's own
 // clock (a River periodic job would have to be in every client's Schedule,
 // see package jobs), until ctx ends. It also gives queued sends that lost
-// their job a new one (requeueSends): now, at each tick, and when the
-// database answers again after failing.
+// their job a new one (requeueSends): at each tick, and when the database
+// answers again after failing (Run does it once before relay is ready).
 func (s *Service) pruneLoop(ctx context.Context, st Store) {
 	t := s.clock.NewTicker(s.cfg.PruneEvery)
 	defer t.Stop()
-	s.requeueLost(ctx)
 	for {
 		s.prune(ctx, st)
 		select {

@@ -224,6 +224,9 @@ func (s *Service) Run(ctx context.Context) error {
 	s.mu.Unlock()
 	s.log.Info("relay ready", "database", st.Kind(), "jetstream", jsOn,
 		"webhook", webhookShown(s.cfg.WebhookURL), "retention", s.cfg.Retention.String())
+	// Sends a crash left without a job are queued again before relay
+	// says it is ready (blacksky run starts the gateway then).
+	s.requeueLost(ctx)
 	s.markReady()
 
 	s.pruneLoop(ctx, st)
